@@ -1,0 +1,277 @@
+"""SelaVPR's network (backbone + global and local heads) and its weight files.
+
+build_model(args) is the one place that turns command-line arguments into constructor arguments.
+"""
+import logging
+import os
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import backbone as vit
+import commons
+
+# DataParallel prefix carried by every key of the public SelaVPR checkpoints.
+MODULE_PREFIX = "module."
+LOCAL_DIM = 128
+
+
+class L2Norm(nn.Module):
+    """L2-normalise along `dim` (channels of a (B, C, h, w) map by default)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, p=2.0, dim=self.dim)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling: (B, C, h, w) -> (B, C, 1, 1), avg(clamp(x, eps)^p)^(1/p), p learnable."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * p)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x.clamp(min=self.eps).pow(self.p), (x.size(-2), x.size(-1))).pow(1.0 / self.p)
+
+
+class LocalAdapt(nn.Module):
+    """Local adaptation: two stride-2 up-convolutions, (B, in_dim, h, w) -> (B, 128, 4h-3, 4w-3)."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int = 256, out_dim: int = LOCAL_DIM) -> None:
+        super().__init__()
+        self.upconv1 = nn.ConvTranspose2d(in_dim, hidden_dim, kernel_size=3, stride=2, padding=1)
+        self.relu = nn.ReLU()
+        self.upconv2 = nn.ConvTranspose2d(hidden_dim, out_dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.upconv2(self.relu(self.upconv1(x)))
+
+
+def dense_map_size(resize: Tuple[int, int], patch_size: int = 14) -> Tuple[int, int]:
+    """Spatial size of the local features for an H x W input: each up-convolution maps n to 2n - 1."""
+    h, w = resize[0] // patch_size, resize[1] // patch_size
+    return 4 * h - 3, 4 * w - 3
+
+
+class GeoLocalizationNet(nn.Module):
+    """Backbone + global head (`aggregation`) + local head (`LocalAdapt`).
+
+    forward(images (B, 3, H, W)) -> (local (B, 4h-3, 4w-3, 128), global (B, D)), h = H/14, w = W/14,
+    both L2-normalised (the local features at every location).
+    """
+
+    def __init__(self, *, backbone: str = "vit_large", registers: bool = False,
+                 backbone_depth: Optional[int] = None) -> None:
+        super().__init__()
+        if backbone not in vit.FACTORIES:
+            raise ValueError(f"unknown --backbone {backbone!r}: choose one of {', '.join(vit.FACTORIES)}")
+        kwargs = {} if backbone_depth is None else {"depth": backbone_depth}
+        self.backbone = vit.FACTORIES[backbone](registers=registers, **kwargs)
+        dim = self.backbone.embed_dim
+        self.aggregation = nn.Sequential(L2Norm(), GeM(), nn.Flatten())
+        self.LocalAdapt = LocalAdapt(dim)
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> normalised patch tokens as a grid (B, H/14, W/14, D)."""
+        p = self.backbone.patch_size
+        h, w = images.shape[-2] // p, images.shape[-1] // p
+        tokens = self.backbone(images)
+        return tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1])
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.patch_tokens(images).permute(0, 3, 1, 2)  # (B, D, h, w)
+        local_features = F.normalize(self.LocalAdapt(fmap).permute(0, 2, 3, 1), p=2.0, dim=-1)
+        return local_features, self._global_head(fmap)
+
+    def global_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> global descriptors (B, D) alone: mining needs no dense features."""
+        return self._global_head(self.patch_tokens(images).permute(0, 3, 1, 2))
+
+    def _global_head(self, fmap: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.aggregation(fmap), p=2.0, dim=-1)
+
+    def trainable_parameter_names(self, *, train_backbone: bool = False) -> list:
+        """Adapters, LocalAdapt and GeM p (SPEC 3.4); with train_backbone, everything."""
+        return [n for n, _ in self.named_parameters()
+                if train_backbone or not n.startswith("backbone.") or ".adapter" in n]
+
+    def freeze(self, *, train_backbone: bool = False) -> None:
+        """Freeze the pre-trained backbone, leaving adapters and heads trainable."""
+        trainable = set(self.trainable_parameter_names(train_backbone=train_backbone))
+        for name, param in self.named_parameters():
+            param.requires_grad_(name in trainable)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weight files
+# ---------------------------------------------------------------------------------------------------
+
+def _numpy_safe_globals() -> list:
+    """Exactly the numpy objects a SelaVPR training checkpoint pickles (`recalls` array, `best_r5`
+    float64 scalar), under the names numpy 1.x (numpy.core) and 2.x (numpy._core) write."""
+    multiarray = np._core.multiarray
+    return [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+            (multiarray.scalar, "numpy.core.multiarray.scalar"),
+            (multiarray.scalar, "numpy._core.multiarray.scalar"),
+            np.ndarray, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
+            type(np.dtype(np.int64)),
+            # An empty array's buffer is pickled as a call of bytes(): harmless, and our own
+            # checkpoints hold one before the first validation.
+            bytes]
+
+
+def load_weights_file(path: str, *, what: str) -> dict:
+    """torch.load(path, weights_only=True) with the numpy allow-list; clear errors for bad files.
+
+    `what` names the flag the path came from, for the messages.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file. Give the path of an existing weights file.")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a directory. Give the path of a weights file (.pth).")
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure mode of a bad file gets the same clear message
+        msg = str(e).strip().splitlines()
+        reason = next((line for line in msg if "Unsupported global" in line or "GLOBAL" in line), msg[0] if msg else "")
+        raise ValueError(f"{what} {path} could not be loaded safely (weights_only=True): {reason[:300]}. "
+                         "It is truncated, not a PyTorch weights file, or holds objects other than tensors "
+                         "and numpy arrays; refusing to unpickle it.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
+    return data
+
+
+def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    if state and all(k.startswith(prefix) for k in state):
+        return OrderedDict((k[len(prefix):], v) for k, v in state.items())
+    return state
+
+
+def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str) -> None:
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
+             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"{what} {path} does not fit this model (--backbone / --registers / --backbone_depth?): "
+                         f"shape mismatch for {', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''}")
+
+
+def _describe(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_foundation_weights(model: GeoLocalizationNet, path: str) -> None:
+    """Load the public DINOv2 file into model.backbone: every key of the file must be used, and only
+    adapter parameters may be missing."""
+    state = load_weights_file(path, what="--foundation_model_path")
+    state = _strip_prefix(state, "backbone.")
+    own = model.backbone.state_dict()
+    unexpected = set(state) - set(own)
+    missing = {k for k in set(own) - set(state) if ".adapter" not in k}
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_describe(unexpected)}")
+        hint = " (a register file needs --registers, a plain one must run without it)" \
+            if any("register_tokens" in k for k in missing | unexpected) else ""
+        raise ValueError(f"--foundation_model_path {path} does not match --backbone "
+                         f"{type(model.backbone).__name__}{hint}: {'; '.join(parts)}")
+    _check_shapes(model.backbone, state, path, "--foundation_model_path")
+    model.backbone.load_state_dict(state, strict=False)
+    logging.info(f"Loaded foundation weights from {path} ({len(state)} tensors; adapters keep their init)")
+
+
+def checkpoint_model_state(checkpoint: dict) -> Dict[str, torch.Tensor]:
+    """The model's state dict (no `module.` prefix) from a training checkpoint or a bare state dict."""
+    state = checkpoint.get("model_state_dict", checkpoint)
+    return _strip_prefix(state, MODULE_PREFIX)
+
+
+def load_model_weights(model: GeoLocalizationNet, path: str, *, what: str = "--resume") -> dict:
+    """Load a SelaVPR checkpoint's weights strictly (with or without `module.`, training dict or bare
+    state dict); returns the whole file's dict for the caller's other entries."""
+    checkpoint = load_weights_file(path, what=what)
+    state = checkpoint_model_state(checkpoint)
+    own = model.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    if missing or unexpected:
+        parts = [f"missing keys: {_describe(missing)}"] if missing else []
+        parts += [f"unexpected keys: {_describe(unexpected)}"] if unexpected else []
+        raise ValueError(f"{what} {path} is not a SelaVPR checkpoint of this model (check --backbone, "
+                         f"--registers): {'; '.join(parts)}")
+    _check_shapes(model, state, path, what)
+    model.load_state_dict(state, strict=True)
+    logging.info(f"Loaded model weights from {what} {path}")
+    return checkpoint
+
+
+def public_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
+    """The model's state dict with the `module.` prefix of the public release (DataParallel layout)."""
+    inner = model.module if hasattr(model, "module") else model
+    return OrderedDict((MODULE_PREFIX + k, v.detach().cpu()) for k, v in inner.state_dict().items())
+
+
+def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                    epoch_num: int = 0, recalls=None, best_r5: float = 0.0, not_improved_num: int = 0,
+                    extra: Optional[dict] = None) -> None:
+    """Write a checkpoint in the public layout, atomically (temp file + rename).
+
+    Top-level entries as the public release: epoch_num, model_state_dict (`module.` keys),
+    optimizer_state_dict, recalls (numpy array), best_r5 (numpy float64), not_improved_num; `extra`
+    entries (ours, e.g. random states for an exact resume) are added beside them.
+    """
+    checkpoint = {
+        "epoch_num": int(epoch_num),
+        "model_state_dict": public_state_dict(model),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else {},
+        "recalls": np.asarray(recalls if recalls is not None else [], dtype=np.float64),
+        "best_r5": np.float64(best_r5),
+        "not_improved_num": int(not_improved_num),
+    }
+    checkpoint.update(extra or {})
+    commons.atomic_torch_save(checkpoint, path)
+
+
+def build_model(args) -> GeoLocalizationNet:
+    """A ready GeoLocalizationNet on args.device, weights loaded as the flags say.
+
+    --foundation_model_path: DINOv2 backbone weights (adapters start at zero output);
+    --resume / --load_weights: a SelaVPR checkpoint (all weights);
+    neither: refused unless --allow_random_weights (then a loud warning).
+    """
+    model = GeoLocalizationNet(backbone=args.backbone, registers=args.registers,
+                               backbone_depth=args.backbone_depth)
+    weights_given = False
+    if args.foundation_model_path:
+        load_foundation_weights(model, args.foundation_model_path)
+        weights_given = True
+    for flag in ("resume", "load_weights"):
+        path = getattr(args, flag, None)
+        if path:
+            load_model_weights(model, path, what="--" + flag)
+            weights_given = True
+    if not weights_given:
+        if not args.allow_random_weights:
+            raise ValueError("no weights given: pass --foundation_model_path (DINOv2 weights) and/or --resume "
+                             "(a SelaVPR checkpoint), or --allow_random_weights to run with random weights on "
+                             "purpose (demos and tests only).")
+        logging.warning("!" * 80)
+        logging.warning("RUNNING WITH RANDOM WEIGHTS (--allow_random_weights): results mean nothing for real data.")
+        logging.warning("!" * 80)
+    model.freeze(train_backbone=getattr(args, "train_backbone", False))
+    return model.to(args.device)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a seeded tiny ViT and helpers; the repository root on sys.path."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import network  # noqa: E402
+
+# Tiny configuration used across the suite: vit_tiny width (192), 2 blocks.
+TINY = dict(backbone="vit_tiny", backbone_depth=2)
+TINY_FLAGS = ["--backbone", "vit_tiny", "--backbone_depth", "2", "--device", "cpu", "--num_workers", "0"]
+
+
+def read_manifest(name):
+    """{key: shape list} from tests/manifests/<name>.txt (copies of the shared key layouts)."""
+    out = {}
+    with open(os.path.join(ROOT, "tests", "manifests", name + ".txt")) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape, _dtype = line.rstrip("\n").split("\t")
+            out[key] = [int(s) for s in shape.strip("[]").split(",") if s.strip()]
+    return out
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(**TINY)
+    model.eval()
+    return model
+
+
+def run_script(args, *, cwd=None, env=None, timeout=600):
+    """Run a repository script as a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,0 +1,218 @@
+"""GeoLocalizationNet, build_model and the weight files (public layouts, safe loading)."""
+import io
+import logging
+import os
+import pickle
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import network
+from conftest import TINY, read_manifest
+
+
+def _args(**kw):
+    base = dict(backbone="vit_tiny", backbone_depth=2, registers=False, foundation_model_path=None, resume=None,
+                load_weights=None, allow_random_weights=False, train_backbone=False, device="cpu")
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+@pytest.fixture(scope="module")
+def vit_large_model():
+    torch.manual_seed(0)
+    return network.GeoLocalizationNet().eval()
+
+
+def test_vit_large_trainable_parameters_and_public_key_layout(vit_large_model):
+    model = vit_large_model
+    model.freeze()
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == 53_059_969
+    assert sum(v for k, v in trainable.items() if ".adapter" in k) == 50_405_376
+    assert sum(v for k, v in trainable.items() if k.startswith("LocalAdapt.")) == 2_654_592
+    assert sum(v for k, v in trainable.items() if k.startswith("aggregation.")) == 1
+    ours = {k: list(v.shape) for k, v in network.public_state_dict(model).items()}
+    assert ours == read_manifest("selavpr_checkpoint")
+
+
+def test_vit_large_shapes_and_unit_norm(vit_large_model):
+    with torch.inference_mode():
+        local, glob = vit_large_model(torch.randn(2, 3, 224, 224))
+        assert local.shape == (2, 61, 61, 128) and glob.shape == (2, 1024)
+        assert torch.allclose(local.norm(dim=-1), torch.ones(2, 61, 61), atol=1e-5)
+        assert torch.allclose(glob.norm(dim=-1), torch.ones(2), atol=1e-5)
+        local, glob = vit_large_model(torch.randn(1, 3, 280, 224))
+        assert local.shape == (1, 77, 61, 128) and glob.shape == (1, 1024)
+
+
+def _random_state(layout):
+    g = torch.Generator().manual_seed(1)
+    return {k: torch.randn(shape, generator=g) * 0.02 for k, shape in layout.items()}
+
+
+def test_public_dinov2_layout_loads_with_every_key_used(vit_large_model, tmp_path):
+    layout = read_manifest("dinov2_vitl14_pretrain")
+    state = _random_state(layout)
+    path = tmp_path / "dinov2_vitl14_pretrain.pth"
+    torch.save(state, path)
+    model = vit_large_model
+    network.load_foundation_weights(model, str(path))
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert torch.count_nonzero(loaded["blocks.0.adapter1.D_fc2.weight"]) == 0
+
+
+def _tiny_foundation_state(registers=False):
+    torch.manual_seed(3)
+    model = network.GeoLocalizationNet(**TINY, registers=registers)
+    return {k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_foundation_missing_or_extra_key_is_named(tmp_path, registers):
+    state = _tiny_foundation_state(registers)
+    model = network.GeoLocalizationNet(**TINY, registers=registers)
+    good = tmp_path / "good.pth"
+    torch.save(state, good)
+    network.load_foundation_weights(model, str(good))
+    assert torch.equal(model.backbone.pos_embed, state["pos_embed"])
+    if registers:
+        assert torch.equal(model.backbone.register_tokens, state["register_tokens"])
+
+    missing = dict(state)
+    del missing["blocks.1.attn.qkv.bias"]
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.bias"):
+        network.load_foundation_weights(model, str(tmp_path / "missing.pth"))
+
+    extra = dict(state, **{"head.weight": torch.zeros(3)})
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"unexpected keys: head\.weight"):
+        network.load_foundation_weights(model, str(tmp_path / "extra.pth"))
+
+
+def test_register_file_without_registers_flag_is_explained(tmp_path):
+    torch.save(_tiny_foundation_state(registers=True), tmp_path / "reg.pth")
+    with pytest.raises(ValueError, match=r"register_tokens.*|--registers"):
+        network.load_foundation_weights(network.GeoLocalizationNet(**TINY), str(tmp_path / "reg.pth"))
+    torch.save(_tiny_foundation_state(registers=False), tmp_path / "plain.pth")
+    with pytest.raises(ValueError, match="--registers"):
+        network.load_foundation_weights(network.GeoLocalizationNet(**TINY, registers=True),
+                                        str(tmp_path / "plain.pth"))
+
+
+def _perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return model
+
+
+def test_checkpoint_public_layout_round_trip_bit_identical(tmp_path, tiny_model):
+    model = _perturbed(tiny_model)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    path = tmp_path / "last_model.pth"
+    network.save_checkpoint(str(path), model=model, optimizer=optimizer, epoch_num=3,
+                            recalls=np.array([50.0, 70.0, 80.0, 90.0]), best_r5=70.0, not_improved_num=1)
+    raw = torch.load(path, weights_only=False)  # inspect the layout the public release would read
+    assert set(raw) == {"epoch_num", "model_state_dict", "optimizer_state_dict", "recalls", "best_r5",
+                        "not_improved_num"}
+    assert all(k.startswith("module.") for k in raw["model_state_dict"])
+    assert isinstance(raw["recalls"], np.ndarray) and isinstance(raw["best_r5"], np.float64)
+    assert not [f for f in os.listdir(tmp_path) if f != "last_model.pth"]  # no temp file left
+
+    fresh = network.GeoLocalizationNet(**TINY).eval()
+    ckpt = network.load_model_weights(fresh, str(path))
+    assert ckpt["epoch_num"] == 3 and float(ckpt["best_r5"]) == 70.0
+    images = torch.randn(2, 3, 56, 84)
+    with torch.no_grad():
+        a, b = model(images), fresh(images)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_checkpoint_without_module_prefix_and_bare_state_dict(tmp_path, tiny_model):
+    model = _perturbed(tiny_model)
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    torch.save({"model_state_dict": network.public_state_dict(model)}, tmp_path / "prefixed.pth")
+    for name in ("bare.pth", "prefixed.pth"):
+        fresh = network.GeoLocalizationNet(**TINY)
+        network.load_model_weights(fresh, str(tmp_path / name))
+        assert torch.equal(fresh.LocalAdapt.upconv1.weight, model.LocalAdapt.upconv1.weight)
+
+
+def _rewrite_pickle(path, old: bytes, new: bytes):
+    """Rewrite the data.pkl of a torch zip file (protocol-2 GLOBAL opcodes hold plain text names)."""
+    with zipfile.ZipFile(path) as z:
+        entries = [(info, z.read(info.filename)) for info in z.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for info, data in entries:
+            z.writestr(info, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
+
+
+def test_numpy1_style_checkpoint_loads_with_weights_only(tmp_path, tiny_model):
+    path = tmp_path / "np1.pth"
+    network.save_checkpoint(str(path), model=tiny_model, recalls=np.array([1.0, 2.0]), best_r5=2.0)
+    _rewrite_pickle(path, b"numpy._core.multiarray", b"numpy.core.multiarray")
+    ckpt = network.load_weights_file(str(path), what="--resume")
+    assert np.array_equal(ckpt["recalls"], [1.0, 2.0]) and ckpt["best_r5"] == 2.0
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, tiny_model):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"model_state_dict": tiny_model.state_dict(), "payload": _Evil(marker)}, path)
+    with pytest.raises(ValueError, match="could not be loaded safely"):
+        network.load_model_weights(network.GeoLocalizationNet(**TINY), str(path))
+    assert not marker.exists()
+
+
+def test_bad_weight_paths_have_clear_messages(tmp_path):
+    model = network.GeoLocalizationNet(**TINY)
+    with pytest.raises(FileNotFoundError, match="--resume .*no such file"):
+        network.load_model_weights(model, str(tmp_path / "nope.pth"))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        network.load_model_weights(model, str(tmp_path))
+    truncated = tmp_path / "trunc.pth"
+    torch.save(model.state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated"):
+        network.load_model_weights(model, str(truncated))
+    other = network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1)
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model|does not fit"):
+        network.load_model_weights(model, str(tmp_path / "other.pth"))
+
+
+def test_build_model_requires_weights_or_explicit_opt_in(caplog):
+    with pytest.raises(ValueError, match="--allow_random_weights"):
+        network.build_model(_args())
+    with caplog.at_level(logging.WARNING):
+        model = network.build_model(_args(allow_random_weights=True))
+    assert "RANDOM WEIGHTS" in caplog.text
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters())
+                         if ".adapter" in n or not n.startswith("backbone.")}
+
+
+def test_build_model_resume_loads_weights(tmp_path, tiny_model):
+    model = _perturbed(tiny_model)
+    network.save_checkpoint(str(tmp_path / "c.pth"), model=model)
+    built = network.build_model(_args(resume=str(tmp_path / "c.pth")))
+    assert torch.equal(built.aggregation[1].p, model.aggregation[1].p)
+
+
+def test_tiny_model_shapes_from_input(tiny_model):
+    local, glob = tiny_model(torch.randn(3, 3, 98, 126))
+    assert local.shape == (3, 4 * 7 - 3, 4 * 9 - 3, 128) and glob.shape == (3, 192)
