@@ -1,0 +1,631 @@
+"""Pictures of what the model sees: dense matches, feature heat maps, prediction rows.
+
+Pillow + numpy only (no OpenCV, no matplotlib, no torch import): every function takes
+numpy arrays (torch tensors are accepted too and converted through ``.detach().cpu()``)
+or PIL images, and returns numpy arrays or PIL images. Nothing here touches the model;
+the command-line scripts in ``tools/`` run the model and hand the arrays over.
+
+Conventions
+-----------
+* Points are ``(x, y)`` pixel coordinates, ``x`` along the width, as float arrays ``(N, 2)``.
+* A feature grid ``(h, w)`` is flattened row-major, so flat index ``k`` is cell
+  ``(row, col) = divmod(k, w)``; the cell's centre in an image of ``W x H`` pixels is
+  ``((col + 0.5) * W / w, (row + 0.5) * H / h)``. This matches a feature map computed on the
+  image resized (without cropping) to the network's input size, since the resize scales each
+  axis independently.
+* A fundamental matrix ``F`` maps points of image A to epipolar lines in image B:
+  ``x_b^T F x_a = 0`` for homogeneous ``x_a``, ``x_b`` (OpenCV's ``points1``/``points2`` order).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "QUERY_FRAME_COLOUR",
+    "CORRECT_FRAME_COLOUR",
+    "WRONG_FRAME_COLOUR",
+    "grid_indices_to_pixels",
+    "fundamental_ransac",
+    "epipolar_distances",
+    "distinct_colours",
+    "draw_matches",
+    "feature_heatmap",
+    "jet_colormap",
+    "overlay_heatmap",
+    "prediction_row",
+    "image_format_for",
+    "save_image_atomic",
+]
+
+# Frame colours of prediction_row (RGB).
+QUERY_FRAME_COLOUR = (30, 110, 230)
+CORRECT_FRAME_COLOUR = (0, 190, 0)
+WRONG_FRAME_COLOUR = (220, 0, 0)
+
+# Points with a homogeneous line normal shorter than this are "at infinity": their
+# epipolar distance is treated as infinite rather than divided by ~0.
+_LINE_NORM_EPS = 1e-12
+# RANSAC hypotheses are drawn and scored in chunks of this many (bounded memory:
+# chunk x N x 3 floats for the epipolar lines).
+_RANSAC_CHUNK = 128
+_MIN_SAMPLE = 8
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+def _to_numpy(value, *, name: str) -> np.ndarray:
+    """Array from a numpy array, a sequence or a torch tensor (on any device)."""
+    if hasattr(value, "detach"):  # torch tensor: avoid importing torch here
+        value = value.detach().cpu().numpy()
+    try:
+        return np.asarray(value)
+    except Exception as error:  # pragma: no cover - exotic inputs
+        raise ValueError(f"{name}: cannot be read as an array ({error})") from None
+
+
+def _check_points(points, *, name: str) -> np.ndarray:
+    array = _to_numpy(points, name=name).astype(np.float64, copy=False)
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(f"{name}: expected an (N, 2) array of (x, y) pixel coordinates, "
+                         f"got shape {tuple(array.shape)}")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"{name}: contains NaN or infinite coordinates; pass finite pixel "
+                         "coordinates")
+    return array
+
+
+def _check_grid(grid, *, name: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a feature-grid size (h, w), got {grid!r}") from None
+    if h <= 0 or w <= 0:
+        raise ValueError(f"{name}: grid size must be positive, got ({h}, {w})")
+    return h, w
+
+
+def _rgb(image: Image.Image, *, name: str) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"{name}: expected a PIL.Image, got {type(image).__name__}")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------
+def grid_indices_to_pixels(indices, grid: Sequence[int], image_size: Sequence[int]) -> np.ndarray:
+    """Pixel centres of feature-grid cells.
+
+    Args:
+        indices: (N,) int, row-major flat indices into a grid of ``grid = (h, w)`` cells.
+        grid: (h, w) feature-grid size.
+        image_size: (W, H) size of the picture the points are drawn on (PIL's ``.size``).
+
+    Returns:
+        (N, 2) float64 ``(x, y)`` cell centres scaled to the picture:
+        ``x = (col + 0.5) * W / w``, ``y = (row + 0.5) * H / h``.
+    """
+    h, w = _check_grid(grid, name="grid")
+    width, height = (float(v) for v in image_size)
+    flat = _to_numpy(indices, name="indices")
+    if flat.ndim != 1:
+        raise ValueError(f"indices: expected a 1-D array of flat grid indices, got shape "
+                         f"{tuple(flat.shape)}")
+    if flat.size and not np.issubdtype(flat.dtype, np.integer):
+        raise ValueError(f"indices: expected integer grid indices, got dtype {flat.dtype}")
+    flat = flat.astype(np.int64, copy=False)
+    if flat.size and (flat.min() < 0 or flat.max() >= h * w):
+        raise ValueError(f"indices: values must lie in [0, {h * w}) for a {h}x{w} grid, "
+                         f"got range [{flat.min()}, {flat.max()}]; check the grid size")
+    rows, cols = np.divmod(flat, w)
+    return np.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], axis=1)
+
+
+def _hartley_transforms(points: np.ndarray) -> np.ndarray:
+    """Similarity transforms (..., 3, 3) taking each point set (..., M, 2) to centroid 0,
+    mean distance sqrt(2) (Hartley's normalisation). Degenerate sets (all points equal)
+    give non-finite transforms, which the callers treat as a failed fit."""
+    centre = points.mean(axis=-2, keepdims=True)                          # (..., 1, 2)
+    mean_dist = np.linalg.norm(points - centre, axis=-1).mean(axis=-1)   # (...,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.sqrt(2.0) / mean_dist
+    transform = np.zeros(points.shape[:-2] + (3, 3))
+    transform[..., 0, 0] = scale
+    transform[..., 1, 1] = scale
+    transform[..., 0, 2] = -scale * centre[..., 0, 0]
+    transform[..., 1, 2] = -scale * centre[..., 0, 1]
+    transform[..., 2, 2] = 1.0
+    return transform
+
+
+def _eight_point(pts_a: np.ndarray, pts_b: np.ndarray) -> np.ndarray:
+    """Normalised 8-point fundamental matrices for a batch of point sets.
+
+    Args:
+        pts_a, pts_b: (B, M, 2) corresponding points, M >= 8.
+
+    Returns:
+        (B, 3, 3) rank-2 F with unit Frobenius norm, ``x_b^T F x_a = 0``; rows that could
+        not be fitted (degenerate samples) are NaN.
+    """
+    t_a = _hartley_transforms(pts_a)
+    t_b = _hartley_transforms(pts_b)
+    ones = np.ones(pts_a.shape[:-1] + (1,))
+    with np.errstate(invalid="ignore", over="ignore"):
+        na = np.einsum("bij,bmj->bmi", t_a, np.concatenate([pts_a, ones], axis=-1))
+        nb = np.einsum("bij,bmj->bmi", t_b, np.concatenate([pts_b, ones], axis=-1))
+    finite = np.all(np.isfinite(na), axis=(1, 2)) & np.all(np.isfinite(nb), axis=(1, 2))
+    na = np.where(finite[:, None, None], na, 0.0)
+    nb = np.where(finite[:, None, None], nb, 0.0)
+    # One row per correspondence: x_b^T F x_a = sum_ij xb_i F_ij xa_j, F flattened row-major.
+    design = (nb[..., :, None] * na[..., None, :]).reshape(na.shape[0], na.shape[1], 9)
+    _, _, vh = np.linalg.svd(design, full_matrices=True)
+    f_norm = vh[:, -1, :].reshape(-1, 3, 3)
+    # Enforce rank 2 (a true fundamental matrix is singular).
+    u, s, vh2 = np.linalg.svd(f_norm)
+    s[:, 2] = 0.0
+    f_norm = u @ (s[:, :, None] * vh2)
+    fundamental = np.swapaxes(t_b, 1, 2) @ f_norm @ t_a
+    norm = np.linalg.norm(fundamental, axis=(1, 2), keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fundamental = fundamental / norm
+    bad = ~finite | ~np.all(np.isfinite(fundamental), axis=(1, 2))
+    fundamental[bad] = np.nan
+    return fundamental
+
+
+def epipolar_distances(fundamental: np.ndarray, pts_a, pts_b) -> np.ndarray:
+    """Symmetric epipolar distance in pixels, the error RANSAC thresholds.
+
+    For each correspondence: the larger of (distance of x_b to the line F x_a in image B)
+    and (distance of x_a to the line F^T x_b in image A) — OpenCV's RANSAC error, in
+    pixels rather than squared pixels.
+
+    Args:
+        fundamental: (3, 3) or (B, 3, 3) with ``x_b^T F x_a = 0``.
+        pts_a, pts_b: (N, 2) pixel coordinates.
+
+    Returns:
+        (N,) or (B, N) float64 distances; non-finite F or a degenerate line gives inf.
+    """
+    pts_a = _check_points(pts_a, name="pts_a")
+    pts_b = _check_points(pts_b, name="pts_b")
+    f = np.asarray(fundamental, dtype=np.float64)
+    single = f.ndim == 2
+    f = f[None] if single else f
+    ha = np.concatenate([pts_a, np.ones((len(pts_a), 1))], axis=1)   # (N, 3)
+    hb = np.concatenate([pts_b, np.ones((len(pts_b), 1))], axis=1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        lines_b = np.einsum("bij,nj->bni", f, ha)                      # epipolar lines in B
+        lines_a = np.einsum("bji,nj->bni", f, hb)                      # F^T x_b: lines in A
+        algebraic = np.abs(np.einsum("bni,ni->bn", lines_b, hb))      # |x_b^T F x_a|
+        norm_b = np.hypot(lines_b[..., 0], lines_b[..., 1])
+        norm_a = np.hypot(lines_a[..., 0], lines_a[..., 1])
+        dist_b = np.where(norm_b > _LINE_NORM_EPS, algebraic / norm_b, np.inf)
+        dist_a = np.where(norm_a > _LINE_NORM_EPS, algebraic / norm_a, np.inf)
+        error = np.maximum(dist_a, dist_b)
+    error = np.where(np.isfinite(error), error, np.inf)
+    return error[0] if single else error
+
+
+def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int = 2000,
+                       confidence: float = 0.999, seed: int = 0
+                       ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Robust fundamental matrix: seeded RANSAC over normalised 8-point fits.
+
+    Each hypothesis is a Hartley-normalised 8-point fit (rank 2 enforced) on 8 distinct
+    random correspondences; a correspondence is an inlier when its symmetric epipolar
+    distance (see ``epipolar_distances``) is ``<= threshold`` pixels. The hypothesis with
+    the most inliers wins (the first drawn on ties). Sampling stops after ``iterations``
+    hypotheses, or earlier once the standard adaptive bound
+    ``log(1 - confidence) / log(1 - w^8)`` (w = best inlier ratio) is reached. The winner is
+    then refitted on all its inliers by least squares; the refit replaces it only if it
+    keeps at least as many inliers. The same inputs and seed give the same result.
+
+    Args:
+        pts_a, pts_b: (N, 2) matched ``(x, y)`` pixel coordinates in images A and B.
+        threshold: inlier distance in pixels (> 0).
+        iterations: most hypotheses to try (>= 1).
+        confidence: in (0, 1); 1 disables the early stop.
+        seed: seed of the numpy generator that draws the samples.
+
+    Returns:
+        ``(F, inlier_mask)``: F (3, 3) float64 with unit Frobenius norm and
+        ``x_b^T F x_a = 0``, and a (N,) bool mask. With fewer than 8 correspondences, or when
+        every sample is degenerate, F is None and the mask is all False (nothing can be
+        verified, so nothing is kept).
+    """
+    pts_a = _check_points(pts_a, name="pts_a")
+    pts_b = _check_points(pts_b, name="pts_b")
+    if len(pts_a) != len(pts_b):
+        raise ValueError(f"pts_a and pts_b must have the same number of points, got "
+                         f"{len(pts_a)} and {len(pts_b)}")
+    if not (threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold: must be a positive number of pixels, got {threshold}")
+    if int(iterations) < 1:
+        raise ValueError(f"iterations: must be >= 1, got {iterations}")
+    if not 0.0 < confidence <= 1.0:
+        raise ValueError(f"confidence: must lie in (0, 1], got {confidence}")
+    n = len(pts_a)
+    empty = np.zeros(n, dtype=bool)
+    if n < _MIN_SAMPLE:
+        return None, empty
+
+    rng = np.random.default_rng(seed)
+    best_f: np.ndarray | None = None
+    best_mask = empty
+    best_count = 0
+    needed = int(iterations)
+    done = 0
+    while done < needed:
+        batch = min(_RANSAC_CHUNK, needed - done)
+        # 8 distinct indices per hypothesis: the 8 smallest of N uniform keys.
+        sample = np.argpartition(rng.random((batch, n)), _MIN_SAMPLE - 1,
+                                 axis=1)[:, :_MIN_SAMPLE]
+        candidates = _eight_point(pts_a[sample], pts_b[sample])           # (batch, 3, 3)
+        inliers = epipolar_distances(candidates, pts_a, pts_b) <= threshold
+        inliers &= np.all(np.isfinite(candidates), axis=(1, 2))[:, None]
+        counts = inliers.sum(axis=1)
+        winner = int(np.argmax(counts))
+        if counts[winner] > best_count:
+            best_count = int(counts[winner])
+            best_f = candidates[winner]
+            best_mask = inliers[winner]
+        done += batch
+        if best_count and confidence < 1.0:
+            ratio = best_count / n
+            all_good = ratio ** _MIN_SAMPLE
+            if all_good >= 1.0:
+                bound = 0
+            else:
+                bound = math.ceil(math.log(1.0 - confidence) / math.log1p(-all_good))
+            needed = min(needed, max(bound, 1))
+
+    if best_f is None:
+        return None, empty
+    if best_count >= _MIN_SAMPLE:
+        refit = _eight_point(pts_a[best_mask][None], pts_b[best_mask][None])[0]
+        if np.all(np.isfinite(refit)):
+            refit_mask = epipolar_distances(refit, pts_a, pts_b) <= threshold
+            if refit_mask.sum() >= best_count:
+                best_f, best_mask = refit, refit_mask
+    return best_f, best_mask
+
+
+# --------------------------------------------------------------------------------------
+# matches
+# --------------------------------------------------------------------------------------
+def distinct_colours(count: int, *, seed_hue: float = 0.0) -> np.ndarray:
+    """(count, 3) uint8 saturated RGB colours with well-spread hues (golden-ratio steps)."""
+    hue = (seed_hue + np.arange(count) * 0.6180339887498949) % 1.0
+    # HSV -> RGB with S = 1, V = 1: each channel is a clipped triangle wave of the hue.
+    channels = []
+    for offset in (0.0, 2.0 / 3.0, 1.0 / 3.0):          # R, G, B
+        phase = (hue + offset) % 1.0
+        channels.append(np.clip(np.abs(phase * 6.0 - 3.0) - 1.0, 0.0, 1.0))
+    return np.rint(np.stack(channels, axis=1) * 255.0).astype(np.uint8)
+
+
+def _side_by_side(image_a: Image.Image, image_b: Image.Image, height: int | None,
+                  gap: int) -> tuple[Image.Image, tuple[float, float], tuple[float, float], int]:
+    """Canvas with A left and B right at one height; returns (canvas, scale_a, scale_b,
+    offset_b) where scale = (sx, sy) maps an input image's pixels to the shown copy and
+    offset_b is the x where B's copy starts on the canvas."""
+    target = image_a.height if height is None else int(height)
+    if target <= 0:
+        raise ValueError(f"height: must be a positive number of pixels, got {height}")
+    shown = []
+    for image in (image_a, image_b):
+        width = max(1, round(image.width * target / image.height))
+        shown.append(image if image.size == (width, target)
+                     else image.resize((width, target), Image.Resampling.BILINEAR))
+    canvas = Image.new("RGB", (shown[0].width + gap + shown[1].width, target), (255, 255, 255))
+    canvas.paste(shown[0], (0, 0))
+    canvas.paste(shown[1], (shown[0].width + gap, 0))
+    scales = [(s.width / i.width, s.height / i.height) for s, i in zip(shown, (image_a, image_b))]
+    return canvas, scales[0], scales[1], shown[0].width + gap
+
+
+def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
+                 grid_a: Sequence[int], grid_b: Sequence[int], *, ransac: bool = True,
+                 threshold: float = 5.0, max_lines: int | None = None,
+                 height: int | None = None, gap: int = 0, line_width: int = 1,
+                 seed: int = 0) -> Image.Image:
+    """Two images side by side with one coloured line per feature match.
+
+    Args:
+        image_a, image_b: the pictures the features were computed on (any size: grid
+            cells are mapped to each picture's own size, see the module docstring).
+        idx_a, idx_b: (M,) int flat row-major grid indices of matched cells, e.g. from
+            ``local_matching.mutual_nn_pairs``; ``idx_a[k]`` matches ``idx_b[k]``.
+        grid_a, grid_b: (h, w) feature-grid sizes of A and B.
+        ransac: keep only matches consistent with a RANSAC fundamental matrix, computed in
+            the pixel coordinates of ``image_a`` / ``image_b`` as given (before the display
+            resize below). With fewer than 8 matches nothing can be verified and no line
+            is drawn.
+        threshold: RANSAC inlier distance in those pixels.
+        max_lines: draw at most this many lines (an evenly spaced subset of the kept
+            matches, in their given order); None draws all.
+        height: display height of both pictures (aspect ratios kept); None keeps image A's
+            height and resizes B to it.
+        gap: white pixels between the two pictures.
+        line_width: line width in pixels.
+        seed: RANSAC seed.
+
+    Returns:
+        RGB PIL image of size (W_a' + gap + W_b', height'), the lines drawn over it.
+    """
+    image_a = _rgb(image_a, name="image_a")
+    image_b = _rgb(image_b, name="image_b")
+    a = _to_numpy(idx_a, name="idx_a")
+    b = _to_numpy(idx_b, name="idx_b")
+    if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"idx_a and idx_b must be 1-D arrays of equal length, got shapes "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    if max_lines is not None and int(max_lines) < 0:
+        raise ValueError(f"max_lines: must be >= 0 or None, got {max_lines}")
+    if gap < 0 or line_width < 1:
+        raise ValueError(f"gap must be >= 0 and line_width >= 1, got {gap} and {line_width}")
+    pts_a = grid_indices_to_pixels(a, grid_a, image_a.size)
+    pts_b = grid_indices_to_pixels(b, grid_b, image_b.size)
+    if ransac:
+        _, keep = fundamental_ransac(pts_a, pts_b, threshold=threshold, seed=seed)
+        pts_a, pts_b = pts_a[keep], pts_b[keep]
+    if max_lines is not None and len(pts_a) > int(max_lines):
+        chosen = np.linspace(0, len(pts_a) - 1, int(max_lines)).round().astype(np.int64)
+        chosen = np.unique(chosen)
+        pts_a, pts_b = pts_a[chosen], pts_b[chosen]
+
+    canvas, (sxa, sya), (sxb, syb), offset_b = _side_by_side(image_a, image_b, height, gap)
+    draw = ImageDraw.Draw(canvas)
+    for (xa, ya), (xb, yb), colour in zip(pts_a, pts_b, distinct_colours(len(pts_a))):
+        draw.line([(xa * sxa, ya * sya), (xb * sxb + offset_b, yb * syb)],
+                  fill=tuple(int(c) for c in colour), width=int(line_width))
+    return canvas
+
+
+# --------------------------------------------------------------------------------------
+# heat maps
+# --------------------------------------------------------------------------------------
+def feature_heatmap(feature_map) -> np.ndarray:
+    """Heat map of a feature map: the NEGATED channel mean, min-max scaled to [0, 1].
+
+    Args:
+        feature_map: (C, h, w) numpy array or torch tensor (any device/dtype).
+
+    Returns:
+        (h, w) float64 in [0, 1]; a constant map gives all zeros.
+    """
+    array = _to_numpy(feature_map, name="feature_map")
+    if array.ndim != 3 or 0 in array.shape:
+        raise ValueError(f"feature_map: expected a non-empty (C, h, w) array, got shape "
+                         f"{tuple(array.shape)} (channels first: permute (h, w, C) maps)")
+    array = array.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(array)):
+        raise ValueError("feature_map: contains NaN or infinite values")
+    heat = -array.mean(axis=0)
+    low, high = heat.min(), heat.max()
+    if high - low <= 0.0:
+        return np.zeros_like(heat)
+    return (heat - low) / (high - low)
+
+
+def jet_colormap(values) -> np.ndarray:
+    """Jet-like colour map: 0 -> dark blue, 0.375 -> cyan, 0.625 -> yellow, 1 -> dark red.
+
+    Each channel is the classic piecewise-linear jet ramp ``clip(1.5 - |4 v - k|, 0, 1)``
+    with k = 3 (red), 2 (green), 1 (blue).
+
+    Args:
+        values: (...) floats; clipped to [0, 1].
+
+    Returns:
+        (..., 3) uint8 RGB.
+    """
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * v - k), 0.0, 1.0) for k in (3.0, 2.0, 1.0)],
+                   axis=-1)
+    return np.rint(rgb * 255.0).astype(np.uint8)
+
+
+def overlay_heatmap(image: Image.Image, heat, *, alpha: float = 0.6) -> Image.Image:
+    """Blend a coloured heat map over an image.
+
+    ``heat`` is upsampled to the image size with PIL's bilinear filter, coloured by
+    ``jet_colormap``, and blended per pixel as ``alpha * heat_colour + (1 - alpha) * image``
+    (alpha weighs the heat colours; the default 0.6 follows SPEC §6), rounded to uint8.
+
+    Args:
+        image: PIL image (converted to RGB).
+        heat: (h, w) floats in [0, 1] (e.g. from ``feature_heatmap``).
+        alpha: weight of the heat colours, in [0, 1].
+
+    Returns:
+        RGB PIL image of the same size as ``image``.
+    """
+    image = _rgb(image, name="image")
+    heat = _to_numpy(heat, name="heat").astype(np.float32, copy=False)
+    if heat.ndim != 2 or 0 in heat.shape:
+        raise ValueError(f"heat: expected a non-empty (h, w) array, got shape "
+                         f"{tuple(heat.shape)}")
+    if not np.all(np.isfinite(heat)):
+        raise ValueError("heat: contains NaN or infinite values")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
+    upsampled = np.asarray(Image.fromarray(heat).resize(image.size,
+                                                                  Image.Resampling.BILINEAR))
+    colours = jet_colormap(upsampled).astype(np.float64)
+    blended = alpha * colours + (1.0 - alpha) * np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------------------
+# prediction rows
+# --------------------------------------------------------------------------------------
+def _open_rgb(source, *, name: str) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return _rgb(source, name=name)
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist; check the "
+                                "path")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{name}: cannot read image {str(path)!r} ({error}); pass a "
+                         "JPEG/PNG file") from None
+
+
+def _framed_tile(image: Image.Image, tile_height: int, border: int,
+                 colour: tuple[int, int, int], label: str) -> Image.Image:
+    """Image resized to tile_height (aspect kept) inside a `border`-px frame, with a label
+    in a dark box at its top-left corner (inside the picture, so the frame stays plain)."""
+    width = max(1, round(image.width * tile_height / image.height))
+    picture = image.resize((width, tile_height), Image.Resampling.BILINEAR)
+    tile = Image.new("RGB", (width + 2 * border, tile_height + 2 * border), colour)
+    tile.paste(picture, (border, border))
+    if label:
+        draw = ImageDraw.Draw(tile)
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        pad = 2
+        x0, y0 = border, border
+        box = (x0, y0, min(x0 + right - left + 2 * pad, border + width - 1),
+               min(y0 + bottom - top + 2 * pad, border + tile_height - 1))
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((x0 + pad - left, y0 + pad - top), label, fill=(255, 255, 255))
+    return tile
+
+
+def prediction_row(query_path, prediction_paths: Sequence, correct_flags: Sequence[bool], *,
+                   tile_height: int = 160, border: int = 6,
+                   scores: Sequence[float] | None = None, spacing: int | None = None
+                   ) -> Image.Image:
+    """One row: the query, then its ranked predictions framed green (correct) / red (wrong).
+
+    Every picture is resized to ``tile_height`` pixels high (aspect kept) and framed by
+    ``border`` pixels: blue (``QUERY_FRAME_COLOUR``) for the query, ``CORRECT_FRAME_COLOUR``
+    or ``WRONG_FRAME_COLOUR`` for prediction k (label ``#k``, plus the score when given,
+    drawn with ImageDraw's default font). Tiles are separated by ``spacing`` white pixels.
+
+    Args:
+        query_path: path of the query image (a PIL image is accepted too).
+        prediction_paths: paths (or PIL images) of the top-N predictions, best first.
+        correct_flags: (N,) bools, whether each prediction is a true positive.
+        tile_height: picture height in pixels inside each frame.
+        border: frame width in pixels (>= 0).
+        scores: optional (N,) numbers shown after the rank (e.g. re-ranking scores).
+        spacing: white gap between tiles; None uses ``border``.
+
+    Returns:
+        RGB image of height ``tile_height + 2 * border`` and width
+        ``sum(tile widths) + spacing * N``.
+    """
+    if tile_height < 1 or border < 0:
+        raise ValueError(f"tile_height must be >= 1 and border >= 0, got {tile_height} and "
+                         f"{border}")
+    paths = list(prediction_paths)
+    flags = [bool(f) for f in correct_flags]
+    if len(paths) != len(flags):
+        raise ValueError(f"prediction_paths ({len(paths)}) and correct_flags ({len(flags)}) "
+                         "must have the same length")
+    score_list = None if scores is None else [float(s) for s in scores]
+    if score_list is not None and len(score_list) != len(paths):
+        raise ValueError(f"scores ({len(score_list)}) and prediction_paths ({len(paths)}) "
+                         "must have the same length")
+    gap = border if spacing is None else int(spacing)
+    if gap < 0:
+        raise ValueError(f"spacing: must be >= 0, got {spacing}")
+
+    tiles = [_framed_tile(_open_rgb(query_path, name="query_path"), tile_height, border,
+                          QUERY_FRAME_COLOUR, "query")]
+    for rank, (path, correct) in enumerate(zip(paths, flags), start=1):
+        label = f"#{rank}" if score_list is None else f"#{rank}: {score_list[rank - 1]:.4g}"
+        colour = CORRECT_FRAME_COLOUR if correct else WRONG_FRAME_COLOUR
+        tiles.append(_framed_tile(_open_rgb(path, name=f"prediction_paths[{rank - 1}]"),
+                                  tile_height, border, colour, label))
+    width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
+    row = Image.new("RGB", (width, tile_height + 2 * border), (255, 255, 255))
+    x = 0
+    for tile in tiles:
+        row.paste(tile, (x, 0))
+        x += tile.width + gap
+    return row
+
+
+# --------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------
+def image_format_for(path) -> str:
+    """PIL format name for an output path from its extension (e.g. 'JPEG' for .jpg).
+
+    Raises ValueError naming the path when the extension is unknown or the path is a folder,
+    so that scripts can check ``--output`` before any slow work.
+    """
+    destination = Path(path)
+    if destination.is_dir():
+        raise ValueError(f"output {str(destination)!r} is a folder; give a file name such as "
+                         "out.jpg")
+    extension = destination.suffix.lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None:
+        raise ValueError(f"output {str(destination)!r}: unknown image extension "
+                         f"{extension or '(none)'}; use .jpg or .png")
+    return image_format
+
+
+def _create_temp_beside(destination: Path) -> tuple[int, str]:
+    """Open a new, unique hidden temp file in destination's folder.
+
+    os.open with mode 0o666 (not tempfile.mkstemp, which forces 0o600) so the final picture
+    gets the usual umask-filtered permissions of any newly written file.
+    """
+    for _ in range(100):
+        name = destination.parent / f".{destination.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(name)
+        except FileExistsError:
+            continue
+    raise OSError(f"could not create a temporary file beside {str(destination)!r}")
+
+
+def save_image_atomic(image: Image.Image, path, *, quality: int = 95) -> Path:
+    """Write ``image`` to ``path`` atomically: a temp file in the same folder, then
+    ``os.replace`` (readers never see a half-written picture; a failure leaves no temp
+    file behind). The format follows the extension (.jpg, .png, ...); missing parent
+    folders are created. JPEG output is written as RGB at ``quality``.
+
+    Returns:
+        The destination path.
+    """
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"image: expected a PIL.Image, got {type(image).__name__}")
+    destination = Path(path)
+    image_format = image_format_for(destination)
+    folder = destination.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    options: dict = {}
+    if image_format == "JPEG":
+        image = image if image.mode in ("RGB", "L") else image.convert("RGB")
+        options["quality"] = int(quality)
+    handle, temp_name = _create_temp_beside(destination)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            image.save(stream, format=image_format, **options)
+        os.replace(temp_name, destination)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return destination
