@@ -1,0 +1,57 @@
+"""Evaluate a SelaVPR model on the test split of a data set: global retrieval, then re-ranking."""
+import logging
+import os
+from datetime import datetime
+
+import commons
+import datasets_ws
+import network
+import parser
+import predictions_io
+import test
+
+
+def main(args):
+    start_time = datetime.now()
+    output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
+    commons.setup_logging(output_folder)
+    commons.make_deterministic(args.seed)
+    commons.log_run_header(args)
+    logging.info(f"The outputs are being saved in {output_folder}")
+
+    model = network.build_model(args)
+
+    test_ds = datasets_ws.BaseDataset(args.datasets_folder, args.dataset_name, "test", resize=args.resize,
+                                      test_method=args.test_method,
+                                      positive_dist_threshold=args.val_positive_dist_threshold,
+                                      query_keys_file=args.query_keys_file)
+    logging.info(f"Test set: {test_ds}")
+
+    pca = None
+    if args.pca_dim is not None:
+        pca = test.compute_pca(model, datasets_folder=args.datasets_folder,
+                               pca_dataset_folder=args.pca_dataset_folder, pca_dim=args.pca_dim,
+                               resize=args.resize, batch_size=args.infer_batch_size,
+                               num_workers=args.num_workers, device=args.device)
+
+    result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
+                           recall_values=args.recall_values, batch_size=args.infer_batch_size,
+                           num_workers=args.num_workers, device=args.device,
+                           efficient_ram_testing=args.efficient_ram_testing,
+                           store_folder=os.path.join(output_folder, "dense_features"), pca=pca,
+                           majority_weight=args.majority_weight, precision=args.precision)
+    logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
+
+    records = predictions_io.prediction_records(queries_paths=test_ds.queries_paths,
+                                                database_paths=test_ds.database_paths, result=result)
+    predictions_io.write_predictions(os.path.join(output_folder, "predictions.jsonl"), records)
+    if args.num_preds_to_save:
+        n = predictions_io.save_prediction_pictures(os.path.join(output_folder, "preds"), records,
+                                                    num_preds=args.num_preds_to_save,
+                                                    only_wrong=args.save_only_wrong_preds)
+        logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
+    logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
+
+
+if __name__ == "__main__":
+    commons.run_main(main, parser.parse_arguments())
