@@ -37,6 +37,8 @@ base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IM
 #: Query test methods of SPEC §5 (the database always uses ``hard_resize``).
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 #: The methods whose output is the five crops (5, 3, s, s) of the query.
+# The ViT/14 patch size: single_query inputs are cropped to multiples of it.
+PATCH_SIZE = 14
 FIVE_CROP_METHODS = ("five_crops", "nearest_crop", "maj_voting")
 
 
@@ -217,6 +219,16 @@ def five_crops(img: torch.Tensor, resize: Sequence[int]) -> torch.Tensor:
     return torch.stack(crops)
 
 
+def crop_to_patch_multiple(img: torch.Tensor, patch_size: int = PATCH_SIZE) -> torch.Tensor:
+    """Centre crop (…, 3, H, W) to the largest multiples of the ViT patch size (< 14 px dropped).
+
+    single_query keeps each query's aspect ratio, so its longer side is rarely a multiple of 14; the ViT
+    (like DINOv2's patch embedding, which refuses such inputs) needs one.
+    """
+    h, w = img.shape[-2], img.shape[-1]
+    return _center_crop(img, (h - h % patch_size, w - w % patch_size))
+
+
 def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> torch.Tensor:
     """Apply test ``method`` to a normalised image (3, H, W).
 
@@ -226,7 +238,7 @@ def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> 
     if method == "hard_resize":
         return hard_resize(img, resize)
     if method == "single_query":
-        return resize_shorter_side(img, min(_check_resize(resize)))
+        return crop_to_patch_multiple(resize_shorter_side(img, min(_check_resize(resize))))
     if method == "central_crop":
         return central_crop(img, resize)
     if method in FIVE_CROP_METHODS:

@@ -93,6 +93,89 @@ class DenseStore:
         if self.folder is not None and os.path.exists(self.path):
             os.remove(self.path)
 
+    # Persistence (localize.py keeps a database's dense features between runs).
+    FEATURES_FILE = "dense_features.f32"
+    SHAPES_FILE = "dense_shapes.npy"
+
+    def save(self, folder: str) -> None:
+        """Write the features into `folder`: FEATURES_FILE holds every image's (h, w, C) float32 values
+        in image order (raw, native byte order), SHAPES_FILE the (N, 3) int64 shapes.
+
+        Each file goes to a temp name and is renamed into place. An on-disk store's file is hard-linked
+        when the file system allows it (no copy of what may be many GB), else copied. Publishing the
+        folder as a whole atomically is the caller's job (localize.save_database builds it in a temp
+        folder). The store must be finish()ed first.
+        """
+        if self._file is not None:
+            raise ValueError("DenseStore.save: call finish() before saving (the store is still being written)")
+        if any(len(s) != 3 for s in self.shapes):
+            raise ValueError("DenseStore.save: only (h, w, C) features can be saved")
+        os.makedirs(folder, exist_ok=True)
+
+        def publish(name: str, write) -> None:
+            fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
+            os.close(fd)
+            try:
+                write(tmp)
+                os.chmod(tmp, 0o644)  # mkstemp makes files private; a saved database is meant to be shared
+                os.replace(tmp, os.path.join(folder, name))
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+
+        def write_features(tmp: str) -> None:
+            if self.folder is not None and self._size:
+                os.remove(tmp)
+                try:
+                    os.link(self.path, tmp)
+                    return
+                except OSError:  # another file system, or links not supported
+                    shutil.copyfile(self.path, tmp)
+                    return
+            with open(tmp, "wb") as f:
+                for i in range(len(self)):
+                    f.write(np.ascontiguousarray(self[i], dtype=np.float32).tobytes())
+
+        def write_shapes(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3))
+
+        publish(self.FEATURES_FILE, write_features)
+        publish(self.SHAPES_FILE, write_shapes)
+
+    @classmethod
+    def load(cls, folder: str) -> "DenseStore":
+        """A read-only store over the files that save() wrote in `folder`: one np.memmap, and per image
+        a view of it (no copy, RAM does not grow with the features); close() leaves the files alone."""
+        features_path = os.path.join(folder, cls.FEATURES_FILE)
+        shapes_path = os.path.join(folder, cls.SHAPES_FILE)
+        for path in (features_path, shapes_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"dense features file {path} is missing: the saved database is incomplete; "
+                                        "save it again")
+        shapes = np.load(shapes_path, allow_pickle=False)
+        if shapes.ndim != 2 or shapes.shape[1] != 3 or (shapes.size and shapes.min() < 1):
+            raise ValueError(f"{shapes_path} does not hold (N, 3) positive shapes: the saved database is damaged; "
+                             "save it again")
+        sizes = shapes.prod(axis=1).astype(np.int64)
+        total = int(sizes.sum())
+        if os.path.getsize(features_path) != total * 4:
+            raise ValueError(f"{features_path} has {os.path.getsize(features_path)} bytes, the shapes in "
+                             f"{shapes_path} need {total * 4}: the saved database is truncated or damaged; "
+                             "save it again")
+        # folder=None: this object never owns (nor deletes) the files; __getitem__ reads the views.
+        store = cls(None)
+        store.shapes = [tuple(int(v) for v in s) for s in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
+        store.offsets = [int(o) for o in offsets]
+        store._size = total
+        if total:
+            store._memmap = np.memmap(features_path, dtype=np.float32, mode="r", shape=(total,))
+            store._arrays = [store._memmap[o:o + n].reshape(s)
+                             for o, n, s in zip(store.offsets, sizes.tolist(), store.shapes)]
+        return store
+
 
 def extract_features(model: torch.nn.Module, dataset: BaseDataset, indexes: Sequence[int], *, method: str,
                      batch_size: int, num_workers: int, device: str, want_global: bool = True,

@@ -41,5 +41,23 @@ def run_script(args, *, cwd=None, env=None, timeout=600):
     """Run a repository script as a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([sys.executable] + list(args), cwd=cwd or ROOT, env=full_env, capture_output=True,
+    args = list(args)
+    if args and args[0].endswith(".py") and not os.path.isabs(args[0]):
+        args[0] = os.path.join(ROOT, args[0])  # repository scripts, whatever the working directory
+    return subprocess.run([sys.executable] + args, cwd=cwd or ROOT, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The tiny built-in synthetic data set, generated once per session: (datasets_folder, name)."""
+    import synthetic_dataset
+    folder = tmp_path_factory.mktemp("datasets")
+    synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
+    return str(folder), "synthetic"
+
+
+def tiny_eval_flags(synthetic_root, *extra):
+    folder, name = synthetic_root
+    return ["--datasets_folder", folder, "--dataset_name", name, *TINY_FLAGS, "--resize", "112", "112",
+            "--allow_random_weights", *extra]

@@ -31,10 +31,11 @@ def test_majority_voting_lowers_recurring_candidates():
     predictions = np.array([[1, 2], [1, 3], [4, 1], [5, 6], [7, 8]])
     distances = np.ones((5, 2))
     out = test.majority_voting(distances, predictions, 0.3)
-    # candidate 1: top-1 window twice (0.3*2/1), top-5/10 windows (all columns) three times (0.3*3/5 twice)
-    lowered = 0.3 * 2 / 1 + 2 * 0.3 * 3 / 5
+    # candidate 1: top-1 window twice (0.3*2/1); top-5 and top-10 windows (all columns) three times
+    # (0.3*3/5 and 0.3*3/10)
+    lowered = 0.3 * 2 / 1 + 0.3 * 3 / 5 + 0.3 * 3 / 10
     assert np.isclose(out[0, 0], 1 - lowered) and np.isclose(out[1, 0], 1 - lowered)
-    assert np.isclose(out[2, 1], 1 - 2 * 0.3 * 3 / 5)  # not in a top-1 window
+    assert np.isclose(out[2, 1], 1 - 0.3 * 3 / 5 - 0.3 * 3 / 10)  # not in a top-1 window
     assert np.isclose(out[3, 0], 1.0) and np.array_equal(distances, np.ones((5, 2)))
 
 

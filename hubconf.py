@@ -1,0 +1,55 @@
+"""torch.hub entry point: ``torch.hub.load(<this repository>, "selavpr", source="local", checkpoint=PATH)``.
+
+Weights are never downloaded: give the paths of files you already have (SelaVPR_msls.pth,
+SelaVPR_pitts30k.pth, or a checkpoint written by train.py; and/or the DINOv2 file
+dinov2_vitl14_pretrain.pth). Only plain module imports here: torch.hub lists every public callable
+of this file as an entry point.
+"""
+import os
+
+import torch
+
+import network
+
+dependencies = ["torch", "numpy"]
+
+
+def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large", registers=False,
+            allow_random_weights=False, **kwargs):
+    """SelaVPR (DINOv2 ViT with adapters, global and local heads) as a plain nn.Module, on the CPU, in eval mode.
+
+    Args:
+        checkpoint: path of a SelaVPR checkpoint: the public files (``module.`` keys), a train.py
+            checkpoint, or a bare state dict. Loads every weight (strict).
+        foundation_model_path: path of the DINOv2 backbone weights (plain state dict). With a checkpoint
+            too, the checkpoint is loaded last and wins; alone, adapters and heads keep their
+            initialisation (only useful as a starting point for training).
+        backbone: "vit_large" (the paper), "vit_small", "vit_base", "vit_giant2", "vit_tiny" (tests).
+        registers: the DINOv2-with-registers variant (4 register tokens).
+        allow_random_weights: return a randomly initialised model when no path is given (tests, demos).
+        **kwargs: passed to network.GeoLocalizationNet, e.g. backbone_depth=2.
+
+    Returns:
+        network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
+        ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to 224 x 224 as in
+        the evaluation) -> (local features (B, 4H/14-3, 4W/14-3, 128), global descriptors (B, D)),
+        both L2-normalised; ``model.global_descriptors(images)`` -> (B, D) alone.
+
+    Raises:
+        FileNotFoundError: a given path does not exist.
+        ValueError: no path given without allow_random_weights, or a file that does not fit the model.
+    """
+    for name, path in (("checkpoint", checkpoint), ("foundation_model_path", foundation_model_path)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"selavpr({name}={path!r}): no such file. Give the path of a weights file you "
+                                    "have already downloaded (this entry point never downloads anything).")
+    if checkpoint is None and foundation_model_path is None and not allow_random_weights:
+        raise ValueError("selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
+                         "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
+                         "initialised model (tests and demos only).")
+    model = network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
+    if foundation_model_path is not None:
+        network.load_foundation_weights(model, foundation_model_path)
+    if checkpoint is not None:
+        network.load_model_weights(model, checkpoint, what="checkpoint")
+    return model.to(torch.device("cpu")).eval()

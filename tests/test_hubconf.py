@@ -1,0 +1,86 @@
+"""hubconf.py: the torch.hub entry point loads local weight files, never downloads."""
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import network
+from conftest import ROOT, TINY
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny model with random weights, its public-layout checkpoint and its backbone-only file."""
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(**TINY).eval()
+    with torch.no_grad():  # non-default head values, so that a head left at its init would show
+        model.aggregation[1].p.fill_(2.5)
+    checkpoint = str(folder / "selavpr_tiny.pth")
+    network.save_checkpoint(checkpoint, model=model)
+    foundation = str(folder / "dinov2_tiny.pth")
+    torch.save({k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}, foundation)
+    return model, checkpoint, foundation
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the hub entry point tried to download something")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def test_torch_hub_load_local_checkpoint(saved, no_downloads):
+    reference, checkpoint, _ = saved
+    model = torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint, backbone="vit_tiny",
+                           backbone_depth=2)
+    assert type(model) is network.GeoLocalizationNet and not model.training
+    assert all(t.device.type == "cpu" for t in model.state_dict().values())
+    expected = reference.state_dict()
+    assert model.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    images = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        local, glob = model(images)
+        ref_local, ref_glob = reference(images)
+    assert local.shape == (2, 13, 13, 128) and glob.shape == (2, 192)
+    assert torch.equal(local, ref_local) and torch.equal(glob, ref_glob)
+
+
+def test_foundation_weights_alone_load_the_backbone(saved, no_downloads):
+    reference, _, foundation = saved
+    model = torch.hub.load(ROOT, "selavpr", source="local", foundation_model_path=foundation, backbone="vit_tiny",
+                           backbone_depth=2)
+    own = model.backbone.state_dict()
+    for key, value in reference.backbone.state_dict().items():
+        if ".adapter" not in key:
+            assert torch.equal(own[key], value), key
+    assert float(model.aggregation[1].p.detach()) == 3.0  # heads keep their initialisation
+
+
+def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
+    hubconf = importlib.import_module("hubconf")
+    with pytest.raises(FileNotFoundError, match=r"selavpr\(checkpoint=.*nope.pth.*no such file.*never downloads"):
+        hubconf.selavpr(str(tmp_path / "nope.pth"), backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(FileNotFoundError, match="foundation_model_path="):
+        hubconf.selavpr(foundation_model_path=str(tmp_path / "missing.pth"), backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(ValueError, match="no weights given.*allow_random_weights=True"):
+        hubconf.selavpr(backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
+        hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file has 2 blocks
+    model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
+    assert not model.training and len(model.backbone.blocks) == 2
+
+
+def test_hubconf_declares_dependencies_and_one_entry_point():
+    hubconf = importlib.import_module("hubconf")
+    assert "torch" in hubconf.dependencies
+    for package in hubconf.dependencies:
+        assert importlib.util.find_spec(package) is not None, package
+    # torch.hub lists every public callable of hubconf.py as an entry point.
+    entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
+    assert entries == ["selavpr"]
+    assert os.path.samefile(os.path.dirname(hubconf.__file__), ROOT)

@@ -1,0 +1,325 @@
+"""localize.py: folder-vs-folder localisation, saved databases (DenseStore persistence included)."""
+import json
+import logging
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import commons
+import datasets_ws
+import local_matching
+import localize
+import network
+import synthetic_dataset
+import test
+from conftest import ROOT, TINY, TINY_FLAGS, run_script
+
+FLAGS = TINY_FLAGS + ["--resize", "112", "112", "--allow_random_weights"]
+SCRIPT = os.path.join(ROOT, "localize.py")
+TILE_HEIGHT, SPACING = 160, 6  # localize.save_pictures' rows without ground truth: border 0, 6 px gaps
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The tiny synthetic set (UTM names), generated once for this file: its test split's folders."""
+    folder = tmp_path_factory.mktemp("datasets")
+    synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
+    split = os.path.join(folder, "synthetic", "images", "test")
+    return datasets_ws.collect_jpgs(os.path.join(split, "database")), \
+        datasets_ws.collect_jpgs(os.path.join(split, "queries"))
+
+
+@pytest.fixture(scope="module")
+def plain_folders(synthetic, tmp_path_factory):
+    """Database (20 images, in sub-folders, one PNG, one .JPEG) and queries (4) under names without UTM,
+    plus a hidden image and a text file that must be ignored."""
+    root = tmp_path_factory.mktemp("plain")
+    db_paths, q_paths = synthetic
+    db, q = root / "db", root / "q"
+    for i, src in enumerate(db_paths[:20]):
+        sub = db / ("street_b" if i % 2 else "street_a")
+        sub.mkdir(parents=True, exist_ok=True)
+        if i == 3:
+            Image.open(src).save(sub / f"img_{i:02d}.png")
+        else:
+            shutil.copy(src, sub / f"img_{i:02d}{'.JPEG' if i == 4 else '.jpg'}")
+    q.mkdir()
+    for i, src in enumerate(q_paths[:4]):
+        shutil.copy(src, q / f"photo {i}.jpg")
+    shutil.copy(db_paths[0], db / ".hidden.jpg")
+    (db / "notes.txt").write_text("not an image")
+    return str(db), str(q)
+
+
+def _records(folder):
+    with open(os.path.join(folder, "predictions.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def fresh_run(plain_folders, tmp_path_factory):
+    """One CLI run on the plain folders that also saves the database."""
+    work = tmp_path_factory.mktemp("run")
+    db, q = plain_folders
+    out, saved = str(work / "out"), str(work / "database")
+    result = run_script([SCRIPT, "--database_folder", db, "--queries_folder", q, *FLAGS, "--rerank_num", "4",
+                         "--num_preds_to_save", "2", "--output_folder", out, "--save_database", saved], cwd=str(work))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, saved, work
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+# ------------------------------------------------------------------------------------------------
+
+def test_collect_images_is_recursive_sorted_and_skips_hidden_and_other_files(plain_folders, tmp_path):
+    db, q = plain_folders
+    paths = localize.collect_images(db)
+    assert len(paths) == 20 and paths == sorted(paths)
+    assert {os.path.splitext(p)[1] for p in paths} == {".jpg", ".png", ".JPEG"}
+    assert not any(os.path.basename(p).startswith(".") or p.endswith(".txt") for p in paths)
+    assert paths[0].startswith(os.path.join(db, "street_a"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="--queries_folder .* contains no image"):
+        localize.collect_images(str(tmp_path / "empty"), flag="--queries_folder")
+    with pytest.raises(FileNotFoundError, match="--database_folder .*no such folder"):
+        localize.collect_images(str(tmp_path / "missing"))
+
+
+def test_weights_fingerprint_follows_the_weights_only():
+    torch.manual_seed(0)
+    a = network.GeoLocalizationNet(**TINY)
+    torch.manual_seed(0)
+    b = network.GeoLocalizationNet(**TINY)
+    assert localize.weights_fingerprint(a) == localize.weights_fingerprint(b)
+    with torch.no_grad():
+        b.aggregation[1].p += 1e-6
+    assert localize.weights_fingerprint(a) != localize.weights_fingerprint(b)
+
+
+def test_settings_mismatches_names_every_difference():
+    saved = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=192, resize=[112, 112], precision="fp32",
+                 database_method="hard_resize", weights_sha256="a" * 64)
+    assert localize.settings_mismatches(saved, dict(saved)) == []
+    now = dict(saved, resize=[224, 224], weights_sha256="b" * 64)
+    problems = localize.settings_mismatches(saved, now)
+    assert len(problems) == 2
+    assert "resize: [112, 112] saved, [224, 224] now" in problems[0] and "weights differ" in problems[1]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_dense_store_save_and_load_round_trip(tmp_path, on_disk):
+    rng = np.random.default_rng(0)
+    store = test.DenseStore(str(tmp_path / "live") if on_disk else None)
+    a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
+    store.append(a)
+    store.append(b)
+    store.finish()
+    store.save(str(tmp_path / "saved"))
+    store.close()  # the saved copy must outlive the live store (hard link or copy)
+    loaded = test.DenseStore.load(str(tmp_path / "saved"))
+    assert len(loaded) == 3 and loaded.nbytes() == (a.size + b.size) * 4
+    assert np.array_equal(loaded[0], a[0]) and np.array_equal(loaded[1], a[1]) and np.array_equal(loaded[2], b[0])
+    assert isinstance(loaded[2].base, np.memmap) or isinstance(loaded[2], np.memmap)
+    loaded.close()
+    assert sorted(os.listdir(tmp_path / "saved")) == [test.DenseStore.FEATURES_FILE, test.DenseStore.SHAPES_FILE]
+    with open(tmp_path / "saved" / test.DenseStore.FEATURES_FILE, "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(ValueError, match="truncated"):
+        test.DenseStore.load(str(tmp_path / "saved"))
+
+
+def test_dense_store_refuses_to_save_before_finish(tmp_path):
+    store = test.DenseStore(str(tmp_path / "live"))
+    store.append(np.zeros((1, 2, 2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="finish"):
+        store.save(str(tmp_path / "saved"))
+    store.close()
+
+
+def _tiny_database(folder, n=3, dim=4):
+    """A Database of n small files in `folder` (their bytes are never decoded) with random features."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder)
+    paths = []
+    for i in range(n):
+        paths.append(os.path.join(folder, f"{i}.jpg"))
+        with open(paths[-1], "wb") as f:
+            f.write(b"x" * (i + 1))
+    store = test.DenseStore(None)
+    store.append(rng.random((n, 2, 2, 8), dtype=np.float32))
+    store.finish()
+    settings = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=dim, resize=[28, 28], precision="fp32",
+                    database_method="hard_resize", weights_sha256="0" * 64)
+    return localize.Database(root=str(folder), paths=paths, global_descriptors=rng.random((n, dim), dtype=np.float32),
+                             dense=store, settings=settings)
+
+
+def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
+    database = _tiny_database(str(tmp_path / "images"))
+    target = tmp_path / "saved" / "db"
+
+    def crash(self, folder):
+        os.makedirs(folder)
+        open(os.path.join(folder, test.DenseStore.FEATURES_FILE), "wb").close()
+        raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the dense features
+    monkeypatch.setattr(test.DenseStore, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        localize.save_database(database, str(target))
+    assert os.listdir(tmp_path / "saved") == []  # neither the target nor the temp folder
+    monkeypatch.undo()
+    localize.save_database(database, str(target))
+    loaded = localize.load_database(str(target), settings=database.settings)
+    assert np.array_equal(loaded.global_descriptors, database.global_descriptors)
+    assert loaded.paths == database.paths and all(np.array_equal(loaded.dense[i], database.dense[i]) for i in range(3))
+    with pytest.raises(FileExistsError, match="already exists"):
+        localize.save_database(database, str(target))
+    os.remove(target / localize.MANIFEST_FILE)  # what an unfinished save would look like
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        localize.load_database(str(target), settings=database.settings)
+
+
+def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
+    database = _tiny_database(str(tmp_path / "images"))
+    localize.save_database(database, str(tmp_path / "db"))
+    other = dict(database.settings, weights_sha256="1" * 64, precision="bf16")
+    with pytest.raises(ValueError, match="another model or other flags: precision: 'fp32' saved, 'bf16' now; "
+                                         "the model weights differ"):
+        localize.load_database(str(tmp_path / "db"), settings=other)
+    moved = tmp_path / "moved"  # the images may move: --database_folder points at the new place
+    shutil.copytree(tmp_path / "images", moved)
+    loaded = localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
+    assert loaded.paths == [os.path.join(moved, f"{i}.jpg") for i in range(3)]
+    (moved / "1.jpg").write_bytes(b"changed")
+    with pytest.raises(ValueError, match="does not hold the images"):
+        localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
+    with open(tmp_path / "db" / localize.GLOBAL_FILE, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="changed size since it was saved"):
+        localize.load_database(str(tmp_path / "db"), settings=database.settings)
+
+
+def test_records_without_ground_truth_carry_no_correct_flags():
+    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.5, 0.7]]),
+                                   predictions=np.array([[0, 2]]), scores=np.array([[9.0, 3.0]], dtype=np.float32))
+    args = dict(queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg", "c.jpg"], result=result)
+    plain = localize.localization_records(**args)[0]
+    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 0.7},
+                                 {"path": "c.jpg", "index": 2, "mutual_nn": 3.0, "l2_distance": 0.5}]
+    assert "positives" not in plain and all("correct" not in c for c in plain["first_stage"])
+    known = localize.localization_records(**args, positives=[np.array([2])])[0]
+    assert known["positives"] == [2] and [c["correct"] for c in known["reranked"]] == [False, True]
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+def test_cli_writes_ranked_matches_and_pictures_for_every_query(fresh_run, plain_folders):
+    out, saved, _ = fresh_run
+    db, q = plain_folders
+    db_paths, q_paths = localize.collect_images(db), localize.collect_images(q)
+    records = _records(out)
+    assert [r["query"] for r in records] == q_paths and [r["query_index"] for r in records] == list(range(4))
+    for r in records:
+        first, reranked = r["first_stage"], r["reranked"]
+        assert len(first) == len(reranked) == 4 and "positives" not in r
+        assert all(c["path"] == db_paths[c["index"]] for c in first + reranked)
+        distances = [c["l2_distance"] for c in first]
+        assert distances == sorted(distances) and all(d >= 0 for d in distances)
+        # The re-ranked list is the engine's order of the first-stage candidates by their scores.
+        score_of = {c["index"]: c["mutual_nn"] for c in reranked}
+        scores = np.array([score_of[c["index"]] for c in first], dtype=np.float32)
+        order = local_matching.rerank(scores)
+        assert [c["index"] for c in reranked] == [first[i]["index"] for i in order]
+        assert all(s == int(s) and s >= 1 for s in scores)
+    log = open(os.path.join(out, "info.log")).read()
+    assert "< Localize - #database: 20; #queries: 4 >" in log and "no recalls" in log
+    pictures = sorted(os.listdir(os.path.join(out, "preds")))
+    assert pictures == [f"{i:06d}.jpg" for i in range(4)]
+    for r, name in zip(records, pictures):
+        with Image.open(os.path.join(out, "preds", name)) as row:
+            shown = [r["query"]] + [c["path"] for c in r["reranked"][:2]]
+            widths = []
+            for p in shown:
+                with Image.open(p) as img:
+                    widths.append(round(img.width * TILE_HEIGHT / img.height))
+            assert row.size == (sum(widths) + SPACING * 2, TILE_HEIGHT)
+
+
+@pytest.fixture
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        if h not in handlers:
+            h.close()
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_reusing_a_saved_database_gives_identical_predictions(fresh_run, plain_folders, restore_logging):
+    out, saved, work = fresh_run
+    manifest = json.load(open(os.path.join(saved, localize.MANIFEST_FILE)))
+    assert len(manifest["images"]) == 20 and manifest["settings"]["resize"] == [112, 112]
+    assert manifest["global_shape"] == [20, 192] and manifest["dense_shape_first"] == [29, 29, 128]
+    out2 = str(work / "out_reused")
+    # In-process main (the CLI path itself is covered by fresh_run): no new interpreter, no torch import.
+    localize.main(localize.parse_localize_arguments(["--load_database", saved, "--queries_folder", plain_folders[1],
+                                                     *FLAGS, "--rerank_num", "4", "--output_folder", out2]))
+    log = open(os.path.join(out2, "info.log")).read()
+    assert "no database extraction" in log
+    assert _records(out2) == _records(out)
+
+
+def test_a_database_saved_with_other_settings_is_refused(fresh_run, plain_folders, restore_logging, capsys):
+    _, saved, work = fresh_run
+    args = localize.parse_localize_arguments(["--load_database", saved, "--queries_folder", plain_folders[1],
+                                              *TINY_FLAGS, "--resize", "140", "140", "--allow_random_weights",
+                                              "--output_folder", str(work / "out_refused")])
+    with pytest.raises(SystemExit) as exit_info:
+        commons.run_main(localize.main, args)  # what `python3 localize.py ...` does
+    assert exit_info.value.code == 2
+    printed = capsys.readouterr().out
+    assert "error: --load_database" in printed and "resize: [112, 112] saved, [140, 140] now" in printed
+    assert "the model weights differ" not in printed  # a resize does not change the weights
+    assert "Traceback" not in printed
+    assert not os.path.exists(os.path.join(work, "out_refused", "predictions.jsonl"))
+
+
+def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_logging):
+    """With UTM file names, localize.main and test.evaluate agree on rankings and recalls (one pipeline)."""
+    db_src, q_src = synthetic
+    split = tmp_path / "small" / "images" / "test"
+    for kind, sources in (("database", db_src[:12]), ("queries", q_src[:3])):
+        (split / kind).mkdir(parents=True)
+        for src in sources:
+            shutil.copy(src, split / kind)
+    out = str(tmp_path / "out")
+    args = localize.parse_localize_arguments(["--database_folder", str(split / "database"), "--queries_folder",
+                                              str(split / "queries"), *FLAGS, "--rerank_num", "4",
+                                              "--recall_values", "1", "2", "--output_folder", out])
+    localize.main(args)
+    log = open(os.path.join(out, "info.log")).read()
+    records = _records(out)
+
+    commons.make_deterministic(0)  # the model main built: same seed, same constructor
+    model = network.GeoLocalizationNet(**TINY).eval()
+    ds = datasets_ws.BaseDataset(str(tmp_path), "small", "test", resize=(112, 112))
+    expected = test.evaluate(model, ds, rerank_num=4, recall_values=[1, 2])
+    assert f"First ranking recalls: {test.recalls_to_str(expected.recalls_first, [1, 2])}" in log
+    assert f"Recalls after re-ranking: {test.recalls_to_str(expected.recalls, [1, 2])}" in log
+    for q, r in enumerate(records):
+        assert r["query"] == ds.queries_paths[q]
+        assert r["positives"] == sorted(int(p) for p in expected.positives[q])
+        assert [c["index"] for c in r["first_stage"]] == expected.first_predictions[q].tolist()
+        assert [c["index"] for c in r["reranked"]] == expected.predictions[q].tolist()
+        assert [c["mutual_nn"] for c in r["reranked"]] == expected.scores[q].tolist()
+        assert all(c["correct"] == (c["index"] in r["positives"]) for c in r["reranked"])
