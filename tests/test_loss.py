@@ -1,0 +1,70 @@
+"""The training losses: local mutual-NN loss properties and where its gradient goes."""
+import torch
+import torch.nn.functional as F
+
+import loss
+import network
+from conftest import TINY
+
+
+def _unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_local_loss_is_zero_when_positive_and_negative_coincide():
+    q, p = _unit(3, 7, 7, 16, seed=0), _unit(3, 7, 7, 16, seed=1)
+    assert loss.local_triplet_loss(q, p, p).item() == 0.0
+
+
+def test_local_loss_is_positive_when_the_negative_matches_better():
+    q, p = _unit(2, 6, 6, 16, seed=2), _unit(2, 6, 6, 16, seed=3)
+    n = (q + 0.01 * _unit(2, 6, 6, 16, seed=4))  # nearly the query itself
+    value = loss.local_triplet_loss(q, p, F.normalize(n, dim=-1))
+    assert value.item() > 0.1
+    assert loss.local_triplet_loss(q, F.normalize(n, dim=-1), p).item() == 0.0  # and zero the other way round
+
+
+def test_triplet_losses_normalisation_and_global_part():
+    torch.manual_seed(0)
+    local = _unit(4, 5, 5, 8, seed=5)
+    glob = _unit(4, 12, seed=6)
+    triplets = torch.tensor([[0, 1, 2], [0, 1, 3]])
+    g, l = loss.triplet_losses(local, glob, triplets, margin=0.1, normaliser=8)
+    expected = torch.nn.TripletMarginLoss(margin=0.1, p=2, reduction="sum")(glob[[0, 0]], glob[[1, 1]], glob[[2, 3]])
+    assert torch.isclose(g, expected / 8)
+    assert l.item() >= 0
+
+
+def test_gradient_flows_only_into_trainable_parameters():
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(**TINY)
+    model.freeze()
+    with torch.no_grad():  # non-zero adapters so that their first layers get a gradient too
+        for name, p in model.named_parameters():
+            if "D_fc2" in name:
+                p.normal_(std=0.02)
+    images = torch.randn(4, 3, 56, 56)
+    local, glob = model(images)
+    # The second triplet's negative is the query image itself, so the local loss is surely positive.
+    g, l = loss.triplet_losses(local, glob, torch.tensor([[0, 1, 2], [0, 1, 0]]), margin=0.5, normaliser=2)
+    assert l.item() > 0
+    (g + l).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        else:
+            assert p.grad is None, name
+    assert model.LocalAdapt.upconv1.weight.grad.abs().sum() > 0
+    assert model.backbone.blocks[0].adapter1.D_fc1.weight.grad.abs().sum() > 0
+    assert not model.backbone.blocks[0].attn.qkv.weight.requires_grad
+
+
+def test_local_loss_alone_trains_the_local_head():
+    torch.manual_seed(1)
+    model = network.GeoLocalizationNet(**TINY)
+    model.freeze()
+    local, _ = model(torch.randn(3, 3, 56, 56))
+    loss.local_triplet_loss(local[:1], local[1:2], local[2:3]).backward()
+    assert model.LocalAdapt.upconv2.weight.grad is not None
+    assert model.aggregation[1].p.grad is None or model.aggregation[1].p.grad.abs().sum() == 0

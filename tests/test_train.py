@@ -1,0 +1,147 @@
+"""train.py end to end: exact resume, kill-safe checkpoints, non-finite loss, public checkpoints, ViT-L step."""
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import network
+from conftest import ROOT, TINY, run_script, tiny_eval_flags
+
+TRAIN_FLAGS = ["--cache_refresh_rate", "6", "--queries_per_epoch", "6", "--neg_samples_num", "12",
+               "--train_batch_size", "2", "--infer_batch_size", "8", "--rerank_num", "10", "--lr", "1e-4",
+               "--mining", "full", "--brightness", "0.3", "--horizontal_flip", "--seed", "3"]
+
+
+def _train(synthetic_root, cwd, save_dir, *extra, timeout=600):
+    result = run_script(["train.py", *tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", save_dir),
+                         *extra], cwd=str(cwd), timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folders = sorted(glob.glob(os.path.join(str(cwd), "logs", save_dir, "*")))
+    return folders[-1], result.stdout
+
+
+def _epoch_lines(folder):
+    log = open(os.path.join(folder, "info.log")).read()
+    losses = re.findall(r"Finished epoch (\d+) in .*?, (average epoch triplet loss = .*)", log)
+    val = re.findall(r"Reranking recalls on val set .*?>: (.*)", log)
+    final = re.findall(r"Recalls on < BaseDataset.*?>: (.*)", log)
+    return losses, val, final, log
+
+
+def _tensors(path):
+    ckpt = torch.load(path, weights_only=False)
+    flat = dict(ckpt["model_state_dict"])
+    for i, state in ckpt["optimizer_state_dict"]["state"].items():
+        for k, v in state.items():
+            flat[f"opt.{i}.{k}"] = v
+    return ckpt, flat
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_root, tmp_path):
+    full, _ = _train(synthetic_root, tmp_path, "full", "--epochs_num", "2", "--patience", "5")
+    first, _ = _train(synthetic_root, tmp_path, "first", "--epochs_num", "1", "--patience", "5")
+    resumed, _ = _train(synthetic_root, tmp_path, "resumed", "--epochs_num", "2", "--patience", "5",
+                        "--resume", os.path.join(first, "last_model.pth"))
+    full_losses, full_val, full_final, _ = _epoch_lines(full)
+    first_losses, first_val, _, _ = _epoch_lines(first)
+    res_losses, res_val, res_final, res_log = _epoch_lines(resumed)
+    assert "took epoch_num=0" in res_log and "optimizer state" in res_log and "random states" in res_log
+    assert full_losses[0] == first_losses[0] and full_val[0] == first_val[0]
+    assert [l for l in res_losses] == [full_losses[1]]  # only epoch 1 ran, with the same losses
+    assert res_val == [full_val[1]]
+    ckpt_full, t_full = _tensors(os.path.join(full, "last_model.pth"))
+    ckpt_res, t_res = _tensors(os.path.join(resumed, "last_model.pth"))
+    assert ckpt_full["epoch_num"] == ckpt_res["epoch_num"] == 1
+    assert np.array_equal(ckpt_full["recalls"], ckpt_res["recalls"]) and ckpt_full["best_r5"] == ckpt_res["best_r5"]
+    assert t_full.keys() == t_res.keys()
+    assert all(torch.equal(t_full[k], t_res[k]) for k in t_full), [k for k in t_full if not torch.equal(t_full[k], t_res[k])][:5]
+    assert full_final == res_final
+
+
+SLOW_SAVE = """
+import io, os, sys, time, runpy, torch
+sys.path.insert(0, {root!r})
+real_save = torch.save
+count = [0]
+def slow_save(obj, f, *a, **k):
+    count[0] += 1
+    if count[0] < 2 or not isinstance(f, str):
+        return real_save(obj, f, *a, **k)
+    buffer = io.BytesIO(); real_save(obj, buffer, *a, **k); data = buffer.getvalue()
+    with open(f, "wb") as out:
+        out.write(data[: len(data) // 2]); out.flush()
+        open({marker!r}, "w").close()  # half written: the test kills us now
+        time.sleep(60)
+        out.write(data[len(data) // 2:])
+torch.save = slow_save
+sys.argv = ["train.py"] + {argv!r}
+runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
+"""
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp_path):
+    marker = str(tmp_path / "half_written")
+    argv = tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "kill", "--epochs_num", "3", "--patience", "5")
+    code = SLOW_SAVE.format(root=ROOT, marker=marker, argv=argv)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert os.path.exists(marker), "the second checkpoint save never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    folder = glob.glob(str(tmp_path / "logs" / "kill" / "*"))[0]
+    ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
+    assert ckpt["epoch_num"] == 0  # the first epoch's checkpoint, intact
+    model = network.GeoLocalizationNet(**TINY)
+    network.load_model_weights(model, os.path.join(folder, "last_model.pth"))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
+    code = ("import sys, runpy, torch; sys.path.insert(0, %r); import loss\n"
+            "loss.triplet_losses = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))\n"
+            "sys.argv = ['train.py'] + %r\nrunpy.run_path(%r, run_name='__main__')\n"
+            % (ROOT, tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "nan", "--epochs_num", "1"),
+               os.path.join(ROOT, "train.py")))
+    result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert "the training loss became nan" in result.stdout and "lower --lr" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_resume_of_a_released_checkpoint_without_optimizer_state(synthetic_root, tmp_path, tiny_model):
+    path = str(tmp_path / "SelaVPR_released.pth")
+    network.save_checkpoint(path, model=tiny_model, epoch_num=4, recalls=np.array([1.0, 2.0]), best_r5=2.0)
+    folder, _ = _train(synthetic_root, tmp_path, "finetune", "--epochs_num", "6", "--resume", path)
+    log = open(os.path.join(folder, "info.log")).read()
+    assert "has no optimizer state" in log and "training starts at epoch 5" in log
+    assert "Start training epoch: 05" in log and "Start training epoch: 04" not in log
+
+
+def test_one_vit_large_training_step_on_cpu():
+    """The paper's configuration: ViT-L/14, 1 query + 1 positive + 2 negatives at 224x224."""
+    import loss
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet()
+    model.freeze()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    before = model.backbone.blocks[0].adapter1.D_fc2.weight.detach().clone()
+    local, glob = model(torch.randn(4, 3, 224, 224))
+    g, l = loss.triplet_losses(local, glob, torch.tensor([[0, 1, 2], [0, 1, 3]]), margin=0.1, normaliser=2)
+    (g + l).backward()
+    optimizer.step()
+    assert torch.isfinite(g + l)
+    assert not torch.equal(before, model.backbone.blocks[0].adapter1.D_fc2.weight)
