@@ -2,8 +2,8 @@
 
 The data's way through:
     images -> model -> global descriptors -> faiss top-k ------------------------------.
-                    `-> dense features -> DenseStore (RAM | memmap) -> re-rank engine -> recalls
-`--efficient_ram_testing` only changes where DenseStore keeps the dense features.
+                    `-> dense features -> DenseStore (RAM | file) -> re-rank engine -> recalls
+`--efficient_ram_testing` only changes where DenseStore keeps the dense features (RAM or a disk file).
 """
 import logging
 import os
@@ -21,6 +21,7 @@ from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import commons
 import local_matching
 from datasets_ws import FIVE_CROP_METHODS, BaseDataset, ImagesSubset, PCADataset
 
@@ -28,12 +29,17 @@ PCA_MAX_IMAGES = 2 ** 14
 
 
 class DenseStore:
-    """Dense local features of a list of images, in RAM or in an on-disk memory-mapped file.
+    """Dense local features of a list of images, in RAM or in one raw float32 file on disk.
 
     append((B, h, w, C) array) in image order; store[i] -> (h, w, C) float32 array. Sizes may differ
-    between images (single_query). On disk, features are appended to one raw file and read back
-    through np.memmap, so RAM use does not grow with the number of images.
+    between images (single_query). On disk (`folder` given), features are appended to a fresh temp file
+    and read back with positional reads (os.pread): unlike a memory map, whose touched pages stay counted
+    in the process's resident memory, RAM then holds only the features in use, whatever the data set size.
     """
+
+    # Persistence (localize.py keeps a database's dense features between runs).
+    FEATURES_FILE = "dense_features.f32"
+    SHAPES_FILE = "dense_shapes.npy"
 
     def __init__(self, folder: Optional[str] = None) -> None:
         self.folder = folder
@@ -41,14 +47,20 @@ class DenseStore:
         self.offsets: List[int] = []  # in float32 elements
         self._arrays: List[np.ndarray] = []
         self._size = 0
-        self._file = None
-        self._memmap = None
+        self._writer = None
+        self._fd: Optional[int] = None
+        self._owns_file = folder is not None
+        self.path: Optional[str] = None
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
-            # The store belongs to this run alone (a fresh temp file): an interrupted run leaves nothing
-            # that a later run could mistake for complete features.
+            # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
+            # run leaves nothing that a later run could mistake for complete features.
             fd, self.path = tempfile.mkstemp(prefix="dense_", suffix=".f32", dir=folder)
-            self._file = os.fdopen(fd, "wb")
+            self._writer = os.fdopen(fd, "wb")
+
+    @property
+    def on_disk(self) -> bool:
+        return self.path is not None
 
     def append(self, features: np.ndarray) -> None:
         features = np.ascontiguousarray(features, dtype=np.float32)
@@ -56,18 +68,17 @@ class DenseStore:
             self.shapes.append(f.shape)
             self.offsets.append(self._size)
             self._size += f.size
-            if self._file is not None:
-                self._file.write(f.tobytes())
+            if self._writer is not None:
+                self._writer.write(f.tobytes())
             else:
                 self._arrays.append(f)
 
     def finish(self) -> "DenseStore":
-        """Close the writing side; reads go through a read-only memmap."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            if self._size:
-                self._memmap = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self._size,))
+        """Close the writing side; from now on reads come from the file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._fd = os.open(self.path, os.O_RDONLY)
         return self
 
     def __len__(self) -> int:
@@ -75,27 +86,31 @@ class DenseStore:
 
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
-        if self.folder is None:
+        if not self.on_disk:
             return self._arrays[i]
+        if self._fd is None:
+            raise RuntimeError("DenseStore: call finish() before reading an on-disk store")
         shape = self.shapes[i]
-        start = self.offsets[i]
-        return self._memmap[start:start + int(np.prod(shape))].reshape(shape)
+        nbytes = int(np.prod(shape)) * 4
+        data = os.pread(self._fd, nbytes, self.offsets[i] * 4)
+        if len(data) != nbytes:
+            raise ValueError(f"dense features file {self.path} is shorter than expected (image {i}): it was "
+                             "truncated; extract the features again")
+        return np.frombuffer(data, dtype=np.float32).reshape(shape)
 
     def nbytes(self) -> int:
         return self._size * 4
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._memmap = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._arrays = []
-        if self.folder is not None and os.path.exists(self.path):
+        if self._owns_file and self.path and os.path.exists(self.path):
             os.remove(self.path)
-
-    # Persistence (localize.py keeps a database's dense features between runs).
-    FEATURES_FILE = "dense_features.f32"
-    SHAPES_FILE = "dense_shapes.npy"
 
     def save(self, folder: str) -> None:
         """Write the features into `folder`: FEATURES_FILE holds every image's (h, w, C) float32 values
@@ -106,33 +121,20 @@ class DenseStore:
         folder as a whole atomically is the caller's job (localize.save_database builds it in a temp
         folder). The store must be finish()ed first.
         """
-        if self._file is not None:
+        if self._writer is not None:
             raise ValueError("DenseStore.save: call finish() before saving (the store is still being written)")
         if any(len(s) != 3 for s in self.shapes):
             raise ValueError("DenseStore.save: only (h, w, C) features can be saved")
         os.makedirs(folder, exist_ok=True)
 
-        def publish(name: str, write) -> None:
-            fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.chmod(tmp, 0o644)  # mkstemp makes files private; a saved database is meant to be shared
-                os.replace(tmp, os.path.join(folder, name))
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-
         def write_features(tmp: str) -> None:
-            if self.folder is not None and self._size:
+            if self.on_disk:
                 os.remove(tmp)
                 try:
                     os.link(self.path, tmp)
-                    return
                 except OSError:  # another file system, or links not supported
                     shutil.copyfile(self.path, tmp)
-                    return
+                return
             with open(tmp, "wb") as f:
                 for i in range(len(self)):
                     f.write(np.ascontiguousarray(self[i], dtype=np.float32).tobytes())
@@ -141,13 +143,14 @@ class DenseStore:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3))
 
-        publish(self.FEATURES_FILE, write_features)
-        publish(self.SHAPES_FILE, write_shapes)
+        for name, write in ((self.FEATURES_FILE, write_features), (self.SHAPES_FILE, write_shapes)):
+            commons.atomic_write(os.path.join(folder, name), write)
+            os.chmod(os.path.join(folder, name), 0o644)  # a saved database is meant to be shared
 
     @classmethod
     def load(cls, folder: str) -> "DenseStore":
-        """A read-only store over the files that save() wrote in `folder`: one np.memmap, and per image
-        a view of it (no copy, RAM does not grow with the features); close() leaves the files alone."""
+        """A read-only on-disk store over the files that save() wrote in `folder`; close() leaves the
+        files alone."""
         features_path = os.path.join(folder, cls.FEATURES_FILE)
         shapes_path = os.path.join(folder, cls.SHAPES_FILE)
         for path in (features_path, shapes_path):
@@ -164,16 +167,12 @@ class DenseStore:
             raise ValueError(f"{features_path} has {os.path.getsize(features_path)} bytes, the shapes in "
                              f"{shapes_path} need {total * 4}: the saved database is truncated or damaged; "
                              "save it again")
-        # folder=None: this object never owns (nor deletes) the files; __getitem__ reads the views.
         store = cls(None)
+        store.path, store._owns_file = features_path, False
         store.shapes = [tuple(int(v) for v in s) for s in shapes]
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
-        store.offsets = [int(o) for o in offsets]
+        store.offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]])] if len(sizes) else []
         store._size = total
-        if total:
-            store._memmap = np.memmap(features_path, dtype=np.float32, mode="r", shape=(total,))
-            store._arrays = [store._memmap[o:o + n].reshape(s)
-                             for o, n, s in zip(store.offsets, sizes.tolist(), store.shapes)]
+        store._fd = os.open(features_path, os.O_RDONLY)
         return store
 
 
