@@ -1,7 +1,9 @@
 """Shared plumbing: logging, seeding and random states, device choice, atomic writes, clean exits."""
+import errno
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 import traceback
@@ -50,6 +52,31 @@ def log_run_header(args) -> None:
     logging.info(f"Arguments: {args}")
 
 
+def user_message(e: BaseException) -> str:
+    """The one-line text shown for a user error (ValueError / OSError).
+
+    A full disk gets a message that says so. An error raised inside a DataLoader worker process comes
+    back in the main process re-raised with the worker's whole traceback as its text: keep only the
+    original message (which names the file), so that num_workers > 0 reads like num_workers 0.
+    """
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        where = f" while writing {e.filename}" if e.filename else ""
+        return (f"the disk is full (no space left on device{where}): free some space and run again. Files are "
+                "written to a temp name and renamed, so the earlier outputs (e.g. the last checkpoint, to "
+                "--resume from) are intact.")
+    text = str(e)
+    marker = "Traceback (most recent call last):"
+    if "DataLoader worker" in text and marker in text:
+        # After the last traceback header: indented frame lines, then "ExceptionType: message".
+        tail = text.rsplit(marker, 1)[1].splitlines()
+        last = next((i for i, line in enumerate(tail) if line and not line[0].isspace()), None)
+        if last is not None:
+            original = "\n".join(tail[last:]).strip()
+            name, sep, rest = original.partition(": ")
+            text = rest if sep and re.fullmatch(r"[\w.]+", name) else original
+    return text
+
+
 def run_main(main: Callable, args) -> None:
     """Run an entry script's main: user errors become one clear message and exit code 2; unexpected
     errors are logged with their traceback (debug.log) and exit 1."""
@@ -59,16 +86,45 @@ def run_main(main: Callable, args) -> None:
         logging.error("Interrupted by the user.")
         sys.exit(130)
     except (ValueError, OSError) as e:  # UserError, bad files, disk full, ...
-        logging.debug("".join(traceback.format_exception(e)))
-        message = f"error: {e}"
+        message = f"error: {user_message(e)}"
+        # Checked first: logging.debug() on a logger without handlers (e.g. setup_logging refused the
+        # output folder) would install a stderr handler and print the traceback there.
         if logging.getLogger().handlers:
+            logging.debug("".join(traceback.format_exception(e)))
             logging.error(message)
         else:
             print(message, file=sys.stderr)
+        _report_to_launcher(e)
         sys.exit(2)
     except Exception as e:  # a bug: keep the traceback
+        if _lost_peer(e):  # torchrun: the cause is another process's failure, reported by that one
+            logging.debug("".join(traceback.format_exception(e)))
+            logging.error("error: another process of this torchrun job failed or was killed (its own message, "
+                          f"tagged with its rank, is in the job's output); stopping too. ({(str(e).splitlines() or [''])[0]})")
+            sys.exit(1)
         logging.error("Unexpected error:\n" + "".join(traceback.format_exception(e)))
+        _report_to_launcher(e)
         sys.exit(1)
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """A torch.distributed error raised because another process of the job died."""
+    dist_error = getattr(torch.distributed, "DistError", None)
+    text = str(e)
+    return ((dist_error is not None and isinstance(e, dist_error)) or "closed by peer" in text
+            or "reset by peer" in text)
+
+
+def _report_to_launcher(e: BaseException) -> None:
+    """Under torchrun, also write the error into this worker's error file: torchrun's failure summary
+    then shows it beside the failed rank. Nothing happens for a plain `python3 script.py`."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+        ErrorHandler().record_exception(e)
+    except Exception:  # reporting must never hide the error itself
+        pass
 
 
 def make_deterministic(seed: int = 0) -> None:
@@ -129,14 +185,31 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
+            # Name the file in the message (a write() on an open file does not).
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
         raise
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        # Through a Python file object: a full disk then raises OSError(ENOSPC), which run_main reports
+        # as such; torch.save(obj, <path>) writes in C++ and fails with a cryptic RuntimeError instead.
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                # torch's zip writer, closing after a failed write, may replace the OSError with its own.
+                cause = e.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
+    atomic_write(path, write)
 
 
 def atomic_write_text(path: str, text: str) -> None:

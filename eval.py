@@ -5,6 +5,7 @@ from datetime import datetime
 
 import commons
 import datasets_ws
+import distributed
 import network
 import parser
 import predictions_io
@@ -14,10 +15,18 @@ import test
 def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
-    commons.setup_logging(output_folder)
+    # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
+    ctx = distributed.init_from_environment(device=args.device)
+    args.device = ctx.device
+    if ctx.is_main:
+        commons.setup_logging(output_folder)
+    else:
+        distributed.setup_worker_logging(ctx)
     commons.make_deterministic(args.seed)
     commons.log_run_header(args)
     logging.info(f"The outputs are being saved in {output_folder}")
+    if ctx.enabled:
+        logging.info(distributed.describe(ctx))
 
     model = network.build_model(args)
 
@@ -28,18 +37,22 @@ def main(args):
     logging.info(f"Test set: {test_ds}")
 
     pca = None
-    if args.pca_dim is not None:
+    if args.pca_dim is not None and ctx.is_main:  # only rank 0 searches
         pca = test.compute_pca(model, datasets_folder=args.datasets_folder,
                                pca_dataset_folder=args.pca_dataset_folder, pca_dim=args.pca_dim,
                                resize=args.resize, batch_size=args.infer_batch_size,
                                num_workers=args.num_workers, device=args.device)
+    ctx.wait_for_main()
 
     result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
                            recall_values=args.recall_values, batch_size=args.infer_batch_size,
                            num_workers=args.num_workers, device=args.device,
                            efficient_ram_testing=args.efficient_ram_testing,
-                           store_folder=os.path.join(output_folder, "dense_features"), pca=pca,
-                           majority_weight=args.majority_weight, precision=args.precision)
+                           store_folder=os.path.join(output_folder, "dense_features") if ctx.is_main else None,
+                           pca=pca, majority_weight=args.majority_weight, precision=args.precision, dist_ctx=ctx)
+    if result is None:  # a rank other than 0: its share is with rank 0
+        distributed.finish(ctx)
+        return
     logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
 
     records = predictions_io.prediction_records(queries_paths=test_ds.queries_paths,
@@ -51,6 +64,7 @@ def main(args):
                                                     only_wrong=args.save_only_wrong_preds)
         logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
+    distributed.finish(ctx)
 
 
 if __name__ == "__main__":

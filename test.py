@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import commons
+import distributed
 import local_matching
 from datasets_ws import FIVE_CROP_METHODS, BaseDataset, ImagesSubset, PCADataset
 
@@ -311,11 +312,15 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
              rerank_num: int = 100, recall_values: Sequence[int] = (1, 5, 10, 20), batch_size: int = 16,
              num_workers: int = 0, device: str = "cpu", efficient_ram_testing: bool = False,
              store_folder: Optional[str] = None, pca: Optional[PCA] = None, majority_weight: float = 0.01,
-             precision: str = "fp32", rerank_chunk_size: int = 16) -> EvalResult:
+             precision: str = "fp32", rerank_chunk_size: int = 16,
+             dist_ctx: Optional[distributed.Context] = None) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
     efficient_ram_testing keeps dense features in memory-mapped files under `store_folder` (a temp
     folder when None), deleted at the end.
+    dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0 gathers
+    them, searches, re-ranks and returns the result, the other ranks return None (same result as one
+    process). Every rank must call evaluate with the same arguments.
     """
     db_num, q_num = eval_ds.database_num, eval_ds.queries_num
     k = rerank_num
@@ -332,23 +337,31 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     folder = store_folder if efficient_ram_testing else None
     db_store, q_store = DenseStore(folder), DenseStore(folder)
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
+    dist_ctx = dist_ctx or distributed.Context(device=device)
+
+    def extract(indexes, *, local_store=None, want_global=True, **kwargs):
+        """extract_features of eval_ds; under torchrun each rank takes a share, rank 0 gathers them."""
+        def run(part, part_store):
+            return extract_features(model, eval_ds, part, local_store=part_store, want_global=want_global,
+                                    **kwargs, **common)
+        return distributed.extract_sharded(dist_ctx, run, indexes, want_global=want_global, store=local_store,
+                                           new_store=lambda: DenseStore(folder))
     try:
-        db_global = extract_features(model, eval_ds, range(db_num), method="hard_resize", local_store=db_store,
-                                     desc="Database features", **common)
+        db_global = extract(range(db_num), method="hard_resize", local_store=db_store, desc="Database features")
         q_indexes = range(db_num, db_num + q_num)
         crops = test_method in FIVE_CROP_METHODS
         if crops:
             # Crops give the global descriptors; re-ranking uses the dense features of the query's
             # hard_resize version (one 224x224-like grid per query).
-            q_global = extract_features(model, eval_ds, q_indexes, method=test_method, desc="Query crops",
-                                        **common)
-            extract_features(model, eval_ds, q_indexes, method="hard_resize", want_global=False,
-                             local_store=q_store, desc="Query dense features", **common)
+            q_global = extract(q_indexes, method=test_method, desc="Query crops")
+            extract(q_indexes, method="hard_resize", want_global=False, local_store=q_store,
+                    desc="Query dense features")
         else:
-            q_global = extract_features(model, eval_ds, q_indexes, method=test_method, local_store=q_store,
-                                        desc="Query features", **common)
+            q_global = extract(q_indexes, method=test_method, local_store=q_store, desc="Query features")
         db_store.finish()
         q_store.finish()
+        if not dist_ctx.is_main:
+            return None  # rank 0 holds every feature now: it searches and re-ranks alone
 
         dim = db_global.shape[-1]
         if pca is not None:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 import commons
 import datasets_ws
+import distributed
 import loss
 import mining
 import network
@@ -23,10 +24,19 @@ import test
 def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
-    commons.setup_logging(output_folder)
+    # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
+    ctx = distributed.init_from_environment(device=args.device)
+    args.device = ctx.device
+    if ctx.is_main:
+        commons.setup_logging(output_folder)
+    else:
+        distributed.setup_worker_logging(ctx)
     commons.make_deterministic(args.seed)
     commons.log_run_header(args)
     logging.info(f"The outputs are being saved in {output_folder}")
+    if ctx.enabled:
+        logging.info(distributed.describe(ctx))
+        distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     # Data: training triplets, validation and test sets.
     triplets_ds = datasets_ws.TripletsDataset(
@@ -62,9 +72,12 @@ def main(args):
         start_epoch, best_r5, not_improved_num = resume_from(args.resume, optimizer=optimizer,
                                                              miner_state=miner_state)
 
+    # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
+    # trainable but never used, which DDP must be told about.
+    train_model = ctx.wrap_model(model, find_unused_parameters=getattr(args, "train_backbone", False))
     eval_kwargs = dict(rerank_num=args.rerank_num, recall_values=args.recall_values,
                        batch_size=args.infer_batch_size, num_workers=args.num_workers, device=args.device,
-                       efficient_ram_testing=args.efficient_ram_testing, precision=args.precision)
+                       efficient_ram_testing=args.efficient_ram_testing, precision=args.precision, dist_ctx=ctx)
     r5_index = min(1, len(args.recall_values) - 1)
     loops_num = args.queries_per_epoch // args.cache_refresh_rate
     normaliser = args.train_batch_size * args.negs_num_per_query
@@ -72,9 +85,11 @@ def main(args):
     best_path = os.path.join(output_folder, "best_model.pth")
 
     def descriptors_fn(global_indexes):
-        return test.extract_features(model, triplets_ds, global_indexes, method="hard_resize",
-                                     batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                     device=args.device, precision=args.precision, desc="Mining features")
+        def extract(indexes, _store):
+            return test.extract_features(model, triplets_ds, indexes, method="hard_resize",
+                                         batch_size=args.infer_batch_size, num_workers=args.num_workers,
+                                         device=args.device, precision=args.precision, desc="Mining features")
+        return distributed.extract_sharded(ctx, extract, global_indexes)  # each rank extracts a share
 
     for epoch_num in range(start_epoch, args.epochs_num):
         logging.info(f"Start training epoch: {epoch_num:02d}")
@@ -82,34 +97,54 @@ def main(args):
         epoch_losses = []
         for loop_num in range(loops_num):
             logging.debug(f"Cache: {loop_num} / {loops_num}")
+            ctx.sync_numpy_rng()  # torchrun: rank 0's NumPy generator decides every rank's mining draws
             mining.mine_triplets(triplets_ds, mode=args.mining, descriptors_fn=descriptors_fn,
                                  cache_refresh_rate=args.cache_refresh_rate, neg_samples_num=args.neg_samples_num,
                                  negs_num_per_query=args.negs_num_per_query, state=miner_state)
-            loader = DataLoader(triplets_ds, batch_size=args.train_batch_size, shuffle=False, drop_last=True,
-                                num_workers=args.num_workers, collate_fn=datasets_ws.collate_fn,
-                                pin_memory=args.device == "cuda")
-            model.train()
+            if ctx.enabled:
+                # All ranks mined alike; rank 0's triplets are the reference. Each rank loads its share of
+                # every global batch of --train_batch_size queries.
+                triplets_ds.triplets_global_indexes = ctx.broadcast_array(triplets_ds.triplets_global_indexes)
+                ctx.reseed_augmentations(seed=args.seed, epoch_num=epoch_num, loop_num=loop_num)
+                loader = DataLoader(triplets_ds, batch_sampler=distributed.BatchShardSampler(
+                                        samples_num=len(triplets_ds), batch_size=args.train_batch_size,
+                                        rank=ctx.rank, world_size=ctx.world_size),
+                                    num_workers=args.num_workers, collate_fn=datasets_ws.collate_fn,
+                                    pin_memory=args.device.startswith("cuda"))
+            else:
+                loader = DataLoader(triplets_ds, batch_size=args.train_batch_size, shuffle=False, drop_last=True,
+                                    num_workers=args.num_workers, collate_fn=datasets_ws.collate_fn,
+                                    pin_memory=args.device == "cuda")
+            train_model.train()
             loop_losses = []
             for batch_num, (images, triplets_local_indexes, _) in enumerate(
                     tqdm(loader, desc=f"Epoch {epoch_num:02d} loop {loop_num}", ncols=100, leave=False,
                          disable=None)):
                 if args.horizontal_flip:  # the whole batch or none
-                    images = T.RandomHorizontalFlip()(images)
-                local_features, global_features = model(images.to(args.device))
+                    images = ctx.flip_together(images) if ctx.enabled else T.RandomHorizontalFlip()(images)
+                local_features, global_features = train_model(images.to(args.device))
                 global_loss, local_loss = loss.triplet_losses(local_features, global_features,
                                                               triplets_local_indexes, margin=args.margin,
                                                               normaliser=normaliser)
                 total = global_loss + local_loss
-                if not math.isfinite(total.item()):
+                if ctx.enabled:  # the global batch's losses on every rank: all stop together on a bad one
+                    global_value, local_value = ctx.sum_over_ranks([global_loss.item(), local_loss.item()])
+                    total_value = global_value + local_value
+                else:
+                    global_value, local_value, total_value = global_loss.item(), local_loss.item(), total.item()
+                if not math.isfinite(total_value):
                     raise ValueError(
-                        f"the training loss became {total.item()} at epoch {epoch_num}, loop {loop_num}, batch "
-                        f"{batch_num} (global {global_loss.item()}, local {local_loss.item()}); stopping. "
+                        f"the training loss became {total_value} at epoch {epoch_num}, loop {loop_num}, batch "
+                        f"{batch_num} (global {global_value}, local {local_value}); stopping. "
                         f"The last good checkpoint is {last_path if os.path.exists(last_path) else 'none yet'}; "
                         "try a lower --lr.")
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP
+                # averages the ranks' gradients, so x world_size makes the update the single-process one
+                # (x 1 for one process: bit-identical).
+                (total * ctx.world_size).backward()
                 optimizer.step()
-                loop_losses.append((global_loss.item(), local_loss.item()))
+                loop_losses.append((global_value, local_value))
             epoch_losses += loop_losses
             g, l = np.mean(loop_losses, axis=0) if loop_losses else (float("nan"), float("nan"))
             logging.debug(f"Epoch {epoch_num:02d} loop {loop_num}: triplet loss = {g:.4f}, local loss = {l:.4f}")
@@ -119,8 +154,9 @@ def main(args):
                      f"average epoch triplet loss = {g:.4f}, local loss = {l:.4f}")
 
         result = test.evaluate(model, val_ds, **eval_kwargs)
-        recalls = result.recalls
-        logging.info(f"Reranking recalls on val set {val_ds}: {result.summary(args.recall_values)}")
+        # torchrun: rank 0 alone searched and re-ranked; every rank takes its recalls, so all decide alike.
+        recalls = ctx.broadcast_object(result.recalls if ctx.is_main else None, long_wait=True)
+        logging.info(f"Reranking recalls on val set {val_ds}: {test.recalls_to_str(recalls, args.recall_values)}")
         is_best = recalls[r5_index] > best_r5
         if is_best:
             logging.info(f"Improved: previous best R@5 = {best_r5:.1f}, current R@5 = {recalls[r5_index]:.1f}")
@@ -130,12 +166,14 @@ def main(args):
             logging.info(f"Not improved: {not_improved_num} / {args.patience}: best R@5 = {best_r5:.1f}, "
                          f"current R@5 = {recalls[r5_index]:.1f}")
         # Saved after updating best_r5 / not_improved_num, so a resume continues exactly from here.
-        network.save_checkpoint(last_path, model=model, optimizer=optimizer, epoch_num=epoch_num, recalls=recalls,
-                                best_r5=best_r5, not_improved_num=not_improved_num,
-                                extra={"rng_states": commons.get_rng_states(),
-                                       "mining_state": miner_state.state_dict()})
-        if is_best:
-            commons.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
+        if ctx.is_main:
+            network.save_checkpoint(last_path, model=model, optimizer=optimizer, epoch_num=epoch_num,
+                                    recalls=recalls, best_r5=best_r5, not_improved_num=not_improved_num,
+                                    extra={"rng_states": commons.get_rng_states(),
+                                           "mining_state": miner_state.state_dict()})
+            if is_best:
+                commons.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
+        ctx.wait_for_main()
         if not_improved_num >= args.patience:
             logging.info(f"Performance did not improve for {not_improved_num} epochs. Stop training.")
             break
@@ -144,13 +182,20 @@ def main(args):
     logging.info(f"Trained for {epoch_num + 1 - start_epoch if args.epochs_num > start_epoch else 0} epochs, "
                  f"in total in {str(datetime.now() - start_time)[:-7]}")
 
-    # Test the best model (the last one when no epoch improved, e.g. a resume that ran no epoch).
-    final_path = best_path if os.path.exists(best_path) else last_path
-    if os.path.exists(final_path):
+    # Test the best model: this run's, else the resumed run's best (beside the --resume file), else the last.
+    resumed_best = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "best_model.pth") \
+        if args.resume else None
+    final_path = next((p for p in (best_path, resumed_best, last_path) if p and os.path.exists(p)), None)
+    if final_path is not None:
+        logging.info(f"Testing the weights of {final_path}")
+    if ctx.is_main and final_path is not None:
         network.load_model_weights(model, final_path, what="best model")
+    ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
     result = test.evaluate(model, test_ds, test_method=args.test_method, majority_weight=args.majority_weight,
                            **eval_kwargs)
-    logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
+    if result is not None:  # rank 0
+        logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
+    distributed.finish(ctx)
 
 
 def resume_from(path: str, *, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState):
