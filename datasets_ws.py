@@ -107,8 +107,11 @@ def open_image(path: str) -> Image.Image:
     The pixels are decoded here (PIL is lazy) so that a truncated or corrupt file fails now, with
     its name, rather than later inside a DataLoader worker.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"Image {path!r} is a folder, not an image file: give the path of an image.")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image {path!r} does not exist: was the data set folder changed after loading it?")
+        raise FileNotFoundError(f"Image {path!r} does not exist: check the path (for a data set: was its folder "
+                                "changed after it was loaded?).")
     try:
         with Image.open(path) as img:
             img.load()

@@ -445,6 +445,9 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
                 f"{', '.join(QUERY_METHODS)} (the five-crop methods run in eval.py only)")
     if args.pca_dim is not None:
         p.error("--pca_dim is not supported by localize.py (a saved database holds the raw descriptors)")
+    if args.output_folder and os.path.exists(args.output_folder):
+        p.error(f"--output_folder {args.output_folder} already exists: choose a new folder (the outputs of two runs "
+                "are never mixed)")
     if args.save_database and os.path.exists(args.save_database):
         p.error(f"--save_database {args.save_database} already exists: choose a new folder, or reuse that "
                 "database with --load_database")

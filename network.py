@@ -139,15 +139,24 @@ def load_weights_file(path: str, *, what: str) -> dict:
         raise FileNotFoundError(f"{what} {path}: no such file. Give the path of an existing weights file.")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path} is a directory. Give the path of a weights file (.pth).")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{what} {path} is empty (0 bytes): its download or copy did not finish. Give a complete "
+                         "weights file (.pth).")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure mode of a bad file gets the same clear message
-        msg = str(e).strip().splitlines()
-        reason = next((line for line in msg if "Unsupported global" in line or "GLOBAL" in line), msg[0] if msg else "")
-        raise ValueError(f"{what} {path} could not be loaded safely (weights_only=True): {reason[:300]}. "
-                         "It is truncated, not a PyTorch weights file, or holds objects other than tensors "
-                         "and numpy arrays; refusing to unpickle it.") from None
+        msg = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        unsafe = next((line for line in msg if "Unsupported global" in line or "GLOBAL" in line), None)
+        if unsafe is not None:  # a pickled object other than tensors / numpy arrays: never unpickled
+            raise ValueError(f"{what} {path} could not be loaded safely: it holds a pickled Python object that is "
+                             f"not a tensor or numpy array ({unsafe[:200]}). Refusing to unpickle it "
+                             "(weights_only=True), as that could run arbitrary code: use weight files from a "
+                             "source you trust.") from None
+        # The first sentence: torch's further lines are advice about its own internals.
+        reason = msg[0].split(". ")[0][:200] if msg else type(e).__name__
+        raise ValueError(f"{what} {path} could not be loaded safely (weights_only=True): {reason}. It is truncated "
+                         "or not a PyTorch weights file: download or copy it again.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
     return data
@@ -189,6 +198,8 @@ def load_foundation_weights(model: GeoLocalizationNet, path: str) -> None:
             parts.append(f"unexpected keys: {_describe(unexpected)}")
         hint = " (a register file needs --registers, a plain one must run without it)" \
             if any("register_tokens" in k for k in missing | unexpected) else ""
+        if "model_state_dict" in state:
+            hint = " (this is a SelaVPR checkpoint: give it with --resume or --load_weights instead)"
         raise ValueError(f"--foundation_model_path {path} does not match --backbone "
                          f"{type(model.backbone).__name__}{hint}: {'; '.join(parts)}")
     _check_shapes(model.backbone, state, path, "--foundation_model_path")

@@ -38,16 +38,17 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p.add_argument("--criterion", type=str, default="triplet", choices=["triplet", "sare_ind", "sare_joint"],
                    help="loss; only triplet is implemented (the SARE ones are refused with an error)")
     p.add_argument("--margin", type=float, default=0.1, help="triplet margin")
-    p.add_argument("--epochs_num", type=_positive_int, default=50)
-    p.add_argument("--patience", type=_positive_int, default=3)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"])
+    p.add_argument("--epochs_num", type=_positive_int, default=50, help="maximum number of epochs")
+    p.add_argument("--patience", type=_positive_int, default=3, help="epochs without a better val R@5 before stopping")
+    p.add_argument("--lr", type=float, default=1e-5, help="learning rate")
+    p.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"], help="optimizer (sgd: momentum 0.9, weight decay 0.001)")
     p.add_argument("--cache_refresh_rate", type=_positive_int, default=1000, help="queries mined per loop")
     p.add_argument("--queries_per_epoch", type=_positive_int, default=5000,
                    help="must be a multiple of --cache_refresh_rate")
-    p.add_argument("--negs_num_per_query", type=_positive_int, default=2)
+    p.add_argument("--negs_num_per_query", type=_positive_int, default=2, help="negatives per training query")
     p.add_argument("--neg_samples_num", type=_positive_int, default=1000, help="database images sampled for mining")
-    p.add_argument("--mining", type=str, default="partial", choices=["partial", "full", "random", "msls_weighted"])
+    p.add_argument("--mining", type=str, default="partial", choices=["partial", "full", "random", "msls_weighted"],
+                   help="triplet mining mode")
     p.add_argument("--train_backbone", action="store_true",
                    help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
                         "from random weights; the paper's recipe keeps it frozen")
@@ -86,7 +87,8 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
                    help="keep dense features in on-disk memory-mapped arrays instead of RAM")
     p.add_argument("--val_positive_dist_threshold", type=_positive_int, default=25, help="metres")
     p.add_argument("--train_positives_dist_threshold", type=_positive_int, default=10, help="metres")
-    p.add_argument("--recall_values", type=_positive_int, default=[1, 5, 10, 20], nargs="+")
+    p.add_argument("--recall_values", type=_positive_int, default=[1, 5, 10, 20], nargs="+",
+                   help="N of the reported recalls R@N")
     p.add_argument("--rerank_num", type=_positive_int, default=100, help="candidates re-ranked per query")
     p.add_argument("--num_preds_to_save", type=_non_negative_int, default=0,
                    help="(ours) picture rows with each query's top N predictions")
@@ -95,17 +97,18 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p.add_argument("--query_keys_file", type=str, default=None,
                    help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file")
     # Data augmentation
-    p.add_argument("--brightness", type=float, default=None)
-    p.add_argument("--contrast", type=float, default=None)
-    p.add_argument("--saturation", type=float, default=None)
-    p.add_argument("--hue", type=float, default=None)
-    p.add_argument("--rand_perspective", type=float, default=None)
-    p.add_argument("--horizontal_flip", action="store_true")
-    p.add_argument("--random_resized_crop", type=float, default=None)
-    p.add_argument("--random_rotation", type=float, default=None)
+    p.add_argument("--brightness", type=float, default=None, help="query augmentation: ColorJitter brightness")
+    p.add_argument("--contrast", type=float, default=None, help="query augmentation: ColorJitter contrast")
+    p.add_argument("--saturation", type=float, default=None, help="query augmentation: ColorJitter saturation")
+    p.add_argument("--hue", type=float, default=None, help="query augmentation: ColorJitter hue")
+    p.add_argument("--rand_perspective", type=float, default=None, help="query augmentation: RandomPerspective distortion")
+    p.add_argument("--horizontal_flip", action="store_true", help="flip a whole training batch (or none)")
+    p.add_argument("--random_resized_crop", type=float, default=None,
+                   help="query augmentation: RandomResizedCrop scale (1 - x, 1)")
+    p.add_argument("--random_rotation", type=float, default=None, help="query augmentation: RandomRotation degrees")
     # Paths
     p.add_argument("--datasets_folder", type=str, default=None, help="falls back to $DATASETS_FOLDER")
-    p.add_argument("--dataset_name", type=str, default="pitts30k")
+    p.add_argument("--dataset_name", type=str, default="pitts30k", help="folder name of the data set")
     p.add_argument("--pca_dataset_folder", type=str, default=None, help="relative to --datasets_folder")
     p.add_argument("--save_dir", type=str, default="default", help="name of the output sub-folder")
     return p

@@ -233,20 +233,23 @@ def test_layout_attributes_sorting_and_repr(tmp_path):
     assert repr(ds) == "< BaseDataset, toy - #database: 3; #queries: 2 >"
 
 
-@pytest.mark.parametrize("method, shape", [
-    ("hard_resize", (3, 8, 12)), ("central_crop", (3, 8, 12)), ("single_query", (3, 8, 10)),
-    ("five_crops", (5, 3, 8, 8)), ("nearest_crop", (5, 3, 8, 8)), ("maj_voting", (5, 3, 8, 8)),
+@pytest.mark.parametrize("method, shape, resize", [
+    ("hard_resize", (3, 8, 12), (8, 12)), ("central_crop", (3, 8, 12), (8, 12)),
+    # single_query: shorter side 28, longer int(28 * 15 / 11) = 38, centre-cropped to a multiple of 14.
+    ("single_query", (3, 28, 28), (28, 42)),
+    ("five_crops", (5, 3, 8, 8), (8, 12)), ("nearest_crop", (5, 3, 8, 8), (8, 12)),
+    ("maj_voting", (5, 3, 8, 8), (8, 12)),
 ])
-def test_getitem_database_hard_resize_queries_test_method(tmp_path, method, shape):
+def test_getitem_database_hard_resize_queries_test_method(tmp_path, method, shape, resize):
     make_dataset(str(tmp_path), database=[(0, 0), (5, 5)], queries=[(1, 1)], size=(15, 11))
-    ds = dw.BaseDataset(str(tmp_path), "toy", "test", resize=(8, 12), test_method=method)
+    ds = dw.BaseDataset(str(tmp_path), "toy", "test", resize=resize, test_method=method)
     db_img, db_index = ds[1]
-    assert db_index == 1 and db_img.shape == (3, 8, 12)
+    assert db_index == 1 and db_img.shape == (3, *resize)
     q_img, q_index = ds[2]
     assert q_index == 2 and q_img.shape == shape
     # Tensor path: normalise first, then bilinear without antialias.
     reference = dw.base_transform(dw.open_image(ds.images_paths[2]))
-    assert torch.equal(q_img, dw.apply_test_method(reference, method, (8, 12)))
+    assert torch.equal(q_img, dw.apply_test_method(reference, method, resize))
     assert torch.equal(ds.load(2, method), q_img)
     with pytest.raises(ValueError, match="--test_method"):
         ds.load(2, "nope")
