@@ -1,0 +1,390 @@
+"""local_matching: exactness of the re-rank engine against the plain public computation (full
+similarity matrix, max both ways), ties and near-ties, stores, order, pairs, training similarity."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import local_matching as lm  # noqa: E402
+
+C = 128
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain reference (the public algorithm): the whole similarity matrix, max both ways.
+# ------------------------------------------------------------------------------------------------
+def ref_nn(x: torch.Tensor, q: torch.Tensor):
+    """x (K, Lc, C), q (Lq, C) -> nn12 (K, Lc), nn21 (K, Lq) from S = x @ q.T (K, Lc, Lq)."""
+    sim = torch.matmul(x, q.unsqueeze(0).transpose(1, 2))
+    return torch.max(sim, dim=2).indices, torch.max(sim, dim=1).indices
+
+
+def ref_scores(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    nn12, nn21 = ref_nn(x, q)
+    return (torch.gather(nn21, 1, nn12) == torch.arange(x.shape[1])).sum(1).float()
+
+
+def ref_pairs(a: torch.Tensor, b: torch.Tensor):
+    nn12, nn21 = ref_nn(a.unsqueeze(0), b)
+    nn12, nn21 = nn12[0], nn21[0]
+    idx_a = (nn21[nn12] == torch.arange(a.shape[0])).nonzero().flatten()
+    return idx_a, nn12[idx_a]
+
+
+def ref_similarity(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for qb, xb in zip(q, x):
+        sim = xb @ qb.T
+        nn12, nn21 = sim.argmax(1), sim.argmax(0)
+        rows = (nn21[nn12] == torch.arange(xb.shape[0])).nonzero().flatten()
+        out.append(sim[rows, nn12[rows]].mean())
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: unit-norm features with spatial structure (smooth random fields, as dense CNN features).
+# ------------------------------------------------------------------------------------------------
+def field(gen, h, w, coarse=6):
+    z = torch.randn(1, C, coarse, coarse, generator=gen)
+    return F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def unit(f):
+    """(C, h, w) -> (h * w, C) unit vectors."""
+    return F.normalize(f.permute(1, 2, 0).reshape(-1, C), dim=1)
+
+
+def scene_and_candidates(seed, hq, wq, hc, wc, k):
+    """A query and k candidates: shifted noisy copies of the query's scene mixed with other scenes
+    in varying proportions (scores from dozens to ~all), plus one unrelated candidate."""
+    gen = torch.Generator().manual_seed(seed)
+    scene = field(gen, max(hq, hc), max(wq, wc))
+    q = unit(scene[:, :hq, :wq] + 0.3 * torch.randn(C, hq, wq, generator=gen))
+    cands = []
+    for i in range(k):
+        share = 0.0 if i == k - 1 else 1.0 - i / k          # candidate 0: a noisy copy
+        other = field(gen, max(hq, hc), max(wq, wc))
+        mix = share * torch.roll(scene, (i % 3, i % 2), (1, 2)) + (1 - share ** 2) ** 0.5 * other
+        noise = 0.15 if i == 0 else 0.4
+        cands.append(unit(mix[:, :hc, :wc] + noise * torch.randn(C, hc, wc, generator=gen)))
+    return q, torch.stack(cands)
+
+
+# ------------------------------------------------------------------------------------------------
+# The float32 sub-products the engine relies on equal the whole product bit for bit
+# ------------------------------------------------------------------------------------------------
+def test_sub_products_equal_the_plain_product_bitwise():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 700, C, generator=gen)
+    q = torch.randn(650, C, generator=gen)
+    sim = torch.matmul(x, q.unsqueeze(0).transpose(1, 2))
+    xp = lm._pad_rows(x[1], lm._BLOCK)
+    qp = lm._pad_rows(q, 288)
+    # Row tiles and padded row sets (>= 32 rows) against all (padded) columns.
+    rows = torch.tensor([5, 77, 300, 699])
+    tile = xp[lm._pad_index(rows, lm._MIN_EXACT_SIDE)] @ qp.t()
+    assert torch.equal(tile[:4, :650], sim[1][rows])
+    assert torch.equal((xp[256:512] @ qp.t())[:, :650], sim[1][256:512])
+    # Column sets (>= 32 columns) against all rows.
+    cols = torch.tensor([3, 640])
+    block = xp @ q[lm._pad_index(cols, lm._MIN_EXACT_SIDE)].t()
+    assert torch.equal(block[:700, :2], sim[1][:, cols])
+    # Batched segments (bmm) used by the block-wise fallbacks.
+    r_idx = torch.randint(0, 700, (5, lm._SEG), generator=gen)
+    c_idx = torch.randint(0, 650, (5, lm._BLOCK), generator=gen)
+    seg = torch.bmm(xp[r_idx], q[c_idx].transpose(1, 2))
+    assert torch.equal(seg, sim[1][r_idx.unsqueeze(2), c_idx.unsqueeze(1)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Scores: exact equality with the plain computation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hq,wq,hc,wc,k", [(61, 61, 61, 61, 4), (20, 23, 17, 19, 5), (9, 7, 12, 11, 3)])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_scores_equal_reference(hq, wq, hc, wc, k, fast_path):
+    q, x = scene_and_candidates(1, hq, wq, hc, wc, k)
+    got = lm.mutual_nn_scores(q.view(hq, wq, C), x.numpy(), np.arange(k), chunk_size=2, fast_path=fast_path)
+    want = ref_scores(q, x)
+    assert got.dtype == torch.float32 and got.shape == (k,)
+    assert torch.equal(got, want)
+    assert want.max() > 1.5 * want.min() and want.min() >= 1      # a spread of scores
+
+
+def test_scores_plain_random_and_chunking_independent():
+    gen = torch.Generator().manual_seed(2)
+    q = F.normalize(torch.randn(300, C, generator=gen), dim=1)
+    x = F.normalize(torch.randn(9, 250, C, generator=gen), dim=1)
+    want = ref_scores(q, x)
+    for chunk in (1, 4, 20):
+        got = lm.mutual_nn_scores(q, x, np.arange(9), chunk_size=chunk, row_tile=64)
+        assert torch.equal(got, want)
+    # Candidates in any order, repeated.
+    order = np.array([8, 0, 0, 5])
+    assert torch.equal(lm.mutual_nn_scores(q, x, order), want[order])
+
+
+def test_memmap_store_and_torch_store(tmp_path):
+    q, x = scene_and_candidates(3, 30, 30, 30, 30, 4)
+    path = tmp_path / "db.npy"
+    np.save(path, x.view(4, 30, 30, C).numpy())
+    store = np.load(path, mmap_mode="r")
+    want = ref_scores(q, x)
+    idx = np.array([3, 1, 2, 0])
+    assert torch.equal(lm.mutual_nn_scores(q.view(30, 30, C), store, idx), want[idx])
+    assert torch.equal(lm.mutual_nn_scores(q, x.view(4, 30, 30, C), torch.tensor(idx)), want[idx])
+    # float16 store: converted to float32 like the public torch.Tensor(array).
+    half = x.half()
+    assert torch.equal(lm.mutual_nn_scores(q, half.numpy(), np.arange(4)), ref_scores(q, half.float()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ties and near-ties
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_exact_ties_duplicated_vectors(fast_path):
+    """Duplicated database vectors (tied columns of S^T: nn21 first index) and duplicated query
+    vectors (tied rows: nn12 first index)."""
+    q, x = scene_and_candidates(4, 20, 20, 20, 20, 3)
+    q = q.clone()
+    x = x.clone()
+    q[200:260] = q[100:160]                 # duplicated query vectors -> exact ties in rows of S
+    q[399] = q[0]
+    x[:, 300:380] = x[:, 10:90]             # duplicated candidate vectors -> ties in columns
+    x[1, 399] = x[1, 398]
+    x[2, ::2] = x[2, 1::2]
+    got = lm.mutual_nn_scores(q, x, np.arange(3), fast_path=fast_path)
+    assert torch.equal(got, ref_scores(q, x))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_constant_features_give_exactly_one_pair(fast_path):
+    """All-equal features: every entry of S ties, the only mutual pair is (0, 0) -> score 1
+    (the public release's squeeze() quirk would store 0)."""
+    q = torch.full((100, C), 0.25)
+    x = torch.full((2, 90, C), -0.5)
+    got = lm.mutual_nn_scores(q, x, np.arange(2), fast_path=fast_path)
+    assert torch.equal(got, torch.ones(2)) and torch.equal(got, ref_scores(q, x))
+    ia, ib = lm.mutual_nn_pairs(x[0], q)
+    assert ia.tolist() == [0] and ib.tolist() == [0]
+
+
+def _near_tie_data(seed):
+    """Query and candidates where pairs of query (and candidate) vectors differ by one float32 ulp
+    in one channel, so that S has near-ties ~1e-8 apart: far below what bfloat16 can resolve."""
+    gen = torch.Generator().manual_seed(seed)
+    q, x = scene_and_candidates(seed, 18, 18, 18, 18, 3)
+    q, x = q.clone(), x.clone()
+    src = torch.randperm(324, generator=gen)[:120]
+    dst = torch.randperm(324, generator=gen)[:120]
+    q[dst] = torch.nextafter(q[src], torch.full_like(q[src], 2.0))          # each entry moved by 1 ulp
+    x[:, dst[:60]] = torch.nextafter(x[:, src[:60]], torch.full_like(x[:, src[:60]], -2.0))
+    return q, x
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_near_ties_where_bfloat16_flips_decisions(seed):
+    q, x = _near_tie_data(seed)
+    want = ref_scores(q, x)
+    # The test is meaningful: arg-maxes from a bfloat16 product differ from the float32 ones.
+    sim32 = torch.matmul(x, q.t())
+    sim16 = torch.matmul(x.bfloat16(), q.t().bfloat16()).float()
+    assert (sim16.argmax(2) != sim32.argmax(2)).any()
+    for fast_path in (True, False):
+        assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(3), fast_path=fast_path), want)
+
+
+def test_screen_runs_and_is_exact_on_full_size_candidates():
+    """61x61 features (the real size), screened engine called directly: proven decisions and
+    recomputed ones together must equal the reference for every row."""
+    q, x = scene_and_candidates(7, 61, 61, 61, 61, 2)
+    plan = lm._QueryPlan(q, use_screen=True)
+    out = lm._nn_screened(list(x), plan, row_tile=256)
+    assert out is not None, "the bfloat16 kernel failed its soundness check on this machine"
+    nn12, nn21 = ref_nn(x, q)
+    for k, (got_nn12, got_mutual) in enumerate(out):
+        want_mutual = nn21[k][nn12[k]] == torch.arange(x.shape[1])
+        assert torch.equal(got_mutual, want_mutual)
+        # nn12 is exact wherever it matters (mutual rows) and everywhere for the proven rows.
+        assert torch.equal(got_nn12[want_mutual], nn12[k][want_mutual])
+
+
+@pytest.mark.parametrize("split,offset", [(True, True), (False, True), (False, False)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 37.0])
+def test_error_bound_of_the_screen_holds(scale, split, offset, monkeypatch):
+    """|screen value + offset - float32 reference| <= base + rho |o| + eta for every entry, also for
+    features that are not unit-norm, for each form of the screen's operands."""
+    monkeypatch.setattr(lm, "_SCREEN_OFFSET", offset)
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(320, C, generator=gen) * scale
+    x = torch.randn(64, C, generator=gen) * scale * torch.rand(64, 1, generator=gen)
+    qs, xs = lm._Split(q), lm._Split(x)
+    b = lm._screen_operand(qs, C, split, query=True).t().contiguous()
+    a = lm._screen_operand(xs, C, split, query=False)
+    c = torch.tensor(0.3 * scale * scale if offset else 0.0).bfloat16()
+    if offset:
+        a[:, lm._offset_column(C, split)] = -c
+    assert lm._bf16_kernel_is_sound(64, a.shape[1], 320)
+    o = (a @ b).double()
+    ref = (x @ q.t()).double()
+    err = (o + c.double() - ref).abs()
+    base = lm._base_bound(_col(xs), _row(qs, 320), abs(float(c)), C, split)
+    bound = base + lm._RHO * o.abs() + lm._eta(xs.worst(), qs.worst(), C)
+    assert (err <= bound).all()
+    assert err.max() > 0      # the screen is not exact: the bound is doing work
+    assert (err > 0.25 * bound).any()   # and it is not loose by orders of magnitude
+
+
+@pytest.mark.parametrize("split,offset", [(True, True), (True, False), (False, True)])
+def test_other_screen_forms_are_exact_too(split, offset, monkeypatch):
+    """The screen's optional forms (split operands, offset column) give the same exact results."""
+    monkeypatch.setattr(lm, "_SCREEN_SPLIT", split)
+    monkeypatch.setattr(lm, "_SCREEN_OFFSET", offset)
+    q, x = _near_tie_data(14)
+    x = torch.cat([x, scene_and_candidates(15, 18, 18, 18, 18, 2)[1]])
+    plan = lm._QueryPlan(q, use_screen=True)
+    out = lm._nn_screened(list(x), plan, row_tile=128)
+    assert out is not None
+    got = torch.stack([mutual.sum() for _, mutual in out]).float()
+    assert torch.equal(got, ref_scores(q, x))
+
+
+def _col(s):
+    """Row factors of a _Split as a column vector (broadcast over query columns)."""
+    out = lm._Split.__new__(lm._Split)
+    for name in lm._Split.FACTORS:
+        setattr(out, name, getattr(s, name).unsqueeze(1))
+    return out
+
+
+def _row(s, n):
+    out = lm._Split.__new__(lm._Split)
+    for name in lm._Split.FACTORS:
+        setattr(out, name, getattr(s, name)[:n].unsqueeze(0))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Special inputs
+# ------------------------------------------------------------------------------------------------
+def test_tiny_and_non_finite_inputs_follow_the_reference():
+    gen = torch.Generator().manual_seed(9)
+    for lq, lc in [(1, 5), (5, 1), (1, 1), (3, 70), (70, 3)]:
+        q = torch.randn(lq, C, generator=gen)
+        x = torch.randn(2, lc, C, generator=gen)
+        assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(2)), ref_scores(q, x))
+    q = torch.randn(100, C, generator=gen)
+    x = torch.randn(2, 90, C, generator=gen)
+    x[1, 5, 7] = float("nan")
+    x[0, 3, 3] = float("inf")
+    assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(2)), ref_scores(q, x))
+
+
+def test_worker_threads_leave_the_callers_thread_setting_alone():
+    q, x = scene_and_candidates(13, 12, 12, 12, 12, 5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = lm.mutual_nn_scores(q, x, np.arange(5), chunk_size=1)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(5), chunk_size=2), got)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, ref_scores(q, x))
+
+
+def test_empty_candidate_list():
+    q = torch.randn(100, C)
+    out = lm.mutual_nn_scores(q, np.zeros((3, 100, C), np.float32), np.array([], dtype=np.int64))
+    assert out.shape == (0,) and out.dtype == torch.float32
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(100, C)
+    store = np.zeros((3, 100, C), np.float32)
+    with pytest.raises(ValueError, match="candidate_indices"):
+        lm.mutual_nn_scores(q, store, np.zeros((2, 2), np.int64))
+    with pytest.raises(ValueError, match="not in the database"):
+        lm.mutual_nn_scores(q, store, np.array([5]))
+    with pytest.raises(ValueError, match="negative"):
+        lm.mutual_nn_scores(q, store, np.array([-1]))
+    with pytest.raises(ValueError, match="channels"):
+        lm.mutual_nn_scores(torch.randn(100, 64), store, np.array([0]))
+    with pytest.raises(ValueError, match=r"\(L, C\) or \(h, w, C\)"):
+        lm.mutual_nn_scores(torch.randn(2, 3, 4, 5), store, np.array([0]))
+    with pytest.raises(ValueError, match="chunk_size"):
+        lm.mutual_nn_scores(q, store, np.array([0]), chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Order
+# ------------------------------------------------------------------------------------------------
+def test_rerank_is_numpy_argsort_reversed_on_float32():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, size=40).astype(np.float64)      # many ties
+    want = np.argsort(scores.astype(np.float32))[::-1]
+    assert np.array_equal(lm.rerank(scores), want)
+    assert np.array_equal(lm.rerank(torch.tensor(scores, dtype=torch.float32)), want)
+    q, x = scene_and_candidates(10, 15, 15, 15, 15, 6)
+    s = lm.mutual_nn_scores(q, x, np.arange(6))
+    order = lm.rerank(s)
+    assert np.array_equal(order, np.argsort(s.numpy())[::-1])
+    assert s[order[0]] == s.max()
+
+
+# ------------------------------------------------------------------------------------------------
+# Pairs (match pictures)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fast_path", [None, False])
+def test_mutual_nn_pairs_equal_reference(fast_path):
+    q, x = scene_and_candidates(11, 25, 25, 20, 22, 2)
+    a, b = x[0], q
+    ia, ib = lm.mutual_nn_pairs(a.view(20, 22, C), b.view(25, 25, C), fast_path=fast_path)
+    ra, rb = ref_pairs(a, b)
+    assert ia.dtype == torch.long and ib.dtype == torch.long
+    assert torch.equal(ia, ra) and torch.equal(ib, rb)
+    assert len(ia) > 50
+    # Swapping the roles gives the same pairs, swapped.
+    ja, jb = lm.mutual_nn_pairs(b, a, fast_path=fast_path)
+    assert sorted(zip(jb.tolist(), ja.tolist())) == sorted(zip(ia.tolist(), ib.tolist()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Training similarity
+# ------------------------------------------------------------------------------------------------
+def test_mutual_nn_similarity_value_and_gradient():
+    q, x = scene_and_candidates(12, 14, 14, 14, 14, 3)
+    qb = q.view(1, 14, 14, C).repeat(3, 1, 1, 1).requires_grad_(True)
+    xb = x.view(3, 14, 14, C).clone().requires_grad_(True)
+    sim = lm.mutual_nn_similarity(qb, xb)
+    want = ref_similarity(qb.detach().view(3, -1, C), xb.detach().view(3, -1, C))
+    assert sim.shape == (3,)
+    assert torch.allclose(sim, want, rtol=1e-6, atol=1e-6)
+    sim.sum().backward()
+    for g in (qb.grad, xb.grad):
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_mutual_nn_similarity_one_pair_and_nan():
+    # Constant features: one mutual pair (0, 0) -> its similarity (not the aligned-position mean).
+    q = torch.full((1, 50, C), 0.1)
+    x = torch.cat([torch.full((1, 1, C), 0.2), torch.full((1, 49, C), 0.05)], dim=1)
+    sim = lm.mutual_nn_similarity(q, x)
+    assert torch.allclose(sim, torch.tensor([0.2 * 0.1 * C]))
+    # Non-finite input: NaN in, NaN out (never a silently finite loss).
+    xn = x.clone()
+    xn[0, :, 0] = float("nan")
+    assert torch.isnan(lm.mutual_nn_similarity(q, xn)).all()
+
+
+def test_mutual_nn_similarity_shape_errors():
+    with pytest.raises(ValueError, match="batch size"):
+        lm.mutual_nn_similarity(torch.randn(2, 10, C), torch.randn(3, 10, C))
