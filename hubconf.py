@@ -1,4 +1,4 @@
-"""torch.hub entry point: ``torch.hub.load(<this repository>, "selavpr", source="local", checkpoint=PATH)``.
+"""torch.hub entry point ``selavpr``: load it from a local clone with source="local" and checkpoint=PATH.
 
 Weights are never downloaded: give the paths of files you already have (SelaVPR_msls.pth,
 SelaVPR_pitts30k.pth, or a checkpoint written by train.py; and/or the DINOv2 file

@@ -30,11 +30,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 import commons
 import datasets_ws
-import local_matching
 import network
 import parser
 import predictions_io
@@ -317,23 +315,6 @@ class Localization:
     scores: np.ndarray
 
 
-def rerank_candidates(query_store: test.DenseStore, database_store, candidates: np.ndarray, *, device: str,
-                      chunk_size: int = 16):
-    """Re-rank each query's candidates (Q, k) by mutual-NN counts (local_matching, as test.evaluate) ->
-    (re-ranked candidates (Q, k), their float32 scores (Q, k))."""
-    reranked = np.empty_like(candidates)
-    scores = np.empty(candidates.shape, dtype=np.float32)
-    for q in tqdm(range(len(candidates)), desc="Re-ranking", ncols=100, leave=False, disable=None):
-        query_local = torch.from_numpy(np.array(query_store[q])).to(device)
-        cand_scores = local_matching.mutual_nn_scores(query_local, database_store, candidates[q],
-                                                      chunk_size=chunk_size)
-        cand_scores = cand_scores.cpu().numpy().astype(np.float32)
-        order = local_matching.rerank(cand_scores)
-        reranked[q] = candidates[q][order]
-        scores[q] = cand_scores[order]
-    return reranked, scores
-
-
 def localize_queries(model: torch.nn.Module, database: Database, queries_paths: Sequence[str], *,
                      resize: Sequence[int], test_method: str = "hard_resize", rerank_num: int = 100,
                      batch_size: int = 16, num_workers: int = 0, device: str = "cpu", precision: str = "fp32",
@@ -360,8 +341,8 @@ def localize_queries(model: torch.nn.Module, database: Database, queries_paths: 
                                          precision=precision, desc="Query features")
         q_store.finish()
         distances, candidates = test.l2_search(database.global_descriptors, q_global, k)
-        predictions, scores = rerank_candidates(q_store, database.dense, candidates, device=device,
-                                                chunk_size=rerank_chunk_size)
+        predictions, scores = test.rerank_predictions(candidates, q_store, database.dense, device=device,
+                                                      chunk_size=rerank_chunk_size)
     finally:
         q_store.close()
     return Localization(first_predictions=candidates, first_distances=distances, predictions=predictions,

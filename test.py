@@ -290,6 +290,26 @@ def recalls_to_str(recalls: Sequence[float], recall_values: Sequence[int]) -> st
     return ", ".join(f"R@{n}: {r:.1f}" for n, r in zip(recall_values, recalls))
 
 
+def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, device: str,
+                       chunk_size: int = 16):
+    """Re-rank each query's candidates by their mutual-NN counts with the query (local_matching).
+
+    predictions (Q, k) database indexes; query_store[q] / database_store[i] -> dense features (h, w, C).
+    Returns (re-ranked predictions (Q, k), their float32 scores (Q, k), highest first).
+    """
+    reranked = np.empty_like(predictions)
+    scores = np.empty(predictions.shape, dtype=np.float32)
+    for q in tqdm(range(len(predictions)), desc="Re-ranking", ncols=100, leave=False, disable=None):
+        query_local = torch.from_numpy(np.array(query_store[q])).to(device)
+        cand_scores = local_matching.mutual_nn_scores(query_local, database_store, predictions[q],
+                                                      chunk_size=chunk_size)
+        cand_scores = cand_scores.cpu().numpy().astype(np.float32)
+        order = local_matching.rerank(cand_scores)
+        reranked[q] = predictions[q][order]
+        scores[q] = cand_scores[order]
+    return reranked, scores
+
+
 # ------------------------------------------------------------------------------------------------
 # The evaluation
 # ------------------------------------------------------------------------------------------------
@@ -385,16 +405,8 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
         recalls_first = compute_recalls(predictions, positives, recall_values)
         logging.info(f"First ranking recalls: {recalls_to_str(recalls_first, recall_values)}")
 
-        reranked = np.empty_like(predictions)
-        scores = np.empty(predictions.shape, dtype=np.float32)
-        for q in tqdm(range(q_num), desc="Re-ranking", ncols=100, leave=False, disable=None):
-            query_local = torch.from_numpy(np.array(q_store[q])).to(device)
-            cand_scores = local_matching.mutual_nn_scores(query_local, db_store, predictions[q],
-                                                          chunk_size=rerank_chunk_size)
-            cand_scores = cand_scores.cpu().numpy().astype(np.float32)
-            order = local_matching.rerank(cand_scores)
-            reranked[q] = predictions[q][order]
-            scores[q] = cand_scores[order]
+        reranked, scores = rerank_predictions(predictions, q_store, db_store, device=device,
+                                              chunk_size=rerank_chunk_size)
         recalls = compute_recalls(reranked, positives, recall_values)
         return EvalResult(recalls_first=recalls_first, recalls=recalls, first_predictions=predictions,
                           first_distances=distances, predictions=reranked, scores=scores, positives=positives)

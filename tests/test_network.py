@@ -1,8 +1,6 @@
 """GeoLocalizationNet, build_model and the weight files (public layouts, safe loading)."""
-import io
 import logging
 import os
-import pickle
 import zipfile
 from types import SimpleNamespace
 
