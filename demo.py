@@ -21,8 +21,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # A small configuration that learns visibly in a few minutes on 2 CPU cores.
 MODEL_FLAGS = ["--backbone", "vit_tiny", "--backbone_depth", "4", "--resize", "112", "112", "--device", "cpu",
                "--num_workers", "1", "--infer_batch_size", "32", "--rerank_num", "20", "--seed", "0"]
-TRAIN_FLAGS = ["--train_backbone", "--lr", "2e-4", "--train_batch_size", "8", "--cache_refresh_rate", "300",
-               "--queries_per_epoch", "300", "--neg_samples_num", "300", "--epochs_num", "3", "--patience", "3"]
+TRAIN_FLAGS = ["--train_backbone", "--lr", "1e-4", "--train_batch_size", "8", "--cache_refresh_rate", "300",
+               "--queries_per_epoch", "300", "--neg_samples_num", "300", "--epochs_num", "4", "--patience", "4"]
 
 
 def run(step: str, args: list) -> str:

@@ -71,7 +71,8 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p.add_argument("--allow_random_weights", action="store_true",
                    help="(ours) allow running with no weights file at all (random initialisation: demos/tests)")
     p.add_argument("--precision", type=str, default="fp32", choices=["fp32", "bf16"],
-                   help="(ours) extraction precision; bf16 autocast is for GPUs and changes results slightly")
+                   help="(ours) extraction precision; bf16 autocast is faster on GPUs (and CPUs with AMX) "
+                        "and changes results slightly")
     # Runtime
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cuda", "cpu"], help="cuda when available, else cpu")
@@ -150,8 +151,6 @@ def parse_arguments(argv: Optional[List[str]] = None, parser: Optional[argparse.
         p.error("--pca_dim needs --pca_dataset_folder (the images to fit the PCA on)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available here; use --device cpu")
-    if args.precision == "bf16" and args.device == "cpu":
-        p.error("--precision bf16 is meant for GPUs; on the CPU use --precision fp32")
     if args.resume and args.load_weights:
         p.error("give either --resume (continue a run) or --load_weights (weights only), not both")
     if sorted(set(args.recall_values)) != list(args.recall_values):

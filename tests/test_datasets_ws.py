@@ -405,3 +405,19 @@ def test_images_subset_and_pca_dataset(tmp_path):
     os.makedirs(tmp_path / "emptydir")
     with pytest.raises(ValueError, match="no .jpg"):
         dw.PCADataset(str(tmp_path), "emptydir", resize=(6, 10))
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_positives_of_the_synthetic_set_equal_brute_force(synthetic_root, split):
+    """Soft (25 m) and, on train, hard (10 m) positives against an independent distance matrix."""
+    folder, name = synthetic_root
+    ds = dw.BaseDataset(folder, name, split)
+    brute = np.sqrt(((ds.queries_utms[:, None, :] - ds.database_utms[None]) ** 2).sum(-1))
+    for q, positives in enumerate(ds.get_positives()):
+        assert sorted(positives.tolist()) == np.flatnonzero(brute[q] <= 25).tolist()
+    if split == "train":
+        tds = dw.TripletsDataset(folder, name, "train", resize=(112, 112))
+        brute = np.sqrt(((tds.queries_utms[:, None, :] - tds.database_utms[None]) ** 2).sum(-1))
+        for q in range(tds.queries_num):
+            assert sorted(tds.hard_positives_per_query[q].tolist()) == np.flatnonzero(brute[q] <= 10).tolist()
+            assert sorted(tds.soft_positives_per_query[q].tolist()) == np.flatnonzero(brute[q] <= 25).tolist()
