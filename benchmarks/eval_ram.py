@@ -19,14 +19,18 @@ sys.path.insert(0, ROOT)
 
 import synthetic_dataset  # noqa: E402
 
-# Runs eval.py in this child and prints its own peak RSS (ru_maxrss, KiB on Linux) at the end.
+# Runs eval.py in this child and prints its own peak RSS at the end. VmHWM, not getrusage's ru_maxrss:
+# Linux carries ru_maxrss across fork + exec, so a child would report its parent's peak (the data set
+# generation) when that was higher.
 CHILD = """
-import resource, runpy, sys
+import runpy, sys
+sys.path.insert(0, {root!r})
 sys.argv = {argv!r}
 try:
     runpy.run_path({script!r}, run_name="__main__")
 finally:
-    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    with open("/proc/self/status") as f:
+        print("PEAK_RSS_KB", [l.split()[1] for l in f if l.startswith("VmHWM")][0], flush=True)
 """
 
 
@@ -37,7 +41,7 @@ def run_eval(folder, name, efficient, workdir):
             "--save_dir", f"{name}_{'efficient' if efficient else 'ram'}"]
     if efficient:
         argv.append("--efficient_ram_testing")
-    code = CHILD.format(argv=argv, script=os.path.join(ROOT, "eval.py"))
+    code = CHILD.format(argv=argv, script=os.path.join(ROOT, "eval.py"), root=ROOT)
     out = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"eval.py failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
