@@ -376,6 +376,24 @@ def finish(ctx: Context) -> None:
         dist.destroy_process_group()
 
 
+def start_run(args, output_folder: str) -> Context:
+    """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
+    process otherwise), set args.device to this process's device, log to `output_folder` on rank 0 (the
+    console only on the others), seed, and record the command line and arguments."""
+    ctx = init_from_environment(device=args.device)
+    args.device = ctx.device
+    if ctx.is_main:
+        commons.setup_logging(output_folder)
+    else:
+        setup_worker_logging(ctx)
+    commons.make_deterministic(args.seed)
+    commons.log_run_header(args)
+    logging.info(f"The outputs are being saved in {output_folder}")
+    if ctx.enabled:
+        logging.info(describe(ctx))
+    return ctx
+
+
 def setup_worker_logging(ctx: Context) -> None:
     """Ranks other than 0 write no log files; their errors go to the console, tagged with the rank."""
     commons.setup_logging(None, console="error")  # their warnings repeat rank 0's

@@ -16,17 +16,7 @@ def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
-    ctx = distributed.init_from_environment(device=args.device)
-    args.device = ctx.device
-    if ctx.is_main:
-        commons.setup_logging(output_folder)
-    else:
-        distributed.setup_worker_logging(ctx)
-    commons.make_deterministic(args.seed)
-    commons.log_run_header(args)
-    logging.info(f"The outputs are being saved in {output_folder}")
-    if ctx.enabled:
-        logging.info(distributed.describe(ctx))
+    ctx = distributed.start_run(args, output_folder)
 
     model = network.build_model(args)
 

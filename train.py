@@ -25,17 +25,8 @@ def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
-    ctx = distributed.init_from_environment(device=args.device)
-    args.device = ctx.device
-    if ctx.is_main:
-        commons.setup_logging(output_folder)
-    else:
-        distributed.setup_worker_logging(ctx)
-    commons.make_deterministic(args.seed)
-    commons.log_run_header(args)
-    logging.info(f"The outputs are being saved in {output_folder}")
+    ctx = distributed.start_run(args, output_folder)
     if ctx.enabled:
-        logging.info(distributed.describe(ctx))
         distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     # Data: training triplets, validation and test sets.
