@@ -37,6 +37,23 @@ def tiny_model():
     return model
 
 
+def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, what="the marker"):
+    """Start `command`, wait until it creates the file `marker`, then SIGKILL it (fault tests)."""
+    import signal
+    import time
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert os.path.exists(marker), what
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def run_script(args, *, cwd=None, env=None, timeout=600):
     """Run a repository script as a subprocess; returns CompletedProcess with text output."""
     full_env = dict(os.environ)

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from PIL import Image
 
 import datasets_ws
 import network
-from conftest import ROOT, TINY, TINY_FLAGS, tiny_eval_flags
+from conftest import ROOT, TINY, TINY_FLAGS, kill_once_marker_appears, tiny_eval_flags
 from test_train import TRAIN_FLAGS, _train
 
 PARALLEL = 2
@@ -735,18 +734,9 @@ def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_ro
     marker = str(tmp_path / "extracting")
     argv = tiny_eval_flags(synthetic_root, *FAST, "--efficient_ram_testing", "--infer_batch_size", "8",
                            "--save_dir", "ram")
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXTRACTION.format(root=ROOT, marker=marker, argv=argv)],
-                            cwd=str(tmp_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert os.path.exists(marker), "the extraction never reached the disk store"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_once_marker_appears([sys.executable, "-c", SLOW_EXTRACTION.format(root=ROOT, marker=marker, argv=argv)],
+                             marker, cwd=str(tmp_path), env=_env(), timeout=240,
+                             what="the extraction never reached the disk store")
     (first,) = glob.glob(str(tmp_path / "test" / "ram" / "*"))
     leftovers = glob.glob(os.path.join(first, "dense_features", "*"))
     assert len(leftovers) >= 1 and all(os.path.basename(p).startswith("dense_") for p in leftovers)

@@ -2,16 +2,14 @@
 import glob
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
 
 import network
-from conftest import ROOT, TINY, run_script, tiny_eval_flags
+from conftest import ROOT, TINY, kill_once_marker_appears, run_script, tiny_eval_flags
 
 TRAIN_FLAGS = ["--cache_refresh_rate", "6", "--queries_per_epoch", "6", "--neg_samples_num", "12",
                "--train_batch_size", "2", "--infer_batch_size", "8", "--rerank_num", "10", "--lr", "1e-4",
@@ -90,18 +88,8 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
     marker = str(tmp_path / "half_written")
     argv = tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "kill", "--epochs_num", "3", "--patience", "5")
     code = SLOW_SAVE.format(root=ROOT, marker=marker, argv=argv)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        assert os.path.exists(marker), "the second checkpoint save never started"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_once_marker_appears([sys.executable, "-c", code], marker, cwd=str(tmp_path), timeout=300,
+                             what="the second checkpoint save never started")
     folder = glob.glob(str(tmp_path / "logs" / "kill" / "*"))[0]
     ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
     assert ckpt["epoch_num"] == 0  # the first epoch's checkpoint, intact
