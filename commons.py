@@ -50,6 +50,9 @@ def log_run_header(args) -> None:
     """Record the command line and every argument (debug.log keeps them with the run)."""
     logging.info(f"Command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     logging.info(f"Arguments: {args}")
+    note = getattr(args, "model_settings_note", None)  # set by parser.parse_arguments
+    if note:
+        logging.info(note)
 
 
 def user_message(e: BaseException) -> str:

@@ -172,7 +172,7 @@ def build_database(model: torch.nn.Module, database_folder: str, *, settings: Di
     """Extract the features of every image below `database_folder` (hard_resize, test.extract_features).
 
     paths: the images, when already collected (collect_images(database_folder) otherwise).
-    store_folder: keep the dense features in a memory-mapped file there (None: in RAM).
+    store_folder: keep the dense features in a raw file there, read back with positional reads (None: in RAM).
     """
     root = os.path.abspath(database_folder)
     paths = list(paths) if paths is not None else collect_images(root, flag="--database_folder")
@@ -322,7 +322,7 @@ def localize_queries(model: torch.nn.Module, database: Database, queries_paths: 
     """Rank `database` for every query: exact L2 search of the global descriptors for min(rerank_num, N)
     candidates (test.l2_search), then mutual-NN re-ranking of their dense features.
 
-    store_folder: keep the queries' dense features in a memory-mapped file there (None: in RAM).
+    store_folder: keep the queries' dense features in a raw file there, read back with positional reads (None: in RAM).
     """
     if test_method not in QUERY_METHODS:
         raise ValueError(f"--test_method {test_method} is not available in localize.py: use one of "

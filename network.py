@@ -5,7 +5,7 @@ build_model(args) is the one place that turns command-line arguments into constr
 import logging
 import os
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,6 +76,7 @@ class GeoLocalizationNet(nn.Module):
             raise ValueError(f"unknown --backbone {backbone!r}: choose one of {', '.join(vit.FACTORIES)}")
         kwargs = {} if backbone_depth is None else {"depth": backbone_depth}
         self.backbone = vit.FACTORIES[backbone](registers=registers, **kwargs)
+        self.backbone_name = backbone  # the factory's name (the flag's value), for messages and checkpoints
         dim = self.backbone.embed_dim
         self.aggregation = nn.Sequential(L2Norm(), GeM(), nn.Flatten())
         self.LocalAdapt = LocalAdapt(dim)
@@ -200,8 +201,8 @@ def load_foundation_weights(model: GeoLocalizationNet, path: str) -> None:
             if any("register_tokens" in k for k in missing | unexpected) else ""
         if "model_state_dict" in state:
             hint = " (this is a SelaVPR checkpoint: give it with --resume or --load_weights instead)"
-        raise ValueError(f"--foundation_model_path {path} does not match --backbone "
-                         f"{type(model.backbone).__name__}{hint}: {'; '.join(parts)}")
+        raise ValueError(f"--foundation_model_path {path} does not match --backbone {model.backbone_name} "
+                         f"({len(model.backbone.blocks)} blocks){hint}: {'; '.join(parts)}")
     _check_shapes(model.backbone, state, path, "--foundation_model_path")
     model.backbone.load_state_dict(state, strict=False)
     logging.info(f"Loaded foundation weights from {path} ({len(state)} tensors; adapters keep their init)")
@@ -239,13 +240,16 @@ def public_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
 
 def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     epoch_num: int = 0, recalls=None, best_r5: float = 0.0, not_improved_num: int = 0,
-                    extra: Optional[dict] = None) -> None:
+                    resize: Optional[Sequence[int]] = None, extra: Optional[dict] = None) -> None:
     """Write a checkpoint in the public layout, atomically (temp file + rename).
 
     Top-level entries as the public release: epoch_num, model_state_dict (`module.` keys),
-    optimizer_state_dict, recalls (numpy array), best_r5 (numpy float64), not_improved_num; `extra`
-    entries (ours, e.g. random states for an exact resume) are added beside them.
+    optimizer_state_dict, recalls (numpy array), best_r5 (numpy float64), not_improved_num. Ours beside
+    them: `model_settings` (backbone, depth, registers and, when given, the input size the model was
+    trained at), so that later commands rebuild the model without repeating the flags, and the `extra`
+    entries (e.g. random states for an exact resume). The public release ignores entries it does not know.
     """
+    inner = model.module if hasattr(model, "module") else model
     checkpoint = {
         "epoch_num": int(epoch_num),
         "model_state_dict": public_state_dict(model),
@@ -253,9 +257,72 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.op
         "recalls": np.asarray(recalls if recalls is not None else [], dtype=np.float64),
         "best_r5": np.float64(best_r5),
         "not_improved_num": int(not_improved_num),
+        SETTINGS_KEY: model_settings_of(inner, resize=resize),
     }
     checkpoint.update(extra or {})
     commons.atomic_torch_save(checkpoint, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model settings stored in the checkpoints this project writes
+# ---------------------------------------------------------------------------------------------------
+
+# The flags that decide the architecture (a checkpoint fits only that one) and the input size; their
+# defaults are the paper's model. Files of the public release carry no settings: they get these.
+SETTINGS_KEY = "model_settings"
+ARCHITECTURE_FLAGS = ("backbone", "backbone_depth", "registers")
+MODEL_FLAGS = ARCHITECTURE_FLAGS + ("resize",)
+
+
+def model_settings_of(model: "GeoLocalizationNet", *, resize: Optional[Sequence[int]] = None) -> dict:
+    """What a later run needs to rebuild `model`: plain types only (loadable with weights_only=True)."""
+    settings = {"backbone": model.backbone_name, "backbone_depth": len(model.backbone.blocks),
+                "registers": bool(model.backbone.num_register_tokens)}
+    if resize is not None:
+        settings["resize"] = [int(resize[0]), int(resize[1])]
+    return settings
+
+
+def saved_model_settings(checkpoint: dict, *, path: str, what: str) -> Optional[dict]:
+    """The `model_settings` entry of a checkpoint written by this project (None for other files),
+    checked for the types a later run relies on."""
+    saved = checkpoint.get(SETTINGS_KEY)
+    if saved is None:
+        return None
+    ok = (isinstance(saved, dict) and isinstance(saved.get("backbone"), str) and saved["backbone"] in vit.FACTORIES
+          and isinstance(saved.get("backbone_depth"), int) and saved["backbone_depth"] > 0
+          and isinstance(saved.get("registers"), bool)
+          and ("resize" not in saved or (isinstance(saved["resize"], (list, tuple)) and len(saved["resize"]) == 2
+                                         and all(isinstance(v, int) and v > 0 for v in saved["resize"]))))
+    if not ok:
+        raise ValueError(f"{what} {path}: its '{SETTINGS_KEY}' entry is malformed ({saved!r:.200}); it was not "
+                         "written by this project's train.py. Remove the entry or give a file written by train.py.")
+    return dict(saved)
+
+
+def resolve_model_settings(given: Dict[str, object], saved: Optional[dict], defaults: Dict[str, object], *,
+                           source: str) -> Tuple[dict, Optional[str]]:
+    """Settings for this run: each flag given on the command line, else the checkpoint's value, else
+    its default. Returns (settings, a note for the log or None).
+
+    `given` holds only the flags present on the command line. A given backbone, depth or registers
+    choice that differs from the checkpoint's is an error naming both (those weights cannot fit); a
+    given --resize wins over the size the checkpoint was trained at (any multiple of 14 works).
+    """
+    saved = saved or {}
+    conflicts = []
+    for flag in ARCHITECTURE_FLAGS:
+        if flag in given and flag in saved and given[flag] != saved[flag]:
+            conflicts.append(f"--{flag} {given[flag]} (given) but {saved[flag]} in the file")
+    if conflicts:
+        raise ValueError(f"{source} was trained with another model: {'; '.join(conflicts)}. Drop those flags "
+                         "(the file's settings are used when they are not given) or give the matching file.")
+    settings = {flag: given[flag] if flag in given else saved.get(flag, defaults[flag]) for flag in MODEL_FLAGS}
+    taken = [flag for flag in MODEL_FLAGS if flag not in given and flag in saved]
+    if not taken:
+        return settings, None
+    shown = ", ".join(f"--{f} {' '.join(map(str, settings[f])) if f == 'resize' else settings[f]}" for f in taken)
+    return settings, f"Model settings taken from {source}: {shown} (flags given on the command line win)"
 
 
 def build_model(args) -> GeoLocalizationNet:

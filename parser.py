@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+import network
 from backbone import FACTORIES
 
 TEST_METHODS = ["hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"]
@@ -85,7 +86,7 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
                    help="query preprocessing at test time")
     p.add_argument("--majority_weight", type=float, default=0.01, help="for --test_method maj_voting")
     p.add_argument("--efficient_ram_testing", action="store_true",
-                   help="keep dense features in on-disk memory-mapped arrays instead of RAM")
+                   help="keep dense features in a file on disk (read back with positional reads) instead of RAM: same results, bounded memory")
     p.add_argument("--val_positive_dist_threshold", type=_positive_int, default=25, help="metres")
     p.add_argument("--train_positives_dist_threshold", type=_positive_int, default=10, help="metres")
     p.add_argument("--recall_values", type=_positive_int, default=[1, 5, 10, 20], nargs="+",
@@ -120,12 +121,48 @@ def expected_dense_size(resize: List[int]) -> List[int]:
     return [4 * (resize[0] // PATCH_SIZE) - 3, 4 * (resize[1] // PATCH_SIZE) - 3, LOCAL_DIM]
 
 
+_UNSET = object()
+
+
+def _resolve_model_settings(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill --backbone, --backbone_depth, --registers and --resize: given flags, else the values stored in
+    the --resume / --load_weights checkpoint (files written by train.py), else the defaults."""
+    given = {flag: getattr(args, flag) for flag in network.MODEL_FLAGS if getattr(args, flag) is not _UNSET}
+    defaults = {flag: p.get_default(flag) for flag in network.MODEL_FLAGS}
+    saved, source = None, None
+    for flag in ("resume", "load_weights"):
+        path = getattr(args, flag, None)
+        if path and os.path.isfile(path):
+            source = f"--{flag} {path}"
+            try:
+                checkpoint = network.load_weights_file(path, what=f"--{flag}")
+            except (ValueError, OSError):
+                break  # a bad file: loading the weights reports it, with the whole message, in its place
+            try:
+                saved = network.saved_model_settings(checkpoint, path=path, what=f"--{flag}")
+            except ValueError as e:
+                p.error(str(e))
+            break
+    try:
+        settings, note = network.resolve_model_settings(given, saved, defaults, source=source or "the checkpoint")
+    except ValueError as e:
+        p.error(str(e))
+    for flag, value in settings.items():
+        setattr(args, flag, list(value) if flag == "resize" else value)
+    args.model_settings_note = note
+
+
 def parse_arguments(argv: Optional[List[str]] = None, parser: Optional[argparse.ArgumentParser] = None, *,
                     needs_data: bool = True) -> argparse.Namespace:
     """Parse and validate; a bad combination exits with argparse's usage line and a message saying
     what to do. `needs_data=False` for tools that work without a data set."""
     p = parser or build_parser()
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    # The model flags start as UNSET (argparse keeps a value already in the namespace instead of the
+    # default), so that a flag given on the command line can be told from its default: the settings
+    # stored in a checkpoint of this project fill in the flags that were not given.
+    unset = {flag: _UNSET for flag in network.MODEL_FLAGS}
+    args = p.parse_args(sys.argv[1:] if argv is None else argv, namespace=argparse.Namespace(**unset))
+    _resolve_model_settings(p, args)
 
     if args.datasets_folder is None:
         args.datasets_folder = os.environ.get("DATASETS_FOLDER")

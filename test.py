@@ -339,7 +339,7 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
              dist_ctx: Optional[distributed.Context] = None) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
-    efficient_ram_testing keeps dense features in memory-mapped files under `store_folder` (a temp
+    efficient_ram_testing keeps dense features in raw files under `store_folder` (read with os.pread) (a temp
     folder when None), deleted at the end.
     dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0 gathers
     them, searches, re-ranks and returns the result, the other ranks return None (same result as one

@@ -42,9 +42,12 @@ def main(args):
                                      positive_dist_threshold=args.val_positive_dist_threshold,
                                      query_keys_file=args.query_keys_file)
     logging.info(f"Val set: {val_ds}")
+    # The query protocol (--query_keys_file) applies to the final test too: on MSLS the test split is
+    # the val folder, and the official protocol keeps 740 of its ~11k queries.
     test_ds = datasets_ws.BaseDataset(args.datasets_folder, args.dataset_name, "test", resize=args.resize,
                                       test_method=args.test_method,
-                                      positive_dist_threshold=args.val_positive_dist_threshold)
+                                      positive_dist_threshold=args.val_positive_dist_threshold,
+                                      query_keys_file=args.query_keys_file)
     logging.info(f"Test set: {test_ds}")
 
     # Model and optimiser: only adapters, LocalAdapt and GeM p train (all weights with --train_backbone).
@@ -57,11 +60,20 @@ def main(args):
         optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=0.9, weight_decay=0.001)
     miner_state = mining.MiningState(triplets_ds.queries_num)
 
+    last_path = os.path.join(output_folder, "last_model.pth")
+    best_path = os.path.join(output_folder, "best_model.pth")
+
     # Resume: weights were loaded by build_model; continue after the saved epoch.
     start_epoch, best_r5, not_improved_num = 0, 0.0, 0
     if args.resume:
-        start_epoch, best_r5, not_improved_num = resume_from(args.resume, optimizer=optimizer,
+        start_epoch, best_r5, not_improved_num = resume_from(args.resume, model=model, optimizer=optimizer,
                                                              miner_state=miner_state)
+        # As the public code: resuming a run's last_model.pth carries that run's best model along, so a
+        # run that never improves on it tests it at the end.
+        resumed_best = resumed_best_model(args.resume)
+        if resumed_best is not None and ctx.is_main:
+            commons.atomic_write(best_path, lambda tmp: shutil.copyfile(resumed_best, tmp))
+            logging.info(f"Copied the resumed run's best model {resumed_best} to {best_path}")
 
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
@@ -72,8 +84,6 @@ def main(args):
     r5_index = min(1, len(args.recall_values) - 1)
     loops_num = args.queries_per_epoch // args.cache_refresh_rate
     normaliser = args.train_batch_size * args.negs_num_per_query
-    last_path = os.path.join(output_folder, "last_model.pth")
-    best_path = os.path.join(output_folder, "best_model.pth")
 
     def descriptors_fn(global_indexes):
         def extract(indexes, _store):
@@ -160,7 +170,7 @@ def main(args):
         if ctx.is_main:
             network.save_checkpoint(last_path, model=model, optimizer=optimizer, epoch_num=epoch_num,
                                     recalls=recalls, best_r5=best_r5, not_improved_num=not_improved_num,
-                                    extra={"rng_states": commons.get_rng_states(),
+                                    resize=args.resize, extra={"rng_states": commons.get_rng_states(),
                                            "mining_state": miner_state.state_dict()})
             if is_best:
                 commons.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
@@ -173,14 +183,14 @@ def main(args):
     logging.info(f"Trained for {epoch_num + 1 - start_epoch if args.epochs_num > start_epoch else 0} epochs, "
                  f"in total in {str(datetime.now() - start_time)[:-7]}")
 
-    # Test the best model: this run's, else the resumed run's best (beside the --resume file), else the last.
-    resumed_best = os.path.join(os.path.dirname(os.path.abspath(args.resume)), "best_model.pth") \
-        if args.resume else None
-    final_path = next((p for p in (best_path, resumed_best, last_path) if p and os.path.exists(p)), None)
-    if final_path is not None:
-        logging.info(f"Testing the weights of {final_path}")
-    if ctx.is_main and final_path is not None:
-        network.load_model_weights(model, final_path, what="best model")
+    # Test the best model (this run's, or the resumed run's copied at the start); without one (no epoch
+    # improved on the best R@5 taken from the --resume file), the weights as they are.
+    if ctx.broadcast_object(os.path.exists(best_path) if ctx.is_main else None):
+        logging.info(f"Testing the weights of {best_path}")
+        if ctx.is_main:
+            network.load_model_weights(model, best_path, what="best model")
+    else:
+        logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
     result = test.evaluate(model, test_ds, test_method=args.test_method, majority_weight=args.majority_weight,
                            **eval_kwargs)
@@ -189,21 +199,65 @@ def main(args):
     distributed.finish(ctx)
 
 
-def resume_from(path: str, *, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState):
+def resumed_best_model(resume: str | None) -> str | None:
+    """The best model of the run a --resume file comes from: the `best_model.pth` beside it, but only when
+    the file is that run's `last_model.pth` (a released file such as SelaVPR_msls.pth is its own best, and
+    an unrelated best_model.pth in the same folder must not be tested instead)."""
+    if not resume or os.path.basename(resume) != "last_model.pth":
+        return None
+    best = os.path.join(os.path.dirname(os.path.abspath(resume)), "best_model.pth")
+    return best if os.path.isfile(best) else None
+
+
+def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> str:
+    """Which run wrote a checkpoint's optimizer state: "ours" (one entry per trainable tensor, as this
+    run's optimizer), "public" (the public train.py's Adam over every parameter of the model, frozen ones
+    included, in one group) or "other" (fits neither)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        return "other"
+    saved_sizes = [len(g["params"]) for g in groups]
+    if saved_sizes == [len(g["params"]) for g in optimizer.param_groups]:
+        return "ours"
+    if saved_sizes == [len(list(model.parameters()))]:
+        return "public"
+    return "other"
+
+
+def resume_from(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                miner_state: mining.MiningState):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
-    best R@5, patience counter) and restores optimizer, random and mining states when the file has them."""
+    best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
+
+    A file written by the public train.py holds the state of an Adam built over all the model's
+    parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
+    """
     checkpoint = network.load_weights_file(path, what="--resume")
     epoch_num = int(checkpoint.get("epoch_num", -1))
     best_r5 = float(checkpoint.get("best_r5", 0.0))
     not_improved_num = int(checkpoint.get("not_improved_num", 0))
     taken = [f"epoch_num={epoch_num}", f"best_r5={best_r5:.1f}", f"not_improved_num={not_improved_num}"]
-    if checkpoint.get("optimizer_state_dict"):
+    saved_optimizer = checkpoint.get("optimizer_state_dict")
+    layout = optimizer_state_layout(saved_optimizer, model=model, optimizer=optimizer) if saved_optimizer else None
+    if layout == "ours":
         try:
-            optimizer.load_state_dict(checkpoint["optimizer_state_dict"])
+            optimizer.load_state_dict(saved_optimizer)
             taken.append("optimizer state")
         except ValueError as e:
             raise ValueError(f"--resume {path}: its optimizer state does not fit this run's trainable parameters "
                              f"(--optim / --train_backbone differ?): {e}. Use --load_weights for weights only.")
+    elif layout == "public":
+        logging.info(f"--resume {path} holds the optimizer state of the public train.py (Adam over all "
+                     f"{len(list(model.parameters()))} parameters, the frozen backbone included), which the "
+                     "public code never loads on resume: the optimizer starts fresh, as it does there")
+    elif layout == "other":
+        sizes = [len(g.get("params", [])) for g in saved_optimizer.get("param_groups", []) if isinstance(g, dict)] \
+            if isinstance(saved_optimizer, dict) else "?"
+        raise ValueError(f"--resume {path}: its optimizer state (parameter groups of {sizes} tensors) fits neither "
+                         f"this run's optimizer ({[len(g['params']) for g in optimizer.param_groups]} trainable "
+                         f"tensors) nor the public train.py's (all {len(list(model.parameters()))} parameters): "
+                         "check --optim / --train_backbone / --backbone, or use --load_weights for weights only.")
     else:
         logging.info(f"--resume {path} has no optimizer state (a released model): the optimizer starts fresh")
     if "rng_states" in checkpoint:

@@ -170,7 +170,7 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
         _, predictions = test.l2_search(db_global, q_global, k)
         result["search_s"] = time.perf_counter() - start
 
-        # 3. Re-rank the subset against the memory-mapped store.
+        # 3. Re-rank the subset against the on-disk store (positional reads).
         start = time.perf_counter()
         for row, q in enumerate(rerank_ids):
             query_local = torch.from_numpy(np.array(q_store[row]))

@@ -1,4 +1,6 @@
 """Flags, defaults (SPEC section 9) and parse-time validation."""
+import os
+
 import pytest
 
 import parser as selavpr_parser
@@ -85,3 +87,62 @@ def test_cuda_requested_without_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse("--device", "cuda")
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def _project_checkpoint(path, *, resize=(112, 112), depth=2, registers=False):
+    import torch
+    import network
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(backbone="vit_tiny", backbone_depth=depth, registers=registers)
+    network.save_checkpoint(str(path), model=model, resize=resize)
+    return str(path)
+
+
+def test_model_settings_come_from_a_project_checkpoint(tmp_path):
+    path = _project_checkpoint(tmp_path / "c.pth", depth=3)
+    for flag in ("--resume", "--load_weights"):
+        args = parse(flag, path)
+        assert (args.backbone, args.backbone_depth, args.registers, args.resize) == ("vit_tiny", 3, False, [112, 112])
+        assert args.dense_feature_map_size == [29, 29, 128]
+        assert "Model settings taken from " + flag in args.model_settings_note
+
+
+def test_given_model_flags_win_and_conflicts_name_both_values(tmp_path, capsys):
+    path = _project_checkpoint(tmp_path / "c.pth")
+    args = parse("--resume", path, "--resize", "140", "126", "--backbone", "vit_tiny")
+    assert args.resize == [140, 126] and args.backbone_depth == 2 and args.dense_feature_map_size == [37, 33, 128]
+    for flags, expected in ((["--backbone", "vit_small"], "--backbone vit_small (given) but vit_tiny in the file"),
+                            (["--backbone_depth", "4"], "--backbone_depth 4 (given) but 2 in the file"),
+                            (["--registers"], "--registers True (given) but False in the file")):
+        with pytest.raises(SystemExit):
+            parse("--resume", path, *flags)
+        assert expected in capsys.readouterr().err
+
+
+def test_public_files_and_no_checkpoint_keep_the_papers_model(tmp_path):
+    import numpy as np
+    import torch
+    public = tmp_path / "SelaVPR_msls.pth"  # the public layout: no model_settings entry
+    torch.save({"model_state_dict": {"module.aggregation.1.p": torch.ones(1)}, "best_r5": np.float64(1.0)}, public)
+    for args in (parse("--resume", str(public)), parse()):
+        assert (args.backbone, args.backbone_depth, args.registers, args.resize) == ("vit_large", None, False,
+                                                                                      [224, 224])
+        assert args.model_settings_note is None
+    # A missing file is left to the weight loading, which reports it in full.
+    assert parse("--resume", str(tmp_path / "nope.pth")).backbone == "vit_large"
+
+
+def test_localize_and_eval_rebuild_the_model_from_the_checkpoint_alone(synthetic_root, tmp_path):
+    folder, name = synthetic_root
+    path = _project_checkpoint(tmp_path / "best_model.pth")
+    common = ["--device", "cpu", "--num_workers", "0", "--resume", path, "--rerank_num", "5"]
+    test_folder = os.path.join(folder, name, "images", "test")
+    result = run_script(["localize.py", "--database_folder", os.path.join(test_folder, "database"),
+                         "--queries_folder", os.path.join(test_folder, "queries"),
+                         "--output_folder", str(tmp_path / "loc"), *common], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Model settings taken from --resume" in result.stdout and "--resize 112 112" in result.stdout
+    result = run_script(["eval.py", "--datasets_folder", folder, "--dataset_name", name, *common],
+                        cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Recalls on < BaseDataset" in result.stdout

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import network
@@ -133,3 +134,91 @@ def test_one_vit_large_training_step_on_cpu():
     optimizer.step()
     assert torch.isfinite(g + l)
     assert not torch.equal(before, model.backbone.blocks[0].adapter1.D_fc2.weight)
+
+
+def _public_train_py_checkpoint(path, *, epoch_num, best_r5, not_improved_num=0):
+    """A file made the way the public train.py makes one: the full model in DataParallel (`module.` keys),
+    frozen backbone, Adam over *all* parameters (only trainable ones get state after a step), one real
+    step, numpy `recalls` and `best_r5`. Returns (number of model parameters, number of trainable ones)."""
+    import loss
+    torch.manual_seed(1)
+    model = network.GeoLocalizationNet(**TINY)
+    model.freeze()
+    wrapped = torch.nn.DataParallel(model)
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=1e-5)
+    local, glob_ = wrapped(torch.randn(4, 3, 112, 112))
+    g, l = loss.triplet_losses(local, glob_, torch.tensor([[0, 1, 2], [0, 1, 3]]), margin=0.1, normaliser=2)
+    (g + l).backward()
+    optimizer.step()
+    state = optimizer.state_dict()
+    params_num = len(list(model.parameters()))
+    trainable_num = sum(p.requires_grad for p in model.parameters())
+    assert len(state["param_groups"]) == 1 and len(state["param_groups"][0]["params"]) == params_num
+    assert len(state["state"]) == trainable_num < params_num  # as the public file: state only where trained
+    torch.save({"epoch_num": epoch_num, "model_state_dict": wrapped.state_dict(), "optimizer_state_dict": state,
+                "recalls": np.array([10.0, best_r5, 40.0, 60.0]), "best_r5": np.float64(best_r5),
+                "not_improved_num": not_improved_num}, path)
+    return params_num, trainable_num
+
+
+def test_resume_of_a_public_train_py_file_starts_a_fresh_optimizer(synthetic_root, tmp_path):
+    path = str(tmp_path / "SelaVPR_public.pth")
+    params_num, _ = _public_train_py_checkpoint(path, epoch_num=2, best_r5=0.0, not_improved_num=1)
+    folder, _ = _train(synthetic_root, tmp_path, "public", "--epochs_num", "4", "--resume", path)
+    log = open(os.path.join(folder, "info.log")).read()
+    assert f"optimizer state of the public train.py (Adam over all {params_num} parameters" in log
+    assert "the optimizer starts fresh" in log
+    assert "took epoch_num=2, best_r5=0.0, not_improved_num=1" in log and "optimizer state," not in log
+    assert "Start training epoch: 03" in log and "Start training epoch: 02" not in log
+    # The resumed run's checkpoint is ours again: its optimizer state resumes exactly.
+    ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="test")
+    assert ckpt["epoch_num"] == 3 and ckpt["model_settings"]["backbone"] == "vit_tiny"
+
+
+def test_resume_refuses_an_optimizer_state_that_fits_neither_layout(tmp_path, tiny_model):
+    import mining
+    import train
+    path = str(tmp_path / "odd.pth")
+    odd = torch.optim.Adam([p for p in tiny_model.parameters()][:3], lr=1e-5)
+    network.save_checkpoint(path, model=tiny_model, optimizer=odd, epoch_num=0)
+    tiny_model.freeze()
+    optimizer = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-5)
+    with pytest.raises(ValueError, match=r"fits neither this run's optimizer .* nor the public train.py's"):
+        train.resume_from(path, model=tiny_model, optimizer=optimizer, miner_state=mining.MiningState(4))
+
+
+def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic_root, tmp_path):
+    folder, name = synthetic_root
+    keys = []
+    for split, n in (("val", 5), ("test", 4)):
+        queries = sorted(glob.glob(os.path.join(folder, name, "images", split, "queries", "*.jpg")))
+        keys += [os.path.basename(p).split("@")[7] for p in queries[:n]]
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("\n".join(keys) + "\n")
+    # A released-style file whose best R@5 (100) is never beaten, beside an unrelated best_model.pth.
+    released_dir = tmp_path / "released"
+    released_dir.mkdir()
+    torch.manual_seed(5)
+    released = network.GeoLocalizationNet(**TINY)
+    network.save_checkpoint(str(released_dir / "SelaVPR_x.pth"), model=released, epoch_num=0, best_r5=100.0)
+    network.save_checkpoint(str(released_dir / "best_model.pth"), model=network.GeoLocalizationNet(**TINY))
+    run, _ = _train(synthetic_root, tmp_path, "keys", "--epochs_num", "2", "--query_keys_file", str(keys_file),
+                    "--resume", str(released_dir / "SelaVPR_x.pth"))
+    log = open(os.path.join(run, "info.log")).read()
+    assert re.search(r"Val set: < BaseDataset, synthetic - #database: \d+; #queries: 5 >", log)
+    assert re.search(r"Recalls on < BaseDataset, synthetic - #database: \d+; #queries: 4 >", log)
+    assert log.count("kept 5 of") == 1 and log.count("kept 4 of") == 1
+    assert "Testing the current weights" in log and "Testing the weights of" not in log
+    assert not os.path.exists(os.path.join(run, "best_model.pth"))
+    # Resuming a run's last_model.pth carries its best_model.pth along (copied), and that is tested.
+    network.save_checkpoint(os.path.join(run, "last_model.pth.tmp"), model=released, epoch_num=1, best_r5=100.0)
+    os.replace(os.path.join(run, "last_model.pth.tmp"), os.path.join(run, "last_model.pth"))
+    network.save_checkpoint(os.path.join(run, "best_model.pth"), model=released, epoch_num=0, best_r5=100.0)
+    again, _ = _train(synthetic_root, tmp_path, "again", "--epochs_num", "3",
+                      "--resume", os.path.join(run, "last_model.pth"))
+    log = open(os.path.join(again, "info.log")).read()
+    assert f"Copied the resumed run's best model {os.path.join(run, 'best_model.pth')}" in log
+    assert f"Testing the weights of {os.path.join('logs', 'again')}" in log
+    copied = network.load_weights_file(os.path.join(again, "best_model.pth"), what="test")["model_state_dict"]
+    original = network.load_weights_file(os.path.join(run, "best_model.pth"), what="test")["model_state_dict"]
+    assert all(torch.equal(copied[k], original[k]) for k in original)
