@@ -14,7 +14,7 @@ import network
 dependencies = ["torch", "numpy"]
 
 
-def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large", registers=False,
+def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, registers=None, backbone_depth=None,
             allow_random_weights=False, **kwargs):
     """SelaVPR (DINOv2 ViT with adapters, global and local heads) as a plain nn.Module, on the CPU, in eval mode.
 
@@ -26,8 +26,12 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
             initialisation (only useful as a starting point for training).
         backbone: "vit_large" (the paper), "vit_small", "vit_base", "vit_giant2", "vit_tiny" (tests).
         registers: the DINOv2-with-registers variant (4 register tokens).
+        backbone_depth: number of blocks (default: the backbone's own).
+            backbone, registers and backbone_depth default to the settings stored in a checkpoint written
+            by this project's train.py, else to the paper's model (ViT-L/14, no registers); a value given
+            here that contradicts the checkpoint's is an error naming both.
         allow_random_weights: return a randomly initialised model when no path is given (tests, demos).
-        **kwargs: passed to network.GeoLocalizationNet, e.g. backbone_depth=2.
+        **kwargs: passed to network.GeoLocalizationNet.
 
     Returns:
         network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
@@ -47,7 +51,16 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
         raise ValueError("selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
                          "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
                          "initialised model (tests and demos only).")
-    model = network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
+    given = {name: value for name, value in (("backbone", backbone), ("registers", registers),
+                                             ("backbone_depth", backbone_depth)) if value is not None}
+    saved = None
+    if checkpoint is not None:
+        saved = network.saved_model_settings(network.load_weights_file(checkpoint, what="checkpoint"),
+                                             path=checkpoint, what="checkpoint")
+    defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
+    settings, _ = network.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
+    model = network.GeoLocalizationNet(backbone=settings["backbone"], registers=settings["registers"],
+                                       backbone_depth=settings["backbone_depth"], **kwargs)
     if foundation_model_path is not None:
         network.load_foundation_weights(model, foundation_model_path)
     if checkpoint is not None:

@@ -69,8 +69,13 @@ def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
         hubconf.selavpr(foundation_model_path=str(tmp_path / "missing.pth"), backbone="vit_tiny", backbone_depth=2)
     with pytest.raises(ValueError, match="no weights given.*allow_random_weights=True"):
         hubconf.selavpr(backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(ValueError, match=r"trained with another model: --backbone_depth 3 \(given\) but 2"):
+        hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file records 2 blocks
+    public = str(tmp_path / "public_layout.pth")  # no recorded settings: the keys decide
+    checkpoint = network.load_weights_file(saved[1], what="test")
+    torch.save({"model_state_dict": checkpoint["model_state_dict"]}, public)
     with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
-        hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file has 2 blocks
+        hubconf.selavpr(public, backbone="vit_tiny", backbone_depth=3)
     model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
     assert not model.training and len(model.backbone.blocks) == 2
 
@@ -84,3 +89,12 @@ def test_hubconf_declares_dependencies_and_one_entry_point():
     entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
     assert entries == ["selavpr"]
     assert os.path.samefile(os.path.dirname(hubconf.__file__), ROOT)
+
+
+def test_a_project_checkpoint_rebuilds_its_model_without_arguments(saved, no_downloads):
+    reference, checkpoint, _ = saved  # written by network.save_checkpoint: it records vit_tiny, 2 blocks
+    model = torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint)
+    assert model.backbone_name == "vit_tiny" and len(model.backbone.blocks) == 2
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"--backbone vit_small \(given\) but vit_tiny in the file"):
+        torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint, backbone="vit_small")
