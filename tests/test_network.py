@@ -118,7 +118,8 @@ def test_checkpoint_public_layout_round_trip_bit_identical(tmp_path, tiny_model)
                             recalls=np.array([50.0, 70.0, 80.0, 90.0]), best_r5=70.0, not_improved_num=1)
     raw = torch.load(path, weights_only=False)  # inspect the layout the public release would read
     assert set(raw) == {"epoch_num", "model_state_dict", "optimizer_state_dict", "recalls", "best_r5",
-                        "not_improved_num"}
+                        "not_improved_num", "model_settings"}  # ours: the public release ignores it
+    assert raw["model_settings"] == {"backbone": "vit_tiny", "backbone_depth": 2, "registers": False}
     assert all(k.startswith("module.") for k in raw["model_state_dict"])
     assert isinstance(raw["recalls"], np.ndarray) and isinstance(raw["best_r5"], np.float64)
     assert not [f for f in os.listdir(tmp_path) if f != "last_model.pth"]  # no temp file left

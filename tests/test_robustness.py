@@ -138,6 +138,10 @@ def world(tmp_path_factory, synthetic_root):
     open(w["zero"], "wb").close()
     w["other"] = os.path.join(folder, "vit_small.pth")
     network.save_checkpoint(w["other"], model=network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1))
+    w["other_public"] = os.path.join(folder, "vit_small_public.pth")  # the public layout: no model_settings
+    torch.save({"model_state_dict": network.public_state_dict(network.GeoLocalizationNet(backbone="vit_small",
+                                                                                         backbone_depth=1))},
+               w["other_public"])
     backbone_state = {k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}
     w["evil"] = os.path.join(folder, "evil.pth")
     torch.save({"model_state_dict": network.public_state_dict(model), "epoch_num": 0, "x": Evil(w["marker"])},
@@ -297,11 +301,14 @@ CASES = [
     # ---- eval.py: weight files -----------------------------------------------------------------
     Case("eval_registers_with_plain_checkpoint",
          lambda w, d: ["eval.py", *Dw(w, "--resume", w["good"], "--registers")],
-         [r"--resume .*good\.pth is not a SelaVPR checkpoint of this model", r"--registers",
-          r"missing keys: backbone\.register_tokens"]),
+         [r"--resume .*good\.pth was trained with another model", r"--registers True \(given\) but False in the file"]),
     Case("eval_checkpoint_of_another_model",
          lambda w, d: ["eval.py", *Dw(w, "--resume", w["other"])],
-         [r"--resume .*vit_small\.pth is not a SelaVPR checkpoint of this model \(check --backbone"]),
+         [r"--resume .*vit_small\.pth was trained with another model: --backbone vit_tiny \(given\) but vit_small "
+          r"in the file"]),
+    Case("eval_public_checkpoint_of_another_model",
+         lambda w, d: ["eval.py", *Dw(w, "--resume", w["other_public"])],
+         [r"--resume .*vit_small_public\.pth is not a SelaVPR checkpoint of this model \(check --backbone"]),
     Case("eval_truncated_checkpoint",
          lambda w, d: ["eval.py", *Dw(w, "--resume", w["truncated"])],
          [r"--resume .*truncated\.pth could not be loaded", r"truncated or not a PyTorch weights file"]),
@@ -530,7 +537,7 @@ def matrix(world, tmp_path_factory):
 
 def test_the_matrix_has_at_least_20_cases_over_every_script():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
-    scripts = {c.argv({"ds": "", **{k: "x" for k in ("good", "other", "truncated", "zero", "weights_dir", "evil",
+    scripts = {c.argv({"ds": "", **{k: "x" for k in ("good", "other", "other_public", "truncated", "zero", "weights_dir", "evil",
                                                       "evil_foundation", "image", "text_jpg", "zero_jpg",
                                                       "no_images")}}, "d")[0] for c in CASES}
     assert {"train.py", "eval.py", "localize.py", "tools/heatmap.py", "tools/draw_matches.py",
