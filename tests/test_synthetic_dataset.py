@@ -21,6 +21,14 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import synthetic_dataset as sd  # noqa: E402
+from synthetic import writer  # noqa: E402
+from synthetic.buildings import LOOKALIKE_MIN_DIST_M  # noqa: E402
+from synthetic.camera import (OBLIQUE_PER_DEGREE, QUERY_MAX_YAW_DEG, QUERY_PAN, QUERY_ROLL_DEG,  # noqa: E402
+                              QUERY_TILT, QUERY_ZOOM_RANGE, make_geometry)
+from synthetic.geometry import (format_image_name, make_route, make_route_shape, min_distances,  # noqa: E402
+                                pano_id, route_position, utm_to_latlon)
+from synthetic.plan import plan_split  # noqa: E402
+from synthetic.views import perspective_coefficients, view_quad  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "synthetic_dataset.py")
 NOTES = {"day_forward", "day_sideways", "night_forward", "night_sideways"}
@@ -136,20 +144,20 @@ def test_file_names_parse(tiny_sets):
 
 
 def test_format_image_name_round_trip():
-    name = sd.format_image_name(east=612345.678, north=4830000.0, lat=43.6, lon=-79.4, key="k" * 22, tile="r0",
-                                heading=-10.0, pitch=0.0, roll=0.0, height=2.5, timestamp=1600000000,
-                                note="night_sideways")
+    name = format_image_name(east=612345.678, north=4830000.0, lat=43.6, lon=-79.4, key="k" * 22, tile="r0",
+                             heading=-10.0, pitch=0.0, roll=0.0, height=2.5, timestamp=1600000000,
+                             note="night_sideways")
     fields = name.split("@")
     assert fields[1:3] == ["612345.68", "4830000.00"]
     assert fields[7] == "k" * 22 and fields[9] == "350.00" and fields[-2] == "night_sideways"
     with pytest.raises(ValueError, match="@"):
-        sd.format_image_name(east=0, north=0, lat=0, lon=0, key="a@b", tile="", heading=0, pitch=0, roll=0,
-                             height=0, timestamp=0, note="day_forward")
+        format_image_name(east=0, north=0, lat=0, lon=0, key="a@b", tile="", heading=0, pitch=0, roll=0,
+                          height=0, timestamp=0, note="day_forward")
 
 
 def test_pano_id_is_a_pure_function():
-    assert sd.pano_id(0, "train", "queries", 3) == sd.pano_id(0, "train", "queries", 3)
-    ids = {sd.pano_id(s, split, kind, i) for s in (0, 1) for split in sd.SPLITS
+    assert pano_id(0, "train", "queries", 3) == pano_id(0, "train", "queries", 3)
+    ids = {pano_id(s, split, kind, i) for s in (0, 1) for split in sd.SPLITS
            for kind in ("database", "queries") for i in range(50)}
     assert len(ids) == 2 * 3 * 2 * 50 and all(len(k) == 22 for k in ids)
 
@@ -173,13 +181,13 @@ def test_default_size_plans_keep_queries_within_10_m(spacing):
     params = sd.resolve_options(preset="default", db_spacing_m=spacing)
     for seed in (0, 1):
         for split in sd.SPLITS:
-            plan = sd.plan_split(seed=seed, split=split, database_num=params[f"{split}_database_num"],
-                                 queries_num=params[f"{split}_queries_num"],
-                                 routes_num=params["routes_per_split"][split], db_spacing_m=spacing,
-                                 night_fraction=0.25, sideways_fraction=0.4)
+            plan = plan_split(seed=seed, split=split, database_num=params[f"{split}_database_num"],
+                              queries_num=params[f"{split}_queries_num"],
+                              routes_num=params["routes_per_split"][split], db_spacing_m=spacing,
+                              night_fraction=0.25, sideways_fraction=0.4)
             q = np.array([[s.east, s.north] for s in plan.queries])
             d = np.array([[s.east, s.north] for s in plan.database])
-            assert sd.min_distances(q, d).max() <= 10.0
+            assert min_distances(q, d).max() <= 10.0
             assert len(plan.database) == params[f"{split}_database_num"]
 
 
@@ -197,7 +205,7 @@ def test_splits_lie_in_separate_areas(tiny_sets):
     utm = {s: _utms(_images(root, s, "database") + _images(root, s, "queries")) for s in sd.SPLITS}
     for i, a in enumerate(sd.SPLITS):
         for b in sd.SPLITS[i + 1:]:
-            assert sd.min_distances(utm[a], utm[b]).min() > 1000.0
+            assert min_distances(utm[a], utm[b]).min() > 1000.0
 
 
 def test_lookalikes_are_far_apart_and_look_alike(tiny_sets):
@@ -206,10 +214,10 @@ def test_lookalikes_are_far_apart_and_look_alike(tiny_sets):
     p = manifest["params"]
     for split in sd.SPLITS:
         runs = manifest["splits"][split]["lookalikes"]
-        assert runs and all(r["distance_m"] >= sd.LOOKALIKE_MIN_DIST_M for r in runs)
-        plan = sd.plan_split(seed=0, split=split, database_num=40, queries_num=15,
-                             routes_num=p["routes_per_split"][split], db_spacing_m=p["db_spacing_m"],
-                             night_fraction=p["night_fraction"], sideways_fraction=p["sideways_fraction"])
+        assert runs and all(r["distance_m"] >= LOOKALIKE_MIN_DIST_M for r in runs)
+        plan = plan_split(seed=0, split=split, database_num=40, queries_num=15,
+                          routes_num=p["routes_per_split"][split], db_spacing_m=p["db_spacing_m"],
+                          night_fraction=p["night_fraction"], sideways_fraction=p["sideways_fraction"])
 
         def thumb(shot):
             with Image.open(os.path.join(root, "images", split, "database", shot.name)) as image:
@@ -263,7 +271,7 @@ def test_generate_refuses_existing_and_overwrite_replaces(tmp_path):
 
 def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = sd.render_shot
+    real = writer.render_shot
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -271,12 +279,12 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
             raise KeyboardInterrupt   # as if the user pressed Ctrl-C mid-way
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sd, "render_shot", failing)
+    monkeypatch.setattr(writer, "render_shot", failing)
     with pytest.raises(KeyboardInterrupt):
         sd.generate(str(tmp_path), "broken", preset="tiny")
     assert os.listdir(tmp_path) == []
     # A later run does not trust any leftover: it builds the set from scratch.
-    monkeypatch.setattr(sd, "render_shot", real)
+    monkeypatch.setattr(writer, "render_shot", real)
     root = sd.ensure_dataset(str(tmp_path), "broken", preset="tiny", image_size=(32, 48))
     assert len(_images(root, "train", "queries")) == 15
 
@@ -343,22 +351,22 @@ def _latlon_to_utm(lat, lon, zone):
 
 
 def test_utm_to_latlon():
-    lat, lon = sd.utm_to_latlon(500000.0, 0.0, 17)
+    lat, lon = utm_to_latlon(500000.0, 0.0, 17)
     assert abs(lat) < 1e-9 and abs(lon + 81.0) < 1e-9            # equator on the central meridian
     for east, north in [(610000.0, 4825000.0), (670123.45, 4865432.1), (420000.0, 5200000.0)]:
-        lat, lon = sd.utm_to_latlon(east, north, 17)
+        lat, lon = utm_to_latlon(east, north, 17)
         e2, n2 = _latlon_to_utm(lat, lon, 17)
         assert abs(e2 - east) < 0.01 and abs(n2 - north) < 0.01
     # One degree of latitude is about 111 km.
-    lat0, _ = sd.utm_to_latlon(500000.0, 4825000.0)
-    lat1, _ = sd.utm_to_latlon(500000.0, 4825000.0 + 111_000.0)
+    lat0, _ = utm_to_latlon(500000.0, 4825000.0)
+    lat1, _ = utm_to_latlon(500000.0, 4825000.0 + 111_000.0)
     assert abs((lat1 - lat0) - 1.0) < 0.01
 
 
 def test_route_position_and_bearing():
-    route = sd.make_route(np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]))
+    route = make_route(np.array([[0.0, 0.0], [10.0, 0.0], [10.0, 10.0]]))
     assert route.length == 20.0
-    e, n, b = sd.route_position(route, np.array([5.0, 15.0, 30.0]))
+    e, n, b = route_position(route, np.array([5.0, 15.0, 30.0]))
     np.testing.assert_allclose(np.stack([e, n], 1), [[5, 0], [10, 5], [10, 10]], atol=1e-12)
     np.testing.assert_allclose(b, [90.0, 0.0, 0.0], atol=1e-9)
 
@@ -366,14 +374,14 @@ def test_route_position_and_bearing():
 def test_route_shapes_do_not_fold_back():
     rng = np.random.default_rng(3)
     for _ in range(50):
-        route = sd.make_route(sd.make_route_shape(rng, 900.0))
+        route = make_route(make_route_shape(rng, 900.0))
         assert abs(route.length - 900.0) < 1e-6
         # All segment directions within 45 degrees of one main direction: any two differ by <= 90.
         d = np.diff(route.vertices, axis=0)
         d /= np.linalg.norm(d, axis=1, keepdims=True)
         assert (d @ d.T).min() >= -1e-9
         s = np.arange(0.0, 900.0, 5.0)
-        e, n, _ = sd.route_position(route, s)
+        e, n, _ = route_position(route, s)
         pts = np.stack([e, n], 1)
         dist = np.linalg.norm(pts[:, None] - pts[None], axis=-1)
         arc = np.abs(s[:, None] - s[None])
@@ -381,24 +389,24 @@ def test_route_shapes_do_not_fold_back():
 
 
 def test_perspective_coefficients_identity_and_shift():
-    np.testing.assert_allclose(sd.perspective_coefficients((40, 30), np.array([[0, 0], [40, 0], [40, 30], [0, 30]])),
+    np.testing.assert_allclose(perspective_coefficients((40, 30), np.array([[0, 0], [40, 0], [40, 30], [0, 30]])),
                                [1, 0, 0, 0, 1, 0, 0, 0], atol=1e-9)
-    coeffs = sd.perspective_coefficients((40, 30), np.array([[5, 2], [45, 2], [45, 32], [5, 32]]))
+    coeffs = perspective_coefficients((40, 30), np.array([[5, 2], [45, 2], [45, 32], [5, 32]]))
     np.testing.assert_allclose(coeffs, [1, 0, 5, 0, 1, 2, 0, 0], atol=1e-9)
 
 
 @pytest.mark.parametrize("image_size", [(192, 256), (224, 224), (96, 200)])
 def test_extreme_query_views_stay_inside_the_rendered_canvas(image_size):
-    g = sd.make_geometry(image_size)
+    g = make_geometry(image_size)
     hc, wc = g.canvas
-    for zoom in sd.QUERY_ZOOM_RANGE:
-        for oblique in (0.0, sd.QUERY_MAX_YAW_DEG * sd.OBLIQUE_PER_DEGREE):
+    for zoom in QUERY_ZOOM_RANGE:
+        for oblique in (0.0, QUERY_MAX_YAW_DEG * OBLIQUE_PER_DEGREE):
             for pan in (-1, 1):
                 for tilt in (-1, 1):
                     for roll in (-1, 1):
-                        quad = sd.view_quad(g, zoom=zoom, pan_px=pan * sd.QUERY_PAN * g.width,
-                                            tilt_px=tilt * sd.QUERY_TILT * g.height,
-                                            roll_deg=roll * sd.QUERY_ROLL_DEG, oblique=-oblique)
+                        quad = view_quad(g, zoom=zoom, pan_px=pan * QUERY_PAN * g.width,
+                                         tilt_px=tilt * QUERY_TILT * g.height,
+                                         roll_deg=roll * QUERY_ROLL_DEG, oblique=-oblique)
                         assert quad[:, 0].min() >= 0 and quad[:, 0].max() <= wc, (zoom, oblique, pan, roll)
                         assert quad[:, 1].min() >= 0 and quad[:, 1].max() <= hc, (zoom, oblique, tilt, roll)
 
