@@ -1,4 +1,4 @@
-"""Several processes, one job: torchrun / DistributedDataParallel plumbing in one place (SPEC §8).
+"""Several processes, one job: torchrun / DistributedDataParallel plumbing in one place.
 
 `python3 train.py ...` and `python3 eval.py ...` stay single processes: no process group, and every
 helper below is then the identity (the numbers are those of a plain run). Under torchrun

@@ -1,4 +1,4 @@
-"""Training losses: the global triplet loss and the local mutual-nearest-neighbour loss (SPEC 4)."""
+"""Training losses: the global triplet loss and the local mutual-nearest-neighbour loss."""
 from typing import Tuple
 
 import torch

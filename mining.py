@@ -1,11 +1,11 @@
-"""Triplet mining (SPEC §4): ``partial``, ``full``, ``random`` and ``msls_weighted``.
+"""Triplet mining: ``partial``, ``full``, ``random`` and ``msls_weighted``.
 
 Mining works on GLOBAL descriptors only: it asks a caller-supplied ``descriptors_fn`` for the
 descriptors of exactly the images a mode needs (each image once), so this module never runs a model
-and never computes dense features (the public release computed and discarded them: SPEC §7).
+and never computes dense features (the public release computed and discarded them).
 
 Randomness: NumPy's GLOBAL generator, with ``np.random.choice(..., replace=False)`` calls made in the
-order of SPEC §4 (and with the same arguments as the public release, so a seeded run draws the same
+order of the public release (queries first, then the database sample; and with the same arguments as the public release, so a seeded run draws the same
 samples). Nearest-neighbour selections use faiss ``IndexFlatL2`` searches like the public release,
 so that near-ties resolve the same way.
 

@@ -101,7 +101,7 @@ class GeoLocalizationNet(nn.Module):
         return F.normalize(self.aggregation(fmap), p=2.0, dim=-1)
 
     def trainable_parameter_names(self, *, train_backbone: bool = False) -> list:
-        """Adapters, LocalAdapt and GeM p (SPEC 3.4); with train_backbone, everything."""
+        """Adapters, LocalAdapt and GeM p (the paper trains only these); with train_backbone, everything."""
         return [n for n, _ in self.named_parameters()
                 if train_backbone or not n.startswith("backbone.") or ".adapter" in n]
 

@@ -442,7 +442,7 @@ def overlay_heatmap(image: Image.Image, heat, *, alpha: float = 0.6) -> Image.Im
 
     ``heat`` is upsampled to the image size with PIL's bilinear filter, coloured by
     ``jet_colormap``, and blended per pixel as ``alpha * heat_colour + (1 - alpha) * image``
-    (alpha weighs the heat colours; the default 0.6 follows SPEC §6), rounded to uint8.
+    (alpha weighs the heat colours; the default 0.6 is the public release's), rounded to uint8.
 
     Args:
         image: PIL image (converted to RGB).

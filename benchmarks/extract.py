@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 
 import network  # noqa: E402
 
-# The reference states the model from the specification (SPEC 3.1-3.3), not from the project's code:
+# The reference states the model from the paper's definition (ViT block with adapters, heads), not from the project's code:
 # the parallel adapter's weight and DINOv2's positional-table interpolation offset.
 PARALLEL_ADAPTER_WEIGHT = 0.2
 POS_OFFSET = 0.1

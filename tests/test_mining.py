@@ -119,7 +119,7 @@ def test_partial_and_msls_weighted(mode):
     triplets = mining.mine_triplets(ds, mode=mode, descriptors_fn=desc, cache_refresh_rate=6,
                                     neg_samples_num=15, negs_num_per_query=2)
     queries, asked = check_common(ds, triplets, desc, 6, 2)
-    # Replay the draws in SPEC order: queries (weighted for msls), then the database sample.
+    # Replay the draws in the public release's order: queries (weighted for msls), then the database sample.
     np.random.seed(5)
     p = mining.msls_query_weights(night, side) if mode == "msls_weighted" else None
     expected_queries = np.random.choice(Q_NUM, 6, replace=False, p=p)

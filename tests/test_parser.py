@@ -1,4 +1,4 @@
-"""Flags, defaults (SPEC section 9) and parse-time validation."""
+"""Flags, defaults (the public release's names, types and defaults) and parse-time validation."""
 import os
 
 import pytest
@@ -6,7 +6,7 @@ import pytest
 import parser as selavpr_parser
 from conftest import run_script
 
-# name -> public default (SPEC section 9); None where the public default is None.
+# name -> the public release's default; None where the public default is None.
 PUBLIC_DEFAULTS = {
     "train_batch_size": 4, "infer_batch_size": 16, "criterion": "triplet", "margin": 0.1, "epochs_num": 50,
     "patience": 3, "lr": 1e-5, "optim": "adam", "cache_refresh_rate": 1000, "queries_per_epoch": 5000,

@@ -1,4 +1,4 @@
-"""Draw the dense mutual-nearest-neighbour matches between two images (SPEC §6).
+"""Draw the dense mutual-nearest-neighbour matches between two images, as the public release's picture script.
 
     python3 tools/draw_matches.py IMAGE_A IMAGE_B --output OUT.jpg \\
         [--features dense|patch] [--no_ransac] [--ransac_threshold 5] <model flags>

@@ -1,4 +1,4 @@
-"""Feature heat map of one image (SPEC §6).
+"""Feature heat map of one image: the negated channel mean of the patch features, min-max scaled, jet-coloured.
 
     python3 tools/heatmap.py IMAGE --output OUT.jpg [--alpha 0.6] <model flags>
 
