@@ -5,8 +5,8 @@ descriptors of exactly the images a mode needs (each image once), so this module
 and never computes dense features (the public release computed and discarded them).
 
 Randomness: NumPy's GLOBAL generator, with ``np.random.choice(..., replace=False)`` calls made in the
-order of the public release (queries first, then the database sample; and with the same arguments as the public release, so a seeded run draws the same
-samples). Nearest-neighbour selections use faiss ``IndexFlatL2`` searches like the public release,
+order of the public release (queries first, then the database sample) and with the same arguments,
+so that a seeded run draws the same samples. Nearest-neighbour selections use faiss ``IndexFlatL2`` searches like the public release,
 so that near-ties resolve the same way.
 
 Index conventions: a query is identified by its query index ``q`` (0..queries_num-1) inside the
