@@ -170,10 +170,6 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call write(temp_path) for a temp file beside `path`, then rename it over `path`.
 

@@ -480,10 +480,6 @@ class TripletsDataset(BaseDataset):
 
         self.triplets_global_indexes = np.empty((0, 2 + self.negs_num_per_query), dtype=np.int64)
 
-    def get_hard_positives(self) -> list[np.ndarray]:
-        """Hard positives: per kept query the database indexes within train_positives_dist_threshold."""
-        return self.hard_positives_per_query
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         row = np.asarray(self.triplets_global_indexes[index], dtype=np.int64)
         query = self.query_transform(open_image(self.images_paths[row[0]]))

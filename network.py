@@ -56,7 +56,7 @@ class LocalAdapt(nn.Module):
         return self.upconv2(self.relu(self.upconv1(x)))
 
 
-def dense_map_size(resize: Tuple[int, int], patch_size: int = 14) -> Tuple[int, int]:
+def dense_map_size(resize: Sequence[int], *, patch_size: int) -> Tuple[int, int]:
     """Spatial size of the local features for an H x W input: each up-convolution maps n to 2n - 1."""
     h, w = resize[0] // patch_size, resize[1] // patch_size
     return 4 * h - 3, 4 * w - 3
@@ -339,7 +339,7 @@ def build_model(args) -> GeoLocalizationNet:
         load_foundation_weights(model, args.foundation_model_path)
         weights_given = True
     for flag in ("resume", "load_weights"):
-        path = getattr(args, flag, None)
+        path = getattr(args, flag)
         if path:
             load_model_weights(model, path, what="--" + flag)
             weights_given = True
@@ -351,5 +351,5 @@ def build_model(args) -> GeoLocalizationNet:
         logging.warning("!" * 80)
         logging.warning("RUNNING WITH RANDOM WEIGHTS (--allow_random_weights): results mean nothing for real data.")
         logging.warning("!" * 80)
-    model.freeze(train_backbone=getattr(args, "train_backbone", False))
+    model.freeze(train_backbone=args.train_backbone)
     return model.to(args.device)

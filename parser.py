@@ -11,10 +11,7 @@ import torch
 
 import network
 from backbone import FACTORIES
-
-TEST_METHODS = ["hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"]
-PATCH_SIZE = 14
-LOCAL_DIM = 128
+from datasets_ws import PATCH_SIZE, TEST_METHODS
 
 
 def _positive_int(text: str) -> int:
@@ -82,7 +79,7 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
                    help="input size, multiples of 14")
     p.add_argument("--dense_feature_map_size", type=int, default=None, nargs=3, metavar=("H", "W", "C"),
                    help="local feature map size; default 61 61 128 at 224x224, computed from --resize")
-    p.add_argument("--test_method", type=str, default="hard_resize", choices=TEST_METHODS,
+    p.add_argument("--test_method", type=str, default="hard_resize", choices=list(TEST_METHODS),
                    help="query preprocessing at test time")
     p.add_argument("--majority_weight", type=float, default=0.01, help="for --test_method maj_voting")
     p.add_argument("--efficient_ram_testing", action="store_true",
@@ -117,8 +114,8 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
 
 
 def expected_dense_size(resize: List[int]) -> List[int]:
-    """Local map size for an H x W input: h = H/14 patches, two stride-2 up-convolutions give 4h - 3."""
-    return [4 * (resize[0] // PATCH_SIZE) - 3, 4 * (resize[1] // PATCH_SIZE) - 3, LOCAL_DIM]
+    """--dense_feature_map_size for an H x W input: (4h - 3, 4w - 3, 128) with h = H/14, w = W/14."""
+    return [*network.dense_map_size(resize, patch_size=PATCH_SIZE), network.LOCAL_DIM]
 
 
 _UNSET = object()

@@ -77,7 +77,7 @@ def main(args):
 
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
-    train_model = ctx.wrap_model(model, find_unused_parameters=getattr(args, "train_backbone", False))
+    train_model = ctx.wrap_model(model, find_unused_parameters=args.train_backbone)
     eval_kwargs = dict(rerank_num=args.rerank_num, recall_values=args.recall_values,
                        batch_size=args.infer_batch_size, num_workers=args.num_workers, device=args.device,
                        efficient_ram_testing=args.efficient_ram_testing, precision=args.precision, dist_ctx=ctx)
