@@ -195,7 +195,7 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
     loaded = localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
     assert loaded.paths == [os.path.join(moved, f"{i}.jpg") for i in range(3)]
     (moved / "1.jpg").write_bytes(b"changed")
-    with pytest.raises(ValueError, match="does not hold the images"):
+    with pytest.raises(ValueError, match=r"changed since --load_database .*: 1 modified \(1.jpg\)"):
         localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
     with open(tmp_path / "db" / localize.GLOBAL_FILE, "ab") as f:
         f.write(b"\0")
@@ -204,11 +204,12 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
 
 
 def test_records_without_ground_truth_carry_no_correct_flags():
-    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.5, 0.7]]),
+    # first_distances are faiss's squared distances; the records carry the distances themselves.
+    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.25, 4.0]]),
                                    predictions=np.array([[0, 2]]), scores=np.array([[9.0, 3.0]], dtype=np.float32))
     args = dict(queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg", "c.jpg"], result=result)
     plain = localize.localization_records(**args)[0]
-    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 0.7},
+    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 2.0},
                                  {"path": "c.jpg", "index": 2, "mutual_nn": 3.0, "l2_distance": 0.5}]
     assert "positives" not in plain and all("correct" not in c for c in plain["first_stage"])
     known = localize.localization_records(**args, positives=[np.array([2])])[0]
