@@ -2,16 +2,76 @@
 
 Weights are never downloaded: give the paths of files you already have (SelaVPR_msls.pth,
 SelaVPR_pitts30k.pth, or a checkpoint written by train.py; and/or the DINOv2 file
-dinov2_vitl14_pretrain.pth). Only plain module imports here: torch.hub lists every public callable
-of this file as an entry point.
+dinov2_vitl14_pretrain.pth). Only plain module imports and private (underscored) helpers here: torch.hub
+lists every public callable of this file as an entry point.
+
+The project's modules have generic top-level names (network, parser, commons, ...). They are imported
+here without touching the caller's modules of the same names: a `network` module the caller imported
+before is neither used nor replaced, and the caller's `import network` afterwards still finds their own
+(ours are kept under private names, ``_selavpr_hub.<name>`` in sys.modules).
 """
+import importlib
 import os
+import sys
 
 import torch
 
-import network
-
 dependencies = ["torch", "numpy"]
+
+_ROOT = os.path.dirname(os.path.realpath(__file__))
+_PRIVATE = "_selavpr_hub"
+
+
+def _project_modules() -> set:
+    """Top-level names of this repository's modules and packages (hubconf itself excluded)."""
+    names = set()
+    for entry in os.listdir(_ROOT):
+        if entry.endswith(".py"):
+            names.add(entry[:-3])
+        elif os.path.isfile(os.path.join(_ROOT, entry, "__init__.py")):
+            names.add(entry)
+    names.discard("hubconf")
+    return names
+
+
+def _is_ours(module) -> bool:
+    path = getattr(module, "__file__", None)
+    return path is not None and os.path.realpath(path).startswith(_ROOT + os.sep)
+
+
+def _import_network():
+    """This repository's network module, imported without clobbering or being clobbered.
+
+    Reused when already imported from here (e.g. by a script run from the clone). Otherwise the
+    entries of sys.modules that carry our modules' names (the caller's own modules) are set aside,
+    ours are imported from this folder, moved to private names, and the caller's are put back. Our
+    modules keep references to each other, so they work without their public names.
+    """
+    for name in ("network", f"{_PRIVATE}.network"):
+        module = sys.modules.get(name)
+        if module is not None and _is_ours(module):
+            return module
+    names = _project_modules()
+
+    def is_project_name(name: str) -> bool:
+        return name.split(".")[0] in names
+
+    callers = {name: module for name, module in sys.modules.items() if is_project_name(name)}
+    for name in callers:
+        del sys.modules[name]
+    sys.path.insert(0, _ROOT)
+    try:
+        return importlib.import_module("network")
+    finally:
+        sys.path.remove(_ROOT)  # the first occurrence: ours (torch.hub adds its own entry too)
+        for name in [n for n in sys.modules if is_project_name(n)]:
+            module = sys.modules.pop(name)
+            if _is_ours(module):
+                sys.modules[f"{_PRIVATE}.{name}"] = module
+        sys.modules.update(callers)
+
+
+_network = _import_network()
 
 
 def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large", registers=False,
@@ -30,7 +90,8 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
         **kwargs: passed to network.GeoLocalizationNet, e.g. backbone_depth=2.
 
     Returns:
-        network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
+        network.GeoLocalizationNet (this repository's network.py); ``model(images)`` with images
+        (B, 3, H, W), H and W multiples of 14,
         ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to 224 x 224 as in
         the evaluation) -> (local features (B, 4H/14-3, 4W/14-3, 128), global descriptors (B, D)),
         both L2-normalised; ``model.global_descriptors(images)`` -> (B, D) alone.
@@ -47,9 +108,9 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
         raise ValueError("selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
                          "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
                          "initialised model (tests and demos only).")
-    model = network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
+    model = _network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
     if foundation_model_path is not None:
-        network.load_foundation_weights(model, foundation_model_path)
+        _network.load_foundation_weights(model, foundation_model_path)
     if checkpoint is not None:
-        network.load_model_weights(model, checkpoint, what="checkpoint")
+        _network.load_model_weights(model, checkpoint, what="checkpoint")
     return model.to(torch.device("cpu")).eval()

@@ -312,10 +312,13 @@ def _read_manifest(folder: str) -> Dict:
     return manifest
 
 
-def image_list_changes(manifest: Dict, root: str) -> List[str]:
+def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) -> List[str]:
     """What differs between the images a database was saved from (manifest) and those under `root` now:
-    added, deleted and modified (other size, or another modification time when recorded) images, each
-    with a few example names; [] when nothing changed."""
+    added, deleted and modified images (another size, or with check_mtimes another modification time
+    when the manifest has them), each with a few example names; [] when nothing changed.
+
+    check_mtimes is for the folder the database was saved from: a moved copy (cp without -p) gets new
+    modification times without any change."""
     found = find_images(root, flag="--database_folder")
     now = {os.path.relpath(p, root): p for p in found}
     saved = manifest["images"]
@@ -327,7 +330,7 @@ def image_list_changes(manifest: Dict, root: str) -> List[str]:
     for name in saved:
         if name in now:
             st = os.stat(now[name])
-            if st.st_size != sizes.get(name) or (name in mtimes and st.st_mtime_ns != mtimes[name]):
+            if st.st_size != sizes.get(name) or (check_mtimes and name in mtimes and st.st_mtime_ns != mtimes[name]):
                 modified.append(name)
 
     def some(names):
@@ -368,7 +371,7 @@ def load_database(folder: str, *, settings: Dict, database_folder: Optional[str]
         logging.warning(f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
                         "for changes; the results name those paths. Give --database_folder if it moved.")
     else:
-        changes = image_list_changes(manifest, root)
+        changes = image_list_changes(manifest, root, check_mtimes=database_folder is None)
         if changes:
             flag = "--database_folder" if database_folder is not None else "the image folder"
             raise ValueError(f"{flag} {root} changed since --load_database {folder} was saved from it: "

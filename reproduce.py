@@ -624,8 +624,8 @@ def main(args) -> None:
             logging.error(f"Evaluation of {label} failed: {e}")
             write_table()
             continue
-        record.update(protocol=protocol, dataset=entry.name, rerank_num=rerank_num, key=key_dict, folder=os.path.abspath(folder),
-                      checkpoint_path=os.path.abspath(ckpt_path))
+        record.update(protocol=protocol, dataset=entry.name, rerank_num=rerank_num, key=key_dict,
+                      folder=os.path.abspath(folder), checkpoint_path=os.path.abspath(ckpt_path))
         cache.put(key, record)
         row.update(status="evaluated", record=record, protocol=protocol)
         timing = record["timing"]
