@@ -34,25 +34,22 @@ class Terminated(KeyboardInterrupt):
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
-#: Hidden file that marks a folder as a run's output folder: localize.py never reads images below one
-#: (a run's own pictures, e.g. preds/*.jpg, must not become the next run's queries or database).
-RUN_MARKER = ".selavpr_run"
-#: The files setup_logging puts into a new output folder.
+#: The files setup_logging puts into every new output folder.
 LOG_FILES = ("info.log", "debug.log")
 
 
 def is_run_folder(folder: str) -> bool:
-    """Whether `folder` is an output folder of a run of these scripts: it has the RUN_MARKER, or (folders
-    written before the marker existed) both log files."""
-    return os.path.isfile(os.path.join(folder, RUN_MARKER)) or all(
-        os.path.isfile(os.path.join(folder, name)) for name in LOG_FILES)
+    """Whether `folder` is an output folder of a run of these scripts (it holds both log files):
+    localize.py never reads images below one, so that a run's own pictures (preds/*.jpg) never become
+    the next run's queries or database images."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in LOG_FILES)
 
 
 def setup_logging(output_folder: Optional[str], *, console: str = "info") -> None:
     """Log to output_folder/info.log (INFO), output_folder/debug.log (DEBUG) and the console.
 
-    The folder must not exist yet (two runs never mix their logs); it is created here, with the
-    RUN_MARKER file in it.
+    The folder must not exist yet (two runs never mix their logs); it is created here. The two log
+    files also mark it as a run's output folder (is_run_folder).
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -65,8 +62,6 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
             raise UserError(f"output folder {output_folder} already exists: choose another --save_dir "
                             "or remove it; refusing to mix two runs' logs.")
         os.makedirs(output_folder)
-        with open(os.path.join(output_folder, RUN_MARKER), "w") as f:
-            f.write("Outputs of a SelaVPR run: localize.py never reads images below this folder.\n")
         for name, level in zip(LOG_FILES, (logging.INFO, logging.DEBUG)):
             handler = logging.FileHandler(os.path.join(output_folder, name))
             handler.setLevel(level)
@@ -80,7 +75,7 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
 
 def discard_output_folder(output_folder: str) -> bool:
     """Undo setup_logging for a run that stopped before producing anything: close its log files and
-    remove `output_folder` if it holds nothing but them (and the marker), so that the corrected command
+    remove `output_folder` if it holds nothing but them, so that the corrected command
     can use the same folder again. Returns whether it was removed; console logging stays."""
     folder = os.path.abspath(output_folder)
     root = logging.getLogger()
@@ -92,7 +87,7 @@ def discard_output_folder(output_folder: str) -> bool:
         contents = set(os.listdir(folder))
     except OSError:
         return False
-    if not contents <= {RUN_MARKER, *LOG_FILES}:
+    if not contents <= set(LOG_FILES):
         return False
     for name in contents:
         os.remove(os.path.join(folder, name))

@@ -121,7 +121,8 @@ def warn_about_overlaps(*, queries_folder: str, database_folder: Optional[str], 
     for flag, folder in inputs:
         if _inside(output_folder, folder):
             logging.warning(f"the output folder {output_folder} is inside {flag} {folder}: later runs skip it "
-                            "(it is marked as a run's output folder), but keep outputs apart from your images")
+                            "(a folder with info.log and debug.log is a run's output folder), but keep outputs "
+                            "apart from your images")
     if database_folder is None:
         return
     if _inside(queries_folder, database_folder):

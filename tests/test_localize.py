@@ -343,8 +343,6 @@ def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, t
     localize.main(localize.parse_localize_arguments(["--queries_folder", str(q), *common,
                                                      "--output_folder", str(q / "run1")]))
     assert len(os.listdir(q / "run1" / "preds")) == 4
-    log = open(q / "run1" / "info.log").read()
-    assert f"the output folder {q / 'run1'} is inside --queries_folder" in log
     # 2. Run from inside the queries folder (default output folder localize/<save_dir>/<time> there).
     monkeypatch.chdir(q)
     localize.main(localize.parse_localize_arguments(["--queries_folder", ".", *common, "--save_dir", "second"]))
@@ -353,6 +351,8 @@ def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, t
     assert "#queries: 4 >" in log  # not 8: run1's pictures are not queries
     assert "skipped 4 images inside output folders of earlier runs (run1)" in log
     assert len(_records(second)) == 4 and len(os.listdir(os.path.join(second, "preds"))) == 4
+    log = open(q / "run1" / "info.log").read()
+    assert f"the output folder {q / 'run1'} is inside --queries_folder" in log
     # 3. A third run still sees 4 queries, with two earlier output folders below the queries folder.
     localize.main(localize.parse_localize_arguments(["--queries_folder", ".", *common, "--save_dir", "third",
                                                      "--num_preds_to_save", "0"]))
