@@ -71,7 +71,7 @@ def _import_network():
         sys.modules.update(callers)
 
 
-_network = _import_network()
+network = _import_network()  # a module, not a callable: torch.hub does not list it as an entry point
 
 
 def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large", registers=False,
@@ -90,8 +90,7 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
         **kwargs: passed to network.GeoLocalizationNet, e.g. backbone_depth=2.
 
     Returns:
-        network.GeoLocalizationNet (this repository's network.py); ``model(images)`` with images
-        (B, 3, H, W), H and W multiples of 14,
+        network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
         ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to 224 x 224 as in
         the evaluation) -> (local features (B, 4H/14-3, 4W/14-3, 128), global descriptors (B, D)),
         both L2-normalised; ``model.global_descriptors(images)`` -> (B, D) alone.
@@ -108,9 +107,9 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone="vit_large"
         raise ValueError("selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
                          "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
                          "initialised model (tests and demos only).")
-    model = _network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
+    model = network.GeoLocalizationNet(backbone=backbone, registers=registers, **kwargs)
     if foundation_model_path is not None:
-        _network.load_foundation_weights(model, foundation_model_path)
+        network.load_foundation_weights(model, foundation_model_path)
     if checkpoint is not None:
-        _network.load_model_weights(model, checkpoint, what="checkpoint")
+        network.load_model_weights(model, checkpoint, what="checkpoint")
     return model.to(torch.device("cpu")).eval()

@@ -342,8 +342,7 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
     efficient_ram_testing keeps dense features in memory-mapped files under `store_folder` (a temp
-    folder when None), deleted at the end, also when the evaluation fails or is interrupted (Ctrl-C,
-    SIGTERM); `store_folder` itself is removed too when this call created it and it is left empty.
+    folder when None), deleted at the end.
     dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0 gathers
     them, searches, re-ranks and returns the result, the other ranks return None (same result as one
     process). Every rank must call evaluate with the same arguments.
@@ -361,6 +360,8 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     if efficient_ram_testing and store_folder is None:
         own_tmp = store_folder = tempfile.mkdtemp(prefix="selavpr_dense_")
     folder = store_folder if efficient_ram_testing else None
+    # The store files go at the end, also when the evaluation fails or is interrupted (Ctrl-C, SIGTERM:
+    # the `finally` below); so does `store_folder` itself when this call created it and it is left empty.
     created_folder = folder if folder is not None and not os.path.exists(folder) else None
     db_store = q_store = None
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)

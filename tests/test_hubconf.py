@@ -63,31 +63,6 @@ def test_foundation_weights_alone_load_the_backbone(saved, no_downloads):
     assert float(model.aggregation[1].p.detach()) == 3.0  # heads keep their initialisation
 
 
-def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
-    hubconf = importlib.import_module("hubconf")
-    with pytest.raises(FileNotFoundError, match=r"selavpr\(checkpoint=.*nope.pth.*no such file.*never downloads"):
-        hubconf.selavpr(str(tmp_path / "nope.pth"), backbone="vit_tiny", backbone_depth=2)
-    with pytest.raises(FileNotFoundError, match="foundation_model_path="):
-        hubconf.selavpr(foundation_model_path=str(tmp_path / "missing.pth"), backbone="vit_tiny", backbone_depth=2)
-    with pytest.raises(ValueError, match="no weights given.*allow_random_weights=True"):
-        hubconf.selavpr(backbone="vit_tiny", backbone_depth=2)
-    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
-        hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file has 2 blocks
-    model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
-    assert not model.training and len(model.backbone.blocks) == 2
-
-
-def test_hubconf_declares_dependencies_and_one_entry_point():
-    hubconf = importlib.import_module("hubconf")
-    assert "torch" in hubconf.dependencies
-    for package in hubconf.dependencies:
-        assert importlib.util.find_spec(package) is not None, package
-    # torch.hub lists every public callable of hubconf.py as an entry point.
-    entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
-    assert entries == ["selavpr"]
-    assert os.path.samefile(os.path.dirname(hubconf.__file__), ROOT)
-
-
 # A user's own modules named like ours (network.py, parser.py), in their own folder.
 USER_FIRST = """
 import sys, torch
@@ -125,3 +100,29 @@ def test_hub_load_neither_clobbers_nor_is_clobbered_by_user_modules(tmp_path, sc
     result = subprocess.run([sys.executable, "-c", script.format(root=ROOT, user=str(user))], cwd=str(tmp_path),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
+    hubconf = importlib.import_module("hubconf")
+    with pytest.raises(FileNotFoundError, match=r"selavpr\(checkpoint=.*nope.pth.*no such file.*never downloads"):
+        hubconf.selavpr(str(tmp_path / "nope.pth"), backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(FileNotFoundError, match="foundation_model_path="):
+        hubconf.selavpr(foundation_model_path=str(tmp_path / "missing.pth"), backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(ValueError, match="no weights given.*allow_random_weights=True"):
+        hubconf.selavpr(backbone="vit_tiny", backbone_depth=2)
+    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
+        hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file has 2 blocks
+    model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
+    assert not model.training and len(model.backbone.blocks) == 2
+
+
+def test_hubconf_declares_dependencies_and_one_entry_point():
+    hubconf = importlib.import_module("hubconf")
+    assert "torch" in hubconf.dependencies
+    for package in hubconf.dependencies:
+        assert importlib.util.find_spec(package) is not None, package
+    # torch.hub lists every public callable of hubconf.py as an entry point.
+    entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
+    assert entries == ["selavpr"]
+    assert os.path.samefile(os.path.dirname(hubconf.__file__), ROOT)
+
