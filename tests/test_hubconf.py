@@ -125,4 +125,3 @@ def test_hubconf_declares_dependencies_and_one_entry_point():
     entries = [name for name in dir(hubconf) if callable(getattr(hubconf, name)) and not name.startswith("_")]
     assert entries == ["selavpr"]
     assert os.path.samefile(os.path.dirname(hubconf.__file__), ROOT)
-
