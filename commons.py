@@ -4,7 +4,9 @@ import logging
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import tempfile
 import traceback
 from typing import Callable, Optional
@@ -19,10 +21,35 @@ class UserError(ValueError):
     """A problem with the user's input (flag, file, data): printed as one message, no traceback."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit, `kill PID`) received while an entry script runs.
+
+    A KeyboardInterrupt, so that it takes Ctrl-C's clean path everywhere: every `finally` and
+    `except BaseException` cleanup runs (temp files, on-disk feature stores), DataLoader workers stop
+    quietly, and run_main ends the run with one log line.
+    """
+
+
+#: Exit status after SIGTERM: 128 + 15, what a shell reports for a process ended by SIGTERM.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+
+
+#: The files setup_logging puts into every new output folder.
+LOG_FILES = ("info.log", "debug.log")
+
+
+def is_run_folder(folder: str) -> bool:
+    """Whether `folder` is an output folder of a run of these scripts (it holds both log files):
+    localize.py never reads images below one, so that a run's own pictures (preds/*.jpg) never become
+    the next run's queries or database images."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in LOG_FILES)
+
+
 def setup_logging(output_folder: Optional[str], *, console: str = "info") -> None:
     """Log to output_folder/info.log (INFO), output_folder/debug.log (DEBUG) and the console.
 
-    The folder must not exist yet (two runs never mix their logs); it is created here.
+    The folder must not exist yet (two runs never mix their logs); it is created here. The two log
+    files also mark it as a run's output folder (is_run_folder).
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -35,7 +62,7 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
             raise UserError(f"output folder {output_folder} already exists: choose another --save_dir "
                             "or remove it; refusing to mix two runs' logs.")
         os.makedirs(output_folder)
-        for name, level in (("info.log", logging.INFO), ("debug.log", logging.DEBUG)):
+        for name, level in zip(LOG_FILES, (logging.INFO, logging.DEBUG)):
             handler = logging.FileHandler(os.path.join(output_folder, name))
             handler.setLevel(level)
             handler.setFormatter(formatter)
@@ -44,6 +71,28 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
     stream.setLevel(getattr(logging, console.upper()))
     stream.setFormatter(formatter)
     root.addHandler(stream)
+
+
+def discard_output_folder(output_folder: str) -> bool:
+    """Undo setup_logging for a run that stopped before producing anything: close its log files and
+    remove `output_folder` if it holds nothing but them, so that the corrected command
+    can use the same folder again. Returns whether it was removed; console logging stays."""
+    folder = os.path.abspath(output_folder)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and os.path.dirname(handler.baseFilename) == folder:
+            root.removeHandler(handler)
+            handler.close()
+    try:
+        contents = set(os.listdir(folder))
+    except OSError:
+        return False
+    if not contents <= set(LOG_FILES):
+        return False
+    for name in contents:
+        os.remove(os.path.join(folder, name))
+    os.rmdir(folder)
+    return True
 
 
 def log_run_header(args) -> None:
@@ -80,11 +129,40 @@ def user_message(e: BaseException) -> str:
     return text
 
 
+def _raise_terminated(signum, frame) -> None:
+    # A second SIGTERM while the first one's cleanup runs ends the process at once (the default action).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated()
+
+
 def run_main(main: Callable, args) -> None:
     """Run an entry script's main: user errors become one clear message and exit code 2; unexpected
-    errors are logged with their traceback (debug.log) and exit 1."""
+    errors are logged with their traceback (debug.log) and exit 1.
+
+    Ctrl-C (exit 130) and SIGTERM (exit 143) both unwind through the scripts' cleanups and end with one
+    log line. The SIGTERM handler is installed for the duration of main only (from the main thread;
+    elsewhere signals cannot be handled) and the previous one is put back afterwards. Under torchrun
+    the launcher's SIGTERM to the workers (after a peer failed) takes the same path, so each worker
+    still exits promptly with a non-zero status; a worker stuck inside a collective gets the launcher's
+    SIGKILL after its grace period as before.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        _run_main(main, args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_main(main: Callable, args) -> None:
     try:
         main(args)
+    except Terminated:
+        logging.error("Terminated (SIGTERM received, e.g. a time limit or `kill`): stopped; temporary files "
+                      "were removed and finished outputs were kept.")
+        sys.exit(SIGTERM_EXIT_CODE)
     except KeyboardInterrupt:
         logging.error("Interrupted by the user.")
         sys.exit(130)
@@ -174,12 +252,15 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Call write(temp_path) for a temp file beside `path`, then rename it over `path`.
 
     A crash or a kill at any moment leaves either the old file or the new one, never half a file.
+    The file gets the permissions of any ordinary new file (0o666 less the umask), not mkstemp's
+    owner-only 0o600, so that colleagues on a shared server can read outputs as usual.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        os.chmod(tmp, new_file_mode())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -191,6 +272,23 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             # Name the file in the message (a write() on an open file does not).
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
         raise
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """Permissions an ordinary open(path, "w") would give a new file: 0o666 less the umask."""
+    return 0o666 & ~current_umask()
+
+
+def new_folder_mode() -> int:
+    """Permissions os.makedirs would give a new folder: 0o777 less the umask."""
+    return 0o777 & ~current_umask()
 
 
 def atomic_torch_save(obj, path: str) -> None:

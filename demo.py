@@ -68,6 +68,6 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets_folder", default="datasets", help="where the synthetic data set lives")
+    p.add_argument("--datasets_folder", type=os.path.expanduser, default="datasets", help="where the synthetic data set lives")
     p.add_argument("--dataset_name", default="synthetic")
     main(p.parse_args())

@@ -2,16 +2,76 @@
 
 Weights are never downloaded: give the paths of files you already have (SelaVPR_msls.pth,
 SelaVPR_pitts30k.pth, or a checkpoint written by train.py; and/or the DINOv2 file
-dinov2_vitl14_pretrain.pth). Only plain module imports here: torch.hub lists every public callable
-of this file as an entry point.
+dinov2_vitl14_pretrain.pth). Only plain module imports and private (underscored) helpers here: torch.hub
+lists every public callable of this file as an entry point.
+
+The project's modules have generic top-level names (network, parser, commons, ...). They are imported
+here without touching the caller's modules of the same names: a `network` module the caller imported
+before is neither used nor replaced, and the caller's `import network` afterwards still finds their own
+(ours are kept under private names, ``_selavpr_hub.<name>`` in sys.modules).
 """
+import importlib
 import os
+import sys
 
 import torch
 
-import network
-
 dependencies = ["torch", "numpy"]
+
+_ROOT = os.path.dirname(os.path.realpath(__file__))
+_PRIVATE = "_selavpr_hub"
+
+
+def _project_modules() -> set:
+    """Top-level names of this repository's modules and packages (hubconf itself excluded)."""
+    names = set()
+    for entry in os.listdir(_ROOT):
+        if entry.endswith(".py"):
+            names.add(entry[:-3])
+        elif os.path.isfile(os.path.join(_ROOT, entry, "__init__.py")):
+            names.add(entry)
+    names.discard("hubconf")
+    return names
+
+
+def _is_ours(module) -> bool:
+    path = getattr(module, "__file__", None)
+    return path is not None and os.path.realpath(path).startswith(_ROOT + os.sep)
+
+
+def _import_network():
+    """This repository's network module, imported without clobbering or being clobbered.
+
+    Reused when already imported from here (e.g. by a script run from the clone). Otherwise the
+    entries of sys.modules that carry our modules' names (the caller's own modules) are set aside,
+    ours are imported from this folder, moved to private names, and the caller's are put back. Our
+    modules keep references to each other, so they work without their public names.
+    """
+    for name in ("network", f"{_PRIVATE}.network"):
+        module = sys.modules.get(name)
+        if module is not None and _is_ours(module):
+            return module
+    names = _project_modules()
+
+    def is_project_name(name: str) -> bool:
+        return name.split(".")[0] in names
+
+    callers = {name: module for name, module in sys.modules.items() if is_project_name(name)}
+    for name in callers:
+        del sys.modules[name]
+    sys.path.insert(0, _ROOT)
+    try:
+        return importlib.import_module("network")
+    finally:
+        sys.path.remove(_ROOT)  # the first occurrence: ours (torch.hub adds its own entry too)
+        for name in [n for n in sys.modules if is_project_name(n)]:
+            module = sys.modules.pop(name)
+            if _is_ours(module):
+                sys.modules[f"{_PRIVATE}.{name}"] = module
+        sys.modules.update(callers)
+
+
+network = _import_network()  # a module, not a callable: torch.hub does not list it as an entry point
 
 
 def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, registers=None, backbone_depth=None,

@@ -77,6 +77,62 @@ def collect_images(folder: str, *, flag: str = "--database_folder") -> List[str]
     return sorted(paths)
 
 
+def find_images(folder: str, *, flag: str = "--database_folder") -> List[str]:
+    """collect_images(folder), less the images inside output folders of earlier runs of these scripts
+    (commons.is_run_folder: e.g. a localize.py run's preds/*.jpg written under an image folder), which
+    must never become queries or database images. The skipped ones are logged."""
+    paths = collect_images(folder, flag=flag)
+    root = os.path.abspath(folder)
+    verdicts: Dict[str, bool] = {}
+
+    def in_run_folder(path: str) -> bool:
+        # The folders strictly between `root` and the file: `root` itself is what the user chose.
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent == root or not parent.startswith(root + os.sep):
+            return False
+        if parent not in verdicts:
+            verdicts[parent] = commons.is_run_folder(parent) or in_run_folder(parent)
+        return verdicts[parent]
+
+    kept = [p for p in paths if not in_run_folder(p)]
+    skipped = len(paths) - len(kept)
+    if skipped:
+        folders = sorted({os.path.relpath(d, root) for d, v in verdicts.items() if v and not verdicts.get(
+            os.path.dirname(d), False)})
+        logging.info(f"{flag} {folder}: skipped {skipped} images inside output folders of earlier runs "
+                     f"({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})")
+    if not kept:
+        raise ValueError(f"{flag} {folder} contains no image outside the output folders of earlier runs: put "
+                         "your images there or fix the flag.")
+    return kept
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (symbolic links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def warn_about_overlaps(*, queries_folder: str, database_folder: Optional[str], output_folder: str) -> None:
+    """Warn about folder layouts that give surprising results (each is allowed, none is silent)."""
+    inputs = [("--queries_folder", queries_folder)]
+    if database_folder is not None:
+        inputs.append(("--database_folder", database_folder))
+    for flag, folder in inputs:
+        if _inside(output_folder, folder):
+            logging.warning(f"the output folder {output_folder} is inside {flag} {folder}: later runs skip it "
+                            "(a folder with info.log and debug.log is a run's output folder), but keep outputs "
+                            "apart from your images")
+    if database_folder is None:
+        return
+    if _inside(queries_folder, database_folder):
+        logging.warning(f"--queries_folder {queries_folder} is inside --database_folder {database_folder}: every "
+                        "query is also a database image, and will be its own best match")
+    elif _inside(database_folder, queries_folder):
+        logging.warning(f"--database_folder {database_folder} is inside --queries_folder {queries_folder}: every "
+                        "database image is also a query, and will be its own best match")
+
+
 class FolderImages(Dataset):
     """A plain list of image files, for test.extract_features (which asks `load(index, method)`).
 
@@ -175,7 +231,7 @@ def build_database(model: torch.nn.Module, database_folder: str, *, settings: Di
     store_folder: keep the dense features in a raw file there, read back with positional reads (None: in RAM).
     """
     root = os.path.abspath(database_folder)
-    paths = list(paths) if paths is not None else collect_images(root, flag="--database_folder")
+    paths = list(paths) if paths is not None else find_images(root, flag="--database_folder")
     store = test.DenseStore(store_folder)
     try:
         descriptors = test.extract_features(model, FolderImages(paths, resize=resize), range(len(paths)),
@@ -218,6 +274,7 @@ def save_database(database: Database, folder: str, *, extra: Optional[Dict] = No
             "database_folder": database.root,
             "images": [os.path.relpath(p, database.root) for p in database.paths],
             "image_sizes": [os.path.getsize(p) for p in database.paths],
+            "image_mtimes_ns": [os.stat(p).st_mtime_ns for p in database.paths],
             "global_shape": list(database.global_descriptors.shape),
             "dense_shape_first": list(database.dense.shapes[0]) if len(database.dense) else None,
             "files": files,
@@ -228,7 +285,7 @@ def save_database(database: Database, folder: str, *, extra: Optional[Dict] = No
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a saved database is an ordinary folder
+        os.chmod(tmp, commons.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
         os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,12 +313,45 @@ def _read_manifest(folder: str) -> Dict:
     return manifest
 
 
+def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) -> List[str]:
+    """What differs between the images a database was saved from (manifest) and those under `root` now:
+    added, deleted and modified images (another size, or with check_mtimes another modification time
+    when the manifest has them), each with a few example names; [] when nothing changed.
+
+    check_mtimes is for the folder the database was saved from: a moved copy (cp without -p) gets new
+    modification times without any change."""
+    found = find_images(root, flag="--database_folder")
+    now = {os.path.relpath(p, root): p for p in found}
+    saved = manifest["images"]
+    sizes = dict(zip(saved, manifest.get("image_sizes", [])))
+    mtimes = dict(zip(saved, manifest.get("image_mtimes_ns", [])))
+    added = [name for name in now if name not in sizes]
+    deleted = [name for name in saved if name not in now]
+    modified = []
+    for name in saved:
+        if name in now:
+            st = os.stat(now[name])
+            if st.st_size != sizes.get(name) or (check_mtimes and name in mtimes and st.st_mtime_ns != mtimes[name]):
+                modified.append(name)
+
+    def some(names):
+        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    changes = [f"{len(names)} {what} ({some(names)})"
+               for what, names in (("added", added), ("deleted", deleted), ("modified", modified)) if names]
+    if not changes and list(now) != list(saved):
+        changes.append("the images are listed in another order")
+    return changes
+
+
 def load_database(folder: str, *, settings: Dict, database_folder: Optional[str] = None) -> Database:
     """Open a database written by save_database, after checking it against the current `settings`
-    (model_settings) and, when `database_folder` is given, against the images found there.
+    (model_settings) and against the images of its folder.
 
     The images are looked up under `database_folder` when given (the folder may have moved), else under
-    the folder recorded at saving. Raises ValueError with the differences on any mismatch.
+    the folder recorded at saving. Raises ValueError with the differences on any mismatch, also when the
+    image folder changed since saving (new images would never be searched, deleted ones would still be
+    returned). When the recorded folder is gone (and no `database_folder` is given), the saved list is
+    used as is, with a warning: the results then name files that cannot be opened here.
     """
     folder = os.path.abspath(folder)
     manifest = _read_manifest(folder)
@@ -277,18 +367,18 @@ def load_database(folder: str, *, settings: Dict, database_folder: Optional[str]
             raise ValueError(f"--load_database {folder}: {name} is missing or has changed size since it was "
                              "saved: the database is damaged. Save it again.")
     relative = manifest["images"]
-    if database_folder is not None:
-        root = os.path.abspath(database_folder)
-        found = collect_images(root, flag="--database_folder")
-        found_rel = [os.path.relpath(p, root) for p in found]
-        if found_rel != relative or [os.path.getsize(p) for p in found] != manifest["image_sizes"]:
-            diff = next((f"{a!r} vs {b!r}" for a, b in zip(found_rel, relative) if a != b), None)
-            detail = diff or f"{len(found_rel)} images now, {len(relative)} saved, or a file changed size"
-            raise ValueError(f"--database_folder {root} does not hold the images that --load_database {folder} "
-                             f"was extracted from (first difference: {detail}): the folder changed since. Save "
-                             "the database again, or drop --database_folder to use the saved list.")
+    root = os.path.abspath(database_folder) if database_folder is not None else manifest["database_folder"]
+    if database_folder is None and not os.path.isdir(root):
+        logging.warning(f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
+                        "for changes; the results name those paths. Give --database_folder if it moved.")
     else:
-        root = manifest["database_folder"]
+        changes = image_list_changes(manifest, root, check_mtimes=database_folder is None)
+        if changes:
+            flag = "--database_folder" if database_folder is not None else "the image folder"
+            raise ValueError(f"{flag} {root} changed since --load_database {folder} was saved from it: "
+                             f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
+                             "never be searched, deleted ones would still be returned): save the database "
+                             "again with --save_database.")
     paths = [os.path.join(root, p) for p in relative]
     descriptors = np.load(os.path.join(folder, GLOBAL_FILE), mmap_mode="r", allow_pickle=False)
     dense = test.DenseStore.load(os.path.join(folder, DENSE_FOLDER))
@@ -403,15 +493,15 @@ def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wron
 def build_localize_parser():
     p = parser.build_parser("SelaVPR: localise the images of a queries folder against a database folder")
     g = p.add_argument_group("localize.py")
-    g.add_argument("--database_folder", type=str, default=None,
+    g.add_argument("--database_folder", type=parser.path, default=None,
                    help="folder of database images (.jpg/.jpeg/.png, recursive); optional with --load_database")
-    g.add_argument("--queries_folder", type=str, required=True, help="folder of query images (recursive)")
-    g.add_argument("--output_folder", type=str, default=None,
+    g.add_argument("--queries_folder", type=parser.path, required=True, help="folder of query images (recursive)")
+    g.add_argument("--output_folder", type=parser.path, default=None,
                    help="where to write predictions and logs (default localize/<save_dir>/<time>/); must not exist")
     io = g.add_mutually_exclusive_group()
-    io.add_argument("--save_database", type=str, default=None, metavar="DIR",
+    io.add_argument("--save_database", type=parser.path, default=None, metavar="DIR",
                     help="also save the database's descriptors into DIR (a new folder) for later runs")
-    io.add_argument("--load_database", type=str, default=None, metavar="DIR",
+    io.add_argument("--load_database", type=parser.path, default=None, metavar="DIR",
                     help="reuse the database saved in DIR by --save_database (no database extraction)")
     return p
 
@@ -426,13 +516,52 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
                 f"{', '.join(QUERY_METHODS)} (the five-crop methods run in eval.py only)")
     if args.pca_dim is not None:
         p.error("--pca_dim is not supported by localize.py (a saved database holds the raw descriptors)")
+    # Inputs and outputs are checked here, before any folder is created or any model is built.
+    for flag, folder in (("--queries_folder", args.queries_folder), ("--database_folder", args.database_folder)):
+        if folder is not None and not os.path.isdir(folder):
+            p.error(f"{flag} {folder}: no such folder; give the folder that holds your images")
+    if args.load_database and not os.path.isdir(args.load_database):
+        p.error(f"--load_database {args.load_database}: no such folder; give a folder written by --save_database")
     if args.output_folder and os.path.exists(args.output_folder):
         p.error(f"--output_folder {args.output_folder} already exists: choose a new folder (the outputs of two runs "
                 "are never mixed)")
     if args.save_database and os.path.exists(args.save_database):
         p.error(f"--save_database {args.save_database} already exists: choose a new folder, or reuse that "
                 "database with --load_database")
+    for flag, target in (("--output_folder", args.output_folder or "localize"),
+                         ("--save_database", args.save_database)):
+        problem = target and creation_problem(target)
+        if problem:
+            p.error(f"{flag} {target}: {problem}")
+    if args.output_folder and args.save_database:
+        output, saved = os.path.abspath(args.output_folder), os.path.abspath(args.save_database)
+        if output == saved or output.startswith(saved + os.sep):
+            p.error(f"--output_folder {args.output_folder} is (inside) --save_database {args.save_database}, which "
+                    "must be a new folder of its own: choose another output folder")
     return args
+
+
+def creation_problem(path: str) -> Optional[str]:
+    """Why the folder `path` (or a file there) could not be created, or None: the nearest existing
+    folder on its way must be a writable folder."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.abspath(path) != parent and not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder: choose another path"
+    if os.path.isdir(parent) and os.path.abspath(path) != parent and not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: no permission to write in {parent}; choose a folder you can write to"
+    return None
+
+
+def names_carry_utm(paths: Sequence[str]) -> bool:
+    """Whether every file name carries UTM coordinates (``@east@north@...``)."""
+    try:
+        for path in paths:
+            datasets_ws.read_utm(path)
+    except ValueError:
+        return False
+    return True
 
 
 def main(args) -> None:
@@ -440,28 +569,45 @@ def main(args) -> None:
     output_folder = args.output_folder or os.path.join("localize", args.save_dir,
                                                        start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     commons.setup_logging(output_folder)
-    commons.make_deterministic(args.seed)
-    commons.log_run_header(args)
-    logging.info(f"The outputs are being saved in {output_folder}")
-
-    # Folders first: a typo should not wait for the model.
-    queries_paths = collect_images(os.path.abspath(args.queries_folder), flag="--queries_folder")
-    database_paths = None if args.load_database else collect_images(os.path.abspath(args.database_folder))
-    model = network.build_model(args)
-    settings = model_settings(model, backbone=args.backbone, registers=args.registers, resize=args.resize,
-                              precision=args.precision)
+    try:
+        # Everything a typo can break is checked before the slow work; a run refused here removes the
+        # output folder it has just created, so that the corrected command may use the same one.
+        commons.make_deterministic(args.seed)
+        commons.log_run_header(args)
+        logging.info(f"The outputs are being saved in {output_folder}")
+        saved_root = None
+        if args.load_database:
+            manifest = _read_manifest(os.path.abspath(args.load_database))
+            saved_root = args.database_folder or manifest["database_folder"]
+        warn_about_overlaps(queries_folder=args.queries_folder, database_folder=args.database_folder or saved_root,
+                            output_folder=output_folder)
+        queries_paths = find_images(os.path.abspath(args.queries_folder), flag="--queries_folder")
+        database_paths = None if args.load_database else find_images(os.path.abspath(args.database_folder))
+        if args.save_only_wrong_preds:
+            database_names = database_paths if database_paths is not None else manifest["images"]
+            if not (names_carry_utm(queries_paths) and names_carry_utm(database_names)):
+                raise ValueError("--save_only_wrong_preds needs ground truth: the file names of both folders must "
+                                 "carry UTM coordinates (@east@north@...); drop the flag to save every query's "
+                                 "pictures.")
+        model = network.build_model(args)
+        settings = model_settings(model, backbone=args.backbone, registers=args.registers, resize=args.resize,
+                                  precision=args.precision)
+    except (ValueError, OSError):
+        commons.discard_output_folder(output_folder)
+        raise
     common = dict(batch_size=args.infer_batch_size, num_workers=args.num_workers, device=args.device,
                   precision=args.precision)
     store_folder = os.path.join(output_folder, "dense_features") if args.efficient_ram_testing else None
 
-    if args.load_database:
-        database = load_database(args.load_database, settings=settings, database_folder=args.database_folder)
-        logging.info(f"Loaded the database saved in {args.load_database} ({len(database.paths)} images of "
-                     f"{database.root}): no database extraction")
-    else:
-        database = build_database(model, args.database_folder, settings=settings, resize=args.resize,
-                                  store_folder=store_folder, paths=database_paths, **common)
+    database = None
     try:
+        if args.load_database:
+            database = load_database(args.load_database, settings=settings, database_folder=args.database_folder)
+            logging.info(f"Loaded the database saved in {args.load_database} ({len(database.paths)} images of "
+                         f"{database.root}): no database extraction")
+        else:
+            database = build_database(model, args.database_folder, settings=settings, resize=args.resize,
+                                      store_folder=store_folder, paths=database_paths, **common)
         if args.save_database:
             info = {flag: getattr(args, flag) for flag in ("foundation_model_path", "resume", "load_weights")}
             save_database(database, args.save_database, extra=info)
@@ -470,7 +616,11 @@ def main(args) -> None:
         result = localize_queries(model, database, queries_paths, resize=args.resize, test_method=args.test_method,
                                   rerank_num=args.rerank_num, store_folder=store_folder, **common)
     finally:
-        database.close()
+        # Also on errors, Ctrl-C and SIGTERM: the dense feature files and their folder go.
+        if database is not None:
+            database.close()
+        if store_folder is not None:
+            test.remove_empty_folder(store_folder)
 
     positives = utm_positives(database.paths, queries_paths, args.val_positive_dist_threshold)
     if positives is None:
@@ -496,8 +646,6 @@ def main(args) -> None:
         n = save_pictures(preds_folder, records, num_preds=args.num_preds_to_save,
                           only_wrong=args.save_only_wrong_preds)
         logging.info(f"Saved {n} prediction pictures in {preds_folder}")
-    if store_folder is not None and os.path.isdir(store_folder) and not os.listdir(store_folder):
-        os.rmdir(store_folder)
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
 
 

@@ -28,6 +28,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def path(text: str) -> str:
+    """argparse type of every path-valued flag: `~` and `~user` are expanded here, since the shell
+    leaves them alone in `--flag=~/x` (and in quotes); otherwise a folder literally named `~` would be
+    created in the working directory."""
+    return os.path.expanduser(text)
+
+
 def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Training
@@ -60,11 +67,11 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p.add_argument("--backbone_depth", type=_positive_int, default=None,
                    help="(ours) number of blocks, default that of --backbone (tests/demo use 2)")
     p.add_argument("--seed", type=int, default=0, help="-1: no seeding")
-    p.add_argument("--foundation_model_path", type=str, default=None, help="DINOv2 weights (.pth)")
-    p.add_argument("--resume", type=str, default=None,
+    p.add_argument("--foundation_model_path", type=path, default=None, help="DINOv2 weights (.pth)")
+    p.add_argument("--resume", type=path, default=None,
                    help="SelaVPR checkpoint: its weights; train.py also continues from its epoch, best R@5, "
                         "patience counter (and optimizer and random states when the file has them)")
-    p.add_argument("--load_weights", type=str, default=None,
+    p.add_argument("--load_weights", type=path, default=None,
                    help="(ours) SelaVPR checkpoint whose weights alone are loaded (a fresh fine-tune)")
     p.add_argument("--allow_random_weights", action="store_true",
                    help="(ours) allow running with no weights file at all (random initialisation: demos/tests)")
@@ -93,7 +100,7 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
                    help="(ours) picture rows with each query's top N predictions")
     p.add_argument("--save_only_wrong_preds", action="store_true",
                    help="(ours) with --num_preds_to_save: only queries whose first prediction is wrong")
-    p.add_argument("--query_keys_file", type=str, default=None,
+    p.add_argument("--query_keys_file", type=path, default=None,
                    help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file")
     # Data augmentation
     p.add_argument("--brightness", type=float, default=None, help="query augmentation: ColorJitter brightness")
@@ -106,9 +113,9 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
                    help="query augmentation: RandomResizedCrop scale (1 - x, 1)")
     p.add_argument("--random_rotation", type=float, default=None, help="query augmentation: RandomRotation degrees")
     # Paths
-    p.add_argument("--datasets_folder", type=str, default=None, help="falls back to $DATASETS_FOLDER")
+    p.add_argument("--datasets_folder", type=path, default=None, help="falls back to $DATASETS_FOLDER")
     p.add_argument("--dataset_name", type=str, default="pitts30k", help="folder name of the data set")
-    p.add_argument("--pca_dataset_folder", type=str, default=None, help="relative to --datasets_folder")
+    p.add_argument("--pca_dataset_folder", type=path, default=None, help="relative to --datasets_folder")
     p.add_argument("--save_dir", type=str, default="default", help="name of the output sub-folder")
     return p
 
@@ -161,8 +168,8 @@ def parse_arguments(argv: Optional[List[str]] = None, parser: Optional[argparse.
     args = p.parse_args(sys.argv[1:] if argv is None else argv, namespace=argparse.Namespace(**unset))
     _resolve_model_settings(p, args)
 
-    if args.datasets_folder is None:
-        args.datasets_folder = os.environ.get("DATASETS_FOLDER")
+    if args.datasets_folder is None and os.environ.get("DATASETS_FOLDER"):
+        args.datasets_folder = path(os.environ["DATASETS_FOLDER"])
     if needs_data and args.datasets_folder is None:
         p.error("--datasets_folder is required (or set the DATASETS_FOLDER environment variable)")
     if args.criterion != "triplet":

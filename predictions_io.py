@@ -1,5 +1,6 @@
 """Writing evaluation results: every query's ranked predictions (JSON lines) and picture rows."""
 import json
+import math
 import os
 from typing import Sequence
 
@@ -7,8 +8,17 @@ import commons
 import visualizations
 
 
+def l2_distance(squared: float) -> float:
+    """The Euclidean distance from faiss IndexFlatL2's output, which is its square (clipped at 0:
+    float rounding can make the square of a near-zero distance slightly negative)."""
+    return math.sqrt(max(float(squared), 0.0))
+
+
 def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence[str], result) -> list:
-    """One dict per query: its path, positives, first-stage and re-ranked lists (paths, scores, correct)."""
+    """One dict per query: its path, positives, first-stage and re-ranked lists (paths, scores, correct).
+
+    `l2_distance` of a first-stage entry is the Euclidean distance between the query's and the database
+    image's global descriptors (result.first_distances holds faiss's squared distances)."""
     records = []
     for q, query_path in enumerate(queries_paths):
         positives = set(int(p) for p in result.positives[q])
@@ -16,7 +26,7 @@ def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence
         for rank, db in enumerate(result.first_predictions[q]):
             entry = {"path": database_paths[int(db)], "index": int(db), "correct": int(db) in positives}
             if result.first_distances is not None:
-                entry["l2_distance"] = float(result.first_distances[q][rank])
+                entry["l2_distance"] = l2_distance(result.first_distances[q][rank])
             first.append(entry)
         reranked = [{"path": database_paths[int(db)], "index": int(db), "mutual_nn": float(score),
                      "correct": int(db) in positives}

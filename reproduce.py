@@ -11,10 +11,12 @@ pitts30k and pitts250k test), through the same test.evaluate as eval.py. The res
 published ones, the protocol, timings and peak memory. Data sets or checkpoints that are missing get
 a "skipped" row saying what is missing.
 
-Resumable: each finished evaluation is stored in <output>/results.json under a key made of the data
-set (name, folder, split, MSLS key file), the checkpoint file's fingerprint (size + mtime) and every
-flag that changes results. A later run with the same key reuses it instead of evaluating again, so
-an interrupted run continues with the next data set. Each run logs to <output>/logs/<date>/.
+Resumable: each finished evaluation is stored in <output>/results.json under a key made of what
+determines it: the data set split's image list (every image's relative name, size and modification
+time), the MSLS key file's contents, the checkpoint's SHA-256 and every flag that changes results. A
+later run with the same key reuses it instead of evaluating again, so an interrupted run continues
+with the next data set; a row evaluated again is logged with the reason (e.g. the images changed).
+Each run logs to <output>/logs/<date>/.
 """
 import hashlib
 import json
@@ -102,7 +104,7 @@ def parse_dataset_folders(items: Sequence[str]) -> Dict[str, str]:
                              f"{', '.join(ENTRY_NAMES)}")
         if name in mapping:
             raise ValueError(f"--dataset_folders names {name!r} twice")
-        mapping[name] = folder
+        mapping[name] = os.path.expanduser(folder)  # NAME=~/x: the shell does not expand this `~`
     return mapping
 
 
@@ -112,14 +114,14 @@ def build_parser():
                                         "found under --datasets_folder with the paper's checkpoint.")
     # "resolve": this group's --rerank_num replaces eval.py's single-integer one ("both" runs 100 and 20).
     own = p.add_argument_group("reproduce.py", conflict_handler="resolve")
-    own.add_argument("--msls_checkpoint", type=str, default=None,
+    own.add_argument("--msls_checkpoint", type=parser.path, default=None,
                      help="SelaVPR_msls.pth: evaluates msls (val), nordland and st_lucia (test)")
-    own.add_argument("--pitts30k_checkpoint", type=str, default=None,
+    own.add_argument("--pitts30k_checkpoint", type=parser.path, default=None,
                      help="SelaVPR_pitts30k.pth: evaluates tokyo247, pitts30k and pitts250k (test)")
-    own.add_argument("--msls_val_keys", type=str, default=None,
+    own.add_argument("--msls_val_keys", type=parser.path, default=None,
                      help="official MSLS-val protocol: file of the 740 query keys (else all ~11k val queries "
                           "are evaluated and the row is marked non-paper)")
-    own.add_argument("--output", type=str, default="results",
+    own.add_argument("--output", type=parser.path, default="results",
                      help="folder of results.md (the table), results.json (finished evaluations) and logs/")
     own.add_argument("--dataset_folders", type=str, nargs="+", action="extend", default=[], metavar="NAME=FOLDER",
                      help=f"folders named differently from the data set names ({', '.join(ENTRY_NAMES)}), "
@@ -161,9 +163,28 @@ def parse_arguments(argv: Optional[Sequence[str]] = None):
 # ---------------------------------------------------------------------------------------------------
 
 def file_fingerprint(path: str) -> dict:
-    """Size and modification time of a (large) file: a changed or replaced checkpoint gets a new key."""
-    st = os.stat(path)
-    return {"file": os.path.basename(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """SHA-256 of a checkpoint's contents (and its size): another checkpoint gets another key, the same
+    one copied, moved or touched keeps its key."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 22), b""):
+            h.update(block)
+    return {"sha256": h.hexdigest(), "size": os.path.getsize(path)}
+
+
+def images_fingerprint(split_folder: str) -> dict:
+    """The image list of a data set split: a SHA-256 over every .jpg's path relative to `split_folder`,
+    size and modification time (what BaseDataset reads: the pictures and, in their names, the UTM
+    coordinates), and the number of images per sub-folder (database, queries) for the log."""
+    h = hashlib.sha256()
+    counts: Dict[str, int] = {}
+    for path in datasets_ws.collect_jpgs(split_folder):
+        relative = os.path.relpath(path, split_folder)
+        st = os.stat(path)
+        h.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        top = relative.split(os.sep)[0] if os.sep in relative else "."
+        counts[top] = counts.get(top, 0) + 1
+    return {"sha256": h.hexdigest(), "counts": counts}
 
 
 def content_fingerprint(path: str) -> str:
@@ -185,14 +206,45 @@ def model_settings(args) -> dict:
     }
 
 
-def result_key(*, entry: PaperEntry, folder: str, checkpoint: dict, keys_file: Optional[str], rerank_num: int,
+def result_key(*, entry: PaperEntry, images: dict, checkpoint: dict, keys_file: Optional[str], rerank_num: int,
                settings: dict) -> Tuple[str, dict]:
-    """(short hash, the dict it hashes) identifying one evaluation."""
-    key = {"dataset": entry.name, "split": entry.split, "folder": os.path.abspath(folder),
+    """(short hash, the dict it hashes) identifying one evaluation: images (images_fingerprint),
+    checkpoint (file_fingerprint), the MSLS key file, rerank_num and the settings. The folder's path is
+    not part of it: the same images elsewhere give the same numbers."""
+    key = {"dataset": entry.name, "split": entry.split, "images": images,
            "checkpoint": checkpoint, "query_keys_sha256": keys_file and content_fingerprint(keys_file),
            "rerank_num": int(rerank_num), "settings": settings}
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20], key
+
+
+def rerun_reason(key: dict, earlier: Sequence[dict]) -> str:
+    """Why the evaluation `key` is not in the cache, from the keys of the earlier evaluations of the same
+    data set, split and rerank_num (`earlier`, newest last): what differs from the newest one."""
+    if not earlier:
+        return "not evaluated before"
+    old = earlier[-1]
+    reasons = []
+    if old.get("images") != key["images"]:
+        before, now = (old.get("images") or {}).get("counts"), key["images"]["counts"]
+        if before is None:
+            reasons.append("the earlier result was stored without its image list (an older results file)")
+        elif before != now:
+            changed = ", ".join(f"{name}: {before.get(name, 0)} -> {now.get(name, 0)} images"
+                                for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name))
+            reasons.append(f"the images changed ({changed})")
+        else:
+            reasons.append("the images changed (same numbers; names, sizes or modification times differ)")
+    if old.get("checkpoint") != key["checkpoint"]:
+        reasons.append("the checkpoint changed (other contents)")
+    if old.get("query_keys_sha256") != key["query_keys_sha256"]:
+        reasons.append("the MSLS query key file changed")
+    old_settings = old.get("settings") or {}
+    changed = [f"{name} {old_settings.get(name)!r} -> {value!r}" for name, value in key["settings"].items()
+               if old_settings.get(name) != value]
+    if changed:
+        reasons.append("settings changed: " + ", ".join(changed))
+    return "; ".join(reasons) or "the results file's key format changed"
 
 
 class ResultCache:
@@ -214,6 +266,13 @@ class ResultCache:
 
     def get(self, key: str) -> Optional[dict]:
         return self.results.get(key)
+
+    def earlier_keys(self, *, dataset: str, split: str, rerank_num: int) -> List[dict]:
+        """The key dicts of the stored evaluations of this data set, split and rerank_num, oldest first."""
+        records = [r for r in self.results.values() if isinstance(r.get("key"), dict)
+                   and (r["key"].get("dataset"), r["key"].get("split"), r["key"].get("rerank_num"))
+                   == (dataset, split, rerank_num)]
+        return [r["key"] for r in sorted(records, key=lambda r: str(r.get("evaluated_at", "")))]
 
     def put(self, key: str, record: dict) -> None:
         self.results[key] = record
@@ -494,6 +553,7 @@ def main(args) -> None:
 
     models = _Models(settings)
     bad_checkpoints: Dict[str, str] = {}
+    fingerprints: Dict[str, dict] = {}
     for row in rows:
         entry, rerank_num = row["entry"], row["rerank_num"]
         label = f"{entry.title} (rerank_num {rerank_num})"
@@ -519,8 +579,11 @@ def main(args) -> None:
             write_table()
             continue
 
-        key, key_dict = result_key(entry=entry, folder=folder, checkpoint=file_fingerprint(ckpt_path),
-                                   keys_file=keys_file, rerank_num=rerank_num, settings=settings)
+        if ckpt_path not in fingerprints:  # a checkpoint is read once per run, however many rows use it
+            fingerprints[ckpt_path] = file_fingerprint(ckpt_path)
+        key, key_dict = result_key(entry=entry, images=images_fingerprint(split_folder),
+                                   checkpoint=fingerprints[ckpt_path], keys_file=keys_file, rerank_num=rerank_num,
+                                   settings=settings)
         cached = cache.get(key)
         if cached is not None:
             row.update(status="reused", record=cached, protocol=cached.get("protocol"))
@@ -548,7 +611,10 @@ def main(args) -> None:
                                               query_keys_file=keys_file)
             protocol = protocol_text(entry=entry, rerank_num=rerank_num, settings=settings,
                                      queries_num=dataset.queries_num, keys_file=keys_file)
-            logging.info(f"Evaluating {label} with {ckpt_flag} {ckpt_path}: {dataset}; {protocol}")
+            why = rerun_reason(key_dict, cache.earlier_keys(dataset=entry.name, split=entry.split,
+                                                            rerank_num=rerank_num))
+            logging.info(f"Evaluating {label} with {ckpt_flag} {ckpt_path}: {dataset}; {protocol}; "
+                         f"why: {why}")
             record = evaluate_dataset(model, dataset, rerank_num=rerank_num, settings=settings,
                                       batch_size=args.infer_batch_size, num_workers=args.num_workers,
                                       efficient_ram_testing=args.efficient_ram_testing,
@@ -559,7 +625,7 @@ def main(args) -> None:
             write_table()
             continue
         record.update(protocol=protocol, dataset=entry.name, rerank_num=rerank_num, key=key_dict,
-                      checkpoint_path=os.path.abspath(ckpt_path))
+                      folder=os.path.abspath(folder), checkpoint_path=os.path.abspath(ckpt_path))
         cache.put(key, record)
         row.update(status="evaluated", record=record, protocol=protocol)
         timing = record["timing"]

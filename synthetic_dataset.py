@@ -30,7 +30,7 @@ __all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "PRESETS", "SPLITS", "OptionErr
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate the built-in synthetic VPR data set "
                                             "(Visual Geo-localization Benchmark layout).")
-    p.add_argument("--datasets_folder", type=str, default=None,
+    p.add_argument("--datasets_folder", type=os.path.expanduser, default=None,
                    help="folder that receives <dataset_name>/ (default: $DATASETS_FOLDER)")
     p.add_argument("--dataset_name", type=str, default="synthetic")
     p.add_argument("--seed", type=int, default=0)

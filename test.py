@@ -133,6 +133,9 @@ class DenseStore:
                 os.remove(tmp)
                 try:
                     os.link(self.path, tmp)
+                    # The store's own temp file is owner-only (mkstemp): give the saved copy an
+                    # ordinary file's permissions, as for every other output.
+                    os.chmod(tmp, commons.new_file_mode())
                 except OSError:  # another file system, or links not supported
                     shutil.copyfile(self.path, tmp)
                 return
@@ -146,7 +149,6 @@ class DenseStore:
 
         for name, write in ((self.FEATURES_FILE, write_features), (self.SHAPES_FILE, write_shapes)):
             commons.atomic_write(os.path.join(folder, name), write)
-            os.chmod(os.path.join(folder, name), 0o644)  # a saved database is meant to be shared
 
     @classmethod
     def load(cls, folder: str) -> "DenseStore":
@@ -322,7 +324,7 @@ class EvalResult:
     recalls_first: np.ndarray
     recalls: np.ndarray  # after re-ranking
     first_predictions: np.ndarray  # (Q, k) database indexes, first stage
-    first_distances: Optional[np.ndarray]  # (Q, k) L2 distances (None for merged crop lists)
+    first_distances: Optional[np.ndarray]  # (Q, k) squared L2 distances, from faiss (None for merged crop lists)
     predictions: np.ndarray  # (Q, k) re-ranked
     scores: np.ndarray  # (Q, k) mutual-NN counts of the re-ranked candidates, in re-ranked order
     positives: List[np.ndarray] = field(default_factory=list)
@@ -358,7 +360,10 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     if efficient_ram_testing and store_folder is None:
         own_tmp = store_folder = tempfile.mkdtemp(prefix="selavpr_dense_")
     folder = store_folder if efficient_ram_testing else None
-    db_store, q_store = DenseStore(folder), DenseStore(folder)
+    # The store files go at the end, also when the evaluation fails or is interrupted (Ctrl-C, SIGTERM:
+    # the `finally` below); so does `store_folder` itself when this call created it and it is left empty.
+    created_folder = folder if folder is not None and not os.path.exists(folder) else None
+    db_store = q_store = None
     common = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
     dist_ctx = dist_ctx or distributed.Context(device=device)
 
@@ -370,6 +375,7 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
         return distributed.extract_sharded(dist_ctx, run, indexes, want_global=want_global, store=local_store,
                                            new_store=lambda: DenseStore(folder))
     try:
+        db_store, q_store = DenseStore(folder), DenseStore(folder)
         db_global = extract(range(db_num), method="hard_resize", local_store=db_store, desc="Database features")
         q_indexes = range(db_num, db_num + q_num)
         crops = test_method in FIVE_CROP_METHODS
@@ -414,7 +420,18 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
         return EvalResult(recalls_first=recalls_first, recalls=recalls, first_predictions=predictions,
                           first_distances=distances, predictions=reranked, scores=scores, positives=positives)
     finally:
-        db_store.close()
-        q_store.close()
+        for store in (db_store, q_store):
+            if store is not None:
+                store.close()
         if own_tmp is not None:
             shutil.rmtree(own_tmp, ignore_errors=True)
+        elif created_folder is not None:
+            remove_empty_folder(created_folder)
+
+
+def remove_empty_folder(folder: str) -> None:
+    """Remove `folder` if it exists and is empty (a feature store's folder once its files are gone)."""
+    try:
+        os.rmdir(folder)
+    except OSError:  # not empty (something else lives there), or already gone
+        pass

@@ -37,8 +37,9 @@ def tiny_model():
     return model
 
 
-def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, what="the marker"):
-    """Start `command`, wait until it creates the file `marker`, then SIGKILL it (fault tests)."""
+def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, what="the marker", sig=None):
+    """Start `command`, wait until it creates the file `marker`, then send it `sig` (SIGKILL by default:
+    fault tests). Returns (exit status, seconds from the signal to the exit)."""
     import signal
     import time
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -47,8 +48,10 @@ def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, wha
         while not os.path.exists(marker) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
         assert os.path.exists(marker), what
-        proc.send_signal(signal.SIGKILL)
+        sent = time.time()
+        proc.send_signal(signal.SIGKILL if sig is None else sig)
         proc.wait(30)
+        return proc.returncode, time.time() - sent
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,6 +2,8 @@
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,6 +61,45 @@ def test_foundation_weights_alone_load_the_backbone(saved, no_downloads):
         if ".adapter" not in key:
             assert torch.equal(own[key], value), key
     assert float(model.aggregation[1].p.detach()) == 3.0  # heads keep their initialisation
+
+
+# A user's own modules named like ours (network.py, parser.py), in their own folder.
+USER_FIRST = """
+import sys, torch
+sys.path.insert(0, {user!r})
+import network, parser  # the user's
+model = torch.hub.load({root!r}, "selavpr", source="local", backbone="vit_tiny", backbone_depth=2,
+                       allow_random_weights=True)
+with torch.no_grad():
+    local, glob = model(torch.randn(1, 3, 56, 56))
+assert glob.shape == (1, 192) and local.shape == (1, 13, 13, 128)
+import network as again, parser as parser_again
+assert again is network and again.OWNER == "user" and parser_again.OWNER == "user", "clobbered"
+print("ok")
+"""
+HUB_FIRST = """
+import sys, torch
+model = torch.hub.load({root!r}, "selavpr", source="local", backbone="vit_tiny", backbone_depth=2,
+                       allow_random_weights=True)
+sys.path.insert(0, {user!r})
+import network, parser
+assert network.OWNER == "user" and parser.OWNER == "user", "the hub load left its modules under public names"
+again = torch.hub.load({root!r}, "selavpr", source="local", backbone="vit_tiny", backbone_depth=2,
+                       allow_random_weights=True)
+assert type(again) is type(model) and sys.modules["network"] is network
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [USER_FIRST, HUB_FIRST], ids=["user_module_first", "hub_first"])
+def test_hub_load_neither_clobbers_nor_is_clobbered_by_user_modules(tmp_path, script):
+    user = tmp_path / "user_code"
+    user.mkdir()
+    for name in ("network", "parser"):
+        (user / f"{name}.py").write_text('OWNER = "user"\n')
+    result = subprocess.run([sys.executable, "-c", script.format(root=ROOT, user=str(user))], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 
 def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):

@@ -195,7 +195,7 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
     loaded = localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
     assert loaded.paths == [os.path.join(moved, f"{i}.jpg") for i in range(3)]
     (moved / "1.jpg").write_bytes(b"changed")
-    with pytest.raises(ValueError, match="does not hold the images"):
+    with pytest.raises(ValueError, match=r"changed since --load_database .*: 1 modified \(1.jpg\)"):
         localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
     with open(tmp_path / "db" / localize.GLOBAL_FILE, "ab") as f:
         f.write(b"\0")
@@ -204,11 +204,12 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
 
 
 def test_records_without_ground_truth_carry_no_correct_flags():
-    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.5, 0.7]]),
+    # first_distances are faiss's squared distances; the records carry the distances themselves.
+    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.25, 4.0]]),
                                    predictions=np.array([[0, 2]]), scores=np.array([[9.0, 3.0]], dtype=np.float32))
     args = dict(queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg", "c.jpg"], result=result)
     plain = localize.localization_records(**args)[0]
-    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 0.7},
+    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 2.0},
                                  {"path": "c.jpg", "index": 2, "mutual_nn": 3.0, "l2_distance": 0.5}]
     assert "positives" not in plain and all("correct" not in c for c in plain["first_stage"])
     known = localize.localization_records(**args, positives=[np.array([2])])[0]
@@ -320,6 +321,134 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
         assert r["query"] == ds.queries_paths[q]
         assert r["positives"] == sorted(int(p) for p in expected.positives[q])
         assert [c["index"] for c in r["first_stage"]] == expected.first_predictions[q].tolist()
+        # l2_distance is the distance itself, not faiss's square of it.
+        assert np.allclose([c["l2_distance"] for c in r["first_stage"]], np.sqrt(expected.first_distances[q]))
+        assert any(d > 1e-3 and not np.isclose(d ** 2, d) for d in (c["l2_distance"] for c in r["first_stage"]))
         assert [c["index"] for c in r["reranked"]] == expected.predictions[q].tolist()
         assert [c["mutual_nn"] for c in r["reranked"]] == expected.scores[q].tolist()
         assert all(c["correct"] == (c["index"] in r["positives"]) for c in r["reranked"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Own outputs, changed folders, outputs checked up front (issue: no silent wrong answer)
+# ------------------------------------------------------------------------------------------------
+
+def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, tmp_path, monkeypatch,
+                                                                 restore_logging):
+    db, q_src = plain_folders
+    q = tmp_path / "queries"
+    shutil.copytree(q_src, q)
+    common = ["--database_folder", db, *FLAGS, "--rerank_num", "2", "--num_preds_to_save", "1"]
+    # 1. --output_folder under the queries folder.
+    localize.main(localize.parse_localize_arguments(["--queries_folder", str(q), *common,
+                                                     "--output_folder", str(q / "run1")]))
+    assert len(os.listdir(q / "run1" / "preds")) == 4
+    # 2. Run from inside the queries folder (default output folder localize/<save_dir>/<time> there).
+    monkeypatch.chdir(q)
+    localize.main(localize.parse_localize_arguments(["--queries_folder", ".", *common, "--save_dir", "second"]))
+    (second,) = [os.path.join("localize", "second", d) for d in os.listdir(q / "localize" / "second")]
+    log = open(os.path.join(second, "info.log")).read()
+    assert "#queries: 4 >" in log  # not 8: run1's pictures are not queries
+    assert "skipped 4 images inside output folders of earlier runs (run1)" in log
+    assert len(_records(second)) == 4 and len(os.listdir(os.path.join(second, "preds"))) == 4
+    log = open(q / "run1" / "info.log").read()
+    assert f"the output folder {q / 'run1'} is inside --queries_folder" in log
+    # 3. A third run still sees 4 queries, with two earlier output folders below the queries folder.
+    localize.main(localize.parse_localize_arguments(["--queries_folder", ".", *common, "--save_dir", "third",
+                                                     "--num_preds_to_save", "0"]))
+    (third,) = [os.path.join("localize", "third", d) for d in os.listdir(q / "localize" / "third")]
+    assert len(_records(third)) == 4
+
+
+def test_queries_inside_the_database_folder_are_warned_about(plain_folders, tmp_path, restore_logging):
+    db, _ = plain_folders
+    out = tmp_path / "out"
+    localize.main(localize.parse_localize_arguments(["--database_folder", db, "--queries_folder",
+                                                     os.path.join(db, "street_a"), *FLAGS, "--rerank_num", "2",
+                                                     "--output_folder", str(out)]))
+    log = open(out / "info.log").read()
+    assert f"--queries_folder {os.path.join(db, 'street_a')} is inside --database_folder {db}: every query is " \
+           "also a database image, and will be its own best match" in log
+
+
+def test_load_database_notices_a_changed_folder_without_database_folder(tmp_path):
+    images = tmp_path / "images"
+    database = _tiny_database(str(images))
+    localize.save_database(database, str(tmp_path / "db"))
+    assert localize.load_database(str(tmp_path / "db"), settings=database.settings).paths == database.paths
+    os.remove(images / "0.jpg")
+    (images / "new.jpg").write_bytes(b"a new photo")
+    with pytest.raises(ValueError, match=r"the image folder .*images changed since --load_database .*: "
+                                         r"1 added \(new.jpg\); 1 deleted \(0.jpg\)\. .*save the database again"):
+        localize.load_database(str(tmp_path / "db"), settings=database.settings)
+    # A folder that is gone cannot be checked: the saved list is used, with a warning.
+    shutil.rmtree(images)
+    assert localize.load_database(str(tmp_path / "db"), settings=database.settings).paths == database.paths
+
+
+def test_outputs_are_checked_before_any_work(plain_folders, tmp_path, monkeypatch, capsys, restore_logging):
+    db, q = plain_folders
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    base = ["--database_folder", db, "--queries_folder", q, *FLAGS]
+    for extra, message in ((["--save_database", str(blocker / "db")], f"--save_database {blocker / 'db'}: {blocker} "
+                                                                      "is a file"),
+                           (["--output_folder", str(blocker / "out")], f"--output_folder {blocker / 'out'}: "),
+                           (["--save_database", str(tmp_path / "db"), "--output_folder", str(tmp_path / "db" / "o")],
+                            "is (inside) --save_database")):
+        with pytest.raises(SystemExit):
+            localize.parse_localize_arguments(base + extra)
+        assert message in capsys.readouterr().err
+
+    def no_model(args):
+        raise AssertionError("the model was built before the inputs were checked")
+    monkeypatch.setattr(network, "build_model", no_model)
+    out = tmp_path / "out"
+    # No UTM coordinates in the names: --save_only_wrong_preds is refused before the extraction.
+    args = localize.parse_localize_arguments(base + ["--num_preds_to_save", "2", "--save_only_wrong_preds",
+                                                     "--output_folder", str(out)])
+    with pytest.raises(ValueError, match="--save_only_wrong_preds needs ground truth"):
+        localize.main(args)
+    assert not out.exists()  # the corrected command may use the same --output_folder
+    # A typo in --load_database (a folder that holds no saved database): same, no folder left behind.
+    args = localize.parse_localize_arguments(["--load_database", q, "--queries_folder", q, *FLAGS,
+                                              "--output_folder", str(out)])
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        localize.main(args)
+    assert not out.exists()
+
+
+def test_tilde_in_path_flags_is_expanded(plain_folders, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    db, _ = plain_folders
+    args = localize.parse_localize_arguments(["--database_folder", db, "--queries_folder=~/photos", *FLAGS,
+                                              "--output_folder=~/out", "--save_database=~/db",
+                                              "--resume=~/ckpt.pth", "--datasets_folder=~/data"])
+    assert args.queries_folder == str(home / "photos") and args.output_folder == str(home / "out")
+    assert args.save_database == str(home / "db") and args.resume == str(home / "ckpt.pth")
+    assert args.datasets_folder == str(home / "data")
+    import reproduce
+    args = reproduce.parse_arguments(["--datasets_folder=~/data", "--device", "cpu", "--output=~/results",
+                                      "--dataset_folders", "msls=~/msls_vg"])
+    assert args.output == str(home / "results") and args.dataset_folders == {"msls": str(home / "msls_vg")}
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_saved_database_honours_the_umask(tmp_path, on_disk):
+    database = _tiny_database(str(tmp_path / "images"))
+    if on_disk:  # the dense features come from an on-disk store (hard-linked into the saved database)
+        store = test.DenseStore(str(tmp_path / "store"))
+        store.append(np.stack([database.dense[i] for i in range(len(database.dense))]))
+        database.dense = store.finish()
+    old = os.umask(0o027)
+    try:
+        localize.save_database(database, str(tmp_path / "db"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "db").st_mode & 0o777 == 0o750
+    for root, dirs, files in os.walk(tmp_path / "db"):
+        for name in files:
+            assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o640, name
+    database.close()

@@ -1,6 +1,7 @@
 """reproduce.py: the paper's data sets evaluated with the paper's checkpoints, the table, the resume cache."""
 import logging
 import os
+import shutil
 
 import pytest
 import torch
@@ -150,16 +151,58 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
     with open(out / "logs" / logs[-1] / "info.log") as f:
         assert f.read().count("Reusing the result of") == 2
 
-    # A changed checkpoint file (new mtime) invalidates only the results made with it.
+    # Results are keyed by the checkpoint's contents: a touched file (same weights) keeps its results, other
+    # weights in the same file invalidate only the results made with it.
+    st = os.stat(world["ckpt"]["pitts30k"])
+    os.utime(world["ckpt"]["pitts30k"], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    reproduce.main(flags(world, out))
+    assert all(read_table(out)[t]["Status"].startswith("reused") for t in ("St Lucia", "Pitts30k-test"))
     monkeypatch.undo()
     spy = EvaluateSpy()
     monkeypatch.setattr(test, "evaluate", spy)
-    st = os.stat(world["ckpt"]["pitts30k"])
-    os.utime(world["ckpt"]["pitts30k"], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    torch.manual_seed(7)
+    network.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
     reproduce.main(flags(world, out))
     assert [c["folder"] for c in spy.calls] == ["pitts30k"]
     table = read_table(out)
     assert table["St Lucia"]["Status"].startswith("reused") and table["Pitts30k-test"]["Status"] == "evaluated"
+    logs = sorted(os.listdir(out / "logs"))
+    with open(out / "logs" / logs[-1] / "info.log") as f:
+        assert "why: the checkpoint changed (other contents)" in f.read()
+    torch.manual_seed(1)  # the world fixture's weights again, for the other tests
+    network.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
+
+
+def test_a_changed_data_set_is_evaluated_again_and_the_log_says_why(world, tmp_path, monkeypatch):
+    """Rows are keyed by the images, not the folder's path: added queries are never answered by the
+    recalls of the old image list."""
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(world["data"], "pitts30k"), data / "pitts30k")
+    args = dict(world, data=str(data))
+    out = tmp_path / "results"
+    spy = EvaluateSpy()
+    monkeypatch.setattr(test, "evaluate", spy)
+    reproduce.main(flags(args, out, "--only", "pitts30k", msls=False))
+    assert [c["queries"] for c in spy.calls] == [QUERIES]
+
+    queries = data / "pitts30k" / "images" / "test" / "queries"
+    for i, name in enumerate(sorted(os.listdir(queries))[:2]):  # two more queries, elsewhere in the map
+        fields = name.split("@")
+        fields[1] = f"{float(fields[1]) + 1000 + i:.2f}"
+        shutil.copy(queries / name, queries / "@".join(fields))
+    reproduce.main(flags(args, out, "--only", "pitts30k", msls=False))
+    assert [c["queries"] for c in spy.calls] == [QUERIES, QUERIES + 2]  # evaluated again, not reused
+    assert read_table(out)["Pitts30k-test"]["Queries"] == str(QUERIES + 2)
+    log_folder = sorted(os.listdir(out / "logs"))[-1]
+    with open(out / "logs" / log_folder / "info.log") as f:
+        log = f.read()
+    assert f"why: the images changed (queries: {QUERIES} -> {QUERIES + 2} images)" in log
+
+    # The same images in another folder are the same evaluation: reused.
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # copytree keeps the modification times
+    reproduce.main(flags(dict(world, data=str(moved)), out, "--only", "pitts30k", msls=False))
+    assert len(spy.calls) == 2 and read_table(out)["Pitts30k-test"]["Status"].startswith("reused")
 
 
 def test_msls_val_protocols_and_missing_checkpoint(world, tmp_path):

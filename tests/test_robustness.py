@@ -34,6 +34,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -763,7 +764,36 @@ def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_ro
     assert any(p.startswith(os.path.join(second, "dense_features")) for p in opened)  # its own new store
     assert not [p for p in opened if p.startswith(first)], opened  # never the killed run's file
     assert snapshot(first) == leftover_state
-    assert os.listdir(os.path.join(second, "dense_features")) == []  # removed at the end
+    assert not os.path.exists(os.path.join(second, "dense_features"))  # removed at the end, folder included
+
+
+SLOW_SCRIPT = SLOW_EXTRACTION.replace('["eval.py"]', '[{script!r}]').replace('"eval.py"), run_name',
+                                                                            '{script!r}), run_name')
+
+
+@pytest.mark.parametrize("script", ["eval.py", "localize.py"])
+def test_sigterm_during_efficient_ram_run_removes_the_store_and_says_so(synthetic_root, tmp_path, script):
+    """A cluster's time limit (SIGTERM) ends the run like Ctrl-C: quickly, one log line, no store left."""
+    marker, out = str(tmp_path / "extracting"), str(tmp_path / "out")
+    common = [*FAST, "--efficient_ram_testing", "--infer_batch_size", "8"]
+    if script == "eval.py":
+        argv = tiny_eval_flags(synthetic_root, *common, "--save_dir", "term")
+    else:
+        split = os.path.join(*synthetic_root, "images", "test")
+        argv = [*TINY_FLAGS, "--resize", "112", "112", "--allow_random_weights", *common, "--output_folder", out,
+                "--database_folder", os.path.join(split, "database"), "--queries_folder",
+                os.path.join(split, "queries")]
+    code, seconds = kill_once_marker_appears(
+        [sys.executable, "-c", SLOW_SCRIPT.format(root=ROOT, marker=marker, argv=argv, script=script)], marker,
+        cwd=str(tmp_path), env=_env(), timeout=240, what="the extraction never reached the disk store",
+        sig=signal.SIGTERM)
+    print(f"{script}: exit {code} {seconds:.2f} s after SIGTERM")
+    assert code == 143 and seconds < 10, (code, seconds)
+    folder = out if script == "localize.py" else glob.glob(str(tmp_path / "test" / "term" / "*"))[0]
+    assert not os.path.exists(os.path.join(folder, "dense_features"))  # the store and its folder are gone
+    log = open(os.path.join(folder, "info.log")).read()
+    assert log.count("Terminated (SIGTERM") == 1 and "Traceback" not in log
+    assert not os.path.exists(os.path.join(folder, "predictions.jsonl"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -867,3 +897,46 @@ def test_every_weights_load_in_the_repository_is_weights_only():
     # The one place that loads weight files does so with weights_only=True and the numpy allow-list only.
     source = open(os.path.join(ROOT, "network.py"), encoding="utf-8").read()
     assert "weights_only=True" in source and "safe_globals(_numpy_safe_globals())" in source
+
+
+def test_sigterm_in_process_exits_143_and_the_previous_handler_comes_back(tmp_path):
+    """commons.run_main turns SIGTERM into the interruption path only while main runs."""
+    import commons
+
+    def previous(signum, frame):
+        raise AssertionError("the previous handler ran during main")
+    old = signal.signal(signal.SIGTERM, previous)
+    cleaned = []
+    try:
+        def main(args):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # interrupted at once
+                raise AssertionError("SIGTERM did not interrupt main")
+            finally:
+                cleaned.append(True)
+        with pytest.raises(SystemExit) as exit_info:
+            commons.run_main(main, None)
+        assert exit_info.value.code == 143 and cleaned == [True]
+        assert signal.getsignal(signal.SIGTERM) is previous  # no lasting change for library users
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    """predictions.jsonl, checkpoints and results files get an ordinary file's permissions (0o666 less the
+    umask), not tempfile's owner-only 0o600: colleagues on a shared server can read them."""
+    import commons
+    import predictions_io
+    for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
+        old = os.umask(mask)
+        try:
+            paths = [str(tmp_path / f"{mask:o}_results.json"), str(tmp_path / f"{mask:o}_ckpt.pth"),
+                     str(tmp_path / f"{mask:o}_predictions.jsonl")]
+            commons.atomic_write_text(paths[0], "{}\n")
+            commons.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
+            predictions_io.write_predictions(paths[2], [{"query": "q.jpg"}])
+        finally:
+            os.umask(old)
+        for path in paths:
+            assert os.stat(path).st_mode & 0o777 == expected, (path, oct(os.stat(path).st_mode))

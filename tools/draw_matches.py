@@ -40,9 +40,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     """The project's model/eval flags plus this tool's own."""
     p = flags.build_parser(description="Draw mutual-nearest-neighbour matches between two images")
     tool = p.add_argument_group("draw_matches")
-    tool.add_argument("image_a", metavar="IMAGE_A", help="first image file")
-    tool.add_argument("image_b", metavar="IMAGE_B", help="second image file")
-    tool.add_argument("--output", required=True, help="picture to write (.jpg or .png)")
+    tool.add_argument("image_a", type=flags.path, metavar="IMAGE_A", help="first image file")
+    tool.add_argument("image_b", type=flags.path, metavar="IMAGE_B", help="second image file")
+    tool.add_argument("--output", required=True, type=flags.path, help="picture to write (.jpg or .png)")
     tool.add_argument("--features", choices=["dense", "patch"], default="dense",
                       help="dense: local-head features (61x61 at 224); patch: L2-normalised "
                            "backbone patch tokens (16x16 at 224)")

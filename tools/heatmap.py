@@ -35,8 +35,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     """The project's model/eval flags plus this tool's own."""
     p = flags.build_parser(description="Feature heat map of one image, blended over it")
     tool = p.add_argument_group("heatmap")
-    tool.add_argument("image", metavar="IMAGE", help="image file")
-    tool.add_argument("--output", required=True, help="picture to write (.jpg or .png)")
+    tool.add_argument("image", type=flags.path, metavar="IMAGE", help="image file")
+    tool.add_argument("--output", required=True, type=flags.path, help="picture to write (.jpg or .png)")
     tool.add_argument("--alpha", type=float, default=0.6,
                       help="weight of the heat colours in the blend (the image gets 1 - alpha)")
     return p
