@@ -101,8 +101,13 @@ def _as_feature_matrix(features: Any, name: str, device: Optional[torch.device] 
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name}: dense local features are empty (shape {tuple(t.shape)}); "
                          f"check the feature extraction.")
-    if device is not None:
-        t = t.to(device)
+    if device is not None and t.device != device:
+        if device.type == "cuda" and t.device.type == "cpu":
+            # Page-locked host memory makes the copy asynchronous (no host synchronisation per
+            # candidate); torch keeps the pinned block alive until the copy is done.
+            t = t.pin_memory().to(device, non_blocking=True)
+        else:
+            t = t.to(device)
     return t.float().contiguous()
 
 
