@@ -393,13 +393,15 @@ def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int,
         problems.append(same(_tile_check_matmul(xp[s:s + row_tile], qp.t()), ref_p[s:s + row_tile],
                              f"row tile {s}:{min(s + row_tile, lcp)} x {lqp}"))
     n_blocks = lqp // width
-    for n in _check_sizes_for(lcp, row_tile):
+    row_sizes = _check_sizes_for(lcp, row_tile)
+    for n in sorted(set(row_sizes) | set(_check_sizes_for(lcp, lcp))):
         rows = pick(n, lc)
-        full = _tile_check_matmul(xp[_pad_index(rows, _MIN_EXACT_SIDE)], qp.t())[:n]   # _exact_rows
-        problems.append(same(full, ref_p[rows], f"{n} rows x {lqp} columns"))
-        for b in sorted({0, n_blocks - 1}):                                  # _exact_rows_in_blocks
+        if n in row_sizes:                     # _exact_rows: at most row_tile rows a product
+            full = _tile_check_matmul(xp[_pad_index(rows, _MIN_EXACT_SIDE)], qp.t())[:n]
+            problems.append(same(full, ref_p[rows], f"{n} rows x {lqp} columns"))
+        for b in sorted({0, n_blocks - 1}):    # _exact_rows_in_blocks: any number of rows
             part = _tile_check_matmul(xp[_pad_index(rows, _MIN_EXACT_SIDE)], qp[b * width:(b + 1) * width].t())[:n]
-            problems.append(same(part, ref_p[rows][:, b * width:(b + 1) * width],
+            problems.append(same(part, ref_p[:, b * width:(b + 1) * width][rows],
                                  f"{n} rows x column block {b} ({width} columns)"))
     for m in _check_sizes_for(lq, 512):                                      # _exact_columns
         cols = pick(m, lq)
