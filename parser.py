@@ -76,8 +76,9 @@ def build_parser(description: str = "SelaVPR") -> argparse.ArgumentParser:
     p.add_argument("--allow_random_weights", action="store_true",
                    help="(ours) allow running with no weights file at all (random initialisation: demos/tests)")
     p.add_argument("--precision", type=str, default="fp32", choices=["fp32", "bf16"],
-                   help="(ours) extraction precision; bf16 autocast is faster on GPUs (and CPUs with AMX) "
-                        "and changes results slightly")
+                   help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
+                        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
+                        "slightly")
     # Runtime
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                    choices=["cuda", "cpu"], help="cuda when available, else cpu")

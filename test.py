@@ -305,7 +305,7 @@ def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, 
     reranked = np.empty_like(predictions)
     scores = np.empty(predictions.shape, dtype=np.float32)
     for q in tqdm(range(len(predictions)), desc="Re-ranking", ncols=100, leave=False, disable=None):
-        query_local = torch.from_numpy(np.array(query_store[q])).to(device)
+        query_local = torch.from_numpy(np.array(query_store[q])).to(device, non_blocking=True)
         cand_scores = local_matching.mutual_nn_scores(query_local, database_store, predictions[q],
                                                       chunk_size=chunk_size)
         cand_scores = cand_scores.cpu().numpy().astype(np.float32)

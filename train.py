@@ -123,7 +123,8 @@ def main(args):
                          disable=None)):
                 if args.horizontal_flip:  # the whole batch or none
                     images = ctx.flip_together(images) if ctx.enabled else T.RandomHorizontalFlip()(images)
-                local_features, global_features = train_model(images.to(args.device))
+                local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
+                    train_model, images.to(args.device, non_blocking=True), precision=args.precision)
                 global_loss, local_loss = loss.triplet_losses(local_features, global_features,
                                                               triplets_local_indexes, margin=args.margin,
                                                               normaliser=normaliser)

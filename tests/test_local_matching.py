@@ -388,3 +388,88 @@ def test_mutual_nn_similarity_one_pair_and_nan():
 def test_mutual_nn_similarity_shape_errors():
     with pytest.raises(ValueError, match="batch size"):
         lm.mutual_nn_similarity(torch.randn(2, 10, C), torch.randn(3, 10, C))
+
+
+# ------------------------------------------------------------------------------------------------
+# Run-time exactness self-check of the tiled products, and its fallback
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_self_check(monkeypatch):
+    """Empty self-check cache and path records, so that this test's check and logs really run."""
+    monkeypatch.setattr(lm, "_TILE_CHECK", {})
+    monkeypatch.setattr(lm, "_PATHS", {})
+    monkeypatch.setattr(lm, "_PATHS_LOGGED", set())
+
+
+def _one_ulp_off_on_tiles():
+    """A float32 matmul that agrees with torch's on the whole product (3-D, the reference) but is
+    one ulp off in one entry of every 2-D tile: a BLAS whose tile kernels sum differently."""
+    real = torch.matmul
+
+    def matmul(a, b):
+        out = real(a, b)
+        if out.dim() == 2:
+            out = out.clone()
+            out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
+        return out
+    return matmul
+
+
+def test_self_check_passes_here_and_the_log_names_the_path(fresh_self_check, caplog):
+    q, x = scene_and_candidates(21, 61, 61, 61, 61, 2)
+    with caplog.at_level("INFO"):
+        got = lm.mutual_nn_scores(q, x, np.arange(2), fast_path=False)
+    assert torch.equal(got, ref_scores(q, x))
+    assert lm.engine_paths() == {"cpu 3721x128 vs 3721x128": f"{lm.PATH_TILED} (tile self-check passed)"}
+    text = caplog.text
+    assert "self-check on cpu" in text and "passed" in text and "bit-identical" in text
+    assert f"path {lm.PATH_TILED}" in text
+    ok, detail = lm.tile_self_check(candidate_positions=3721, query_positions=3721, channels=C, screen=True)
+    assert ok, detail
+
+
+def test_self_check_sees_a_one_ulp_difference(fresh_self_check, monkeypatch):
+    monkeypatch.setattr(lm, "_tile_check_matmul", _one_ulp_off_on_tiles())
+    ok, detail = lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C)
+    assert not ok
+    assert "row tile 0:" in detail and "differs from the whole product" in detail
+    # Cached per shape: the same answer without recomputation, another shape is checked anew.
+    assert lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C) == (ok, detail)
+    monkeypatch.setattr(lm, "_tile_check_matmul", torch.matmul)
+    assert lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C) == (ok, detail)
+    assert lm.tile_self_check(candidate_positions=301, query_positions=250, channels=C)[0]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_failed_self_check_falls_back_to_the_full_product(fresh_self_check, monkeypatch, caplog, fast_path):
+    """The check is forced to fail (a one-ulp disagreement between tile and whole products); the
+    tiled engine must then never run (it raises here) and the scores must still equal the
+    full-matrix reference, near-ties included; the log names the path in use."""
+    monkeypatch.setattr(lm, "_tile_check_matmul", _one_ulp_off_on_tiles())
+
+    def tiled_must_not_run(*args, **kwargs):
+        raise AssertionError("the tiled engine ran although its self-check failed")
+    monkeypatch.setattr(lm, "_nn_tiled", tiled_must_not_run)
+    q, x = scene_and_candidates(22, 61, 61, 61, 61, 3)
+    q, x = q.clone(), x.clone()
+    x[1, 500:600] = torch.nextafter(x[1, 0:100], torch.full_like(x[1, 0:100], 2.0))   # one-ulp near-ties
+    x[2, 1000:1100] = x[2, 0:100]                                                     # exact ties
+    with caplog.at_level("INFO"):
+        got = lm.mutual_nn_scores(q, x, np.arange(3), chunk_size=2, fast_path=fast_path)
+    assert torch.equal(got, ref_scores(q, x))
+    path = f"{lm.PATH_PLAIN} (tile self-check failed)"
+    assert lm.engine_paths() == {"cpu 3721x128 vs 3721x128": path}
+    assert "FAILED" in caplog.text and f"path {path}" in caplog.text
+    # The training similarity and the match pairs go through the same dispatcher.
+    ia, ib = lm.mutual_nn_pairs(x[1], q, fast_path=fast_path)
+    want_a, want_b = ref_pairs(x[1], q)
+    assert torch.equal(ia, want_a) and torch.equal(ib, want_b)
+
+
+def test_plain_path_is_logged_for_small_inputs(fresh_self_check, caplog):
+    q = torch.randn(40, C)
+    x = torch.randn(2, 30, C)
+    with caplog.at_level("INFO"):
+        assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(2)), ref_scores(q, x))
+    assert lm.engine_paths()["cpu 30x128 vs 40x128"].startswith(f"{lm.PATH_PLAIN} (query with fewer than 64")
+    assert "path plain-fp32" in caplog.text

@@ -1,4 +1,5 @@
 """The training losses: local mutual-NN loss properties and where its gradient goes."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -78,3 +79,49 @@ def test_local_loss_alone_trains_the_local_head():
     loss.local_triplet_loss(local[:1], local[1:2], local[2:3]).backward()
     assert model.LocalAdapt.upconv2.weight.grad is not None
     assert model.aggregation[1].p.grad is None or model.aggregation[1].p.grad.abs().sum() == 0
+
+
+def _one_training_step(precision):
+    """One optimiser step of the tiny model from fixed weights and images at `precision`:
+    (global loss, local loss, the updated trainable parameters, dtypes of the outputs)."""
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(**TINY)
+    model.freeze()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "D_fc2" in name:
+                p.normal_(std=0.02)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-3)
+    images = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+    local, glob = loss.forward_features(model, images, precision=precision)
+    g, l = loss.triplet_losses(local, glob, torch.tensor([[0, 1, 2], [0, 1, 3], [4, 5, 6], [4, 5, 4]]),
+                               margin=0.5, normaliser=4)
+    optimizer.zero_grad(set_to_none=True)
+    (g + l).backward()
+    optimizer.step()
+    return g.item(), l.item(), [p.detach().clone() for p in trainable], (local.dtype, glob.dtype)
+
+
+def test_bf16_training_step_is_finite_and_close_to_fp32():
+    g32, l32, params32, dtypes32 = _one_training_step("fp32")
+    g16, l16, params16, dtypes16 = _one_training_step("bf16")
+    assert dtypes32 == dtypes16 == (torch.float32, torch.float32)  # losses are computed in float32
+    assert all(map(torch.isfinite, torch.tensor([g32, l32, g16, l16])))
+    assert l32 > 0 and l16 > 0
+    # bf16 keeps ~3 significant digits: the losses agree to a few per cent, but are not equal (autocast ran).
+    assert abs(g16 - g32) <= 0.05 * abs(g32) and abs(l16 - l32) <= 0.05 * abs(l32)
+    assert (g16, l16) != (g32, l32)
+    # fp32 master weights: the updated parameters stay float32 and finite.
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params16)
+
+
+def test_fp32_training_forward_is_the_plain_call():
+    torch.manual_seed(0)
+    model = network.GeoLocalizationNet(**TINY).eval()
+    images = torch.randn(2, 3, 56, 56)
+    local, glob = loss.forward_features(model, images, precision="fp32")
+    ref_local, ref_glob = model(images)
+    assert torch.equal(local, ref_local) and torch.equal(glob, ref_glob)
+    with pytest.raises(ValueError, match="--precision"):
+        loss.forward_features(model, images, precision="fp16")
