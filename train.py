@@ -24,6 +24,9 @@ import test
 def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
+    # As the public train.py: cuDNN autotuning on; seeding (any --seed but -1) turns it off again so that
+    # runs are deterministic.
+    torch.backends.cudnn.benchmark = True
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
     ctx = distributed.start_run(args, output_folder)
     if ctx.enabled:
