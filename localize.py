@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 import commons
 import datasets_ws
+import image_files
 import network
 import parser
 import predictions_io
@@ -60,21 +61,23 @@ CHECKED_SETTINGS = ("backbone", "registers", "depth", "embed_dim", "resize", "pr
 # Images
 # ------------------------------------------------------------------------------------------------
 
-def collect_images(folder: str, *, flag: str = "--database_folder") -> List[str]:
+def collect_images(folder: str, *, flag: str = "--database_folder", protect: Sequence[str] = ()) -> List[str]:
     """Every .jpg / .jpeg / .png (any letter case) below `folder`, recursive, ordered by sorted() on the
-    full paths as datasets_ws.collect_jpgs; hidden files and folders are skipped. `flag` names the
-    folder's flag in the error messages."""
+    full paths as datasets_ws.collect_jpgs; hidden files and folders are skipped, links to folders are
+    followed unless they would read a real folder twice, loop, or reach into `folder` or a `protect`
+    folder (image_files.list_images). What was skipped, and why, is logged with the counts. `flag`
+    names the folder's flag in the error messages."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{flag} {folder}: no such folder. Give the folder that holds your images.")
-    paths = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruning in place: hidden folders are not entered
-        paths.extend(os.path.join(root, f) for f in files
-                     if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
-    if not paths:
+        broken = image_files.broken_link_hint(folder)
+        raise FileNotFoundError(f"{flag} {broken}" if broken else
+                                f"{flag} {folder}: no such folder. Give the folder that holds your images.")
+    listing = image_files.list_images(folder, accept=lambda name: name.lower().endswith(IMAGE_SUFFIXES),
+                                      protect=protect)
+    image_files.log_listing(listing, rule=f"{flag} reads only {', '.join(IMAGE_SUFFIXES)} (any letter case)")
+    if not listing.paths:
         raise ValueError(f"{flag} {folder} contains no image ({', '.join(IMAGE_SUFFIXES)}, searched recursively, "
                          "hidden files skipped): put your images there or fix the flag.")
-    return sorted(paths)
+    return listing.paths
 
 
 class FolderImages(Dataset):
@@ -87,9 +90,10 @@ class FolderImages(Dataset):
     def __init__(self, paths: Sequence[str], *, resize: Sequence[int]) -> None:
         self.images_paths = list(paths)
         self.resize = (int(resize[0]), int(resize[1]))
+        self.min_side = datasets_ws.draft_min_side(self.resize)  # for photos above Pillow's pixel limit
 
     def load(self, index: int, method: str) -> torch.Tensor:
-        image = datasets_ws.base_transform(datasets_ws.open_image(self.images_paths[index]))
+        image = datasets_ws.base_transform(datasets_ws.open_image(self.images_paths[index], min_side=self.min_side))
         return datasets_ws.apply_test_method(image, method, self.resize)
 
     def __getitem__(self, index: int):
@@ -445,8 +449,11 @@ def main(args) -> None:
     logging.info(f"The outputs are being saved in {output_folder}")
 
     # Folders first: a typo should not wait for the model.
-    queries_paths = collect_images(os.path.abspath(args.queries_folder), flag="--queries_folder")
-    database_paths = None if args.load_database else collect_images(os.path.abspath(args.database_folder))
+    # A folder link in one folder must not pull in the other folder's images.
+    queries_paths = collect_images(os.path.abspath(args.queries_folder), flag="--queries_folder",
+                                   protect=[os.path.abspath(args.database_folder)] if args.database_folder else [])
+    database_paths = None if args.load_database else collect_images(os.path.abspath(args.database_folder),
+                                                                     protect=[os.path.abspath(args.queries_folder)])
     model = network.build_model(args)
     settings = model_settings(model, backbone=args.backbone, registers=args.registers, resize=args.resize,
                               precision=args.precision)
