@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable

@@ -179,6 +179,11 @@ def test_above_the_pixel_limit_jpegs_are_draft_decoded_below_it_pixels_are_uncha
     assert datasets_ws.open_image(big, min_side=300).size == (512, 384)
     shrunk = full_big.resize((256, 192), Image.Resampling.BOX)
     assert np.abs(_array(read) - _array(shrunk)).mean() < 3
+    # Between once and twice the limit Pillow reads the file (with its warning): drafted too.
+    band = str(tmp_path / "band.jpg")
+    full_big.resize((280, 200)).save(band, quality=95)
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert datasets_ws.open_image(band, min_side=100).size == (140, 100)
     assert Image.MAX_IMAGE_PIXELS == 256 * 192  # the code only read it
 
 
