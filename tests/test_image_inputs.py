@@ -438,3 +438,16 @@ def test_skipped_files_are_counted_by_suffix_and_image_formats_warned(synthetic,
     assert any("skipped 1 hidden entries" in m for m in infos)
     assert any("5 image files were skipped" in m for m in warnings)
     assert any("4 image files were skipped (1 .HEIC, 1 .heic, 1 .tiff, 1 .webp)" in m for m in warnings)
+
+
+def test_a_195_megapixel_query_in_a_data_set_is_evaluated(synthetic, huge_query, tmp_path):
+    """What eval.py reads: BaseDataset items, for every query test method."""
+    datasets = _copy_dataset(synthetic, tmp_path)
+    name = "@" + "@".join(os.path.basename(synthetic[2][0]).split("@")[1:3]) + "@huge@.jpg"
+    shutil.copy(huge_query, _split(datasets, "queries/" + name))
+    for method in ("hard_resize", "single_query", "five_crops"):
+        ds = datasets_ws.BaseDataset(datasets, "synthetic", "test", resize=RESIZE, test_method=method)
+        index = ds.images_paths.index(_split(datasets, "queries/" + name))
+        image, _ = ds[index]
+        assert torch.isfinite(image).all()
+        assert image.shape[-2:] == ((112, 140) if method == "single_query" else (112, 112)), method
