@@ -24,9 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms as T
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import Dataset
+
+import image_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,20 +48,19 @@ FIVE_CROP_METHODS = ("five_crops", "nearest_crop", "maj_voting")
 # Files
 # ----------------------------------------------------------------------------------------------
 
-def collect_jpgs(folder: str) -> list[str]:
+def collect_jpgs(folder: str, *, protect: Sequence[str] = ()) -> list[str]:
     """All ``*.jpg`` files below ``folder`` (recursive), sorted with ``sorted()`` on the full paths.
 
     The suffix is case-sensitive (``.JPG`` is not collected), hidden files and hidden folders
-    (name starting with ``.``) are skipped, symbolic links to folders are followed: the same set of
-    files as ``glob(join(folder, "**", "*.jpg"), recursive=True)``, without glob's pattern
-    characters in ``folder`` being interpreted and without folders called ``x.jpg``.
+    (name starting with ``.``) are skipped: for a tree without links to folders the same set of files as
+    ``glob(join(folder, "**", "*.jpg"), recursive=True)``, without glob's pattern characters in
+    ``folder`` being interpreted and without folders called ``x.jpg``. Links to folders are followed
+    unless that would read a real folder twice, loop, or reach into ``folder`` or a ``protect`` folder
+    (the rule of image_files.list_images). What was skipped, and why, is logged with the counts.
     """
-    paths = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        # Pruning in place stops os.walk from entering hidden folders.
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        paths.extend(os.path.join(root, f) for f in files if f.endswith(".jpg") and not f.startswith("."))
-    return sorted(paths)
+    listing = image_files.list_images(folder, accept=lambda name: name.endswith(".jpg"), protect=protect)
+    image_files.log_listing(listing, rule="a data set reads only names ending in lower-case .jpg")
+    return listing.paths
 
 
 def read_utm(path: str) -> tuple[float, float]:
@@ -101,25 +102,21 @@ def parse_note(note: str) -> tuple[bool, bool]:
     return tokens[0] == "night", len(tokens) > 1 and tokens[1] == "sideways"
 
 
-def open_image(path: str) -> Image.Image:
-    """Read an image file as an RGB PIL image (grayscale, CMYK, palette or a PNG named .jpg included).
+def open_image(path: str, *, min_side: int = image_files.DRAFT_MIN_SIDE) -> Image.Image:
+    """Read an image file as an RGB PIL image, as a viewer shows it (image_files.read_rgb).
 
-    The pixels are decoded here (PIL is lazy) so that a truncated or corrupt file fails now, with
-    its name, rather than later inside a DataLoader worker.
+    Grayscale, CMYK, palette or a PNG named .jpg are converted to RGB, 16-bit / 32-bit / float
+    grayscale scaled to 8 bits, the EXIF orientation applied; a JPEG above Pillow's pixel limit is read
+    at a reduced size keeping both sides >= ``min_side``. The pixels are decoded here (PIL is lazy) so
+    that a truncated or corrupt file fails now, with its name, rather than later inside a DataLoader worker.
     """
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"Image {path!r} is a folder, not an image file: give the path of an image.")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image {path!r} does not exist: check the path (for a data set: was its folder "
-                                "changed after it was loaded?).")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise ValueError(
-            f"Cannot read image {path!r} ({type(e).__name__}: {e}): the file is empty, truncated or not an image. "
-            "Replace it with a valid image or delete it.") from e
+    return image_files.read_rgb(path, min_side=min_side)
+
+
+def draft_min_side(resize: Sequence[int]) -> int:
+    """The smallest side a photo above Pillow's pixel limit may be draft-decoded to when it is then resized
+    to ``resize``: twice the larger target side (a margin for the later resize), at least DRAFT_MIN_SIDE."""
+    return max(image_files.DRAFT_MIN_SIDE, 2 * max(int(v) for v in resize))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +252,9 @@ def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> 
 
 def _require_folder(folder: str, what: str, hint: str) -> None:
     if not os.path.isdir(folder):
+        broken = image_files.broken_link_hint(folder)
+        if broken:
+            raise FileNotFoundError(f"{what} {broken}")
         raise FileNotFoundError(f"{what} {folder!r} does not exist: {hint}")
 
 
@@ -329,8 +329,9 @@ class BaseDataset(Dataset):
             _require_folder(folder, "Folder",
                             f"the split {split!r} must contain both 'database' and 'queries' folders.")
 
-        self.database_paths = collect_jpgs(database_folder)
-        queries_paths = collect_jpgs(queries_folder)
+        # A folder link inside one part must not pull in the other part (or the split itself).
+        self.database_paths = collect_jpgs(database_folder, protect=(self.dataset_folder, queries_folder))
+        queries_paths = collect_jpgs(queries_folder, protect=(self.dataset_folder, database_folder))
         for folder, paths in ((database_folder, self.database_paths), (queries_folder, queries_paths)):
             if not paths:
                 raise ValueError(f"Folder {folder!r} contains no .jpg image (the suffix is case-sensitive, hidden "
@@ -376,7 +377,8 @@ class BaseDataset(Dataset):
         """Image ``index`` (global) normalised and preprocessed by test ``method`` (see apply_test_method)."""
         if method not in TEST_METHODS:
             raise ValueError(f"Unknown --test_method {method!r}: choose one of {', '.join(TEST_METHODS)}")
-        return apply_test_method(base_transform(open_image(self.images_paths[index])), method, self.resize)
+        image = open_image(self.images_paths[index], min_side=draft_min_side(self.resize))
+        return apply_test_method(base_transform(image), method, self.resize)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         method = "hard_resize" if index < self.database_num else self.test_method
@@ -482,8 +484,9 @@ class TripletsDataset(BaseDataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         row = np.asarray(self.triplets_global_indexes[index], dtype=np.int64)
-        query = self.query_transform(open_image(self.images_paths[row[0]]))
-        others = [self.resized_transform(open_image(self.images_paths[i])) for i in row[1:]]
+        side = draft_min_side(self.resize)
+        query = self.query_transform(open_image(self.images_paths[row[0]], min_side=side))
+        others = [self.resized_transform(open_image(self.images_paths[i], min_side=side)) for i in row[1:]]
         images = torch.stack([query] + others)
         negs = len(row) - 2
         local = torch.stack([torch.zeros(negs, dtype=torch.long), torch.ones(negs, dtype=torch.long),
@@ -523,7 +526,8 @@ class PCADataset(Dataset):
                              "choose a folder with images.")
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return hard_resize(base_transform(open_image(self.images_paths[index])), self.resize)
+        image = open_image(self.images_paths[index], min_side=draft_min_side(self.resize))
+        return hard_resize(base_transform(image), self.resize)
 
     def __len__(self) -> int:
         return len(self.images_paths)

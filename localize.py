@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 import commons
 import datasets_ws
+import image_files
 import network
 import parser
 import predictions_io
@@ -60,28 +61,30 @@ CHECKED_SETTINGS = ("backbone", "registers", "depth", "embed_dim", "resize", "pr
 # Images
 # ------------------------------------------------------------------------------------------------
 
-def collect_images(folder: str, *, flag: str = "--database_folder") -> List[str]:
+def collect_images(folder: str, *, flag: str = "--database_folder", protect: Sequence[str] = ()) -> List[str]:
     """Every .jpg / .jpeg / .png (any letter case) below `folder`, recursive, ordered by sorted() on the
-    full paths as datasets_ws.collect_jpgs; hidden files and folders are skipped. `flag` names the
-    folder's flag in the error messages."""
+    full paths as datasets_ws.collect_jpgs; hidden files and folders are skipped, links to folders are
+    followed unless they would read a real folder twice, loop, or reach into `folder` or a `protect`
+    folder (image_files.list_images). What was skipped, and why, is logged with the counts. `flag`
+    names the folder's flag in the error messages."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{flag} {folder}: no such folder. Give the folder that holds your images.")
-    paths = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # pruning in place: hidden folders are not entered
-        paths.extend(os.path.join(root, f) for f in files
-                     if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
-    if not paths:
+        broken = image_files.broken_link_hint(folder)
+        raise FileNotFoundError(f"{flag} {broken}" if broken else
+                                f"{flag} {folder}: no such folder. Give the folder that holds your images.")
+    listing = image_files.list_images(folder, accept=lambda name: name.lower().endswith(IMAGE_SUFFIXES),
+                                      protect=protect)
+    image_files.log_listing(listing, rule=f"{flag} reads only {', '.join(IMAGE_SUFFIXES)} (any letter case)")
+    if not listing.paths:
         raise ValueError(f"{flag} {folder} contains no image ({', '.join(IMAGE_SUFFIXES)}, searched recursively, "
                          "hidden files skipped): put your images there or fix the flag.")
-    return sorted(paths)
+    return listing.paths
 
 
-def find_images(folder: str, *, flag: str = "--database_folder") -> List[str]:
-    """collect_images(folder), less the images inside output folders of earlier runs of these scripts
-    (commons.is_run_folder: e.g. a localize.py run's preds/*.jpg written under an image folder), which
-    must never become queries or database images. The skipped ones are logged."""
-    paths = collect_images(folder, flag=flag)
+def find_images(folder: str, *, flag: str = "--database_folder", protect: Sequence[str] = ()) -> List[str]:
+    """collect_images(folder, protect=...), less the images inside output folders of earlier runs of these
+    scripts (commons.is_run_folder: e.g. a localize.py run's preds/*.jpg written under an image folder),
+    which must never become queries or database images. The skipped ones are logged."""
+    paths = collect_images(folder, flag=flag, protect=protect)
     root = os.path.abspath(folder)
     verdicts: Dict[str, bool] = {}
 
@@ -143,9 +146,10 @@ class FolderImages(Dataset):
     def __init__(self, paths: Sequence[str], *, resize: Sequence[int]) -> None:
         self.images_paths = list(paths)
         self.resize = (int(resize[0]), int(resize[1]))
+        self.min_side = datasets_ws.draft_min_side(self.resize)  # for photos above Pillow's pixel limit
 
     def load(self, index: int, method: str) -> torch.Tensor:
-        image = datasets_ws.base_transform(datasets_ws.open_image(self.images_paths[index]))
+        image = datasets_ws.base_transform(datasets_ws.open_image(self.images_paths[index], min_side=self.min_side))
         return datasets_ws.apply_test_method(image, method, self.resize)
 
     def __getitem__(self, index: int):
@@ -581,8 +585,11 @@ def main(args) -> None:
             saved_root = args.database_folder or manifest["database_folder"]
         warn_about_overlaps(queries_folder=args.queries_folder, database_folder=args.database_folder or saved_root,
                             output_folder=output_folder)
-        queries_paths = find_images(os.path.abspath(args.queries_folder), flag="--queries_folder")
-        database_paths = None if args.load_database else find_images(os.path.abspath(args.database_folder))
+        # A folder link in one folder must not pull in the other folder's images.
+        queries_paths = find_images(os.path.abspath(args.queries_folder), flag="--queries_folder",
+                                    protect=[os.path.abspath(args.database_folder)] if args.database_folder else [])
+        database_paths = None if args.load_database else find_images(
+            os.path.abspath(args.database_folder), protect=[os.path.abspath(args.queries_folder)])
         if args.save_only_wrong_preds:
             database_names = database_paths if database_paths is not None else manifest["images"]
             if not (names_carry_utm(queries_paths) and names_carry_utm(database_names)):

@@ -1,6 +1,6 @@
 """Pictures of what the model sees: dense matches, feature heat maps, prediction rows.
 
-Pillow + numpy only (no OpenCV, no matplotlib, no torch import): every function takes
+Pillow + numpy only (no OpenCV, no matplotlib, no torch import; files are read by ``image_files``): every function takes
 numpy arrays (torch tensors are accepted too and converted through ``.detach().cpu()``)
 or PIL images, and returns numpy arrays or PIL images. Nothing here touches the model;
 the command-line scripts in ``tools/`` run the model and hand the arrays over.
@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+import image_files
 
 __all__ = [
     "QUERY_FRAME_COLOUR",
@@ -472,6 +474,8 @@ def overlay_heatmap(image: Image.Image, heat, *, alpha: float = 0.6) -> Image.Im
 # prediction rows
 # --------------------------------------------------------------------------------------
 def _open_rgb(source, *, name: str) -> Image.Image:
+    """A PIL image as RGB, or a file read as a viewer shows it (image_files.read_rgb: EXIF orientation,
+    high-bit-depth grayscale scaled to 8 bits, huge JPEGs draft-decoded), the same reading as the model's."""
     if isinstance(source, Image.Image):
         return _rgb(source, name=name)
     path = Path(source)
@@ -479,11 +483,9 @@ def _open_rgb(source, *, name: str) -> Image.Image:
         raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist; check the "
                                 "path")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"{name}: cannot read image {str(path)!r} ({error}); pass a "
-                         "JPEG/PNG file") from None
+        return image_files.read_rgb(str(path))
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _framed_tile(image: Image.Image, tile_height: int, border: int,

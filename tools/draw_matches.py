@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_input(path: str, resize: list[int], device: str) -> tuple[Image.Image, torch.Tensor]:
     """(the RGB image as read, its (1, 3, H, W) evaluation input)."""
-    image = datasets_ws.open_image(path)
+    image = datasets_ws.open_image(path, min_side=datasets_ws.draft_min_side(resize))
     tensor = datasets_ws.hard_resize(datasets_ws.base_transform(image), resize)
     return image, tensor.unsqueeze(0).to(device)
 

@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> Path:
     ValueError / FileNotFoundError with a message naming the file or flag."""
     vis.image_format_for(args.output)                               # fail before the model runs
     commons.make_deterministic(args.seed)                          # same picture for the same flags
-    image = datasets_ws.open_image(args.image)
+    image = datasets_ws.open_image(args.image, min_side=datasets_ws.draft_min_side(args.resize))
     inputs = datasets_ws.hard_resize(datasets_ws.base_transform(image), args.resize)
     model = network.build_model(args).eval()
     heat = patch_heat(model, inputs.unsqueeze(0).to(args.device))
