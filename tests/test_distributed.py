@@ -265,7 +265,7 @@ def test_two_process_eval_equals_one_process_and_loads_the_ddp_checkpoint(traine
     assert outputs["eval_one"] == outputs["eval_two"]
     assert len(outputs["eval_one"][2]) == 15 and len(outputs["eval_one"][0]) == 1
     assert outputs["eval_one"][0] == train_final  # the checkpoint of the 2-process run, in one process
-    assert not os.listdir(os.path.join(folders["eval_two"], "dense_features"))
+    assert not os.path.exists(os.path.join(folders["eval_two"], "dense_features"))  # removed at the end
 
 
 # ------------------------------------------------------------------------------------------------
