@@ -21,9 +21,9 @@ during extraction leaves only its own temp file, which a later run neither reads
 during a checkpoint save and exact resume: tests/test_train.py.)
 
 Safety: weight files are only ever loaded with weights_only=True or, on torch < 2.6, network.py's
-restricted unpickler (a scan of every .py file); a crafted
-pickle that would run code is refused through eval.py --resume / --foundation_model_path, reproduce.py
-and the torch.hub entry point; files planted in a data folder (.py, .pth) are never opened or run.
+restricted unpickler (a scan of every .py file); a crafted pickle that would run code is refused through
+eval.py --resume / --foundation_model_path, reproduce.py and the torch.hub entry point; files planted in a
+data folder (.py, .pth) are never opened or run.
 
 Cost: most cases stop at parse time or before the model is built, and run in forks of one process that
 imported the project once (see RUNNER); a few run in a fresh interpreter. Two processes at a time (the
