@@ -17,6 +17,35 @@ import torch
 LOG_FORMAT = "%(asctime)s   %(message)s"
 
 
+# The oldest releases the project is tested with (CI's floors environment, requirements-floors.txt).
+MIN_VERSIONS = {"Python": (3, 10), "torch": (2, 0), "torchvision": (0, 15), "numpy": (1, 24)}
+
+
+def _release(version: str) -> tuple:
+    """(2, 0, 1) from "2.0.1+cu117" (the leading numbers of a version string)."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", piece)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+        if digits.group() != piece:
+            break
+    return tuple(parts)
+
+
+def unsupported_versions() -> Optional[str]:
+    """One line naming each installed package older than MIN_VERSIONS and its minimum, or None."""
+    import torchvision
+    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__,
+             "torchvision": torchvision.__version__, "numpy": np.__version__}
+    old = [f"{name} >= {'.'.join(map(str, MIN_VERSIONS[name]))} (this is {found[name]})"
+           for name in MIN_VERSIONS if _release(str(found[name])) < MIN_VERSIONS[name]]
+    if not old:
+        return None
+    return f"SelaVPR needs {', '.join(old)}: upgrade, e.g. pip install -r requirements.txt."
+
+
 class UserError(ValueError):
     """A problem with the user's input (flag, file, data): printed as one message, no traceback."""
 
@@ -137,7 +166,8 @@ def _raise_terminated(signum, frame) -> None:
 
 def run_main(main: Callable, args) -> None:
     """Run an entry script's main: user errors become one clear message and exit code 2; unexpected
-    errors are logged with their traceback (debug.log) and exit 1.
+    errors are logged with their traceback (debug.log) and exit 1. Too old a torch / numpy / Python is
+    refused first, in one line naming the minimum.
 
     Ctrl-C (exit 130) and SIGTERM (exit 143) both unwind through the scripts' cleanups and end with one
     log line. The SIGTERM handler is installed for the duration of main only (from the main thread;
@@ -146,6 +176,10 @@ def run_main(main: Callable, args) -> None:
     still exits promptly with a non-zero status; a worker stuck inside a collective gets the launcher's
     SIGKILL after its grace period as before.
     """
+    problem = unsupported_versions()
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)

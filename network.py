@@ -4,6 +4,10 @@ build_model(args) is the one place that turns command-line arguments into constr
 """
 import logging
 import os
+import pickle
+import re
+import struct
+import types
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -116,10 +120,17 @@ class GeoLocalizationNet(nn.Module):
 # Weight files
 # ---------------------------------------------------------------------------------------------------
 
+def _numpy_multiarray():
+    """numpy's multiarray module: numpy 2 moved it to numpy._core (numpy.core is a deprecated alias
+    there), numpy 1.x has only numpy.core."""
+    core = getattr(np, "_core", None)
+    return core.multiarray if core is not None and hasattr(core, "multiarray") else np.core.multiarray
+
+
 def _numpy_safe_globals() -> list:
     """Exactly the numpy objects a SelaVPR training checkpoint pickles (`recalls` array, `best_r5`
     float64 scalar), under the names numpy 1.x (numpy.core) and 2.x (numpy._core) write."""
-    multiarray = np._core.multiarray
+    multiarray = _numpy_multiarray()
     return [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
             (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
             (multiarray.scalar, "numpy.core.multiarray.scalar"),
@@ -131,10 +142,130 @@ def _numpy_safe_globals() -> list:
             bytes]
 
 
-def load_weights_file(path: str, *, what: str) -> dict:
-    """torch.load(path, weights_only=True) with the numpy allow-list; clear errors for bad files.
+def _torch_allow_list_takes_names() -> bool:
+    """Whether this torch's weights_only loader accepts allow-list entries under a given name
+    ((object, "module.name"), torch >= 2.6): a file written with numpy 1.x names numpy.core..., which
+    numpy 2 calls numpy._core..., and vice versa, so the numpy objects must be allowed under both.
 
-    `what` names the flag the path came from, for the messages.
+    Older torch (no safe_globals, or entries by object only) gets the restricted unpickler instead.
+    The probe reads torch's own resolved allow-list; a torch that renames that private helper also
+    gets the restricted unpickler (still safe; tests/test_network.py notices the change).
+    """
+    if not hasattr(torch.serialization, "safe_globals"):
+        return False
+    try:
+        from torch import _weights_only_unpickler
+        probe = "selavpr_probe.allow_list_by_name"
+        with torch.serialization.safe_globals([(OrderedDict, probe)]):
+            return probe in _weights_only_unpickler._get_user_allowed_globals()
+    except (AttributeError, ImportError, TypeError):  # an older torch: entries by object only
+        return False
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A weights file pickles an object outside the allow-list (unpickling it could run code)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"refused global {name}")
+        self.name = name
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """codecs.encode for protocol-2 pickles of bytes (numpy array buffers): latin-1 only, so that a
+    file cannot pick another codec."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args):
+    """bytes() as an empty numpy buffer is pickled; any argument (e.g. a huge size) is refused."""
+    if args:
+        raise RefusedGlobal("bytes with arguments")
+    return b""
+
+
+def _restricted_allow_list() -> Dict[str, object]:
+    """Every global the restricted unpickler resolves, by the name a pickle gives it: tensors (torch's
+    storage classes are resolved by torch itself before this list is asked), OrderedDict and the numpy
+    objects of a training checkpoint under their numpy 1.x and 2.x names. Nothing else."""
+    multiarray = _numpy_multiarray()
+    allowed = {
+        "collections.OrderedDict": OrderedDict,
+        "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+        "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+        "torch.Size": torch.Size,
+        "numpy.ndarray": np.ndarray,
+        "numpy.dtype": np.dtype,
+        # Protocol 2 writes Python 3's bytes as _codecs.encode(str, "latin1") and builtins as __builtin__.
+        "_codecs.encode": _latin1_encode,
+        "__builtin__.bytes": _empty_bytes,
+        "builtins.bytes": _empty_bytes,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[f"{core}.multiarray._reconstruct"] = multiarray._reconstruct
+        allowed[f"{core}.multiarray.scalar"] = multiarray.scalar
+    # dtypes are plain values (e.g. a tensor's dtype in an optimizer state), not callables that run code.
+    allowed.update({f"torch.{name}": value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    return allowed
+
+
+def restricted_pickle_module() -> types.ModuleType:
+    """A pickle module for torch.load(pickle_module=...) whose unpickler resolves only
+    _restricted_allow_list() and raises RefusedGlobal for any other global, before anything runs.
+
+    It works with every torch version (torch.load has taken pickle_module since 1.0), unlike
+    weights_only's allow-lists. Built before a load, so that a missing attribute is a bug that shows
+    as such, not a complaint about the user's file.
+    """
+    allowed = _restricted_allow_list()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            obj = allowed.get(f"{module}.{name}")
+            if obj is None:
+                raise RefusedGlobal(f"{module}.{name}")
+            return obj
+
+    def load(file, **kwargs):
+        return Unpickler(file, **kwargs).load()
+
+    module = types.ModuleType("selavpr_restricted_pickle")
+    module.Unpickler, module.load = Unpickler, load
+    module.UnpicklingError = pickle.UnpicklingError
+    return module
+
+
+# Errors that a bad file (truncated, corrupt, not a torch file) makes torch.load raise: torch's zip
+# reader raises RuntimeError; the unpicklers UnpicklingError, EOFError, ValueError (e.g. an unknown
+# protocol) and, torch's pure-Python weights_only one, IndexError / KeyError / struct.error on garbage.
+# Not caught: ImportError, AttributeError, TypeError, NameError - bugs or a broken install, which must
+# show as such rather than as advice about the user's file.
+_BAD_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error,
+                    OverflowError)
+
+
+def _torch_load(path: str, *, restricted: bool):
+    """The one torch.load of the project: weights_only=True with the numpy allow-list where torch can
+    express it, else the restricted unpickler."""
+    if restricted:
+        restricted_pickle = restricted_pickle_module()
+        # torch.load refuses pickle_module together with weights_only=True, so weights_only=False is said
+        # explicitly (torch >= 2.6 would otherwise default to True and raise). It is still safe: every
+        # global of the file goes through restricted_pickle's find_class (allow-list or RefusedGlobal).
+        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    allow = _numpy_safe_globals()
+    with torch.serialization.safe_globals(allow):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None) -> dict:
+    """Load a weights file safely (tensors, plain containers, numbers and the numpy objects of a training
+    checkpoint only); clear errors for bad files.
+
+    `what` names the flag the path came from, for the messages. `restricted` chooses the loader (tests
+    run both): None = torch.load(weights_only=True) with the numpy allow-list where this torch can
+    express it (>= 2.6), else the restricted unpickler; True = the restricted unpickler.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path}: no such file. Give the path of an existing weights file.")
@@ -143,24 +274,37 @@ def load_weights_file(path: str, *, what: str) -> dict:
     if os.path.getsize(path) == 0:
         raise ValueError(f"{what} {path} is empty (0 bytes): its download or copy did not finish. Give a complete "
                          "weights file (.pth).")
+    if restricted is None:
+        restricted = not _torch_allow_list_takes_names()
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure mode of a bad file gets the same clear message
-        msg = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-        unsafe = next((line for line in msg if "Unsupported global" in line or "GLOBAL" in line), None)
-        if unsafe is not None:  # a pickled object other than tensors / numpy arrays: never unpickled
-            raise ValueError(f"{what} {path} could not be loaded safely: it holds a pickled Python object that is "
-                             f"not a tensor or numpy array ({unsafe[:200]}). Refusing to unpickle it "
-                             "(weights_only=True), as that could run arbitrary code: use weight files from a "
-                             "source you trust.") from None
-        # The first sentence: torch's further lines are advice about its own internals.
-        reason = msg[0].split(". ")[0][:200] if msg else type(e).__name__
-        raise ValueError(f"{what} {path} could not be loaded safely (weights_only=True): {reason}. It is truncated "
-                         "or not a PyTorch weights file: download or copy it again.") from None
+        data = _torch_load(path, restricted=restricted)
+    except _BAD_FILE_ERRORS as e:
+        refused = e.name if isinstance(e, RefusedGlobal) else _unsupported_global(str(e))
+        if refused is not None:
+            raise ValueError(f"{what} {path} refused: it would run code when unpickled (it pickles {refused}, "
+                             "which is not a tensor, number, container or numpy array). Nothing in it was run: "
+                             "use weight files from a source you trust.") from None
+        raise ValueError(f"{what} {path} could not be loaded ({_first_sentence(e)}): it is truncated or not a "
+                         "PyTorch weights file. Download or copy it again.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
     return data
+
+
+def _unsupported_global(message: str) -> Optional[str]:
+    """The object named by torch's weights_only refusal ("Unsupported global: GLOBAL posix.system ..." in
+    torch 2.6, "Trying to load unsupported GLOBAL posix.system whose module posix is blocked" later)."""
+    match = re.search(r"\bGLOBAL ([\w.]+)", message)
+    return match.group(1) if match else None
+
+
+def _first_sentence(e: BaseException) -> str:
+    """The reason of a load error, without torch's further lines (advice about its own internals)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    # weights_only failures put the actual reason after this marker.
+    reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
+                   if "WeightsUnpickler error:" in line), lines[0] if lines else type(e).__name__)
+    return reason.split(". ")[0][:200]
 
 
 def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
