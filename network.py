@@ -245,9 +245,10 @@ _BAD_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, 
                     OverflowError)
 
 
-def _torch_load(path: str, *, restricted: bool):
+def _torch_load(path: str, *, restricted: bool, mmap: bool = False):
     """The one torch.load of the project: weights_only=True with the numpy allow-list where torch can
-    express it, else the restricted unpickler."""
+    express it, else the restricted unpickler. mmap: map the tensors' storage instead of reading it (on
+    the weights_only path, for files in torch's zip format): for a look at a file's small entries."""
     if restricted:
         restricted_pickle = restricted_pickle_module()
         # torch.load refuses pickle_module together with weights_only=True, so weights_only=False is said
@@ -256,16 +257,19 @@ def _torch_load(path: str, *, restricted: bool):
         return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
     allow = _numpy_safe_globals()
     with torch.serialization.safe_globals(allow):
+        if mmap:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None) -> dict:
+def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None, mmap: bool = False) -> dict:
     """Load a weights file safely (tensors, plain containers, numbers and the numpy objects of a training
     checkpoint only); clear errors for bad files.
 
     `what` names the flag the path came from, for the messages. `restricted` chooses the loader (tests
     run both): None = torch.load(weights_only=True) with the numpy allow-list where this torch can
-    express it (>= 2.6), else the restricted unpickler; True = the restricted unpickler.
+    express it (>= 2.6), else the restricted unpickler; True = the restricted unpickler. mmap: see
+    _torch_load (ignored by the restricted unpickler).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path}: no such file. Give the path of an existing weights file.")
@@ -277,7 +281,7 @@ def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None
     if restricted is None:
         restricted = not _torch_allow_list_takes_names()
     try:
-        data = _torch_load(path, restricted=restricted)
+        data = _torch_load(path, restricted=restricted, mmap=mmap)
     except _BAD_FILE_ERRORS as e:
         refused = e.name if isinstance(e, RefusedGlobal) else _unsupported_global(str(e))
         if refused is not None:

@@ -140,7 +140,9 @@ def _resolve_model_settings(p: argparse.ArgumentParser, args: argparse.Namespace
         if path and os.path.isfile(path):
             source = f"--{flag} {path}"
             try:
-                checkpoint = network.load_weights_file(path, what=f"--{flag}")
+                # Memory-mapped where torch can: only the small settings entry is read (the weights are
+                # loaded later, by network.build_model).
+                checkpoint = network.load_weights_file(path, what=f"--{flag}", mmap=True)
             except (ValueError, OSError):
                 break  # a bad file: loading the weights reports it, with the whole message, in its place
             try:
