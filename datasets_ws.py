@@ -1,5 +1,5 @@
-"""Data sets in the Visual Geo-localization Benchmark layout (SPEC §2), their positives, and the
-evaluation preprocessing of SPEC §5.
+"""Data sets in the Visual Geo-localization Benchmark layout, their positives, and the evaluation
+preprocessing of the public release (normalise, then resize the tensor; the query test methods).
 
 Layout::
 
@@ -36,7 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: PIL image -> normalised float tensor (3, H, W).
 base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
 
-#: Query test methods of SPEC §5 (the database always uses ``hard_resize``).
+#: Query test methods of the public release (the database always uses ``hard_resize``).
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
 #: The methods whose output is the five crops (5, 3, s, s) of the query.
 # The ViT/14 patch size: single_query inputs are cropped to multiples of it.
@@ -120,7 +120,7 @@ def draft_min_side(resize: Sequence[int]) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation preprocessing on normalised tensors (SPEC §5). All take (3, H, W) or (B, 3, H, W).
+# Evaluation preprocessing on normalised tensors, as the public release. All take (3, H, W) or (B, 3, H, W).
 # ----------------------------------------------------------------------------------------------
 
 def _check_resize(resize: Sequence[int], name: str = "resize") -> tuple[int, int]:
@@ -444,7 +444,8 @@ class TripletsDataset(BaseDataset):
         if dropped:
             logging.info(f"There are {dropped} queries without any positive within {train_positives_dist_threshold} m "
                          f"in the {split} set: they are dropped, as they are useless for training.")
-        # Keep every per-query structure aligned (the public release forgets the soft list: SPEC §7).
+        # Keep every per-query structure aligned (the public release forgets the soft list, so later queries
+        # would exclude another query's positives from their negatives).
         kept = np.flatnonzero(keep)
         self.hard_positives_per_query = [hard[q] for q in kept]
         self.soft_positives_per_query = [self.soft_positives_per_query[q] for q in kept]

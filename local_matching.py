@@ -1,5 +1,5 @@
-"""Mutual-nearest-neighbour matching of dense local features: the re-rank engine (SPEC 5) and the
-training similarity of the local loss (SPEC 4).
+"""Mutual-nearest-neighbour matching of dense local features: the re-rank engine and the
+training similarity of the local loss.
 
 Definition (one for the whole project). For a query Q (Lq, C) and a candidate X (Lc, C), dense
 features flattened row-major from (h, w, C), the similarity is S = X @ Q.T (Lc, Lq) in float32.
@@ -10,7 +10,7 @@ occurrence (row-major) of the global maximum of S.
 
 - mutual_nn_scores: re-rank score of each candidate = number of mutual pairs, as float32. A
   candidate with exactly one mutual pair scores 1 (the public release stores 0 there through a
-  ``squeeze()`` quirk; we deliberately do not reproduce it, SPEC 5).
+  ``squeeze()`` quirk; we deliberately do not reproduce it: trained models never get there).
 - rerank: the one place that defines the order of candidates from their scores.
 - mutual_nn_pairs: the pairs themselves, for one pair of feature maps (match pictures).
 - mutual_nn_similarity: the differentiable training similarity, the mean of S[i, nn12[i]] over
@@ -1123,7 +1123,7 @@ def mutual_nn_pairs(a_local: Any, b_local: Any, *,
 
 
 def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) -> torch.Tensor:
-    """Training similarity of the local loss (SPEC 4), differentiable w.r.t. both inputs.
+    """Training similarity of the local loss, differentiable w.r.t. both inputs.
 
     query_local, cand_local: (B, L, C) or (B, h, w, C) (L may differ between the two). Per item,
     S = cand @ query.T; returns (B,) = mean of S[i, nn12[i]] over the mutual pairs i. The pairs are

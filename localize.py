@@ -1,7 +1,7 @@
 """Localise your own photos: for every image of a queries folder, rank the images of a database folder.
 
 No data set layout and no UTM coordinates are needed: any .jpg / .jpeg / .png below the two folders
-(recursive). The pipeline is the evaluation's (SPEC 5), with the same functions as test.py:
+(recursive). The pipeline is the evaluation's (global search, then re-ranking), with the same functions as test.py:
 
     database images -hard_resize-> model -> global descriptors (N, D) + dense features (DenseStore)
     query images -test_method-> model -> global descriptors (Q, D) -> faiss exact L2 top-k
@@ -41,7 +41,7 @@ import test
 import visualizations
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: The database is always preprocessed as in the evaluation (SPEC 5).
+#: The database is always preprocessed as in the evaluation (hard_resize).
 DATABASE_METHOD = "hard_resize"
 #: Query preprocessing accepted here: the methods that give one descriptor per query. The five-crop
 #: methods need test.evaluate's crop merging, which is only reachable through a BaseDataset.

@@ -211,7 +211,7 @@ def _restricted_allow_list() -> Dict[str, object]:
 
 
 def restricted_pickle_module() -> types.ModuleType:
-    """A pickle module for torch.load(pickle_module=...) whose unpickler resolves only
+    """A pickle module for torch's load(pickle_module=...) whose unpickler resolves only
     _restricted_allow_list() and raises RefusedGlobal for any other global, before anything runs.
 
     It works with every torch version (torch.load has taken pickle_module since 1.0), unlike
