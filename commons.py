@@ -7,12 +7,13 @@ import re
 import signal
 import sys
 import threading
-import tempfile
 import traceback
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+
+import atomic_files
 
 LOG_FORMAT = "%(asctime)s   %(message)s"
 
@@ -282,50 +283,8 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call write(temp_path) for a temp file beside `path`, then rename it over `path`.
-
-    A crash or a kill at any moment leaves either the old file or the new one, never half a file.
-    The file gets the permissions of any ordinary new file (0o666 less the umask), not mkstemp's
-    owner-only 0o600, so that colleagues on a shared server can read outputs as usual.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, new_file_mode())
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
-            # Name the file in the message (a write() on an open file does not).
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
-        raise
-
-
-def current_umask() -> int:
-    """The process's umask (read by setting it and putting it straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def new_file_mode() -> int:
-    """Permissions an ordinary open(path, "w") would give a new file: 0o666 less the umask."""
-    return 0o666 & ~current_umask()
-
-
-def new_folder_mode() -> int:
-    """Permissions os.makedirs would give a new folder: 0o777 less the umask."""
-    return 0o777 & ~current_umask()
-
-
 def atomic_torch_save(obj, path: str) -> None:
+    """torch.save(obj) to `path` through atomic_files.atomic_write (temp file, then rename)."""
     def write(tmp):
         # Through a Python file object: a full disk then raises OSError(ENOSPC), which run_main reports
         # as such; torch.save(obj, <path>) writes in C++ and fails with a cryptic RuntimeError instead.
@@ -340,11 +299,6 @@ def atomic_torch_save(obj, path: str) -> None:
                 if cause is None:
                     raise
                 raise cause from None
-    atomic_write(path, write)
+    atomic_files.atomic_write(path, write)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    atomic_write(path, write)

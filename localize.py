@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+import atomic_files
 import commons
 import datasets_ws
 import image_files
@@ -289,7 +290,7 @@ def save_database(database: Database, folder: str, *, extra: Optional[Dict] = No
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, commons.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+        os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
         os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

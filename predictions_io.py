@@ -4,7 +4,7 @@ import math
 import os
 from typing import Sequence
 
-import commons
+import atomic_files
 import visualizations
 
 
@@ -38,7 +38,7 @@ def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence
 
 def write_predictions(path: str, records: list) -> None:
     """JSON lines, one query per line, written atomically."""
-    commons.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    atomic_files.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
 def save_prediction_pictures(folder: str, records: list, *, num_preds: int, only_wrong: bool = False) -> int:

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import atomic_files
 import commons
 import datasets_ws
 import local_matching
@@ -278,7 +279,7 @@ class ResultCache:
         self.results[key] = record
         text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "results": self.results},
                           indent=1, sort_keys=True)
-        commons.atomic_write_text(self.path, text + "\n")
+        atomic_files.atomic_write_text(self.path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -548,7 +549,7 @@ def main(args) -> None:
             for e in PAPER_ENTRIES for r in args.rerank_num]
 
     def write_table():
-        commons.atomic_write_text(table_path, format_table(rows, generated_at=datetime.now().isoformat(
+        atomic_files.atomic_write_text(table_path, format_table(rows, generated_at=datetime.now().isoformat(
             timespec="seconds")))
 
     models = _Models(settings)

@@ -21,7 +21,7 @@ from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import commons
+import atomic_files
 import distributed
 import local_matching
 from datasets_ws import FIVE_CROP_METHODS, BaseDataset, ImagesSubset, PCADataset
@@ -56,7 +56,7 @@ class DenseStore:
             os.makedirs(folder, exist_ok=True)
             # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
             # run leaves nothing that a later run could mistake for complete features.
-            fd, self.path = tempfile.mkstemp(prefix="dense_", suffix=".f32", dir=folder)
+            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=".f32")
             self._writer = os.fdopen(fd, "wb")
 
     @property
@@ -133,9 +133,9 @@ class DenseStore:
                 os.remove(tmp)
                 try:
                     os.link(self.path, tmp)
-                    # The store's own temp file is owner-only (mkstemp): give the saved copy an
-                    # ordinary file's permissions, as for every other output.
-                    os.chmod(tmp, commons.new_file_mode())
+                    # A link shares the store file's inode, whose mode was set when the store was
+                    # created: give it the permissions a new file would get now.
+                    os.chmod(tmp, 0o666 & ~atomic_files.current_umask())
                 except OSError:  # another file system, or links not supported
                     shutil.copyfile(self.path, tmp)
                 return
@@ -148,7 +148,7 @@ class DenseStore:
                 np.save(f, np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3))
 
         for name, write in ((self.FEATURES_FILE, write_features), (self.SHAPES_FILE, write_shapes)):
-            commons.atomic_write(os.path.join(folder, name), write)
+            atomic_files.atomic_write(os.path.join(folder, name), write)
 
     @classmethod
     def load(cls, folder: str) -> "DenseStore":

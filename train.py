@@ -11,6 +11,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import atomic_files
 import commons
 import datasets_ws
 import distributed
@@ -75,7 +76,7 @@ def main(args):
         # run that never improves on it tests it at the end.
         resumed_best = resumed_best_model(args.resume)
         if resumed_best is not None and ctx.is_main:
-            commons.atomic_write(best_path, lambda tmp: shutil.copyfile(resumed_best, tmp))
+            atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(resumed_best, tmp))
             logging.info(f"Copied the resumed run's best model {resumed_best} to {best_path}")
 
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
@@ -177,7 +178,7 @@ def main(args):
                                     resize=args.resize, extra={"rng_states": commons.get_rng_states(),
                                            "mining_state": miner_state.state_dict()})
             if is_best:
-                commons.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
+                atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
         ctx.wait_for_main()
         if not_improved_num >= args.patience:
             logging.info(f"Performance did not improve for {not_improved_num} epochs. Stop training.")

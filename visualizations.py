@@ -20,14 +20,13 @@ Conventions
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+import atomic_files
 import image_files
 
 __all__ = [
@@ -585,21 +584,6 @@ def image_format_for(path) -> str:
     return image_format
 
 
-def _create_temp_beside(destination: Path) -> tuple[int, str]:
-    """Open a new, unique hidden temp file in destination's folder.
-
-    os.open with mode 0o666 (not tempfile.mkstemp, which forces 0o600) so the final picture
-    gets the usual umask-filtered permissions of any newly written file.
-    """
-    for _ in range(100):
-        name = destination.parent / f".{destination.name}.{secrets.token_hex(6)}.tmp"
-        try:
-            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(name)
-        except FileExistsError:
-            continue
-    raise OSError(f"could not create a temporary file beside {str(destination)!r}")
-
-
 def save_image_atomic(image: Image.Image, path, *, quality: int = 95) -> Path:
     """Write ``image`` to ``path`` atomically: a temp file in the same folder, then
     ``os.replace`` (readers never see a half-written picture; a failure leaves no temp
@@ -619,15 +603,8 @@ def save_image_atomic(image: Image.Image, path, *, quality: int = 95) -> Path:
     if image_format == "JPEG":
         image = image if image.mode in ("RGB", "L") else image.convert("RGB")
         options["quality"] = int(quality)
-    handle, temp_name = _create_temp_beside(destination)
-    try:
-        with os.fdopen(handle, "wb") as stream:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as stream:
             image.save(stream, format=image_format, **options)
-        os.replace(temp_name, destination)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_files.atomic_write(str(destination), write)
     return destination

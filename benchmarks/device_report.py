@@ -56,6 +56,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import atomic_files  # noqa: E402
 import local_matching  # noqa: E402
 
 # Sizes: the full run (a GPU) and --quick (CPU, CI).
@@ -90,12 +91,7 @@ def _write_json(path: Optional[str], report: Dict[str, Any]) -> None:
     """Atomic rewrite (temp file + rename): a kill leaves the previous complete file."""
     if not path:
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".device_report.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_files.atomic_write_text(path, json.dumps(report, indent=1, default=str))
 
 
 def _engine_path(device: torch.device, lc: int, lq: int, c: int) -> str:

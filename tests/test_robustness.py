@@ -888,6 +888,7 @@ def test_sigterm_in_process_exits_143_and_the_previous_handler_comes_back(tmp_pa
 def test_atomic_writes_honour_the_umask(tmp_path):
     """predictions.jsonl, checkpoints and results files get an ordinary file's permissions (0o666 less the
     umask), not tempfile's owner-only 0o600: colleagues on a shared server can read them."""
+    import atomic_files
     import commons
     import predictions_io
     for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
@@ -895,7 +896,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
         try:
             paths = [str(tmp_path / f"{mask:o}_results.json"), str(tmp_path / f"{mask:o}_ckpt.pth"),
                      str(tmp_path / f"{mask:o}_predictions.jsonl")]
-            commons.atomic_write_text(paths[0], "{}\n")
+            atomic_files.atomic_write_text(paths[0], "{}\n")
             commons.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
             predictions_io.write_predictions(paths[2], [{"query": "q.jpg"}])
         finally:
