@@ -332,7 +332,8 @@ CASES = [
          [r"--foundation_model_path .*evil_dinov2\.pth refused: it would run code .*posix\.system"]),
     Case("eval_checkpoint_given_as_foundation",
          lambda w, d: ["eval.py", *Dw(w, "--foundation_model_path", w["good"])],
-         [r"--foundation_model_path .*good\.pth does not match", r"give it with --resume or --load_weights"]),
+         [r"--foundation_model_path .*good\.pth does not match --backbone vit_tiny \(2 blocks\)",
+          r"give it with --resume or --load_weights"]),
     # ---- eval.py: data -------------------------------------------------------------------------
     Case("eval_no_data_set_in_folder",
          lambda w, d: ["eval.py", *D(w, "--datasets_folder", w["no_images"])],
