@@ -79,7 +79,7 @@ def mutual_nn_scores(query_local: Any, database_store: Any, candidate_indices: A
                 yield _as_feature_matrix(feats, f"database_store[{db_index}]", query.device).detach()
 
         counts = [mutual.sum() for _, mutual in matches(query, load(), chunk_size=chunk_size,
-                                                          row_tile=row_tile, fast_path=fast_path)]
+                                                         row_tile=row_tile, fast_path=fast_path)]
     if not counts:
         return torch.zeros(0, dtype=torch.float32, device=query.device)
     return torch.stack(counts).to(device=query.device, dtype=torch.float32)
@@ -109,7 +109,7 @@ def mutual_nn_pairs(a_local: Any, b_local: Any, *,
     b = _as_feature_matrix(b_local, "b_local", a.device)
     with torch.no_grad():
         (nn12, mutual), = list(matches(b.detach(), [a.detach()], chunk_size=1, row_tile=512,
-                                        fast_path=fast_path, workers=False))
+                                       fast_path=fast_path, workers=False))
     idx_a = mutual.nonzero().flatten().to(a.device)
     return idx_a, nn12.to(a.device)[idx_a]
 
@@ -136,7 +136,7 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
         qb, xb = q[b], x[b]
         with torch.no_grad():
             (nn12, mutual), = list(matches(qb.detach().float().contiguous(), [xb.detach().float().contiguous()],
-                                            chunk_size=1, row_tile=512, fast_path=None, workers=False))
+                                           chunk_size=1, row_tile=512, fast_path=None, workers=False))
         rows = mutual.nonzero().flatten()
         if rows.numel():
             vals = (xb[rows] * qb[nn12[rows]]).sum(dim=-1)
