@@ -23,7 +23,7 @@ import torch
 
 from .exact import BLOCK, nn_tiled_exact, pad_rows
 from .reference import mutual_rows, nearest_neighbours
-from .screening import ScreenQuery, bf16_available, nn_screened, row_block_width
+from .screening import ScreenQuery, bf16_available, nn_screened
 from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
 
 # Queries and candidates with fewer positions use the plain path: too small for tiles to pay off
@@ -44,17 +44,15 @@ def is_safe(t: torch.Tensor) -> bool:
 
 
 class QueryPlan:
-    """Everything derived from the query once and reused for all its candidates: q (Lq, C), qp
-    (Lqp, C) padded (repeats of the last row) to a multiple of the column-block width and, for
-    the screen, its bfloat16 operand and error-bound factors."""
+    """Everything derived from the query once and reused for all its candidates: q (Lq, C), the
+    screen's query side (None without the screen) and qp (Lqp, C), q padded (repeats of the last
+    row) to a multiple of the screen's column-block width, else of BLOCK."""
 
     def __init__(self, q: torch.Tensor, use_screen: bool):
         self.q = q
         self.lq, self.c = q.shape
-        self.width = row_block_width(self.lq) if use_screen else BLOCK
-        self.qp = pad_rows(q, self.width)
-        self.lqp = self.qp.shape[0]
-        self.screen = ScreenQuery(self.qp) if use_screen else None
+        self.screen = ScreenQuery(q) if use_screen else None
+        self.qp = self.screen.qp if use_screen else pad_rows(q, BLOCK)
 
 
 @torch.no_grad()
@@ -62,7 +60,7 @@ def _nn_tiled(xs: List[torch.Tensor], plan: QueryPlan, row_tile: int) -> List[Tu
     """Candidates of one shape on the CPU: [(nn12 (Lc,), mutual (Lc,) bool)], exact."""
     lc, c = xs[0].shape
     if plan.screen is not None:
-        out = nn_screened(xs, plan, row_tile)
+        out = nn_screened(xs, plan.screen, row_tile)
         if out is not None:
             note_path(xs[0].device, lc, plan.lq, c, f"{PATH_SCREENED} (tile self-check passed)")
             return out

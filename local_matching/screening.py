@@ -13,15 +13,12 @@ Operands are the inputs rounded once to bfloat16 (inner size C): the bound is ~3
 vectors, wide enough that the exact recomputations stay a small share of the work and narrow
 enough that most decisions are proven.
 """
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .exact import (BLOCK, BLOCK_FALLBACK_SHARE, exact_columns, exact_columns_in_groups, exact_in_group,
                     exact_rows, exact_rows_in_blocks, pad_rows)
-
-if TYPE_CHECKING:
-    from .engine import QueryPlan
 
 _U32 = 2.0 ** -24   # unit roundoff of float32
 _UBF = 2.0 ** -8    # unit roundoff of bfloat16 (8 significant bits)
@@ -155,13 +152,18 @@ def row_block_width(lq: int) -> int:
 
 
 class ScreenQuery:
-    """Query side of the screen: B (K', Lqp) in bfloat16, contiguous (the layout the bf16 kernel is
-    fastest with), and its bound factors."""
+    """Query side of the screen, prepared once per query: q (Lq, C); qp (Lqp, C) padded (repeats
+    of the last row) to a multiple of the column-block width; B (K', Lqp) in bfloat16, contiguous
+    (the layout the bf16 kernel is fastest with); and the bound factors of qp."""
 
-    def __init__(self, qp: torch.Tensor):
-        self.side = Bf16Side(qp)
+    def __init__(self, q: torch.Tensor):
+        self.q = q
+        self.width = row_block_width(q.shape[0])
+        self.qp = pad_rows(q, self.width)
+        self.lqp = self.qp.shape[0]
+        self.side = Bf16Side(self.qp)
         self.worst = self.side.worst()
-        self.b = screen_operand(self.side, qp.shape[1]).t().contiguous()
+        self.b = screen_operand(self.side, q.shape[1]).t().contiguous()
 
 
 def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -180,17 +182,17 @@ def _decode(keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 # The screen and the decisions it proves
 # ------------------------------------------------------------------------------------------------
-def _screen_batch(a: torch.Tensor, plan: "QueryPlan", row_tile: int) -> Optional[Dict[str, torch.Tensor]]:
+def _screen_batch(a: torch.Tensor, sq: ScreenQuery, row_tile: int) -> Optional[Dict[str, torch.Tensor]]:
     """Run the screen over n candidates at once, operands A (n, Lcp, K'), tile by tile: one tile is
     `row_tile` rows of S of every candidate, (n, row_tile, Lqp), and only one exists at a time.
     Batching the candidates keeps the number of torch calls (each a parallel region, costly on a
     busy machine) low. Per tile only the reductions that need the tile run:
-      rows: maxima of blocks of plan.width columns, the best block and its keys;
+      rows: maxima of blocks of sq.width columns, the best block and its keys;
       columns: maxima of groups of BLOCK rows.
     Returns int16 keys / indices with a leading candidate dimension, or None if the bf16 kernel is
     not sound for these shapes."""
     n, lcp, k_width = a.shape
-    width, w = plan.lqp, plan.width
+    width, w = sq.lqp, sq.width
     parts: Dict[str, List[torch.Tensor]] = {name: [] for name in (
         "r_top", "r_bidx", "r_inside", "r_bmax", "c_gmax", "c_top")}
     # One buffer for every tile of the batch: a fresh multi-MB tensor per tile would be page-faulted
@@ -202,7 +204,7 @@ def _screen_batch(a: torch.Tensor, plan: "QueryPlan", row_tile: int) -> Optional
         if not bf16_kernel_is_sound(n * r, k_width, width):
             return None
         tile = buffer[:n * r]
-        torch.mm(at.reshape(n * r, k_width), plan.screen.b, out=tile)
+        torch.mm(at.reshape(n * r, k_width), sq.b, out=tile)
         keys = tile.view(torch.int16).view(n, r, width)                      # the tile
         blocks = keys.view(n, r, width // w, w)
         bmax = blocks.amax(dim=3)                                             # (n, r, Lqp / w)
@@ -223,7 +225,7 @@ def _screen_batch(a: torch.Tensor, plan: "QueryPlan", row_tile: int) -> Optional
     return out
 
 
-def nn_screened(xs: List[torch.Tensor], plan: "QueryPlan",
+def nn_screened(xs: List[torch.Tensor], sq: ScreenQuery,
                 row_tile: int) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
     """Screened engine for candidates of one shape (Lc, C): [(nn12 (Lc,), mutual (Lc,) bool)], exact.
     Returns None if the bf16 kernel is not sound on this machine (caller: the exact tiled engine)."""
@@ -231,11 +233,11 @@ def nn_screened(xs: List[torch.Tensor], plan: "QueryPlan",
     xps = [pad_rows(x, BLOCK) for x in xs]
     sides = [Bf16Side(xp) for xp in xps]
     a = torch.stack([screen_operand(side, c) for side in sides])
-    st = _screen_batch(a, plan, row_tile)
+    st = _screen_batch(a, sq, row_tile)
     if st is None:
         return None
     del a
-    return [_finish_screened(xs[k], xps[k], sides[k], {name: v[k] for name, v in st.items()}, plan, row_tile)
+    return [_finish_screened(xs[k], xps[k], sides[k], {name: v[k] for name, v in st.items()}, sq, row_tile)
             for k in range(len(xs))]
 
 
@@ -245,7 +247,7 @@ def _first_equal(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[str, torch.Tensor],
-                     plan: "QueryPlan", row_tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                     sq: ScreenQuery, row_tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decisions for one screened candidate: (nn12 (Lc,), mutual (Lc,) bool), exact.
 
     Every decision taken from the screen is proven: a screen value o lies within
@@ -253,7 +255,7 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     float32 exactly, on candidate blocks / groups only."""
     lc, c = x.shape
     lcp = xp.shape[0]
-    sq, w = plan.screen, plan.width
+    w = sq.width
     xw = xs.worst()
     slack = eta(xw, sq.worst, c)
     rho = RHO
@@ -290,9 +292,9 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
             candidate = b_val + rho * b_val.abs() + rb + slack >= row_lo[rows_bad].unsqueeze(1)
             full = int(candidate.sum()) > BLOCK_FALLBACK_SHARE * candidate.numel()
         if full:
-            idx, val = exact_rows(xp, rows_bad, plan.qp, row_tile)
+            idx, val = exact_rows(xp, rows_bad, sq.qp, row_tile)
         else:
-            idx, val = exact_rows_in_blocks(xp, rows_bad, candidate, plan.qp, w)
+            idx, val = exact_rows_in_blocks(xp, rows_bad, candidate, sq.qp, w)
         nn12[rows_bad] = idx
         hi[rows_bad] = val.double()
     # (A row whose top is a padded query column - a repeat of the last one - is never proven, so
@@ -313,7 +315,7 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     # be their first maximum, and beat the upper bound of every other group of the column.
     jm = j[maybe]
     g = maybe // BLOCK
-    val, first_row = exact_in_group(xp, g, jm, plan.q)
+    val, first_row = exact_in_group(xp, g, jm, sq.q)
     wins_group = first_row == maybe
     tile = maybe // row_tile
     other_tiles = t_hi[:, jm].scatter(0, tile.unsqueeze(0), -float("inf")).amax(dim=0) \
@@ -336,10 +338,10 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
         cols = torch.unique(j[ui])
         g_val, _ = _decode(st["c_gmax"][:, cols])                             # (G, m)
         candidate = g_val + rho * g_val.abs() + col_base[cols] + slack >= col_lo[cols]
-        lookup = torch.full((plan.lqp,), -1, dtype=torch.long)
+        lookup = torch.full((sq.lqp,), -1, dtype=torch.long)
         if int(candidate.sum()) <= BLOCK_FALLBACK_SHARE * candidate.numel():
-            lookup[cols] = exact_columns_in_groups(xp, cols, candidate, plan.q)
+            lookup[cols] = exact_columns_in_groups(xp, cols, candidate, sq.q)
         else:
-            lookup[cols] = exact_columns(xp, cols, plan.q)
+            lookup[cols] = exact_columns(xp, cols, sq.q)
         mutual[ui] = lookup[j[ui]] == ui
     return nn12, mutual

@@ -214,8 +214,7 @@ def test_screen_runs_and_is_exact_on_full_size_candidates():
     """61x61 features (the real size), screened engine called directly: proven decisions and
     recomputed ones together must equal the reference for every row."""
     q, x = scene_and_candidates(7, 61, 61, 61, 61, 2)
-    plan = engine.QueryPlan(q, use_screen=True)
-    out = screening.nn_screened(list(x), plan, row_tile=256)
+    out = screening.nn_screened(list(x), screening.ScreenQuery(q), row_tile=256)
     assert out is not None, "the bfloat16 kernel failed its soundness check on this machine"
     nn12, nn21 = ref_nn(x, q)
     for k, (got_nn12, got_mutual) in enumerate(out):
