@@ -26,8 +26,8 @@ from .reference import mutual_rows, nearest_neighbours
 from .screening import ScreenQuery, bf16_available, nn_screened
 from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
 
-# Queries and candidates with fewer positions use the plain path: too small for tiles to pay off
-# (and every exact product needs exact.MIN_EXACT_SIDE rows and columns).
+# Queries and candidates with fewer positions use the plain path: the whole product then has fewer
+# than 64 rows or columns, so tiling has little memory or work to save.
 MIN_TILED_SIDE = 64
 # Inputs with entries above this magnitude (or non-finite) use the plain path: below it no product
 # or sum of the screen can overflow, so the error analysis holds.
