@@ -13,6 +13,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import local_matching as lm  # noqa: E402
+from local_matching import engine, exact, screening, self_check  # noqa: E402
 
 C = 128
 
@@ -85,20 +86,20 @@ def test_sub_products_equal_the_plain_product_bitwise():
     x = torch.randn(3, 700, C, generator=gen)
     q = torch.randn(650, C, generator=gen)
     sim = torch.matmul(x, q.unsqueeze(0).transpose(1, 2))
-    xp = lm._pad_rows(x[1], lm._BLOCK)
-    qp = lm._pad_rows(q, 288)
+    xp = exact.pad_rows(x[1], exact.BLOCK)
+    qp = exact.pad_rows(q, 288)
     # Row tiles and padded row sets (>= 32 rows) against all (padded) columns.
     rows = torch.tensor([5, 77, 300, 699])
-    tile = xp[lm._pad_index(rows, lm._MIN_EXACT_SIDE)] @ qp.t()
+    tile = xp[exact.pad_index(rows, exact.MIN_EXACT_SIDE)] @ qp.t()
     assert torch.equal(tile[:4, :650], sim[1][rows])
     assert torch.equal((xp[256:512] @ qp.t())[:, :650], sim[1][256:512])
     # Column sets (>= 32 columns) against all rows.
     cols = torch.tensor([3, 640])
-    block = xp @ q[lm._pad_index(cols, lm._MIN_EXACT_SIDE)].t()
+    block = xp @ q[exact.pad_index(cols, exact.MIN_EXACT_SIDE)].t()
     assert torch.equal(block[:700, :2], sim[1][:, cols])
     # Batched segments (bmm) used by the block-wise fallbacks.
-    r_idx = torch.randint(0, 700, (5, lm._SEG), generator=gen)
-    c_idx = torch.randint(0, 650, (5, lm._BLOCK), generator=gen)
+    r_idx = torch.randint(0, 700, (5, exact.SEG), generator=gen)
+    c_idx = torch.randint(0, 650, (5, exact.BLOCK), generator=gen)
     seg = torch.bmm(xp[r_idx], q[c_idx].transpose(1, 2))
     assert torch.equal(seg, sim[1][r_idx.unsqueeze(2), c_idx.unsqueeze(1)])
 
@@ -115,6 +116,15 @@ def test_scores_equal_reference(hq, wq, hc, wc, k, fast_path):
     assert got.dtype == torch.float32 and got.shape == (k,)
     assert torch.equal(got, want)
     assert want.max() > 1.5 * want.min() and want.min() >= 1      # a spread of scores
+
+
+def test_reference_scores_are_the_definition():
+    """The package's plain reference (the fallback path) counts the same pairs as this file's
+    independent full-matrix computation, and the engine agrees with it."""
+    q, x = scene_and_candidates(16, 20, 20, 18, 18, 3)
+    want = ref_scores(q, x)
+    assert torch.equal(lm.reference_scores(q, x), want)
+    assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(3)), want)
 
 
 def test_scores_plain_random_and_chunking_independent():
@@ -204,8 +214,7 @@ def test_screen_runs_and_is_exact_on_full_size_candidates():
     """61x61 features (the real size), screened engine called directly: proven decisions and
     recomputed ones together must equal the reference for every row."""
     q, x = scene_and_candidates(7, 61, 61, 61, 61, 2)
-    plan = lm._QueryPlan(q, use_screen=True)
-    out = lm._nn_screened(list(x), plan, row_tile=256)
+    out = screening.nn_screened(list(x), screening.ScreenQuery(q), row_tile=256)
     assert out is not None, "the bfloat16 kernel failed its soundness check on this machine"
     nn12, nn21 = ref_nn(x, q)
     for k, (got_nn12, got_mutual) in enumerate(out):
@@ -215,57 +224,38 @@ def test_screen_runs_and_is_exact_on_full_size_candidates():
         assert torch.equal(got_nn12[want_mutual], nn12[k][want_mutual])
 
 
-@pytest.mark.parametrize("split,offset", [(True, True), (False, True), (False, False)])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 37.0])
-def test_error_bound_of_the_screen_holds(scale, split, offset, monkeypatch):
-    """|screen value + offset - float32 reference| <= base + rho |o| + eta for every entry, also for
-    features that are not unit-norm, for each form of the screen's operands."""
-    monkeypatch.setattr(lm, "_SCREEN_OFFSET", offset)
+def test_error_bound_of_the_screen_holds(scale):
+    """|screen value - float32 reference| <= base + rho |o| + eta for every entry, also for
+    features that are not unit-norm."""
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(320, C, generator=gen) * scale
     x = torch.randn(64, C, generator=gen) * scale * torch.rand(64, 1, generator=gen)
-    qs, xs = lm._Split(q), lm._Split(x)
-    b = lm._screen_operand(qs, C, split, query=True).t().contiguous()
-    a = lm._screen_operand(xs, C, split, query=False)
-    c = torch.tensor(0.3 * scale * scale if offset else 0.0).bfloat16()
-    if offset:
-        a[:, lm._offset_column(C, split)] = -c
-    assert lm._bf16_kernel_is_sound(64, a.shape[1], 320)
+    qs, xs = screening.Bf16Side(q), screening.Bf16Side(x)
+    b = screening.screen_operand(qs, C).t().contiguous()
+    a = screening.screen_operand(xs, C)
+    assert screening.bf16_kernel_is_sound(64, a.shape[1], 320)
     o = (a @ b).double()
     ref = (x @ q.t()).double()
-    err = (o + c.double() - ref).abs()
-    base = lm._base_bound(_col(xs), _row(qs, 320), abs(float(c)), C, split)
-    bound = base + lm._RHO * o.abs() + lm._eta(xs.worst(), qs.worst(), C)
+    err = (o - ref).abs()
+    base = screening.base_bound(_col(xs), _row(qs, 320), C)
+    bound = base + screening.RHO * o.abs() + screening.eta(xs.worst(), qs.worst(), C)
     assert (err <= bound).all()
     assert err.max() > 0      # the screen is not exact: the bound is doing work
     assert (err > 0.25 * bound).any()   # and it is not loose by orders of magnitude
 
 
-@pytest.mark.parametrize("split,offset", [(True, True), (True, False), (False, True)])
-def test_other_screen_forms_are_exact_too(split, offset, monkeypatch):
-    """The screen's optional forms (split operands, offset column) give the same exact results."""
-    monkeypatch.setattr(lm, "_SCREEN_SPLIT", split)
-    monkeypatch.setattr(lm, "_SCREEN_OFFSET", offset)
-    q, x = _near_tie_data(14)
-    x = torch.cat([x, scene_and_candidates(15, 18, 18, 18, 18, 2)[1]])
-    plan = lm._QueryPlan(q, use_screen=True)
-    out = lm._nn_screened(list(x), plan, row_tile=128)
-    assert out is not None
-    got = torch.stack([mutual.sum() for _, mutual in out]).float()
-    assert torch.equal(got, ref_scores(q, x))
-
-
 def _col(s):
-    """Row factors of a _Split as a column vector (broadcast over query columns)."""
-    out = lm._Split.__new__(lm._Split)
-    for name in lm._Split.FACTORS:
+    """Row factors of a Bf16Side as a column vector (broadcast over query columns)."""
+    out = screening.Bf16Side.__new__(screening.Bf16Side)
+    for name in screening.Bf16Side.FACTORS:
         setattr(out, name, getattr(s, name).unsqueeze(1))
     return out
 
 
 def _row(s, n):
-    out = lm._Split.__new__(lm._Split)
-    for name in lm._Split.FACTORS:
+    out = screening.Bf16Side.__new__(screening.Bf16Side)
+    for name in screening.Bf16Side.FACTORS:
         setattr(out, name, getattr(s, name)[:n].unsqueeze(0))
     return out
 
@@ -396,9 +386,9 @@ def test_mutual_nn_similarity_shape_errors():
 @pytest.fixture
 def fresh_self_check(monkeypatch):
     """Empty self-check cache and path records, so that this test's check and logs really run."""
-    monkeypatch.setattr(lm, "_TILE_CHECK", {})
-    monkeypatch.setattr(lm, "_PATHS", {})
-    monkeypatch.setattr(lm, "_PATHS_LOGGED", set())
+    monkeypatch.setattr(self_check, "_TILE_CHECK", {})
+    monkeypatch.setattr(self_check, "_PATHS", {})
+    monkeypatch.setattr(self_check, "_PATHS_LOGGED", set())
 
 
 def _one_ulp_off_on_tiles():
@@ -429,13 +419,13 @@ def test_self_check_passes_here_and_the_log_names_the_path(fresh_self_check, cap
 
 
 def test_self_check_sees_a_one_ulp_difference(fresh_self_check, monkeypatch):
-    monkeypatch.setattr(lm, "_tile_check_matmul", _one_ulp_off_on_tiles())
+    monkeypatch.setattr(self_check, "_tile_check_matmul", _one_ulp_off_on_tiles())
     ok, detail = lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C)
     assert not ok
     assert "row tile 0:" in detail and "differs from the whole product" in detail
     # Cached per shape: the same answer without recomputation, another shape is checked anew.
     assert lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C) == (ok, detail)
-    monkeypatch.setattr(lm, "_tile_check_matmul", torch.matmul)
+    monkeypatch.setattr(self_check, "_tile_check_matmul", torch.matmul)
     assert lm.tile_self_check(candidate_positions=300, query_positions=250, channels=C) == (ok, detail)
     assert lm.tile_self_check(candidate_positions=301, query_positions=250, channels=C)[0]
 
@@ -445,11 +435,11 @@ def test_failed_self_check_falls_back_to_the_full_product(fresh_self_check, monk
     """The check is forced to fail (a one-ulp disagreement between tile and whole products); the
     tiled engine must then never run (it raises here) and the scores must still equal the
     full-matrix reference, near-ties included; the log names the path in use."""
-    monkeypatch.setattr(lm, "_tile_check_matmul", _one_ulp_off_on_tiles())
+    monkeypatch.setattr(self_check, "_tile_check_matmul", _one_ulp_off_on_tiles())
 
     def tiled_must_not_run(*args, **kwargs):
         raise AssertionError("the tiled engine ran although its self-check failed")
-    monkeypatch.setattr(lm, "_nn_tiled", tiled_must_not_run)
+    monkeypatch.setattr(engine, "_nn_tiled", tiled_must_not_run)
     q, x = scene_and_candidates(22, 61, 61, 61, 61, 3)
     q, x = q.clone(), x.clone()
     x[1, 500:600] = torch.nextafter(x[1, 0:100], torch.full_like(x[1, 0:100], 2.0))   # one-ulp near-ties

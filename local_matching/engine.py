@@ -1,0 +1,199 @@
+"""The fast exact engine behind local_matching: the same decisions as the plain computation
+(one float32 matmul of the whole candidate, then max both ways, ties included) without ever
+building S for all candidates (K x Lc x Lq floats, 5.5 GB at K = 100).
+
+On the CPU, candidates go through, in row tiles (peak memory: one tile per worker):
+1. the bfloat16 screen (screening.py), where the CPU has bf16 matrix hardware: most decisions are
+   proven by an error bound on the screen; what is not proven is recomputed exactly;
+2. otherwise, the exact float32 tiled arg-maxes (exact.nn_tiled_exact).
+The exact float32 products on parts of S (exact.py) equal the whole product bit for bit on the
+CPU's BLAS; that is checked at run time on the real shapes, once per process, device and shape
+(self_check.tile_self_check). Where it fails, and elsewhere (CUDA, queries or candidates with
+fewer than MIN_TILED_SIDE positions, non-finite or huge values) the plain computation
+(reference.py) runs, in chunks of candidates, so peak memory never depends on K either.
+engine_paths() tells which path served each shape. Chunks of candidates run on worker threads
+(_CpuWorkers).
+"""
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Deque, Iterable, List, Optional, Tuple
+
+import torch
+
+from .exact import BLOCK, nn_tiled_exact, pad_rows
+from .reference import mutual_rows, nearest_neighbours
+from .screening import ScreenQuery, bf16_available, nn_screened
+from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
+
+# Queries and candidates with fewer positions use the plain path: the whole product then has fewer
+# than 64 rows or columns, so tiling has little memory or work to save.
+MIN_TILED_SIDE = 64
+# Inputs with entries above this magnitude (or non-finite) use the plain path: below it no product
+# or sum of the screen can overflow, so the error analysis holds.
+MAX_SAFE_ABS = 2.0 ** 40
+# Candidates screened together on the CPU (one job of a worker thread): small enough for the tiles
+# to stay in cache and to share the work evenly between the workers.
+CPU_BATCH = 4
+
+
+def is_safe(t: torch.Tensor) -> bool:
+    """Finite and small enough that neither the screen nor the reference can overflow (amax
+    propagates NaN, and NaN <= x is False)."""
+    return float(t.abs().amax()) <= MAX_SAFE_ABS
+
+
+class QueryPlan:
+    """Everything derived from the query once and reused for all its candidates: q (Lq, C), the
+    screen's query side (None without the screen) and qp (Lqp, C), q padded (repeats of the last
+    row) to a multiple of the screen's column-block width, else of BLOCK."""
+
+    def __init__(self, q: torch.Tensor, use_screen: bool):
+        self.q = q
+        self.lq, self.c = q.shape
+        self.screen = ScreenQuery(q) if use_screen else None
+        self.qp = self.screen.qp if use_screen else pad_rows(q, BLOCK)
+
+
+@torch.no_grad()
+def _nn_tiled(xs: List[torch.Tensor], plan: QueryPlan, row_tile: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Candidates of one shape on the CPU: [(nn12 (Lc,), mutual (Lc,) bool)], exact."""
+    lc, c = xs[0].shape
+    if plan.screen is not None:
+        out = nn_screened(xs, plan.screen, row_tile)
+        if out is not None:
+            note_path(xs[0].device, lc, plan.lq, c, f"{PATH_SCREENED} (tile self-check passed)")
+            return out
+        note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} (tile self-check passed; the bfloat16 "
+                                                 f"kernel failed its soundness check)")
+    else:
+        note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} (tile self-check passed)")
+    res = []
+    for x in xs:
+        nn12, nn21 = nn_tiled_exact(pad_rows(x, BLOCK), plan.qp, row_tile)
+        nn12, nn21 = nn12[:lc], nn21[:plan.lq]
+        res.append((nn12, mutual_rows(nn12, nn21)))
+    return res
+
+
+def _process_chunk(query: torch.Tensor, plan: Optional[QueryPlan], chunk: List[torch.Tensor],
+                   row_tile: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(nn12, mutual) for a chunk of candidates, in order. Consecutive candidates of one shape and
+    one path are processed together: the tiled engine screens them as one batch, the plain path
+    multiplies them in one batched matmul like the public release."""
+    paths = [plan is not None and x.shape[0] >= MIN_TILED_SIDE and is_safe(x) for x in chunk]
+    out: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    start = 0
+    while start < len(chunk):
+        end = start + 1
+        while end < len(chunk) and chunk[end].shape == chunk[start].shape and paths[end] == paths[start]:
+            end += 1
+        group = chunk[start:end]
+        lc = group[0].shape[0]
+        if paths[start]:
+            exact_tiles, _ = tile_self_check(candidate_positions=lc, query_positions=plan.lq, channels=plan.c,
+                                             device=query.device, row_tile=row_tile,
+                                             screen=plan.screen is not None)
+            if exact_tiles:
+                out.extend(_nn_tiled(group, plan, row_tile))
+                start = end
+                continue
+            reason = "tile self-check failed"
+        elif plan is None:
+            reason = ("the tiled engine runs on the CPU only" if query.device.type != "cpu" else
+                      f"query with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values")
+        else:
+            reason = f"candidate with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
+        note_path(query.device, lc, query.shape[0], query.shape[1], f"{PATH_PLAIN} ({reason})")
+        nn12, nn21 = nearest_neighbours(torch.stack(group), query)
+        out.extend(zip(nn12.unbind(0), mutual_rows(nn12, nn21).unbind(0)))
+        start = end
+    return out
+
+
+class _CpuWorkers:
+    """Worker threads for the CPU engine, one per intra-op thread of the caller, each running its
+    chunks with ONE intra-op thread (torch ops release the GIL, so the workers run in parallel).
+
+    Why: the engine issues many mid-sized torch calls; with an OpenMP team per call, a busy
+    machine (or a shared one) makes each call wait at its barrier for a descheduled thread, which
+    can make it ~10x slower. Independent single-threaded workers never wait on each
+    other. torch.set_num_threads(1) in a worker sets that thread's OpenMP / MKL thread count (a
+    per-thread setting) and torch's default for threads started later; all workers set it before
+    any of them computes, and the default is put back to the caller's count when they are done,
+    so nothing changes for the caller."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.restore = torch.get_num_threads()
+        self.pool: Optional[ThreadPoolExecutor] = None
+
+    def __enter__(self) -> ThreadPoolExecutor:
+        self.pool = ThreadPoolExecutor(max_workers=self.workers)
+        ready = threading.Barrier(self.workers)
+
+        def single_threaded():
+            torch.set_num_threads(1)
+            ready.wait()      # every worker is up (and configured) before any work starts
+
+        for future in [self.pool.submit(single_threaded) for _ in range(self.workers)]:
+            future.result()
+        return self.pool
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+        torch.set_num_threads(self.restore)
+
+
+def matches(query: torch.Tensor, candidates: Iterable[torch.Tensor], *, chunk_size: int, row_tile: int,
+             fast_path: Optional[bool], workers: bool = True) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (nn12 (Lc,), mutual (Lc,) bool) for each candidate (L, C) float32 tensor, on the query's
+    device, in order. Candidates arrive as an iterable and are taken `chunk_size` at a time, so
+    that at most a few chunks (and their similarity matrices on the plain path) are held at once.
+    workers=False runs in the calling thread (single pairs: not worth starting threads)."""
+    device = query.device
+
+    def make_plan() -> Optional[QueryPlan]:
+        if device.type == "cpu" and query.shape[0] >= MIN_TILED_SIDE and is_safe(query):
+            use_screen = bf16_available(device) if fast_path is None else bool(fast_path)
+            return QueryPlan(query, use_screen)
+        return None
+
+    job_size = min(chunk_size, CPU_BATCH) if device.type == "cpu" else chunk_size
+
+    def chunks():
+        chunk: List[torch.Tensor] = []
+        for x in candidates:
+            if x.shape[1] != query.shape[1]:
+                raise ValueError(f"candidate dense features have {x.shape[1]} channels but the query has "
+                                 f"{query.shape[1]}; both must come from the same model.")
+            chunk.append(x)
+            if len(chunk) >= job_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    n_workers = torch.get_num_threads() if device.type == "cpu" and workers else 1
+    if n_workers <= 1:
+        plan = make_plan()
+        for chunk in chunks():
+            yield from _process_chunk(query, plan, chunk, row_tile)
+        return
+    with _CpuWorkers(n_workers) as pool:
+        plan = pool.submit(make_plan).result()      # single-threaded too
+        in_flight: Deque = deque()
+        for chunk in chunks():
+            in_flight.append(pool.submit(_process_chunk, query, plan, chunk, row_tile))
+            if len(in_flight) > n_workers:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+
+
+def check_sizes(chunk_size: int, row_tile: int) -> None:
+    """chunk_size >= 1 and row_tile a positive multiple of BLOCK (tiles hold whole row groups)."""
+    if int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1 (candidates per chunk), got {chunk_size}.")
+    if int(row_tile) < BLOCK or int(row_tile) % BLOCK:
+        raise ValueError(f"row_tile must be a positive multiple of {BLOCK}, got {row_tile}.")
