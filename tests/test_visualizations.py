@@ -51,23 +51,10 @@ def _camera_pair(rng, *, n_points, size=224.0, noise=0.5):
     return pts_a, pts_b, f_true / np.linalg.norm(f_true)
 
 
-def _mutual_nn_pairs(a: np.ndarray, b: np.ndarray):
-    """Reference mutual nearest neighbours: S = a @ b.T, (i, j) with j = argmax_j S[i] and
-    i = argmax_i S[:, j]."""
-    sim = a @ b.T
-    best_b = sim.argmax(axis=1)
-    best_a = sim.argmax(axis=0)
-    idx_a = np.nonzero(best_a[best_b] == np.arange(len(a)))[0]
-    return idx_a, best_b[idx_a]
-
-
 def _pairs(a: np.ndarray, b: np.ndarray):
-    """The project's mutual_nn_pairs when local_matching.py exists, else the reference."""
-    try:
-        import torch
-        from local_matching import mutual_nn_pairs
-    except ImportError:
-        return _mutual_nn_pairs(a, b)
+    """The project's mutual_nn_pairs (local_matching) on numpy features."""
+    import torch
+    from local_matching import mutual_nn_pairs
     ia, ib = mutual_nn_pairs(torch.from_numpy(a), torch.from_numpy(b))
     return np.asarray(ia.cpu() if hasattr(ia, "cpu") else ia), \
         np.asarray(ib.cpu() if hasattr(ib, "cpu") else ib)
@@ -334,31 +321,12 @@ def test_save_image_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
 _TINY_MODEL = ["--backbone", "vit_tiny", "--backbone_depth", "1", "--allow_random_weights",
                "--device", "cpu", "--resize", "56", "56", "--num_workers", "0"]
 
-_STUB_MATCHING = '''
-import torch
-def mutual_nn_pairs(a, b):
-    sim = a @ b.T
-    best_b, best_a = sim.argmax(1), sim.argmax(0)
-    idx_a = torch.nonzero(best_a[best_b] == torch.arange(len(a), device=a.device)).flatten()
-    return idx_a, best_b[idx_a]
-'''
-
-
 def _run_tool(script: str, args: list, cwd: Path):
-    import importlib.util
     import os
     import subprocess
 
-    env = dict(os.environ)
-    if importlib.util.find_spec("local_matching") is None:
-        # local_matching.py is written in parallel; until it lands, a reference stand-in
-        # (found after the repository root, so the real module wins once it exists).
-        stub = cwd / "stub"
-        stub.mkdir(exist_ok=True)
-        (stub / "local_matching.py").write_text(_STUB_MATCHING)
-        env["PYTHONPATH"] = str(stub)
     return subprocess.run([sys.executable, str(_ROOT / "tools" / script), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=cwd, env=dict(os.environ), capture_output=True, text=True, timeout=120)
 
 
 def _load_tool(script: str):
