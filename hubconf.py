@@ -14,7 +14,6 @@ import importlib
 import os
 import sys
 
-import torch
 
 dependencies = ["torch", "numpy"]
 
@@ -75,7 +74,7 @@ network = _import_network()  # a module, not a callable: torch.hub does not list
 
 
 def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, registers=None, backbone_depth=None,
-            allow_random_weights=False, **kwargs):
+            allow_random_weights=False):
     """SelaVPR (DINOv2 ViT with adapters, global and local heads) as a plain nn.Module, on the CPU, in eval mode.
 
     Args:
@@ -91,7 +90,6 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, regis
             by this project's train.py, else to the paper's model (ViT-L/14, no registers); a value given
             here that contradicts the checkpoint's is an error naming both.
         allow_random_weights: return a randomly initialised model when no path is given (tests, demos).
-        **kwargs: passed to network.GeoLocalizationNet.
 
     Returns:
         network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
@@ -119,10 +117,8 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, regis
                                              path=checkpoint, what="checkpoint")
     defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
     settings, _ = network.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
-    model = network.GeoLocalizationNet(backbone=settings["backbone"], registers=settings["registers"],
-                                       backbone_depth=settings["backbone_depth"], **kwargs)
-    if foundation_model_path is not None:
-        network.load_foundation_weights(model, foundation_model_path)
-    if checkpoint is not None:
-        network.load_model_weights(model, checkpoint, what="checkpoint")
-    return model.to(torch.device("cpu")).eval()
+    model = network.load_model(backbone=settings["backbone"], registers=settings["registers"],
+                               backbone_depth=settings["backbone_depth"], foundation_model_path=foundation_model_path,
+                               checkpoint=checkpoint, checkpoint_flag="checkpoint",
+                               allow_random_weights=allow_random_weights, device="cpu")
+    return model.eval()

@@ -1,6 +1,7 @@
 """SelaVPR's network (backbone + global and local heads) and its weight files.
 
-build_model(args) is the one place that turns command-line arguments into constructor arguments.
+load_model(...) is the one place that turns model settings and weight files into a ready model;
+build_model(args) calls it with the command line's flags.
 """
 import logging
 import os
@@ -473,31 +474,39 @@ def resolve_model_settings(given: Dict[str, object], saved: Optional[dict], defa
     return settings, f"Model settings taken from {source}: {shown} (flags given on the command line win)"
 
 
-def build_model(args) -> GeoLocalizationNet:
-    """A ready GeoLocalizationNet on args.device, weights loaded as the flags say.
+def load_model(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, registers: bool = False,
+               foundation_model_path: Optional[str] = None, checkpoint: Optional[str] = None,
+               checkpoint_flag: str = "--resume", allow_random_weights: bool = False, train_backbone: bool = False,
+               device: str = "cpu") -> GeoLocalizationNet:
+    """The one place that turns model settings and weight files into a ready GeoLocalizationNet.
 
-    --foundation_model_path: DINOv2 backbone weights (adapters start at zero output);
-    --resume / --load_weights: a SelaVPR checkpoint (all weights);
-    neither: refused unless --allow_random_weights (then a loud warning).
+    foundation_model_path: DINOv2 backbone weights (adapters start at zero output); checkpoint: a
+    SelaVPR checkpoint (every weight, loaded last; `checkpoint_flag` names it in messages); neither:
+    refused unless allow_random_weights (then a loud warning). The backbone is frozen except its adapters
+    (everything trains with train_backbone); the model is moved to `device`.
     """
-    model = GeoLocalizationNet(backbone=args.backbone, registers=args.registers,
-                               backbone_depth=args.backbone_depth)
-    weights_given = False
-    if args.foundation_model_path:
-        load_foundation_weights(model, args.foundation_model_path)
-        weights_given = True
-    for flag in ("resume", "load_weights"):
-        path = getattr(args, flag)
-        if path:
-            load_model_weights(model, path, what="--" + flag)
-            weights_given = True
-    if not weights_given:
-        if not args.allow_random_weights:
+    model = GeoLocalizationNet(backbone=backbone, registers=registers, backbone_depth=backbone_depth)
+    if foundation_model_path:
+        load_foundation_weights(model, foundation_model_path)
+    if checkpoint:
+        load_model_weights(model, checkpoint, what=checkpoint_flag)
+    if not foundation_model_path and not checkpoint:
+        if not allow_random_weights:
             raise ValueError("no weights given: pass --foundation_model_path (DINOv2 weights) and/or --resume "
                              "(a SelaVPR checkpoint), or --allow_random_weights to run with random weights on "
                              "purpose (demos and tests only).")
         logging.warning("!" * 80)
         logging.warning("RUNNING WITH RANDOM WEIGHTS (--allow_random_weights): results mean nothing for real data.")
         logging.warning("!" * 80)
-    model.freeze(train_backbone=args.train_backbone)
-    return model.to(args.device)
+    model.freeze(train_backbone=train_backbone)
+    return model.to(device)
+
+
+def build_model(args) -> GeoLocalizationNet:
+    """load_model with the command line's flags (--resume or --load_weights as the checkpoint)."""
+    flag = "--resume" if args.resume else "--load_weights"
+    return load_model(backbone=args.backbone, backbone_depth=args.backbone_depth, registers=args.registers,
+                      foundation_model_path=args.foundation_model_path,
+                      checkpoint=args.resume or args.load_weights, checkpoint_flag=flag,
+                      allow_random_weights=args.allow_random_weights, train_backbone=args.train_backbone,
+                      device=args.device)

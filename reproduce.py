@@ -420,10 +420,9 @@ def evaluate_dataset(model: torch.nn.Module, dataset: datasets_ws.BaseDataset, *
 
 def load_checkpoint_model(path: str, *, flag: str, settings: dict) -> network.GeoLocalizationNet:
     """A GeoLocalizationNet of settings' size with all weights from the SelaVPR checkpoint `path`."""
-    model = network.GeoLocalizationNet(backbone=settings["backbone"], registers=settings["registers"],
-                                       backbone_depth=settings["backbone_depth"])
-    network.load_model_weights(model, path, what=flag)
-    return model.to(settings["device"]).eval()
+    return network.load_model(backbone=settings["backbone"], registers=settings["registers"],
+                              backbone_depth=settings["backbone_depth"], checkpoint=path, checkpoint_flag=flag,
+                              device=settings["device"]).eval()
 
 
 # ---------------------------------------------------------------------------------------------------
