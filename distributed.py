@@ -378,10 +378,9 @@ def finish(ctx: Context) -> None:
 
 def start_run(args, output_folder: str) -> Context:
     """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
-    process otherwise), set args.device to this process's device, log to `output_folder` on rank 0 (the
+    process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (the
     console only on the others), seed, and record the command line and arguments."""
     ctx = init_from_environment(device=args.device)
-    args.device = ctx.device
     if ctx.is_main:
         commons.setup_logging(output_folder)
     else:

@@ -18,7 +18,7 @@ def main(args):
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
     ctx = distributed.start_run(args, output_folder)
 
-    model = network.build_model(args)
+    model = network.build_model(args, device=ctx.device)
 
     test_ds = datasets_ws.BaseDataset(args.datasets_folder, args.dataset_name, "test", resize=args.resize,
                                       test_method=args.test_method,
@@ -31,12 +31,12 @@ def main(args):
         pca = test.compute_pca(model, datasets_folder=args.datasets_folder,
                                pca_dataset_folder=args.pca_dataset_folder, pca_dim=args.pca_dim,
                                resize=args.resize, batch_size=args.infer_batch_size,
-                               num_workers=args.num_workers, device=args.device)
+                               num_workers=args.num_workers, device=ctx.device)
     ctx.wait_for_main()
 
     result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
                            recall_values=args.recall_values, batch_size=args.infer_batch_size,
-                           num_workers=args.num_workers, device=args.device,
+                           num_workers=args.num_workers, device=ctx.device,
                            efficient_ram_testing=args.efficient_ram_testing,
                            store_folder=os.path.join(output_folder, "dense_features") if ctx.is_main else None,
                            pca=pca, majority_weight=args.majority_weight, precision=args.precision, dist_ctx=ctx)

@@ -30,6 +30,7 @@ def main(args):
     torch.backends.cudnn.benchmark = True
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
     ctx = distributed.start_run(args, output_folder)
+    device = ctx.device  # --device, or under torchrun this process's own GPU
     if ctx.enabled:
         distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
@@ -55,7 +56,7 @@ def main(args):
     logging.info(f"Test set: {test_ds}")
 
     # Model and optimiser: only adapters, LocalAdapt and GeM p train (all weights with --train_backbone).
-    model = network.build_model(args)
+    model = network.build_model(args, device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     logging.info(f"Trainable parameters: {sum(p.numel() for p in trainable):,}")
     if args.optim == "adam":
@@ -83,7 +84,7 @@ def main(args):
     # trainable but never used, which DDP must be told about.
     train_model = ctx.wrap_model(model, find_unused_parameters=args.train_backbone)
     eval_kwargs = dict(rerank_num=args.rerank_num, recall_values=args.recall_values,
-                       batch_size=args.infer_batch_size, num_workers=args.num_workers, device=args.device,
+                       batch_size=args.infer_batch_size, num_workers=args.num_workers, device=device,
                        efficient_ram_testing=args.efficient_ram_testing, precision=args.precision, dist_ctx=ctx)
     r5_index = min(1, len(args.recall_values) - 1)
     loops_num = args.queries_per_epoch // args.cache_refresh_rate
@@ -93,7 +94,7 @@ def main(args):
         def extract(indexes, _store):
             return test.extract_features(model, triplets_ds, indexes, method="hard_resize",
                                          batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                         device=args.device, precision=args.precision, desc="Mining features")
+                                         device=device, precision=args.precision, desc="Mining features")
         return distributed.extract_sharded(ctx, extract, global_indexes)  # each rank extracts a share
 
     for epoch_num in range(start_epoch, args.epochs_num):
@@ -115,11 +116,11 @@ def main(args):
                                         samples_num=len(triplets_ds), batch_size=args.train_batch_size,
                                         rank=ctx.rank, world_size=ctx.world_size),
                                     num_workers=args.num_workers, collate_fn=datasets_ws.collate_fn,
-                                    pin_memory=args.device.startswith("cuda"))
+                                    pin_memory=device.startswith("cuda"))
             else:
                 loader = DataLoader(triplets_ds, batch_size=args.train_batch_size, shuffle=False, drop_last=True,
                                     num_workers=args.num_workers, collate_fn=datasets_ws.collate_fn,
-                                    pin_memory=args.device == "cuda")
+                                    pin_memory=device.startswith("cuda"))
             train_model.train()
             loop_losses = []
             for batch_num, (images, triplets_local_indexes, _) in enumerate(
@@ -128,7 +129,7 @@ def main(args):
                 if args.horizontal_flip:  # the whole batch or none
                     images = ctx.flip_together(images) if ctx.enabled else T.RandomHorizontalFlip()(images)
                 local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
-                    train_model, images.to(args.device, non_blocking=True), precision=args.precision)
+                    train_model, images.to(device, non_blocking=True), precision=args.precision)
                 global_loss, local_loss = loss.triplet_losses(local_features, global_features,
                                                               triplets_local_indexes, margin=args.margin,
                                                               normaliser=normaliser)
