@@ -827,7 +827,7 @@ def test_crafted_pickle_is_refused_through_torch_hub(world, tmp_path):
 
 
 def _lint_module():
-    spec = importlib.util.spec_from_file_location("lint_safety", os.path.join(ROOT, "tools", "lint_safety.py"))
+    spec = importlib.util.spec_from_file_location("lint_safety", os.path.join(ROOT, "tests", "lint_safety.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -850,14 +850,14 @@ def test_the_scan_finds_unsafe_loads():
 
 
 def test_the_safety_lint_scans_the_repository_and_reports_findings(tmp_path):
-    """tools/lint_safety.py (run by CI before the tests) passes on the repository and fails, naming the
+    """tests/lint_safety.py (run by CI before the tests) passes on the repository and fails, naming the
     file and line, on a tree with an unsafe load."""
-    clean = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "lint_safety.py")], capture_output=True,
+    clean = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lint_safety.py")], capture_output=True,
                            text=True, timeout=120)
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert re.search(r"lint_safety: \d+ Python files, no unsafe load", clean.stdout)
     (tmp_path / "bad.py").write_text("import torch\nstate = torch.load('x.pth')\n")
-    dirty = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "lint_safety.py"), str(tmp_path)],
+    dirty = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lint_safety.py"), str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert dirty.returncode == 1 and "bad.py line 2: torch.load without weights_only=True" in dirty.stdout
 

@@ -1,6 +1,6 @@
 """Safety lint: every weights load in the repository is a safe one, and nothing downloads.
 
-    python3 tools/lint_safety.py [FOLDER]     # default: the repository; exit 1 with the findings
+    python3 tests/lint_safety.py [FOLDER]     # default: the repository; exit 1 with the findings
 
 Run by CI before the tests. What it refuses: torch.load without weights_only=True (tests must say
 weights_only explicitly: they may read back, unrestricted, a file they wrote themselves), any other
