@@ -229,6 +229,14 @@ def crop_to_patch_multiple(img: torch.Tensor, patch_size: int = PATCH_SIZE) -> t
     return _center_crop(img, (h - h % patch_size, w - w % patch_size))
 
 
+def check_test_method(method: str, methods: Sequence[str] = TEST_METHODS, *, where: str = "") -> str:
+    """`method` if it is one of `methods` (default: every test method), else a clear error naming the
+    flag, the choices and, if given, `where` (e.g. " in localize.py")."""
+    if method not in methods:
+        raise ValueError(f"--test_method {method!r} is not available{where}: use one of {', '.join(methods)}")
+    return method
+
+
 def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> torch.Tensor:
     """Apply test ``method`` to a normalised image (3, H, W).
 
@@ -241,9 +249,8 @@ def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> 
         return crop_to_patch_multiple(resize_shorter_side(img, min(_check_resize(resize))))
     if method == "central_crop":
         return central_crop(img, resize)
-    if method in FIVE_CROP_METHODS:
-        return five_crops(img, resize)
-    raise ValueError(f"Unknown --test_method {method!r}: choose one of {', '.join(TEST_METHODS)}")
+    check_test_method(method)
+    return five_crops(img, resize)  # the three five-crop methods
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +311,7 @@ class BaseDataset(Dataset):
                  positive_dist_threshold: float = 25, query_keys_file: str | None = None) -> None:
         super().__init__()
         self.resize = _check_resize(resize)
-        if test_method not in TEST_METHODS:
-            raise ValueError(f"Unknown --test_method {test_method!r}: choose one of {', '.join(TEST_METHODS)}")
-        self.test_method = test_method
+        self.test_method = check_test_method(test_method)
         self.dataset_name = dataset_name
         self.split = split
         self.positive_dist_threshold = positive_dist_threshold
@@ -375,8 +380,7 @@ class BaseDataset(Dataset):
 
     def load(self, index: int, method: str) -> torch.Tensor:
         """Image ``index`` (global) normalised and preprocessed by test ``method`` (see apply_test_method)."""
-        if method not in TEST_METHODS:
-            raise ValueError(f"Unknown --test_method {method!r}: choose one of {', '.join(TEST_METHODS)}")
+        check_test_method(method)
         image = open_image(self.images_paths[index], min_side=draft_min_side(self.resize))
         return apply_test_method(base_transform(image), method, self.resize)
 
@@ -400,8 +404,7 @@ class ImagesSubset(Dataset):
     """
 
     def __init__(self, dataset: BaseDataset, global_indexes: Sequence[int], method: str = "hard_resize") -> None:
-        if method not in TEST_METHODS:
-            raise ValueError(f"Unknown --test_method {method!r}: choose one of {', '.join(TEST_METHODS)}")
+        check_test_method(method)
         self.dataset = dataset
         self.global_indexes = np.asarray(global_indexes, dtype=np.int64).reshape(-1)
         self.method = method

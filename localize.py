@@ -419,9 +419,8 @@ def localize_queries(model: torch.nn.Module, database: Database, queries_paths: 
 
     store_folder: keep the queries' dense features in a raw file there, read back with positional reads (None: in RAM).
     """
-    if test_method not in QUERY_METHODS:
-        raise ValueError(f"--test_method {test_method} is not available in localize.py: use one of "
-                         f"{', '.join(QUERY_METHODS)} (the five-crop methods run in eval.py only).")
+    datasets_ws.check_test_method(test_method, QUERY_METHODS,
+                                  where=" in localize.py (the five-crop methods run in eval.py only)")
     db_num = len(database.paths)
     k = rerank_num
     if rerank_num > db_num:
@@ -516,9 +515,11 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
     args = parser.parse_arguments(argv, p, needs_data=False)
     if args.database_folder is None and args.load_database is None:
         p.error("give --database_folder (images to search) or --load_database (a saved database)")
-    if args.test_method not in QUERY_METHODS:
-        p.error(f"--test_method {args.test_method} is not available in localize.py: use one of "
-                f"{', '.join(QUERY_METHODS)} (the five-crop methods run in eval.py only)")
+    try:
+        datasets_ws.check_test_method(args.test_method, QUERY_METHODS,
+                                      where=" in localize.py (the five-crop methods run in eval.py only)")
+    except ValueError as e:
+        p.error(str(e))
     if args.pca_dim is not None:
         p.error("--pca_dim is not supported by localize.py (a saved database holds the raw descriptors)")
     # Inputs and outputs are checked here, before any folder is created or any model is built.

@@ -374,7 +374,7 @@ CASES = [
     Case("localize_five_crops",
          lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder", d,
                        "--database_folder", d, "--test_method", "five_crops"],
-         [r"--test_method five_crops is not available in localize\.py", r"eval\.py"]),
+         [r"--test_method 'five_crops' is not available in localize\.py", r"eval\.py"]),
     # ---- tools ---------------------------------------------------------------------------------
     Case("heatmap_zero_byte_image",
          lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TINY_FLAGS,
