@@ -215,8 +215,8 @@ class Listing:
     unreadable: list[str] = field(default_factory=list)
 
 
-def _inside(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or below it."""
+def is_inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or below it, as strings (resolve links first where they matter)."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
@@ -259,15 +259,15 @@ def list_images(folder: str, *, accept: Callable[[str], bool], protect: Iterable
     visited: set[str] = set()
 
     def why_not(link: str, target: str, chain: list[str]) -> str | None:
-        if _inside(target, root_real):
+        if is_inside(target, root_real):
             return f"it points to {target}, inside the folder being read (its images are read there)"
         for other in protected:
-            if _inside(other, target):
+            if is_inside(other, target):
                 return f"it points to {target}, which contains {other} (a loop, or images of other parts)"
-            if _inside(target, other):
+            if is_inside(target, other):
                 return f"it points to {target}, inside {other}, a folder whose images do not belong here"
         for above in chain:
-            if _inside(above, target):
+            if is_inside(above, target):
                 return f"it points to {target}, which contains the folder it sits in (a loop)"
         if target in visited:
             return f"it points to {target}, which is already read through another path"

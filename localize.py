@@ -113,8 +113,7 @@ def find_images(folder: str, *, flag: str = "--database_folder", protect: Sequen
 
 def _inside(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies below it (symbolic links resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    return image_files.is_inside(os.path.realpath(path), os.path.realpath(folder))
 
 
 def warn_about_overlaps(*, queries_folder: str, database_folder: Optional[str], output_folder: str) -> None:
@@ -273,13 +272,14 @@ def save_database(database: Database, folder: str, *, extra: Optional[Dict] = No
         files = {name: os.path.getsize(os.path.join(tmp, name))
                  for name in (GLOBAL_FILE, os.path.join(DENSE_FOLDER, test.DenseStore.FEATURES_FILE),
                               os.path.join(DENSE_FOLDER, test.DenseStore.SHAPES_FILE))}
+        stats = [os.stat(p) for p in database.paths]  # one stat per image: size and modification time
         manifest = {
             "format": DATABASE_FORMAT, "version": DATABASE_VERSION,
             "created": datetime.now().isoformat(timespec="seconds"),
             "database_folder": database.root,
             "images": [os.path.relpath(p, database.root) for p in database.paths],
-            "image_sizes": [os.path.getsize(p) for p in database.paths],
-            "image_mtimes_ns": [os.stat(p).st_mtime_ns for p in database.paths],
+            "image_sizes": [st.st_size for st in stats],
+            "image_mtimes_ns": [st.st_mtime_ns for st in stats],
             "global_shape": list(database.global_descriptors.shape),
             "dense_shape_first": list(database.dense.shapes[0]) if len(database.dense) else None,
             "files": files,
