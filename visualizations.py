@@ -1,6 +1,8 @@
 """Pictures of what the model sees: dense matches, feature heat maps, prediction rows.
 
-Pillow + numpy only (no OpenCV, no matplotlib, no torch import; files are read by ``image_files``): every function takes
+Pillow + numpy (no matplotlib, no torch import; files are read by ``image_files``); OpenCV only
+for the RANSAC check of matches (``fundamental_ransac``), imported on first use, so that
+importing this module and everything but that check work without it. Every function takes
 numpy arrays (torch tensors are accepted too and converted through ``.detach().cpu()``)
 or PIL images, and returns numpy arrays or PIL images. Nothing here touches the model;
 the command-line scripts in ``tools/`` run the model and hand the arrays over.
@@ -34,8 +36,8 @@ __all__ = [
     "CORRECT_FRAME_COLOUR",
     "WRONG_FRAME_COLOUR",
     "grid_indices_to_pixels",
+    "opencv",
     "fundamental_ransac",
-    "epipolar_distances",
     "distinct_colours",
     "draw_matches",
     "feature_heatmap",
@@ -51,13 +53,10 @@ QUERY_FRAME_COLOUR = (30, 110, 230)
 CORRECT_FRAME_COLOUR = (0, 190, 0)
 WRONG_FRAME_COLOUR = (220, 0, 0)
 
-# Points with a homogeneous line normal shorter than this are "at infinity": their
-# epipolar distance is treated as infinite rather than divided by ~0.
-_LINE_NORM_EPS = 1e-12
-# RANSAC hypotheses are drawn and scored in chunks of this many (bounded memory:
-# chunk x N x 3 floats for the epipolar lines).
-_RANSAC_CHUNK = 128
-_MIN_SAMPLE = 8
+# Fewer matches than this cannot be verified (the 8-point algorithm's minimum): nothing is kept.
+_MIN_MATCHES = 8
+# How to install the optional OpenCV (the headless build: no GUI libraries needed).
+OPENCV_INSTALL = "pip install opencv-python-headless"
 
 
 # --------------------------------------------------------------------------------------
@@ -131,119 +130,51 @@ def grid_indices_to_pixels(indices, grid: Sequence[int], image_size: Sequence[in
     return np.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], axis=1)
 
 
-def _hartley_transforms(points: np.ndarray) -> np.ndarray:
-    """Similarity transforms (..., 3, 3) taking each point set (..., M, 2) to centroid 0,
-    mean distance sqrt(2) (Hartley's normalisation). Degenerate sets (all points equal)
-    give non-finite transforms, which the callers treat as a failed fit."""
-    centre = points.mean(axis=-2, keepdims=True)                          # (..., 1, 2)
-    mean_dist = np.linalg.norm(points - centre, axis=-1).mean(axis=-1)   # (...,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.sqrt(2.0) / mean_dist
-    transform = np.zeros(points.shape[:-2] + (3, 3))
-    transform[..., 0, 0] = scale
-    transform[..., 1, 1] = scale
-    transform[..., 0, 2] = -scale * centre[..., 0, 0]
-    transform[..., 1, 2] = -scale * centre[..., 0, 1]
-    transform[..., 2, 2] = 1.0
-    return transform
+def opencv():
+    """The ``cv2`` module, imported on first use.
 
+    OpenCV is an optional dependency of the RANSAC check of matches only (``fundamental_ransac``,
+    ``tools/draw_matches.py``): everything else here, and the rest of the project, runs without it.
 
-def _eight_point(pts_a: np.ndarray, pts_b: np.ndarray) -> np.ndarray:
-    """Normalised 8-point fundamental matrices for a batch of point sets.
-
-    Args:
-        pts_a, pts_b: (B, M, 2) corresponding points, M >= 8.
-
-    Returns:
-        (B, 3, 3) rank-2 F with unit Frobenius norm, ``x_b^T F x_a = 0``; rows that could
-        not be fitted (degenerate samples) are NaN.
+    Raises:
+        ValueError: OpenCV is missing (or cannot be loaded), with the package and the command that
+            installs it.
     """
-    t_a = _hartley_transforms(pts_a)
-    t_b = _hartley_transforms(pts_b)
-    ones = np.ones(pts_a.shape[:-1] + (1,))
-    with np.errstate(invalid="ignore", over="ignore"):
-        na = np.einsum("bij,bmj->bmi", t_a, np.concatenate([pts_a, ones], axis=-1))
-        nb = np.einsum("bij,bmj->bmi", t_b, np.concatenate([pts_b, ones], axis=-1))
-    finite = np.all(np.isfinite(na), axis=(1, 2)) & np.all(np.isfinite(nb), axis=(1, 2))
-    na = np.where(finite[:, None, None], na, 0.0)
-    nb = np.where(finite[:, None, None], nb, 0.0)
-    # One row per correspondence: x_b^T F x_a = sum_ij xb_i F_ij xa_j, F flattened row-major.
-    design = (nb[..., :, None] * na[..., None, :]).reshape(na.shape[0], na.shape[1], 9)
-    _, _, vh = np.linalg.svd(design, full_matrices=True)
-    f_norm = vh[:, -1, :].reshape(-1, 3, 3)
-    # Enforce rank 2 (a true fundamental matrix is singular).
-    u, s, vh2 = np.linalg.svd(f_norm)
-    s[:, 2] = 0.0
-    f_norm = u @ (s[:, :, None] * vh2)
-    fundamental = np.swapaxes(t_b, 1, 2) @ f_norm @ t_a
-    norm = np.linalg.norm(fundamental, axis=(1, 2), keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fundamental = fundamental / norm
-    bad = ~finite | ~np.all(np.isfinite(fundamental), axis=(1, 2))
-    fundamental[bad] = np.nan
-    return fundamental
-
-
-def epipolar_distances(fundamental: np.ndarray, pts_a, pts_b) -> np.ndarray:
-    """Symmetric epipolar distance in pixels, the error RANSAC thresholds.
-
-    For each correspondence: the larger of (distance of x_b to the line F x_a in image B)
-    and (distance of x_a to the line F^T x_b in image A) — OpenCV's RANSAC error, in
-    pixels rather than squared pixels.
-
-    Args:
-        fundamental: (3, 3) or (B, 3, 3) with ``x_b^T F x_a = 0``.
-        pts_a, pts_b: (N, 2) pixel coordinates.
-
-    Returns:
-        (N,) or (B, N) float64 distances; non-finite F or a degenerate line gives inf.
-    """
-    pts_a = _check_points(pts_a, name="pts_a")
-    pts_b = _check_points(pts_b, name="pts_b")
-    f = np.asarray(fundamental, dtype=np.float64)
-    single = f.ndim == 2
-    f = f[None] if single else f
-    ha = np.concatenate([pts_a, np.ones((len(pts_a), 1))], axis=1)   # (N, 3)
-    hb = np.concatenate([pts_b, np.ones((len(pts_b), 1))], axis=1)
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        lines_b = np.einsum("bij,nj->bni", f, ha)                      # epipolar lines in B
-        lines_a = np.einsum("bji,nj->bni", f, hb)                      # F^T x_b: lines in A
-        algebraic = np.abs(np.einsum("bni,ni->bn", lines_b, hb))      # |x_b^T F x_a|
-        norm_b = np.hypot(lines_b[..., 0], lines_b[..., 1])
-        norm_a = np.hypot(lines_a[..., 0], lines_a[..., 1])
-        dist_b = np.where(norm_b > _LINE_NORM_EPS, algebraic / norm_b, np.inf)
-        dist_a = np.where(norm_a > _LINE_NORM_EPS, algebraic / norm_a, np.inf)
-        error = np.maximum(dist_a, dist_b)
-    error = np.where(np.isfinite(error), error, np.inf)
-    return error[0] if single else error
+    try:
+        import cv2
+    except ImportError as error:
+        raise ValueError(f"the RANSAC check of matches needs OpenCV, an optional dependency of the picture "
+                         f"tools ({error}): install it with `{OPENCV_INSTALL}`, or draw every match "
+                         "without the check (draw_matches.py --no_ransac)") from None
+    return cv2
 
 
 def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int = 2000,
-                       confidence: float = 0.999, seed: int = 0
-                       ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Robust fundamental matrix: seeded RANSAC over normalised 8-point fits.
+                       confidence: float = 0.999) -> tuple[np.ndarray | None, np.ndarray]:
+    """Robust fundamental matrix: OpenCV's RANSAC (``cv2.findFundamentalMat`` with ``FM_RANSAC``),
+    the fit the public release's match picture uses.
 
-    Each hypothesis is a Hartley-normalised 8-point fit (rank 2 enforced) on 8 distinct
-    random correspondences; a correspondence is an inlier when its symmetric epipolar
-    distance (see ``epipolar_distances``) is ``<= threshold`` pixels. The hypothesis with
-    the most inliers wins (the first drawn on ties). Sampling stops after ``iterations``
-    hypotheses, or earlier once the standard adaptive bound
-    ``log(1 - confidence) / log(1 - w^8)`` (w = best inlier ratio) is reached. The winner is
-    then refitted on all its inliers by least squares; the refit replaces it only if it
-    keeps at least as many inliers. The same inputs and seed give the same result.
+    A correspondence is an inlier when its symmetric epipolar distance (the larger of its
+    distances, in pixels, to its epipolar lines in A and in B) is ``<= threshold``. OpenCV draws
+    its samples with a fixed internal seed, so the same inputs give the same result; it stops
+    after ``iterations`` hypotheses or once ``confidence`` is reached. With 8 to 14
+    correspondences OpenCV fits by least median of squares instead, whose inlier rule does not
+    use ``threshold``.
 
     Args:
         pts_a, pts_b: (N, 2) matched ``(x, y)`` pixel coordinates in images A and B.
         threshold: inlier distance in pixels (> 0).
         iterations: most hypotheses to try (>= 1).
-        confidence: in (0, 1); 1 disables the early stop.
-        seed: seed of the numpy generator that draws the samples.
+        confidence: in (0, 1).
 
     Returns:
         ``(F, inlier_mask)``: F (3, 3) float64 with unit Frobenius norm and
         ``x_b^T F x_a = 0``, and a (N,) bool mask. With fewer than 8 correspondences, or when
-        every sample is degenerate, F is None and the mask is all False (nothing can be
-        verified, so nothing is kept).
+        no fit is found (degenerate points: all equal, all on one line, ...), F is None and the
+        mask is all False (nothing can be verified, so nothing is kept).
+
+    Raises:
+        ValueError: bad arguments, or OpenCV missing (see ``opencv``).
     """
     pts_a = _check_points(pts_a, name="pts_a")
     pts_b = _check_points(pts_b, name="pts_b")
@@ -254,52 +185,25 @@ def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int 
         raise ValueError(f"threshold: must be a positive number of pixels, got {threshold}")
     if int(iterations) < 1:
         raise ValueError(f"iterations: must be >= 1, got {iterations}")
-    if not 0.0 < confidence <= 1.0:
-        raise ValueError(f"confidence: must lie in (0, 1], got {confidence}")
+    # OpenCV silently replaces a confidence outside (0, 1) by 0.99: refuse it instead.
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence: must lie strictly between 0 and 1, got {confidence}")
+    cv2 = opencv()  # before the early return, so a missing OpenCV is reported whatever the input
     n = len(pts_a)
     empty = np.zeros(n, dtype=bool)
-    if n < _MIN_SAMPLE:
+    if n < _MIN_MATCHES:
         return None, empty
-
-    rng = np.random.default_rng(seed)
-    best_f: np.ndarray | None = None
-    best_mask = empty
-    best_count = 0
-    needed = int(iterations)
-    done = 0
-    while done < needed:
-        batch = min(_RANSAC_CHUNK, needed - done)
-        # 8 distinct indices per hypothesis: the 8 smallest of N uniform keys.
-        sample = np.argpartition(rng.random((batch, n)), _MIN_SAMPLE - 1,
-                                 axis=1)[:, :_MIN_SAMPLE]
-        candidates = _eight_point(pts_a[sample], pts_b[sample])           # (batch, 3, 3)
-        inliers = epipolar_distances(candidates, pts_a, pts_b) <= threshold
-        inliers &= np.all(np.isfinite(candidates), axis=(1, 2))[:, None]
-        counts = inliers.sum(axis=1)
-        winner = int(np.argmax(counts))
-        if counts[winner] > best_count:
-            best_count = int(counts[winner])
-            best_f = candidates[winner]
-            best_mask = inliers[winner]
-        done += batch
-        if best_count and confidence < 1.0:
-            ratio = best_count / n
-            all_good = ratio ** _MIN_SAMPLE
-            if all_good >= 1.0:
-                bound = 0
-            else:
-                bound = math.ceil(math.log(1.0 - confidence) / math.log1p(-all_good))
-            needed = min(needed, max(bound, 1))
-
-    if best_f is None:
+    fundamental, mask = cv2.findFundamentalMat(np.ascontiguousarray(pts_a),
+                                               np.ascontiguousarray(pts_b), cv2.FM_RANSAC,
+                                               float(threshold), float(confidence),
+                                               int(iterations))
+    # A failed fit returns no matrix (and a mask that means nothing).
+    if fundamental is None or fundamental.shape != (3, 3) or \
+            not np.all(np.isfinite(fundamental)):
         return None, empty
-    if best_count >= _MIN_SAMPLE:
-        refit = _eight_point(pts_a[best_mask][None], pts_b[best_mask][None])[0]
-        if np.all(np.isfinite(refit)):
-            refit_mask = epipolar_distances(refit, pts_a, pts_b) <= threshold
-            if refit_mask.sum() >= best_count:
-                best_f, best_mask = refit, refit_mask
-    return best_f, best_mask
+    # OpenCV scales F so that F[2, 2] = 1; unit Frobenius norm does not depend on that entry.
+    fundamental = fundamental.astype(np.float64) / np.linalg.norm(fundamental)
+    return fundamental, mask.reshape(n).astype(bool)
 
 
 # --------------------------------------------------------------------------------------
@@ -339,8 +243,8 @@ def _side_by_side(image_a: Image.Image, image_b: Image.Image, height: int | None
 def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
                  grid_a: Sequence[int], grid_b: Sequence[int], *, ransac: bool = True,
                  threshold: float = 5.0, max_lines: int | None = None,
-                 height: int | None = None, gap: int = 0, line_width: int = 1,
-                 seed: int = 0) -> Image.Image:
+                 height: int | None = None, gap: int = 0,
+                 line_width: int = 1) -> Image.Image:
     """Two images side by side with one coloured line per feature match.
 
     Args:
@@ -351,8 +255,8 @@ def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
         grid_a, grid_b: (h, w) feature-grid sizes of A and B.
         ransac: keep only matches consistent with a RANSAC fundamental matrix, computed in
             the pixel coordinates of ``image_a`` / ``image_b`` as given (before the display
-            resize below). With fewer than 8 matches nothing can be verified and no line
-            is drawn.
+            resize below), by ``fundamental_ransac`` (needs OpenCV). With fewer than 8
+            matches nothing can be verified and no line is drawn.
         threshold: RANSAC inlier distance in those pixels.
         max_lines: draw at most this many lines (an evenly spaced subset of the kept
             matches, in their given order); None draws all.
@@ -360,7 +264,6 @@ def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
             height and resizes B to it.
         gap: white pixels between the two pictures.
         line_width: line width in pixels.
-        seed: RANSAC seed.
 
     Returns:
         RGB PIL image of size (W_a' + gap + W_b', height'), the lines drawn over it.
@@ -379,7 +282,7 @@ def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
     pts_a = grid_indices_to_pixels(a, grid_a, image_a.size)
     pts_b = grid_indices_to_pixels(b, grid_b, image_b.size)
     if ransac:
-        _, keep = fundamental_ransac(pts_a, pts_b, threshold=threshold, seed=seed)
+        _, keep = fundamental_ransac(pts_a, pts_b, threshold=threshold)
         pts_a, pts_b = pts_a[keep], pts_b[keep]
     if max_lines is not None and len(pts_a) > int(max_lines):
         chosen = np.linspace(0, len(pts_a) - 1, int(max_lines)).round().astype(np.int64)

@@ -1,8 +1,9 @@
-"""Tests of visualizations.py: RANSAC geometry, match drawing, heat maps, prediction rows,
+"""Tests of visualizations.py: RANSAC geometry (OpenCV's fit, and that nothing else needs OpenCV), match drawing, heat maps, prediction rows,
 atomic saving. Small synthetic inputs only (the whole file runs in a few seconds)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,17 @@ def test_grid_indices_to_pixels_are_cell_centres():
         vis.grid_indices_to_pixels(np.array([8]), (2, 4), (40, 10))
 
 
+def _epipolar_distances(f, pts_a, pts_b):
+    """(N,) symmetric epipolar distances in pixels: for each match the larger of the distance of
+    x_b to the line F x_a and of x_a to the line F^T x_b (the error RANSAC thresholds)."""
+    ha = np.c_[pts_a, np.ones(len(pts_a))]
+    hb = np.c_[pts_b, np.ones(len(pts_b))]
+    lines_b, lines_a = ha @ f.T, hb @ f                     # F x_a (in B), F^T x_b (in A)
+    algebraic = np.abs(np.sum(lines_b * hb, axis=1))
+    return np.maximum(algebraic / np.hypot(lines_b[:, 0], lines_b[:, 1]),
+                      algebraic / np.hypot(lines_a[:, 0], lines_a[:, 1]))
+
+
 def test_ransac_keeps_true_matches_and_rejects_outliers():
     rng = np.random.default_rng(3)
     pts_a, pts_b, f_true = _camera_pair(rng, n_points=200)
@@ -85,34 +97,56 @@ def test_ransac_keeps_true_matches_and_rejects_outliers():
     order = rng.permutation(len(truth))        # outliers mixed among the true matches
     all_a, all_b, truth = np.r_[pts_a, out_a][order], np.r_[pts_b, out_b][order], truth[order]
     # The true geometry itself explains the true matches to within the threshold.
-    assert np.median(vis.epipolar_distances(f_true, pts_a, pts_b)) < 1.5
+    assert np.median(_epipolar_distances(f_true, pts_a, pts_b)) < 1.5
 
-    f, mask = vis.fundamental_ransac(all_a, all_b, threshold=3.0, seed=0)
-    assert f is not None and f.shape == (3, 3) and mask.dtype == bool
+    f, mask = vis.fundamental_ransac(all_a, all_b, threshold=3.0)
+    assert f is not None and f.shape == (3, 3) and f.dtype == np.float64
+    assert mask.shape == (len(truth),) and mask.dtype == bool
     assert mask[truth].mean() >= 0.9            # most true matches kept
     assert (~mask[~truth]).mean() >= 0.85       # most outliers rejected (some fall near lines)
     # A proper fundamental matrix: unit norm, rank 2, small error on the true points.
     assert np.linalg.norm(f) == pytest.approx(1.0)
     singular = np.linalg.svd(f, compute_uv=False)
     assert singular[2] < 1e-9 * singular[0]
-    assert np.median(vis.epipolar_distances(f, pts_a, pts_b)) < 1.5
+    assert np.median(_epipolar_distances(f, pts_a, pts_b)) < 1.5
+    # The inliers are exactly the matches within the threshold of the returned F.
+    distances = _epipolar_distances(f, all_a, all_b)
+    np.testing.assert_array_equal(mask, distances <= 3.0)
+    # A smaller threshold keeps fewer matches.
+    _, strict = vis.fundamental_ransac(all_a, all_b, threshold=0.5)
+    assert strict.sum() < mask.sum()
 
 
-def test_ransac_is_seeded_and_handles_few_points():
+def test_ransac_is_deterministic_and_handles_few_and_degenerate_points():
     rng = np.random.default_rng(4)
     pts_a, pts_b, _ = _camera_pair(rng, n_points=60)
     pts_a[:15] = rng.uniform(0, 224, (15, 2))
-    f1, m1 = vis.fundamental_ransac(pts_a, pts_b, seed=7)
-    f2, m2 = vis.fundamental_ransac(pts_a, pts_b, seed=7)
+    f1, m1 = vis.fundamental_ransac(pts_a, pts_b)
+    f2, m2 = vis.fundamental_ransac(pts_a, pts_b)
     np.testing.assert_array_equal(m1, m2)
     np.testing.assert_array_equal(f1, f2)
+    # Most of the 15 replaced points are rejected (a random point can fall near its epipolar line).
+    assert m1[15:].mean() >= 0.9 and (~m1[:15]).mean() >= 0.8
 
+    # Fewer than 8 matches: nothing can be verified, nothing is kept.
     f, mask = vis.fundamental_ransac(pts_a[:7], pts_b[:7])
-    assert f is None and mask.shape == (7,) and not mask.any()
+    assert f is None and mask.shape == (7,) and mask.dtype == bool and not mask.any()
+    f, mask = vis.fundamental_ransac(np.zeros((0, 2)), np.zeros((0, 2)))
+    assert f is None and mask.shape == (0,)
+    # Degenerate points (all equal, all on one line): no fit, nothing kept.
+    line = np.c_[np.arange(20.0), 2.0 * np.arange(20.0) + 3.0]
+    for a, b in [(np.full((20, 2), 50.0), np.full((20, 2), 60.0)), (line, line * 1.5)]:
+        f, mask = vis.fundamental_ransac(a, b)
+        assert f is None and mask.shape == (20,) and not mask.any()
+
     with pytest.raises(ValueError, match="same number"):
         vis.fundamental_ransac(pts_a[:10], pts_b[:9])
     with pytest.raises(ValueError, match="threshold"):
         vis.fundamental_ransac(pts_a, pts_b, threshold=0.0)
+    with pytest.raises(ValueError, match="confidence"):
+        vis.fundamental_ransac(pts_a, pts_b, confidence=1.0)
+    with pytest.raises(ValueError, match="iterations"):
+        vis.fundamental_ransac(pts_a, pts_b, iterations=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -365,8 +399,71 @@ def test_draw_matches_tool_runs_from_another_folder(tmp_path):
     Image.fromarray(rng.integers(0, 255, (42, 70, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "b.png")
     done = _run_tool("draw_matches.py", ["a.png", "b.png", "--output", "matches.jpg",
-                                         "--no_ransac", *_TINY_MODEL], tmp_path)
+                                         *_TINY_MODEL], tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "mutual nearest-neighbour matches" in done.stdout
+    assert "consistent with RANSAC (5.0 px)" in done.stdout      # OpenCV's check ran
     with Image.open(tmp_path / "matches.jpg") as matches:
         assert matches.size == (round(70 * 56 / 42) + 56, 56)   # --resize height, aspect kept
+
+
+# Runs with OpenCV blocked (``sys.modules["cv2"] = None`` makes ``import cv2`` fail): the library,
+# the evaluation's prediction pictures and draw_matches --no_ransac work; the RANSAC check, and
+# draw_matches without --no_ransac, stop with one message naming the package and how to install it.
+_WITHOUT_OPENCV = r"""
+import os, runpy, sys
+sys.modules["cv2"] = None
+root, tmp = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import eval, localize, predictions_io, visualizations as vis  # noqa: F401  (none may need cv2)
+from PIL import Image
+a, b = os.path.join(tmp, "a.png"), os.path.join(tmp, "b.png")
+record = {"query": a, "query_index": 0, "reranked": [{"path": b, "correct": True, "mutual_nn": 3.0}]}
+assert predictions_io.save_prediction_pictures(os.path.join(tmp, "preds"), [record], num_preds=1) == 1
+image = Image.open(a)
+vis.draw_matches(image, image, list(range(10)), list(range(10)), (8, 8), (8, 8), ransac=False)
+try:
+    vis.fundamental_ransac([[0, 0]] * 10, [[0, 0]] * 10)
+    raise SystemExit("fundamental_ransac ran without OpenCV")
+except ValueError as error:
+    print("library:", error)
+tool_args = ["a.png", "b.png", "--output", "plain.jpg", "--no_ransac", *sys.argv[3:]]
+spec = __import__("importlib.util").util.spec_from_file_location(
+    "draw_matches_tool", os.path.join(root, "tools", "draw_matches.py"))
+tool = __import__("importlib.util").util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+os.chdir(tmp)
+tool.main(tool.parse_args(tool_args))
+print("no_ransac ok")
+sys.stdout.flush()
+sys.argv = [os.path.join(root, "tools", "draw_matches.py"), "a.png", "b.png", "--output", "checked.jpg",
+            *sys.argv[3:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_opencv_is_needed_only_by_the_ransac_check(tmp_path):
+    import os
+    import subprocess
+
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / name)
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_OPENCV, str(_ROOT), str(tmp_path),
+                           *_TINY_MODEL], cwd=tmp_path, env=dict(os.environ), capture_output=True,
+                          text=True, timeout=180)
+    output = done.stdout + done.stderr
+    # Everything up to the last step ran without OpenCV.
+    preds = tmp_path / "preds"
+    assert preds.is_dir() and len(list(preds.iterdir())) == 1, output
+    assert "library: the RANSAC check of matches needs OpenCV" in done.stdout, output
+    assert "pip install opencv-python-headless" in done.stdout, output
+    assert "no_ransac ok" in done.stdout and (tmp_path / "plain.jpg").is_file(), output
+    # The tool with its RANSAC check: one clear error, exit 2, nothing written.
+    assert done.returncode == 2, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if re.search(r"(^|\s)error: ", line)]
+    assert len(errors) == 1, output
+    assert "needs OpenCV" in errors[0] and "`pip install opencv-python-headless`" in errors[0] \
+        and "--no_ransac" in errors[0], output
+    assert not (tmp_path / "checked.jpg").exists()

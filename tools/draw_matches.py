@@ -10,7 +10,10 @@ matched by mutual nearest neighbours, and the matches are drawn as lines between
 original images shown side by side (aspect ratios kept, ``--display_height`` high, default
 the ``--resize`` height). By default only matches consistent with a RANSAC fundamental
 matrix are kept; RANSAC works in the pixels of the ``--resize`` input, where the inlier
-distance ``--ransac_threshold`` means what the public release's 5 px at 224x224 means.
+distance ``--ransac_threshold`` means what the public release's 5 px at 224x224 means. The
+RANSAC check is OpenCV's (``cv2.findFundamentalMat``), an optional dependency of this tool only
+(``pip install opencv-python-headless``); without it the tool stops at once with that command,
+unless ``--no_ransac`` is given.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ def main(args: argparse.Namespace) -> Path:
     """Compute, match, draw and save; returns the written path. Bad input raises
     ValueError / FileNotFoundError with a message naming the file or flag."""
     vis.image_format_for(args.output)                               # fail before the model runs
+    if not args.no_ransac:
+        vis.opencv()                                                # likewise a missing OpenCV
     commons.make_deterministic(args.seed)                          # same picture for the same flags
     image_a, input_a = load_input(args.image_a, args.resize, args.device)
     image_b, input_b = load_input(args.image_b, args.resize, args.device)
@@ -112,7 +117,7 @@ def main(args: argparse.Namespace) -> Path:
         input_size = (args.resize[1], args.resize[0])              # PIL order (W, H)
         _, keep = vis.fundamental_ransac(vis.grid_indices_to_pixels(idx_a, grid_a, input_size),
                                          vis.grid_indices_to_pixels(idx_b, grid_b, input_size),
-                                         threshold=args.ransac_threshold, seed=max(args.seed, 0))
+                                         threshold=args.ransac_threshold)
         idx_a, idx_b = idx_a[keep], idx_b[keep]
         message += f", {int(keep.sum())} consistent with RANSAC ({args.ransac_threshold} px)"
     # Grid cells map onto the original pictures exactly: hard_resize scales each axis alone.
