@@ -163,6 +163,12 @@ class Context:
         return (f"Context(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
                 f"device={self.device!r}, backend={self.backend!r})")
 
+    def store_folder(self, output_folder: str) -> str:
+        """Where this process keeps on-disk dense features (--efficient_ram_testing): the run's folder's
+        dense_features/ on rank 0; dense_features_rank<r>/ beside it on rank r, for its share until
+        it is streamed to rank 0."""
+        return os.path.join(output_folder, "dense_features" if self.is_main else f"dense_features_rank{self.rank}")
+
     # --- small collectives ------------------------------------------------------------------------
 
     def broadcast_object(self, obj: Any, *, long_wait: bool = False) -> Any:

@@ -37,8 +37,7 @@ def main(args):
     result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
                            recall_values=args.recall_values, batch_size=args.infer_batch_size,
                            num_workers=args.num_workers, device=ctx.device,
-                           efficient_ram_testing=args.efficient_ram_testing,
-                           store_folder=os.path.join(output_folder, "dense_features") if ctx.is_main else None,
+                           store_folder=ctx.store_folder(output_folder) if args.efficient_ram_testing else None,
                            pca=pca, majority_weight=args.majority_weight, precision=args.precision, dist_ctx=ctx)
     if result is None:  # a rank other than 0: its share is with rank 0
         distributed.finish(ctx)
@@ -46,7 +45,8 @@ def main(args):
     logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
 
     records = predictions_io.prediction_records(queries_paths=test_ds.queries_paths,
-                                                database_paths=test_ds.database_paths, result=result)
+                                                database_paths=test_ds.database_paths, ranking=result,
+                                                positives=result.positives)
     predictions_io.write_predictions(os.path.join(output_folder, "predictions.jsonl"), records)
     if args.num_preds_to_save:
         n = predictions_io.save_prediction_pictures(os.path.join(output_folder, "preds"), records,

@@ -1,7 +1,8 @@
 """Localise your own photos: for every image of a queries folder, rank the images of a database folder.
 
 No data set layout and no UTM coordinates are needed: any .jpg / .jpeg / .png below the two folders
-(recursive). The pipeline is the evaluation's (global search, then re-ranking), with the same functions as test.py:
+(recursive). The pipeline is the evaluation's (global search, then re-ranking): the same retrieval engine
+(retrieval.Retrieval) as eval.py:
 
     database images -hard_resize-> model -> global descriptors (N, D) + dense features (DenseStore)
     query images -test_method-> model -> global descriptors (Q, D) -> faiss exact L2 top-k
@@ -18,12 +19,8 @@ L2 distances), picture rows in preds/ (--num_preds_to_save), info.log and debug.
 name of both folders carries UTM coordinates (``@east@north@...``), the recalls are logged too.
 """
 import hashlib
-import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Dict, List, Optional, Sequence
 
@@ -31,28 +28,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-import atomic_files
 import commons
 import datasets_ws
 import image_files
 import network
 import parser
 import predictions_io
+import retrieval
 import test
 import visualizations
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: The database is always preprocessed as in the evaluation (hard_resize).
-DATABASE_METHOD = "hard_resize"
-#: Query preprocessing accepted here: the methods that give one descriptor per query. The five-crop
-#: methods need test.evaluate's crop merging, which is only reachable through a BaseDataset.
+#: Query preprocessing accepted here: the methods that give one descriptor per query, so that every
+#: candidate of predictions.jsonl has its L2 distance (the five-crop methods merge five lists).
 QUERY_METHODS = ("hard_resize", "single_query", "central_crop")
 
-DATABASE_FORMAT = "selavpr-database"
-DATABASE_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-GLOBAL_FILE = "global_descriptors.npy"
-DENSE_FOLDER = "dense"
 #: Manifest entries that must be equal for a saved database to be used with the current model.
 CHECKED_SETTINGS = ("backbone", "registers", "depth", "embed_dim", "resize", "precision", "database_method",
                     "weights_sha256")
@@ -137,7 +127,7 @@ def warn_about_overlaps(*, queries_folder: str, database_folder: Optional[str], 
 
 
 class FolderImages(Dataset):
-    """A plain list of image files, for test.extract_features (which asks `load(index, method)`).
+    """A plain list of image files, for retrieval.extract_features (which asks `load(index, method)`).
 
     `dataset[i] -> (image (3, *resize), i)`; `load(i, method)` applies any test method of
     datasets_ws.apply_test_method after the ImageNet normalisation.
@@ -153,7 +143,7 @@ class FolderImages(Dataset):
         return datasets_ws.apply_test_method(image, method, self.resize)
 
     def __getitem__(self, index: int):
-        return self.load(index, DATABASE_METHOD), index
+        return self.load(index, retrieval.DATABASE_METHOD), index
 
     def __len__(self) -> int:
         return len(self.images_paths)
@@ -193,7 +183,7 @@ def model_settings(model: network.GeoLocalizationNet, *, backbone: str, register
     """What the database's descriptors depend on (all in CHECKED_SETTINGS): compared on loading."""
     return {"backbone": backbone, "registers": bool(registers), "depth": len(model.backbone.blocks),
             "embed_dim": int(model.backbone.embed_dim), "resize": [int(resize[0]), int(resize[1])],
-            "precision": precision, "database_method": DATABASE_METHOD,
+            "precision": precision, "database_method": retrieval.DATABASE_METHOD,
             "weights_sha256": weights_fingerprint(model)}
 
 
@@ -210,112 +200,22 @@ def settings_mismatches(saved: Dict, current: Dict) -> List[str]:
     return out
 
 
-@dataclass
-class Database:
-    """Database images with their features.
-
-    paths: N image paths; global_descriptors: (N, D) float32; dense: DenseStore, dense[i] -> (h', w', 128).
-    """
-    root: str
-    paths: List[str]
-    global_descriptors: np.ndarray
-    dense: test.DenseStore
-    settings: Dict
-
-    def close(self) -> None:
-        self.dense.close()
-
-
-def build_database(model: torch.nn.Module, database_folder: str, *, settings: Dict, resize: Sequence[int],
-                   batch_size: int, num_workers: int, device: str, precision: str = "fp32",
-                   store_folder: Optional[str] = None, paths: Optional[Sequence[str]] = None) -> Database:
-    """Extract the features of every image below `database_folder` (hard_resize, test.extract_features).
-
-    paths: the images, when already collected (collect_images(database_folder) otherwise).
-    store_folder: keep the dense features in a raw file there, read back with positional reads (None: in RAM).
-    """
-    root = os.path.abspath(database_folder)
-    paths = list(paths) if paths is not None else find_images(root, flag="--database_folder")
-    store = test.DenseStore(store_folder)
-    try:
-        descriptors = test.extract_features(model, FolderImages(paths, resize=resize), range(len(paths)),
-                                            method=DATABASE_METHOD, batch_size=batch_size, num_workers=num_workers,
-                                            device=device, local_store=store, precision=precision,
-                                            desc="Database features")
-        store.finish()
-    except BaseException:
-        store.close()
-        raise
-    return Database(root=root, paths=paths, global_descriptors=descriptors, dense=store, settings=dict(settings))
-
-
-def save_database(database: Database, folder: str, *, extra: Optional[Dict] = None) -> None:
-    """Write `database` to `folder` (which must not exist): GLOBAL_FILE, DENSE_FOLDER/ (DenseStore.save)
-    and MANIFEST_FILE, the manifest last.
-
-    Everything is written into a hidden temp folder beside `folder`, which is renamed to `folder` only
-    when complete: an interrupted save leaves no folder that load_database would trust (a temp folder
-    without its final name, which load_database is never pointed at by this script, is removed on errors).
-    `extra` entries (e.g. the weight files' paths) are stored in the manifest for information only.
-    """
-    folder = os.path.abspath(folder)
-    if os.path.exists(folder):
-        raise FileExistsError(f"--save_database {folder} already exists: choose a new folder, or reuse that "
-                              "database with --load_database.")
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
-    try:
-        with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
-            np.save(f, np.ascontiguousarray(database.global_descriptors, dtype=np.float32))
-        database.dense.save(os.path.join(tmp, DENSE_FOLDER))
-        files = {name: os.path.getsize(os.path.join(tmp, name))
-                 for name in (GLOBAL_FILE, os.path.join(DENSE_FOLDER, test.DenseStore.FEATURES_FILE),
-                              os.path.join(DENSE_FOLDER, test.DenseStore.SHAPES_FILE))}
-        stats = [os.stat(p) for p in database.paths]  # one stat per image: size and modification time
-        manifest = {
-            "format": DATABASE_FORMAT, "version": DATABASE_VERSION,
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "database_folder": database.root,
-            "images": [os.path.relpath(p, database.root) for p in database.paths],
-            "image_sizes": [st.st_size for st in stats],
-            "image_mtimes_ns": [st.st_mtime_ns for st in stats],
-            "global_shape": list(database.global_descriptors.shape),
-            "dense_shape_first": list(database.dense.shapes[0]) if len(database.dense) else None,
-            "files": files,
-            "settings": database.settings,
-            "info": dict(extra or {}),
-        }
-        with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
-        os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _read_manifest(folder: str) -> Dict:
-    path = os.path.join(folder, MANIFEST_FILE)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--load_database {folder}: no such folder. Give a folder written by "
-                                "--save_database.")
-    if not os.path.isfile(path):
-        raise ValueError(f"--load_database {folder} has no {MANIFEST_FILE}: it was not written by "
-                         "localize.py --save_database (or its save did not finish). Save the database again.")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"--load_database {path} cannot be read ({e}): save the database again.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != DATABASE_FORMAT:
-        raise ValueError(f"--load_database {path} is not a SelaVPR database manifest: save the database again.")
-    if manifest.get("version") != DATABASE_VERSION:
-        raise ValueError(f"--load_database {folder} has format version {manifest.get('version')}, this code "
-                         f"reads version {DATABASE_VERSION}: save the database again with this version.")
-    return manifest
+def save_database(database: retrieval.Database, folder: str, *, root: str, settings: Dict,
+                  extra: Optional[Dict] = None) -> None:
+    """Save `database` (the images below `root`, extracted with `settings`) in the new folder `folder`
+    (retrieval.Database.save), its manifest recording what load_database checks: the images (names
+    relative to `root`, sizes, modification times) and the settings. `extra` entries (e.g. the weight
+    files' paths) are stored for information only."""
+    stats = [os.stat(p) for p in database.paths]  # one stat per image: size and modification time
+    database.save(folder, manifest={
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "database_folder": root,
+        "images": [os.path.relpath(p, root) for p in database.paths],
+        "image_sizes": [st.st_size for st in stats],
+        "image_mtimes_ns": [st.st_mtime_ns for st in stats],
+        "settings": dict(settings),
+        "info": dict(extra or {}),
+    })
 
 
 def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) -> List[str]:
@@ -348,9 +248,10 @@ def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) 
     return changes
 
 
-def load_database(folder: str, *, settings: Dict, database_folder: Optional[str] = None) -> Database:
-    """Open a database written by save_database, after checking it against the current `settings`
-    (model_settings) and against the images of its folder.
+def load_database(engine: retrieval.Retrieval, folder: str, *, settings: Dict,
+                  database_folder: Optional[str] = None) -> retrieval.Database:
+    """Open a database written by save_database (through `engine`, which closes it), after checking it
+    against the current `settings` (model_settings) and against the images of its folder.
 
     The images are looked up under `database_folder` when given (the folder may have moved), else under
     the folder recorded at saving. Raises ValueError with the differences on any mismatch, also when the
@@ -359,19 +260,13 @@ def load_database(folder: str, *, settings: Dict, database_folder: Optional[str]
     used as is, with a warning: the results then name files that cannot be opened here.
     """
     folder = os.path.abspath(folder)
-    manifest = _read_manifest(folder)
+    manifest = retrieval.read_manifest(folder)
     problems = settings_mismatches(manifest.get("settings", {}), settings)
     if problems:
         raise ValueError(f"--load_database {folder} was extracted with another model or other flags: "
                          f"{'; '.join(problems)}. Its descriptors cannot be compared with this model's: run with "
                          "the weights and --backbone / --registers / --backbone_depth / --resize / --precision it "
                          "was saved with, or extract a new one with --save_database.")
-    for name, size in manifest["files"].items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            raise ValueError(f"--load_database {folder}: {name} is missing or has changed size since it was "
-                             "saved: the database is damaged. Save it again.")
-    relative = manifest["images"]
     root = os.path.abspath(database_folder) if database_folder is not None else manifest["database_folder"]
     if database_folder is None and not os.path.isdir(root):
         logging.warning(f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
@@ -384,91 +279,18 @@ def load_database(folder: str, *, settings: Dict, database_folder: Optional[str]
                              f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
                              "never be searched, deleted ones would still be returned): save the database "
                              "again with --save_database.")
-    paths = [os.path.join(root, p) for p in relative]
-    descriptors = np.load(os.path.join(folder, GLOBAL_FILE), mmap_mode="r", allow_pickle=False)
-    dense = test.DenseStore.load(os.path.join(folder, DENSE_FOLDER))
-    if descriptors.shape != (len(paths), settings["embed_dim"]) or len(dense) != len(paths):
-        dense.close()
-        raise ValueError(f"--load_database {folder}: {len(paths)} images but descriptors {descriptors.shape} and "
-                         f"{len(dense)} dense maps: the database is damaged. Save it again.")
-    return Database(root=root, paths=paths, global_descriptors=np.asarray(descriptors, dtype=np.float32),
-                    dense=dense, settings=manifest["settings"])
-
-
-# ------------------------------------------------------------------------------------------------
-# Queries: search and re-ranking
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class Localization:
-    """Every query's ranked database candidates. All (Q, k): first_predictions (faiss order, database
-    indexes), first_distances (squared L2, as faiss returns), predictions (re-ranked), scores (mutual-NN
-    counts of `predictions`, in that order)."""
-    first_predictions: np.ndarray
-    first_distances: np.ndarray
-    predictions: np.ndarray
-    scores: np.ndarray
-
-
-def localize_queries(model: torch.nn.Module, database: Database, queries_paths: Sequence[str], *,
-                     resize: Sequence[int], test_method: str = "hard_resize", rerank_num: int = 100,
-                     batch_size: int = 16, num_workers: int = 0, device: str = "cpu", precision: str = "fp32",
-                     store_folder: Optional[str] = None, rerank_chunk_size: int = 16) -> Localization:
-    """Rank `database` for every query: exact L2 search of the global descriptors for min(rerank_num, N)
-    candidates (test.l2_search), then mutual-NN re-ranking of their dense features.
-
-    store_folder: keep the queries' dense features in a raw file there, read back with positional reads (None: in RAM).
-    """
-    datasets_ws.check_test_method(test_method, QUERY_METHODS,
-                                  where=" in localize.py (the five-crop methods run in eval.py only)")
-    db_num = len(database.paths)
-    k = rerank_num
-    if rerank_num > db_num:
-        logging.warning(f"--rerank_num {rerank_num} is larger than the database ({db_num} images): "
-                        "searching and re-ranking the whole database")
-        k = db_num
-    q_store = test.DenseStore(store_folder)
-    try:
-        q_global = test.extract_features(model, FolderImages(queries_paths, resize=resize),
-                                         range(len(queries_paths)), method=test_method, batch_size=batch_size,
-                                         num_workers=num_workers, device=device, local_store=q_store,
-                                         precision=precision, desc="Query features")
-        q_store.finish()
-        distances, candidates = test.l2_search(database.global_descriptors, q_global, k)
-        predictions, scores = test.rerank_predictions(candidates, q_store, database.dense, device=device,
-                                                      chunk_size=rerank_chunk_size)
-    finally:
-        q_store.close()
-    return Localization(first_predictions=candidates, first_distances=distances, predictions=predictions,
-                        scores=scores)
+    paths = [os.path.join(root, p) for p in manifest["images"]]
+    database = engine.load_database(folder, paths=paths)
+    if database.global_descriptors.shape[1] != settings["embed_dim"]:
+        raise ValueError(f"--load_database {folder}: descriptors {database.global_descriptors.shape} for a model "
+                         f"of width {settings['embed_dim']}: the database is damaged. Save it again.")
+    logging.info(f"Loaded the database saved in {folder} ({len(paths)} images of {root}): no database extraction")
+    return database
 
 
 # ------------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------------
-
-def localization_records(*, queries_paths: Sequence[str], database_paths: Sequence[str], result: Localization,
-                         positives: Optional[Sequence[np.ndarray]] = None) -> List[Dict]:
-    """predictions_io.prediction_records' format, one dict per query; each re-ranked entry also carries
-    its first-stage `l2_distance`. Without ground truth (positives None) the `positives` and `correct`
-    entries are left out rather than filled with guesses."""
-    known = positives is not None
-    truth = positives if known else [np.empty(0, dtype=np.int64)] * len(queries_paths)
-    view = test.EvalResult(recalls_first=np.empty(0), recalls=np.empty(0),
-                           first_predictions=result.first_predictions, first_distances=result.first_distances,
-                           predictions=result.predictions, scores=result.scores, positives=list(truth))
-    records = predictions_io.prediction_records(queries_paths=queries_paths, database_paths=database_paths,
-                                                result=view)
-    for record in records:
-        distance = {c["index"]: c["l2_distance"] for c in record["first_stage"]}
-        for c in record["reranked"]:
-            c["l2_distance"] = distance[c["index"]]
-        if not known:
-            del record["positives"]
-            for c in record["first_stage"] + record["reranked"]:
-                del c["correct"]
-    return records
-
 
 def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wrong: bool = False) -> int:
     """Picture rows (query, then its top `num_preds` re-ranked matches with their scores); returns how many.
@@ -583,7 +405,7 @@ def main(args) -> None:
         logging.info(f"The outputs are being saved in {output_folder}")
         saved_root = None
         if args.load_database:
-            manifest = _read_manifest(os.path.abspath(args.load_database))
+            manifest = retrieval.read_manifest(os.path.abspath(args.load_database))
             saved_root = args.database_folder or manifest["database_folder"]
         warn_about_overlaps(queries_folder=args.queries_folder, database_folder=args.database_folder or saved_root,
                             output_folder=output_folder)
@@ -604,49 +426,39 @@ def main(args) -> None:
     except (ValueError, OSError):
         commons.discard_output_folder(output_folder)
         raise
-    common = dict(batch_size=args.infer_batch_size, num_workers=args.num_workers, device=args.device,
-                  precision=args.precision)
+    # --efficient_ram_testing: the dense features go to the run's folder, removed at the end (also on
+    # errors, Ctrl-C and SIGTERM: the engine's `with`).
     store_folder = os.path.join(output_folder, "dense_features") if args.efficient_ram_testing else None
-
-    database = None
-    try:
+    with retrieval.Retrieval(model, batch_size=args.infer_batch_size, num_workers=args.num_workers,
+                             device=args.device, precision=args.precision, store_folder=store_folder) as engine:
         if args.load_database:
-            database = load_database(args.load_database, settings=settings, database_folder=args.database_folder)
-            logging.info(f"Loaded the database saved in {args.load_database} ({len(database.paths)} images of "
-                         f"{database.root}): no database extraction")
+            database = load_database(engine, args.load_database, settings=settings,
+                                     database_folder=args.database_folder)
         else:
-            database = build_database(model, args.database_folder, settings=settings, resize=args.resize,
-                                      store_folder=store_folder, paths=database_paths, **common)
+            database = engine.build_database(FolderImages(database_paths, resize=args.resize),
+                                             range(len(database_paths)), paths=database_paths)
         if args.save_database:
             info = {flag: getattr(args, flag) for flag in ("foundation_model_path", "resume", "load_weights")}
-            save_database(database, args.save_database, extra=info)
+            save_database(database, args.save_database, root=os.path.abspath(args.database_folder),
+                          settings=settings, extra=info)
             logging.info(f"Saved the database in {args.save_database}: reuse it with --load_database")
-        logging.info(f"< Localize - #database: {len(database.paths)}; #queries: {len(queries_paths)} >")
-        result = localize_queries(model, database, queries_paths, resize=args.resize, test_method=args.test_method,
-                                  rerank_num=args.rerank_num, store_folder=store_folder, **common)
-    finally:
-        # Also on errors, Ctrl-C and SIGTERM: the dense feature files and their folder go.
-        if database is not None:
-            database.close()
-        if store_folder is not None:
-            test.remove_empty_folder(store_folder)
+        logging.info(f"< Localize - #database: {len(database)}; #queries: {len(queries_paths)} >")
+        queries = engine.extract_queries(FolderImages(queries_paths, resize=args.resize), range(len(queries_paths)),
+                                         method=args.test_method)
+        ranking = engine.rank(database, queries, rerank_num=args.rerank_num)
 
     positives = utm_positives(database.paths, queries_paths, args.val_positive_dist_threshold)
     if positives is None:
         logging.info("The file names do not all carry UTM coordinates: no recalls (no ground truth)")
     else:
-        k = result.predictions.shape[1]
-        if max(args.recall_values) > k:
-            logging.warning(f"--recall_values above {k} (the number of re-ranked candidates) are capped at R@{k}")
-        first = test.compute_recalls(result.first_predictions, positives, args.recall_values)
-        reranked = test.compute_recalls(result.predictions, positives, args.recall_values)
+        first, reranked = test.ranking_recalls(ranking, positives, args.recall_values)
         logging.info(f"Positives: database images within --val_positive_dist_threshold "
                      f"{args.val_positive_dist_threshold} m (UTM from the file names)")
         logging.info(f"First ranking recalls: {test.recalls_to_str(first, args.recall_values)}")
         logging.info(f"Recalls after re-ranking: {test.recalls_to_str(reranked, args.recall_values)}")
 
-    records = localization_records(queries_paths=queries_paths, database_paths=database.paths, result=result,
-                                   positives=positives)
+    records = predictions_io.prediction_records(queries_paths=queries_paths, database_paths=database.paths,
+                                                ranking=ranking, positives=positives, reranked_distances=True)
     predictions_path = os.path.join(output_folder, "predictions.jsonl")
     predictions_io.write_predictions(predictions_path, records)
     logging.info(f"Wrote every query's ranked matches to {predictions_path}")

@@ -2,7 +2,7 @@
 import json
 import math
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import atomic_files
 import visualizations
@@ -14,25 +14,41 @@ def l2_distance(squared: float) -> float:
     return math.sqrt(max(float(squared), 0.0))
 
 
-def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence[str], result) -> list:
-    """One dict per query: its path, positives, first-stage and re-ranked lists (paths, scores, correct).
+def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence[str], ranking,
+                       positives: Optional[Sequence[Sequence[int]]] = None,
+                       reranked_distances: bool = False) -> list:
+    """One dict per query of a retrieval.Ranking: its path, positives, first-stage and re-ranked lists
+    (paths, scores, correct).
 
     `l2_distance` of a first-stage entry is the Euclidean distance between the query's and the database
-    image's global descriptors (result.first_distances holds faiss's squared distances)."""
+    image's global descriptors (ranking.first_distances holds faiss's squared distances; the merged
+    crop lists have none). reranked_distances: the re-ranked entries carry theirs too, where known
+    (localize.py).
+    Without ground truth (positives None) the `positives` and `correct` entries are left out rather
+    than filled with guesses.
+    """
     records = []
     for q, query_path in enumerate(queries_paths):
-        positives = set(int(p) for p in result.positives[q])
+        truth = None if positives is None else set(int(p) for p in positives[q])
+        distances = {}
         first = []
-        for rank, db in enumerate(result.first_predictions[q]):
-            entry = {"path": database_paths[int(db)], "index": int(db), "correct": int(db) in positives}
-            if result.first_distances is not None:
-                entry["l2_distance"] = l2_distance(result.first_distances[q][rank])
+        for rank, db in enumerate(ranking.first_predictions[q]):
+            entry = {"path": database_paths[int(db)], "index": int(db)}
+            if ranking.first_distances is not None:
+                entry["l2_distance"] = distances[int(db)] = l2_distance(ranking.first_distances[q][rank])
             first.append(entry)
-        reranked = [{"path": database_paths[int(db)], "index": int(db), "mutual_nn": float(score),
-                     "correct": int(db) in positives}
-                    for db, score in zip(result.predictions[q], result.scores[q])]
-        records.append({"query": query_path, "query_index": q, "positives": sorted(positives),
-                        "first_stage": first, "reranked": reranked})
+        reranked = []
+        for db, score in zip(ranking.predictions[q], ranking.scores[q]):
+            entry = {"path": database_paths[int(db)], "index": int(db), "mutual_nn": float(score)}
+            if reranked_distances and int(db) in distances:
+                entry["l2_distance"] = distances[int(db)]
+            reranked.append(entry)
+        record = {"query": query_path, "query_index": q, "first_stage": first, "reranked": reranked}
+        if truth is not None:
+            record["positives"] = sorted(truth)
+            for entry in first + reranked:
+                entry["correct"] = entry["index"] in truth
+        records.append(record)
     return records
 
 

@@ -33,7 +33,6 @@ import torch
 import atomic_files
 import commons
 import datasets_ws
-import local_matching
 import network
 import parser
 import test
@@ -286,56 +285,6 @@ class ResultCache:
 # Timing and memory
 # ---------------------------------------------------------------------------------------------------
 
-def _synchronize(x) -> None:
-    if isinstance(x, torch.Tensor) and x.is_cuda:
-        torch.cuda.synchronize(x.device)  # the work behind a CUDA tensor is asynchronous
-
-
-class StageTimer:
-    """Wall-clock time spent in feature extraction and in mutual-NN scoring during one evaluate().
-
-    test.evaluate has no timing hooks: for the duration of the `with` block, the two functions it calls
-    for these stages (test.extract_features, local_matching.mutual_nn_scores, both looked up on their
-    module at call time) are wrapped with timers and restored afterwards. Extraction calls are split
-    into database and query calls by their image indexes. If the engine is ever called differently,
-    `rerank_calls` stays 0 and the re-rank time is reported as unknown rather than wrong.
-    """
-
-    def __init__(self) -> None:
-        self.database_extraction_s = 0.0
-        self.query_extraction_s = 0.0
-        self.rerank_s = 0.0
-        self.rerank_calls = 0
-
-    def __enter__(self) -> "StageTimer":
-        self._extract, self._scores = test.extract_features, local_matching.mutual_nn_scores
-        extract, scores = self._extract, self._scores
-
-        def timed_extract(model, dataset, indexes, *a, **kw):
-            start = time.perf_counter()
-            out = extract(model, dataset, indexes, *a, **kw)
-            seconds = time.perf_counter() - start
-            if len(indexes) and min(indexes) >= dataset.database_num:
-                self.query_extraction_s += seconds
-            else:
-                self.database_extraction_s += seconds
-            return out
-
-        def timed_scores(*a, **kw):
-            start = time.perf_counter()
-            out = scores(*a, **kw)
-            _synchronize(out)
-            self.rerank_s += time.perf_counter() - start
-            self.rerank_calls += 1
-            return out
-
-        test.extract_features, local_matching.mutual_nn_scores = timed_extract, timed_scores
-        return self
-
-    def __exit__(self, *exc) -> None:
-        test.extract_features, local_matching.mutual_nn_scores = self._extract, self._scores
-
-
 def peak_rss_bytes() -> Optional[int]:
     """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
     if resource is None:
@@ -380,36 +329,35 @@ def protocol_text(*, entry: PaperEntry, rerank_num: int, settings: dict, queries
 
 
 def evaluate_dataset(model: torch.nn.Module, dataset: datasets_ws.BaseDataset, *, rerank_num: int,
-                     settings: dict, batch_size: int, num_workers: int, efficient_ram_testing: bool,
-                     store_folder: Optional[str]) -> dict:
+                     settings: dict, batch_size: int, num_workers: int, store_folder: Optional[str]) -> dict:
     """Run test.evaluate on `dataset` and return a JSON-able record: recalls (first stage and re-ranked,
-    at settings["recall_values"]), counts, per-stage timings and peak memory."""
+    at settings["recall_values"]), counts, per-stage timings (the retrieval engine's) and peak memory.
+    store_folder: None keeps the dense features in RAM, a folder on disk (--efficient_ram_testing)."""
     device = settings["device"]
     on_gpu = str(device).startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with StageTimer() as timer:
-        result = test.evaluate(model, dataset, test_method=settings["test_method"], rerank_num=rerank_num,
-                               recall_values=settings["recall_values"], batch_size=batch_size,
-                               num_workers=num_workers, device=device, efficient_ram_testing=efficient_ram_testing,
-                               store_folder=store_folder, majority_weight=settings["majority_weight"],
-                               precision=settings["precision"])
+    result = test.evaluate(model, dataset, test_method=settings["test_method"], rerank_num=rerank_num,
+                           recall_values=settings["recall_values"], batch_size=batch_size, num_workers=num_workers,
+                           device=device, store_folder=store_folder, majority_weight=settings["majority_weight"],
+                           precision=settings["precision"])
     total_s = time.perf_counter() - start
     q_num, db_num = dataset.queries_num, dataset.database_num
-    rerank_s = timer.rerank_s if timer.rerank_calls else None
+    times = result.times
     return {
         "queries_num": q_num, "database_num": db_num, "recall_values": list(settings["recall_values"]),
         "recalls": [round(float(r), 4) for r in result.recalls],
         "recalls_first": [round(float(r), 4) for r in result.recalls_first],
         "timing": {
             "total_s": total_s,
-            "database_extraction_s": timer.database_extraction_s,
-            "query_extraction_s": timer.query_extraction_s,
-            "rerank_s": rerank_s,
-            "database_extraction_s_per_image": timer.database_extraction_s / max(db_num, 1),
-            "query_extraction_s_per_query": timer.query_extraction_s / max(q_num, 1),
-            "rerank_s_per_query": None if rerank_s is None else rerank_s / max(q_num, 1),
+            "database_extraction_s": times.database_extraction_s,
+            "query_extraction_s": times.query_extraction_s,
+            "search_s": times.search_s,
+            "rerank_s": times.rerank_s,
+            "database_extraction_s_per_image": times.database_extraction_s / max(db_num, 1),
+            "query_extraction_s_per_query": times.query_extraction_s / max(q_num, 1),
+            "rerank_s_per_query": times.rerank_s / max(q_num, 1),
         },
         "peak_rss_bytes": peak_rss_bytes(),
         "peak_gpu_bytes": int(torch.cuda.max_memory_allocated()) if on_gpu else None,
@@ -617,8 +565,8 @@ def main(args) -> None:
                          f"why: {why}")
             record = evaluate_dataset(model, dataset, rerank_num=rerank_num, settings=settings,
                                       batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                      efficient_ram_testing=args.efficient_ram_testing,
-                                      store_folder=os.path.join(log_folder, "dense_features"))
+                                      store_folder=os.path.join(log_folder, "dense_features")
+                                      if args.efficient_ram_testing else None)
         except (ValueError, OSError) as e:  # bad images, key file of another data set, full disk ...
             row.update(status="failed", reason=str(e))
             logging.error(f"Evaluation of {label} failed: {e}")

@@ -19,6 +19,7 @@ import loss
 import mining
 import network
 import parser
+import retrieval
 import test
 
 
@@ -85,16 +86,17 @@ def main(args):
     train_model = ctx.wrap_model(model, find_unused_parameters=args.train_backbone)
     eval_kwargs = dict(rerank_num=args.rerank_num, recall_values=args.recall_values,
                        batch_size=args.infer_batch_size, num_workers=args.num_workers, device=device,
-                       efficient_ram_testing=args.efficient_ram_testing, precision=args.precision, dist_ctx=ctx)
+                       store_folder=ctx.store_folder(output_folder) if args.efficient_ram_testing else None,
+                       precision=args.precision, dist_ctx=ctx)
     r5_index = min(1, len(args.recall_values) - 1)
     loops_num = args.queries_per_epoch // args.cache_refresh_rate
     normaliser = args.train_batch_size * args.negs_num_per_query
 
     def descriptors_fn(global_indexes):
         def extract(indexes, _store):
-            return test.extract_features(model, triplets_ds, indexes, method="hard_resize",
-                                         batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                         device=device, precision=args.precision, desc="Mining features")
+            return retrieval.extract_features(model, triplets_ds, indexes, method="hard_resize",
+                                              batch_size=args.infer_batch_size, num_workers=args.num_workers,
+                                              device=device, precision=args.precision, desc="Mining features")
         return distributed.extract_sharded(ctx, extract, global_indexes)  # each rank extracts a share
 
     for epoch_num in range(start_epoch, args.epochs_num):

@@ -235,7 +235,7 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def _extract(model, images: torch.Tensor, device: torch.device, precision: str, batch: int):
-    """(local (N, h, w, C) float32 numpy, global (N, D) float32 numpy) as test.extract_features."""
+    """(local (N, h, w, C) float32 numpy, global (N, D) float32 numpy) as retrieval.extract_features."""
     locs, globs = [], []
     with _autocast(device, precision):
         for s in range(0, len(images), batch):
@@ -247,8 +247,8 @@ def _extract(model, images: torch.Tensor, device: torch.device, precision: str, 
 
 def _l2_topk(database: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     try:
-        import test
-        return test.l2_search(database, queries, k)[1]
+        import retrieval
+        return retrieval.l2_search(database, queries, k)[1]
     except ImportError:  # no faiss: the same exact L2 order in float64
         d = ((queries[:, None, :].astype(np.float64) - database[None].astype(np.float64)) ** 2).sum(-1)
         return np.argsort(d, axis=1, kind="stable")[:, :k]

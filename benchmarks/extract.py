@@ -12,7 +12,7 @@ fastest batch of each side (the least disturbed), the means over all batches and
 time per image follow. The adapters' output layers get small random weights (they start at zero) so
 that the adapter paths count too. The outputs must agree: the largest absolute difference of the
 local (B, h', w', 128) and global (B, D) features is printed. Then the
-DataLoader feeding is measured: images/s of ``test.extract_features`` over a small synthetic folder
+DataLoader feeding is measured: images/s of ``retrieval.extract_features`` over a small synthetic folder
 with ``num_workers`` 0 and 2, next to the rate of the loader alone (no model).
 
     python3 benchmarks/extract.py                              # ViT-L/14, CPU, 8 images, batch 2
@@ -222,8 +222,8 @@ def time_forwards(model: network.GeoLocalizationNet, batches: Sequence[torch.Ten
 
 def loader_throughput(model: torch.nn.Module, dataset, indexes: Sequence[int], *, batch_size: int,
                       num_workers: int, device: str) -> Dict[str, float]:
-    """images/s of test.extract_features (model included) and of its DataLoader alone."""
-    import test  # noqa: PLC0415 - imported here: the forward comparison above does not need it
+    """images/s of retrieval.extract_features (model included) and of its DataLoader alone."""
+    import retrieval  # noqa: PLC0415 - imported here: the forward comparison above does not need it
     from torch.utils.data import DataLoader  # noqa: PLC0415
     from datasets_ws import ImagesSubset  # noqa: PLC0415
 
@@ -232,11 +232,11 @@ def loader_throughput(model: torch.nn.Module, dataset, indexes: Sequence[int], *
                         num_workers=num_workers):
         pass
     loader_alone = len(indexes) / (time.perf_counter() - start)
-    store = test.DenseStore()  # in RAM: a few images only
+    store = retrieval.DenseStore()  # in RAM: a few images only
     _sync(torch.device(device))
     start = time.perf_counter()
-    test.extract_features(model, dataset, indexes, method="hard_resize", batch_size=batch_size,
-                          num_workers=num_workers, device=device, local_store=store)
+    retrieval.extract_features(model, dataset, indexes, method="hard_resize", batch_size=batch_size,
+                               num_workers=num_workers, device=device, local_store=store)
     _sync(torch.device(device))
     with_model = len(indexes) / (time.perf_counter() - start)
     store.close()

@@ -4,9 +4,9 @@ Pitts30k test: 10,000 database images and 6,816 queries. No model runs; random u
 of the real sizes stand in for it (global D = 1024, dense 61x61x128 float32 = 1.9 MB per image):
 
 1. the dense features of every database image, and of the queries to re-rank, are written through
-   ``test.DenseStore`` on disk in batches, as extraction would; the global descriptors stay in RAM,
+   ``retrieval.DenseStore`` on disk in batches, as extraction would; the global descriptors stay in RAM,
    as ``test.evaluate`` keeps them;
-2. ``test.l2_search`` runs for all queries (k = --rerank_num, 100);
+2. ``retrieval.l2_search`` runs for all queries (k = --rerank_num, 100);
 3. ``local_matching.mutual_nn_scores`` re-ranks a few queries (--rerank_queries) against the
    on-disk store, and ``local_matching.rerank`` orders them;
 4. the peak RSS of the process (getrusage) is checked against --rss_limit_gb (4), the disk use of
@@ -43,7 +43,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import local_matching  # noqa: E402
-import test  # noqa: E402
+import retrieval  # noqa: E402
 
 PITTS30K_DATABASE = 10_000
 PITTS30K_QUERIES = 6_816
@@ -145,7 +145,7 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
         q_global = random_unit(gen, queries_num, global_dim)
 
         # 1. Dense features through the on-disk store, one extraction batch at a time.
-        db_store, q_store = test.DenseStore(folder), test.DenseStore(folder)
+        db_store, q_store = retrieval.DenseStore(folder), retrieval.DenseStore(folder)
         start = time.perf_counter()
         report_every = max(1, database_num // batch_size // 10)
         for b, first in enumerate(range(0, database_num, batch_size)):
@@ -167,7 +167,7 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
 
         # 2. First stage for every query.
         start = time.perf_counter()
-        _, predictions = test.l2_search(db_global, q_global, k)
+        _, predictions = retrieval.l2_search(db_global, q_global, k)
         result["search_s"] = time.perf_counter() - start
 
         # 3. Re-rank the subset against the on-disk store (positional reads).

@@ -128,7 +128,8 @@ COLLECTIVES = r"""
 import os, sys, tempfile
 import numpy as np, torch
 sys.path.insert(0, {root!r})
-import distributed, test
+import distributed
+from dense_store import DenseStore
 distributed.CHUNK_BYTES = 200  # many chunks per rank
 ctx = distributed.init_from_environment(device="cpu")
 assert ctx.enabled and ctx.world_size == 2 and ctx.backend == "gloo"
@@ -149,10 +150,10 @@ work = tempfile.mkdtemp()
 for indexes in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5], [4]):  # [4]: rank 1's share is empty
     for on_disk in (False, True):
         calls.clear()
-        store = test.DenseStore(os.path.join(work, "r%d" % ctx.rank) if on_disk else None)
+        store = DenseStore(os.path.join(work, "r%d" % ctx.rank) if on_disk else None)
         worker_folder = os.path.join(work, "w%d" % ctx.rank) if on_disk else None
         out = distributed.extract_sharded(ctx, extract, indexes, store=store,
-                                          new_store=lambda: test.DenseStore(worker_folder))
+                                          new_store=lambda: DenseStore(worker_folder))
         store.finish()
         start, stop = distributed.shard_bounds(len(indexes), 2, ctx.rank)
         assert calls == ([indexes[start:stop]] if stop > start else []), calls
@@ -275,7 +276,7 @@ def test_two_process_eval_equals_one_process_and_loads_the_ddp_checkpoint(traine
 FAILING = r"""
 import os, runpy, signal, sys, time
 sys.path.insert(0, {root!r})
-import loss, test
+import loss, retrieval
 
 def failing_now():
     with open({marker!r}, "w") as f:
@@ -291,7 +292,7 @@ if os.environ["RANK"] == "1":
         def killed(*args, **kwargs):
             failing_now()
             os.kill(os.getpid(), signal.SIGKILL)
-        test.extract_features = killed
+        retrieval.extract_features = killed
 sys.argv = ["train.py"] + sys.argv[1:]
 runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
 """

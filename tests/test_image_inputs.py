@@ -19,6 +19,7 @@ import datasets_ws
 import image_files
 import localize
 import network
+import retrieval
 import synthetic_dataset
 import visualizations
 from conftest import TINY
@@ -235,21 +236,22 @@ def odd_queries(synthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def odd_database(odd_queries):
-    """(random tiny model, localize.Database of the 20 database images)."""
+    """(retrieval engine of a random tiny model, retrieval.Database of the 20 database images)."""
     torch.manual_seed(0)
     model = network.GeoLocalizationNet(**TINY).eval()
-    database = localize.build_database(model, odd_queries[0], settings={}, resize=RESIZE, batch_size=4,
-                                       num_workers=0, device="cpu")
-    yield model, database
-    database.close()
+    paths = localize.collect_images(odd_queries[0])
+    with retrieval.Retrieval(model, batch_size=4, num_workers=0, device="cpu") as engine:
+        yield engine, engine.build_database(localize.FolderImages(paths, resize=RESIZE), range(len(paths)),
+                                            paths=paths)
 
 
 def _localize(odd_database, queries):
     """{query file name: (first-stage list, re-ranked list)} of localize's two stages."""
-    model, database = odd_database
-    result = localize.localize_queries(model, database, queries, resize=RESIZE, rerank_num=5, batch_size=4,
-                                       num_workers=0, device="cpu")
-    return {os.path.basename(p): (result.first_predictions[k].tolist(), result.predictions[k].tolist())
+    engine, database = odd_database
+    extracted = engine.extract_queries(localize.FolderImages(queries, resize=RESIZE), range(len(queries)),
+                                       method="hard_resize")
+    ranking = engine.rank(database, extracted, rerank_num=5)
+    return {os.path.basename(p): (ranking.first_predictions[k].tolist(), ranking.predictions[k].tolist())
             for k, p in enumerate(queries)}
 
 

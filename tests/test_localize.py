@@ -1,4 +1,4 @@
-"""localize.py: folder-vs-folder localisation, saved databases (DenseStore persistence included)."""
+"""localize.py: folder-vs-folder localisation, saved databases with their checks."""
 import json
 import logging
 import os
@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
+from dense_store import DenseStore
+
 import commons
 import datasets_ws
 import local_matching
 import localize
 import network
+import retrieval
 import synthetic_dataset
 import test
 from conftest import ROOT, TINY, TINY_FLAGS, run_script
@@ -111,38 +114,13 @@ def test_settings_mismatches_names_every_difference():
     assert "resize: [112, 112] saved, [224, 224] now" in problems[0] and "weights differ" in problems[1]
 
 
-@pytest.mark.parametrize("on_disk", [False, True])
-def test_dense_store_save_and_load_round_trip(tmp_path, on_disk):
-    rng = np.random.default_rng(0)
-    store = test.DenseStore(str(tmp_path / "live") if on_disk else None)
-    a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
-    store.append(a)
-    store.append(b)
-    store.finish()
-    store.save(str(tmp_path / "saved"))
-    store.close()  # the saved copy must outlive the live store (hard link or copy)
-    loaded = test.DenseStore.load(str(tmp_path / "saved"))
-    assert len(loaded) == 3 and loaded.nbytes() == (a.size + b.size) * 4
-    assert np.array_equal(loaded[0], a[0]) and np.array_equal(loaded[1], a[1]) and np.array_equal(loaded[2], b[0])
-    assert loaded.on_disk and loaded.path == str(tmp_path / "saved" / test.DenseStore.FEATURES_FILE)
-    loaded.close()
-    assert sorted(os.listdir(tmp_path / "saved")) == [test.DenseStore.FEATURES_FILE, test.DenseStore.SHAPES_FILE]
-    with open(tmp_path / "saved" / test.DenseStore.FEATURES_FILE, "r+b") as f:
-        f.truncate(8)
-    with pytest.raises(ValueError, match="truncated"):
-        test.DenseStore.load(str(tmp_path / "saved"))
-
-
-def test_dense_store_refuses_to_save_before_finish(tmp_path):
-    store = test.DenseStore(str(tmp_path / "live"))
-    store.append(np.zeros((1, 2, 2, 3), dtype=np.float32))
-    with pytest.raises(ValueError, match="finish"):
-        store.save(str(tmp_path / "saved"))
-    store.close()
+TINY_SETTINGS = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=4, resize=[28, 28], precision="fp32",
+                     database_method="hard_resize", weights_sha256="0" * 64)
 
 
 def _tiny_database(folder, n=3, dim=4):
-    """A Database of n small files in `folder` (their bytes are never decoded) with random features."""
+    """A retrieval.Database of n small files in `folder` (their bytes are never decoded) with random
+    features (extracted with TINY_SETTINGS, say)."""
     rng = np.random.default_rng(0)
     os.makedirs(folder)
     paths = []
@@ -150,13 +128,25 @@ def _tiny_database(folder, n=3, dim=4):
         paths.append(os.path.join(folder, f"{i}.jpg"))
         with open(paths[-1], "wb") as f:
             f.write(b"x" * (i + 1))
-    store = test.DenseStore(None)
+    store = DenseStore(None)
     store.append(rng.random((n, 2, 2, 8), dtype=np.float32))
     store.finish()
-    settings = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=dim, resize=[28, 28], precision="fp32",
-                    database_method="hard_resize", weights_sha256="0" * 64)
-    return localize.Database(root=str(folder), paths=paths, global_descriptors=rng.random((n, dim), dtype=np.float32),
-                             dense=store, settings=settings)
+    return retrieval.Database(global_descriptors=rng.random((n, dim), dtype=np.float32), dense=store, paths=paths)
+
+
+def _save(database, target):
+    localize.save_database(database, str(target), root=os.path.dirname(database.paths[0]), settings=TINY_SETTINGS)
+
+
+def _load(target, *, settings=TINY_SETTINGS, database_folder=None):
+    """localize.load_database through an engine, copied into RAM before the engine closes its files."""
+    with retrieval.Retrieval(None, batch_size=1, num_workers=0, device="cpu") as engine:
+        loaded = localize.load_database(engine, str(target), settings=settings, database_folder=database_folder)
+        dense = DenseStore(None)
+        for i in range(len(loaded)):
+            dense.append(np.array(loaded.dense[i])[None])
+        return retrieval.Database(global_descriptors=np.array(loaded.global_descriptors), dense=dense.finish(),
+                                  paths=loaded.paths)
 
 
 def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
@@ -165,55 +155,42 @@ def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
 
     def crash(self, folder):
         os.makedirs(folder)
-        open(os.path.join(folder, test.DenseStore.FEATURES_FILE), "wb").close()
+        open(os.path.join(folder, DenseStore.FEATURES_FILE), "wb").close()
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the dense features
-    monkeypatch.setattr(test.DenseStore, "save", crash)
+    monkeypatch.setattr(DenseStore, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        localize.save_database(database, str(target))
+        _save(database, str(target))
     assert os.listdir(tmp_path / "saved") == []  # neither the target nor the temp folder
     monkeypatch.undo()
-    localize.save_database(database, str(target))
-    loaded = localize.load_database(str(target), settings=database.settings)
+    _save(database, str(target))
+    loaded = _load(target)
     assert np.array_equal(loaded.global_descriptors, database.global_descriptors)
     assert loaded.paths == database.paths and all(np.array_equal(loaded.dense[i], database.dense[i]) for i in range(3))
     with pytest.raises(FileExistsError, match="already exists"):
-        localize.save_database(database, str(target))
-    os.remove(target / localize.MANIFEST_FILE)  # what an unfinished save would look like
+        _save(database, str(target))
+    os.remove(target / retrieval.MANIFEST_FILE)  # what an unfinished save would look like
     with pytest.raises(ValueError, match="has no manifest.json"):
-        localize.load_database(str(target), settings=database.settings)
+        _load(target)
 
 
 def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
     database = _tiny_database(str(tmp_path / "images"))
-    localize.save_database(database, str(tmp_path / "db"))
-    other = dict(database.settings, weights_sha256="1" * 64, precision="bf16")
+    _save(database, str(tmp_path / "db"))
+    other = dict(TINY_SETTINGS, weights_sha256="1" * 64, precision="bf16")
     with pytest.raises(ValueError, match="another model or other flags: precision: 'fp32' saved, 'bf16' now; "
                                          "the model weights differ"):
-        localize.load_database(str(tmp_path / "db"), settings=other)
+        _load(tmp_path / "db", settings=other)
     moved = tmp_path / "moved"  # the images may move: --database_folder points at the new place
     shutil.copytree(tmp_path / "images", moved)
-    loaded = localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
+    loaded = _load(tmp_path / "db", database_folder=str(moved))
     assert loaded.paths == [os.path.join(moved, f"{i}.jpg") for i in range(3)]
     (moved / "1.jpg").write_bytes(b"changed")
     with pytest.raises(ValueError, match=r"changed since --load_database .*: 1 modified \(1.jpg\)"):
-        localize.load_database(str(tmp_path / "db"), settings=database.settings, database_folder=str(moved))
-    with open(tmp_path / "db" / localize.GLOBAL_FILE, "ab") as f:
+        _load(tmp_path / "db", database_folder=str(moved))
+    with open(tmp_path / "db" / retrieval.GLOBAL_FILE, "ab") as f:
         f.write(b"\0")
     with pytest.raises(ValueError, match="changed size since it was saved"):
-        localize.load_database(str(tmp_path / "db"), settings=database.settings)
-
-
-def test_records_without_ground_truth_carry_no_correct_flags():
-    # first_distances are faiss's squared distances; the records carry the distances themselves.
-    result = localize.Localization(first_predictions=np.array([[2, 0]]), first_distances=np.array([[0.25, 4.0]]),
-                                   predictions=np.array([[0, 2]]), scores=np.array([[9.0, 3.0]], dtype=np.float32))
-    args = dict(queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg", "c.jpg"], result=result)
-    plain = localize.localization_records(**args)[0]
-    assert plain["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 9.0, "l2_distance": 2.0},
-                                 {"path": "c.jpg", "index": 2, "mutual_nn": 3.0, "l2_distance": 0.5}]
-    assert "positives" not in plain and all("correct" not in c for c in plain["first_stage"])
-    known = localize.localization_records(**args, positives=[np.array([2])])[0]
-    assert known["positives"] == [2] and [c["correct"] for c in known["reranked"]] == [False, True]
+        _load(tmp_path / "db")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +245,7 @@ def restore_logging():
 
 def test_reusing_a_saved_database_gives_identical_predictions(fresh_run, plain_folders, restore_logging):
     out, saved, work = fresh_run
-    manifest = json.load(open(os.path.join(saved, localize.MANIFEST_FILE)))
+    manifest = json.load(open(os.path.join(saved, retrieval.MANIFEST_FILE)))
     assert len(manifest["images"]) == 20 and manifest["settings"]["resize"] == [112, 112]
     assert manifest["global_shape"] == [20, 192] and manifest["dense_shape_first"] == [29, 29, 128]
     out2 = str(work / "out_reused")
@@ -374,16 +351,16 @@ def test_queries_inside_the_database_folder_are_warned_about(plain_folders, tmp_
 def test_load_database_notices_a_changed_folder_without_database_folder(tmp_path):
     images = tmp_path / "images"
     database = _tiny_database(str(images))
-    localize.save_database(database, str(tmp_path / "db"))
-    assert localize.load_database(str(tmp_path / "db"), settings=database.settings).paths == database.paths
+    _save(database, str(tmp_path / "db"))
+    assert _load(tmp_path / "db").paths == database.paths
     os.remove(images / "0.jpg")
     (images / "new.jpg").write_bytes(b"a new photo")
     with pytest.raises(ValueError, match=r"the image folder .*images changed since --load_database .*: "
                                          r"1 added \(new.jpg\); 1 deleted \(0.jpg\)\. .*save the database again"):
-        localize.load_database(str(tmp_path / "db"), settings=database.settings)
+        _load(tmp_path / "db")
     # A folder that is gone cannot be checked: the saved list is used, with a warning.
     shutil.rmtree(images)
-    assert localize.load_database(str(tmp_path / "db"), settings=database.settings).paths == database.paths
+    assert _load(tmp_path / "db").paths == database.paths
 
 
 def test_outputs_are_checked_before_any_work(plain_folders, tmp_path, monkeypatch, capsys, restore_logging):
@@ -439,12 +416,12 @@ def test_tilde_in_path_flags_is_expanded(plain_folders, tmp_path, monkeypatch):
 def test_saved_database_honours_the_umask(tmp_path, on_disk):
     database = _tiny_database(str(tmp_path / "images"))
     if on_disk:  # the dense features come from an on-disk store (hard-linked into the saved database)
-        store = test.DenseStore(str(tmp_path / "store"))
+        store = DenseStore(str(tmp_path / "store"))
         store.append(np.stack([database.dense[i] for i in range(len(database.dense))]))
         database.dense = store.finish()
     old = os.umask(0o027)
     try:
-        localize.save_database(database, str(tmp_path / "db"))
+        _save(database, str(tmp_path / "db"))
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "db").st_mode & 0o777 == 0o750

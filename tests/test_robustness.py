@@ -726,15 +726,15 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_training_resum
 SLOW_EXTRACTION = """
 import os, runpy, sys, time
 sys.path.insert(0, {root!r})
-import test
-real_append = test.DenseStore.append
+import dense_store
+real_append = dense_store.DenseStore.append
 def append(self, features):
     real_append(self, features)
     if self.on_disk:
         self._writer.flush()
         open({marker!r}, "w").close()  # part of the dense features is on disk: the test kills us now
         time.sleep(120)
-test.DenseStore.append = append
+dense_store.DenseStore.append = append
 sys.argv = ["eval.py"] + {argv!r}
 runpy.run_path(os.path.join({root!r}, "eval.py"), run_name="__main__")
 """

@@ -1,0 +1,427 @@
+"""The retrieval engine every command uses: extraction, a database, exact L2 search, mutual-NN re-ranking.
+
+The data's way through:
+
+    database images -hard_resize-> model -> global descriptors (N, D) ---------.
+                                         `-> dense features -> DenseStore      |  (a Database)
+    query images -test method-> model -> global descriptors (Q, D) -> faiss exact L2 top-k
+                                     `-> dense features -> DenseStore -> mutual-NN re-rank -> Ranking
+
+    with Retrieval(model, batch_size=16, num_workers=8, device="cuda") as engine:
+        database = engine.build_database(dataset, range(N))      # or engine.load_database(folder)
+        queries = engine.extract_queries(dataset, range(N, N + Q), method="hard_resize")
+        ranking = engine.rank(database, queries, rerank_num=100)
+    engine.times                                                 # seconds per stage
+
+`store_folder` (--efficient_ram_testing) only chooses where the dense features live: None keeps them
+in RAM, a folder keeps them in raw files there (read back with positional reads), removed when the
+engine closes. The results are the same either way.
+"""
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import atomic_files
+import distributed
+import local_matching
+from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
+from dense_store import DenseStore, remove_empty_folder
+
+#: The preprocessing of database images, in every command (the queries' is the --test_method).
+DATABASE_METHOD = "hard_resize"
+
+
+# ------------------------------------------------------------------------------------------------
+# Extraction: the one path from images to features
+# ------------------------------------------------------------------------------------------------
+
+def extract_features(model: torch.nn.Module, dataset, indexes: Sequence[int], *, method: str,
+                     batch_size: int, num_workers: int, device: str, want_global: bool = True,
+                     local_store: Optional[DenseStore] = None, precision: str = "fp32",
+                     desc: str = "") -> Optional[np.ndarray]:
+    """The one feature-extraction path.
+
+    Images `indexes` of `dataset` (anything with `load(index, method)`: a datasets_ws.BaseDataset, or
+    localize's folder of images) preprocessed by `method`. Returns global descriptors (n, D) float32 —
+    (n, 5, D) for the five-crop methods — or None when want_global is False; dense features
+    (B, h', w', 128) are appended to `local_store` when given (not computed otherwise).
+    """
+    if method == "single_query":
+        batch_size = 1  # every query keeps its own size
+    crops = method in FIVE_CROP_METHODS
+    loader = DataLoader(ImagesSubset(dataset, indexes, method), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    outputs = []
+    # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
+    # change slightly (measured in the README); fp32 is the reference.
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" \
+        else nullcontext()
+    model.eval()
+    with torch.inference_mode(), autocast:
+        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False,
+                              disable=None):
+            if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
+                images = images.flatten(0, 1)
+            images = images.to(device, non_blocking=True)
+            if local_store is not None:
+                local, glob = model(images)
+                local_store.append(local.float().cpu().numpy())
+            elif want_global:
+                glob = model.global_descriptors(images)
+            else:
+                raise ValueError("extract_features called with nothing to compute")
+            if want_global:
+                glob = glob.float().cpu().numpy()
+                outputs.append(glob.reshape(-1, 5, glob.shape[-1]) if crops else glob)
+    if not want_global:
+        return None
+    return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# First stage: exact L2 search, and the merging of crop candidate lists (pure functions)
+# ------------------------------------------------------------------------------------------------
+
+def candidates_num(rerank_num: int, database_size: int) -> int:
+    """How many candidates each query gets: --rerank_num, or the whole database when it is smaller
+    (said in a warning, since the user asked for more)."""
+    if rerank_num > database_size:
+        logging.warning(f"--rerank_num {rerank_num} is larger than the database ({database_size} images): "
+                        "searching and re-ranking the whole database")
+        return database_size
+    return rerank_num
+
+
+def l2_search(database: np.ndarray, queries: np.ndarray, k: int):
+    """Exact L2 search (faiss IndexFlatL2): (distances (Q, k), predictions (Q, k)), nearest first.
+    The distances are squared, as faiss returns them."""
+    index = faiss.IndexFlatL2(database.shape[1])
+    index.add(np.ascontiguousarray(database, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def merge_crop_candidates(distances: np.ndarray, predictions: np.ndarray, k: int) -> np.ndarray:
+    """Merge the five crops' lists of one query, (5, k) each, by distance, keeping each database image
+    once at its nearest occurrence -> (<= k,) predictions."""
+    order = np.argsort(distances.ravel())
+    preds = predictions.ravel()[order]
+    _, first = np.unique(preds, return_index=True)
+    return preds[np.sort(first)][:k]
+
+
+def majority_voting(distances: np.ndarray, predictions: np.ndarray, weight: float) -> np.ndarray:
+    """Lower the distances (5, k) of candidates that recur among the crops' top 1 / 5 / 10 by
+    weight * count / n for each window n; returns the new distances."""
+    distances = distances.copy()
+    for n in (1, 5, 10):
+        window_preds, window_dists = predictions[:, :n], distances[:, :n]
+        values, counts = np.unique(window_preds, return_counts=True)
+        for value, count in zip(values[counts > 1], counts[counts > 1]):
+            window_dists[window_preds == value] -= weight * count / n
+    return distances
+
+
+def search(database: np.ndarray, queries: np.ndarray, k: int, *, method: str = "hard_resize",
+           majority_weight: float = 0.01) -> Tuple[Optional[np.ndarray], np.ndarray]:
+    """The first stage for queries preprocessed by `method`: (squared L2 distances (Q, k) or None,
+    predictions (Q, k)).
+
+    database (N, D); queries (Q, D), or (Q, 5, D) for the five-crop methods: five_crops searches with
+    the mean of the five descriptors (not re-normalised); nearest_crop merges the five lists by
+    distance; maj_voting first favours candidates that recur among the crops (majority_voting). The
+    merged lists have no single distance per candidate, hence None.
+    """
+    if method == "five_crops":
+        queries = queries.mean(axis=1)
+    if method not in ("nearest_crop", "maj_voting"):
+        return l2_search(database, queries, k)
+    q_num = len(queries)
+    d, p = l2_search(database, queries.reshape(-1, queries.shape[-1]), k)
+    d, p = d.reshape(q_num, 5, k), p.reshape(q_num, 5, k)
+    if method == "maj_voting":
+        d = np.stack([majority_voting(d[q], p[q], majority_weight) for q in range(q_num)])
+    # k unique candidates exist: each crop's list alone has k.
+    return None, np.stack([merge_crop_candidates(d[q], p[q], k) for q in range(q_num)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Second stage: re-ranking by mutual nearest neighbours of the dense features
+# ------------------------------------------------------------------------------------------------
+
+def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, device: str,
+                       chunk_size: int = 16):
+    """Re-rank each query's candidates by their mutual-NN counts with the query (local_matching).
+
+    predictions (Q, k) database indexes; query_store[q] / database_store[i] -> dense features (h, w, C).
+    Returns (re-ranked predictions (Q, k), their float32 scores (Q, k), highest first).
+    """
+    reranked = np.empty_like(predictions)
+    scores = np.empty(predictions.shape, dtype=np.float32)
+    for q in tqdm(range(len(predictions)), desc="Re-ranking", ncols=100, leave=False, disable=None):
+        query_local = torch.from_numpy(np.array(query_store[q])).to(device, non_blocking=True)
+        cand_scores = local_matching.mutual_nn_scores(query_local, database_store, predictions[q],
+                                                      chunk_size=chunk_size)
+        cand_scores = cand_scores.cpu().numpy().astype(np.float32)
+        order = local_matching.rerank(cand_scores)
+        reranked[q] = predictions[q][order]
+        scores[q] = cand_scores[order]
+    return reranked, scores
+
+
+# ------------------------------------------------------------------------------------------------
+# What the engine holds and returns
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Ranking:
+    """Every query's ranked database candidates. All (Q, k): first_predictions (first stage, database
+    indexes), first_distances (squared L2 as faiss returns them; None for the merged crop lists),
+    predictions (re-ranked), scores (mutual-NN counts of `predictions`, in that order)."""
+    first_predictions: np.ndarray
+    first_distances: Optional[np.ndarray]
+    predictions: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock seconds an engine spent in each stage (accumulated over its calls)."""
+    database_extraction_s: float = 0.0
+    query_extraction_s: float = 0.0
+    search_s: float = 0.0
+    rerank_s: float = 0.0
+
+
+@dataclass
+class Queries:
+    """Extracted queries: global_descriptors (Q, D), or (Q, 5, D) for the five-crop methods; dense[q] ->
+    (h', w', 128) (the hard_resize grid for the five-crop methods); `method` the preprocessing."""
+    global_descriptors: np.ndarray
+    dense: DenseStore
+    method: str
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+
+#: A saved database: a folder with these files, the manifest written last.
+DATABASE_FORMAT = "selavpr-database"
+DATABASE_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+GLOBAL_FILE = "global_descriptors.npy"
+DENSE_FOLDER = "dense"
+
+
+@dataclass
+class Database:
+    """Database images with their features: global_descriptors (N, D) float32; dense[i] -> (h', w', 128);
+    paths: the N images' files when known (a saved database records them in its manifest)."""
+    global_descriptors: np.ndarray
+    dense: DenseStore
+    paths: List[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.global_descriptors)
+
+    def close(self) -> None:
+        self.dense.close()
+
+    def save(self, folder: str, *, manifest: Dict[str, Any]) -> None:
+        """Write the database to `folder` (which must not exist): GLOBAL_FILE, DENSE_FOLDER/ (DenseStore.save)
+        and MANIFEST_FILE (the caller's `manifest` entries, plus the format, the files' sizes and the
+        shapes), the manifest last.
+
+        Everything is written into a hidden temp folder beside `folder`, which is renamed to `folder` only
+        when complete: an interrupted save leaves no folder that load() would trust (the temp folder is
+        removed on errors, and never has the final name).
+        """
+        folder = os.path.abspath(folder)
+        if os.path.exists(folder):
+            raise FileExistsError(f"--save_database {folder} already exists: choose a new folder, or reuse that "
+                                  "database with --load_database.")
+        parent = os.path.dirname(folder)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
+        try:
+            with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
+                np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
+            self.dense.save(os.path.join(tmp, DENSE_FOLDER))
+            files = {name: os.path.getsize(os.path.join(tmp, name))
+                     for name in (GLOBAL_FILE, os.path.join(DENSE_FOLDER, DenseStore.FEATURES_FILE),
+                                  os.path.join(DENSE_FOLDER, DenseStore.SHAPES_FILE))}
+            content = {"format": DATABASE_FORMAT, "version": DATABASE_VERSION, **manifest, "files": files,
+                       "global_shape": list(self.global_descriptors.shape),
+                       "dense_shape_first": list(self.dense.shapes[0]) if len(self.dense) else None}
+            with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
+                json.dump(content, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+            os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: str, *, paths: Sequence[str] = ()) -> "Database":
+        """The database saved in `folder` by save(), its files checked against the manifest; the dense
+        features stay on disk (read back with positional reads); close() leaves the files alone."""
+        folder = os.path.abspath(folder)
+        manifest = read_manifest(folder)
+        for name, size in manifest["files"].items():
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path) or os.path.getsize(path) != size:
+                raise ValueError(f"--load_database {folder}: {name} is missing or has changed size since it was "
+                                 "saved: the database is damaged. Save it again.")
+        descriptors = np.load(os.path.join(folder, GLOBAL_FILE), mmap_mode="r", allow_pickle=False)
+        dense = DenseStore.load(os.path.join(folder, DENSE_FOLDER))
+        if descriptors.ndim != 2 or len(dense) != len(descriptors) or (paths and len(paths) != len(dense)):
+            dense.close()
+            raise ValueError(f"--load_database {folder}: {len(paths) if paths else '?'} images but descriptors "
+                             f"{descriptors.shape} and {len(dense)} dense maps: the database is damaged. Save it "
+                             "again.")
+        return cls(global_descriptors=np.asarray(descriptors, dtype=np.float32), dense=dense, paths=list(paths))
+
+
+def read_manifest(folder: str) -> Dict[str, Any]:
+    """The manifest of a database saved in `folder`, checked for format and version."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--load_database {folder}: no such folder. Give a folder written by "
+                                "--save_database.")
+    if not os.path.isfile(path):
+        raise ValueError(f"--load_database {folder} has no {MANIFEST_FILE}: it was not written by "
+                         "localize.py --save_database (or its save did not finish). Save the database again.")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--load_database {path} cannot be read ({e}): save the database again.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != DATABASE_FORMAT:
+        raise ValueError(f"--load_database {path} is not a SelaVPR database manifest: save the database again.")
+    if manifest.get("version") != DATABASE_VERSION:
+        raise ValueError(f"--load_database {folder} has format version {manifest.get('version')}, this code "
+                         f"reads version {DATABASE_VERSION}: save the database again with this version.")
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+class Retrieval:
+    """Extraction into databases and query sets, then search -> re-rank, with stage timings.
+
+    store_folder: None keeps dense features in RAM; a folder keeps them in raw files there (created if
+    needed). close() (or leaving the `with` block, also on errors, Ctrl-C and SIGTERM) closes every
+    store the engine made or opened, removes their files, and removes `store_folder` when the engine
+    created it and it is left empty.
+    dist_ctx (torchrun, several processes): each rank extracts a share of the images and rank 0
+    gathers them (distributed.extract_sharded), so rank 0 ends up with what one process would hold;
+    only rank 0 then ranks. Every rank must make the same calls.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int, num_workers: int, device: str,
+                 precision: str = "fp32", store_folder: Optional[str] = None, rerank_chunk_size: int = 16,
+                 dist_ctx: Optional[distributed.Context] = None) -> None:
+        self.model = model
+        self.extraction = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
+        self.device = device
+        self.store_folder = store_folder
+        self.rerank_chunk_size = rerank_chunk_size
+        self.dist_ctx = dist_ctx or distributed.Context(device=device)
+        self.times = StageTimes()
+        self._stores: List[DenseStore] = []
+        self._created_folder = store_folder is not None and not os.path.exists(store_folder)
+
+    def __enter__(self) -> "Retrieval":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for store in self._stores:
+            store.close()
+        self._stores = []
+        if self._created_folder:
+            remove_empty_folder(self.store_folder)
+
+    def new_store(self) -> DenseStore:
+        """An empty dense store (RAM or store_folder), closed with the engine."""
+        store = DenseStore(self.store_folder)
+        self._stores.append(store)
+        return store
+
+    def _extract(self, dataset, indexes: Sequence[int], *, method: str, store: Optional[DenseStore],
+                 want_global: bool = True, desc: str) -> Optional[np.ndarray]:
+        def run(part, part_store):
+            return extract_features(self.model, dataset, part, method=method, local_store=part_store,
+                                    want_global=want_global, desc=desc, **self.extraction)
+        return distributed.extract_sharded(self.dist_ctx, run, indexes, want_global=want_global, store=store,
+                                           new_store=self.new_store)
+
+    def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
+        """Global descriptors and dense features of images `indexes` of `dataset`, preprocessed as the
+        evaluation's database (hard_resize)."""
+        start = time.perf_counter()
+        store = self.new_store()
+        descriptors = self._extract(dataset, indexes, method=DATABASE_METHOD, store=store,
+                                    desc="Database features")
+        store.finish()
+        self.times.database_extraction_s += time.perf_counter() - start
+        return Database(global_descriptors=descriptors, dense=store, paths=list(paths))
+
+    def load_database(self, folder: str, *, paths: Sequence[str] = ()) -> Database:
+        """Database.load(folder), closed with the engine (its files stay)."""
+        database = Database.load(folder, paths=paths)
+        self._stores.append(database.dense)
+        return database
+
+    def extract_queries(self, dataset, indexes: Sequence[int], *, method: str) -> Queries:
+        """Queries `indexes` of `dataset` preprocessed by `method`. The five-crop methods give five
+        global descriptors per query; their re-ranking uses the dense features of the query's
+        hard_resize version (one grid per query, as the database's)."""
+        start = time.perf_counter()
+        store = self.new_store()
+        if method in FIVE_CROP_METHODS:
+            descriptors = self._extract(dataset, indexes, method=method, store=None, desc="Query crops")
+            self._extract(dataset, indexes, method="hard_resize", store=store, want_global=False,
+                          desc="Query dense features")
+        else:
+            descriptors = self._extract(dataset, indexes, method=method, store=store, desc="Query features")
+        store.finish()
+        self.times.query_extraction_s += time.perf_counter() - start
+        return Queries(global_descriptors=descriptors, dense=store, method=method)
+
+    def rank(self, database: Database, queries: Queries, *, rerank_num: int, majority_weight: float = 0.01,
+             pca=None) -> Ranking:
+        """Each query's min(rerank_num, N) nearest database images by exact L2 distance of the global
+        descriptors (projected by `pca`, a fitted sklearn PCA, when given), then re-ranked by mutual-NN
+        counts of the dense features."""
+        k = candidates_num(rerank_num, len(database))
+        start = time.perf_counter()
+        db_global, q_global = database.global_descriptors, queries.global_descriptors
+        if pca is not None:
+            db_global = pca.transform(db_global).astype(np.float32)
+            q_global = pca.transform(q_global.reshape(-1, q_global.shape[-1])).astype(np.float32).reshape(
+                *q_global.shape[:-1], -1)
+        distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
+        self.times.search_s += time.perf_counter() - start
+        start = time.perf_counter()
+        predictions, scores = rerank_predictions(first, queries.dense, database.dense, device=self.device,
+                                                 chunk_size=self.rerank_chunk_size)
+        self.times.rerank_s += time.perf_counter() - start
+        return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)

@@ -1,0 +1,64 @@
+"""dense_store.py: dense features in RAM or on disk, ragged shapes, saving and loading."""
+import os
+
+import numpy as np
+import pytest
+
+from dense_store import DenseStore, remove_empty_folder
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_dense_store_round_trip_with_ragged_shapes(tmp_path, on_disk):
+    rng = np.random.default_rng(0)
+    store = DenseStore(str(tmp_path / "store") if on_disk else None)
+    a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
+    store.append(a)
+    store.append(b)
+    store.finish()
+    assert len(store) == 3 and store.nbytes() == (a.size + b.size) * 4
+    assert np.array_equal(store[0], a[0]) and np.array_equal(store[1], a[1]) and np.array_equal(store[2], b[0])
+    if on_disk:
+        assert store.on_disk and os.path.getsize(store.path) == store.nbytes()
+    store.close()
+    if on_disk:
+        assert not list((tmp_path / "store").iterdir())
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_dense_store_save_and_load_round_trip(tmp_path, on_disk):
+    rng = np.random.default_rng(0)
+    store = DenseStore(str(tmp_path / "live") if on_disk else None)
+    a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
+    store.append(a)
+    store.append(b)
+    store.finish()
+    store.save(str(tmp_path / "saved"))
+    store.close()  # the saved copy must outlive the live store (hard link or copy)
+    loaded = DenseStore.load(str(tmp_path / "saved"))
+    assert len(loaded) == 3 and loaded.nbytes() == (a.size + b.size) * 4
+    assert np.array_equal(loaded[0], a[0]) and np.array_equal(loaded[1], a[1]) and np.array_equal(loaded[2], b[0])
+    assert loaded.on_disk and loaded.path == str(tmp_path / "saved" / DenseStore.FEATURES_FILE)
+    loaded.close()
+    assert sorted(os.listdir(tmp_path / "saved")) == [DenseStore.FEATURES_FILE, DenseStore.SHAPES_FILE]
+    with open(tmp_path / "saved" / DenseStore.FEATURES_FILE, "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(ValueError, match="truncated"):
+        DenseStore.load(str(tmp_path / "saved"))
+
+
+def test_dense_store_refuses_to_save_before_finish(tmp_path):
+    store = DenseStore(str(tmp_path / "live"))
+    store.append(np.zeros((1, 2, 2, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="finish"):
+        store.save(str(tmp_path / "saved"))
+    store.close()
+
+
+def test_remove_empty_folder_keeps_a_folder_with_other_files(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "other.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    remove_empty_folder(str(tmp_path / "full"))
+    remove_empty_folder(str(tmp_path / "empty"))
+    remove_empty_folder(str(tmp_path / "missing"))  # nothing to do, no error
+    assert sorted(os.listdir(tmp_path)) == ["full"]

@@ -1,0 +1,169 @@
+"""retrieval.py: extraction, the first stage (exact L2, crop merging), the engine (stores, timings,
+saved databases)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import datasets_ws
+import network
+import retrieval
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return network.GeoLocalizationNet(**TINY).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Extraction
+# ------------------------------------------------------------------------------------------------
+
+def test_single_query_reranks_with_features_at_the_query_size(synthetic_root, tiny_net, tmp_path):
+    """A query of another aspect ratio keeps its own grid: mutual NN between grids of different sizes."""
+    folder, name = synthetic_root
+    ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112), test_method="single_query")
+    img = ds.load(ds.database_num, "single_query")
+    assert img.shape[-2] == 112 or img.shape[-1] == 112
+    store = retrieval.DenseStore()
+    retrieval.extract_features(tiny_net, ds, [ds.database_num], method="single_query", batch_size=4, num_workers=0,
+                               device="cpu", local_store=store)
+    h, w = img.shape[-2] // 14, img.shape[-1] // 14
+    assert store[0].shape == (4 * h - 3, 4 * w - 3, 128)
+
+
+def test_bf16_extraction_is_close_to_fp32(synthetic_root, tiny_net):
+    folder, name = synthetic_root
+    ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112))
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        store = retrieval.DenseStore()
+        glob = retrieval.extract_features(tiny_net, ds, range(4), method="hard_resize", batch_size=4, num_workers=0,
+                                          device="cpu", local_store=store, precision=precision)
+        outs[precision] = (glob, np.stack([store[i] for i in range(4)]))
+        assert glob.dtype == np.float32 and store[0].dtype == np.float32
+    (g32, l32), (g16, l16) = outs["fp32"], outs["bf16"]
+    assert not np.array_equal(g32, g16)  # bf16 really ran
+    assert np.abs(g32 - g16).max() < 0.05 and np.abs(l32 - l16).max() < 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# First stage
+# ------------------------------------------------------------------------------------------------
+
+def test_merge_crop_candidates_keeps_nearest_occurrence_once():
+    distances = np.array([[0.5, 0.9], [0.1, 0.7], [0.3, 0.4], [0.2, 0.95], [0.6, 0.8]])
+    predictions = np.array([[1, 2], [3, 1], [2, 4], [1, 3], [5, 6]])
+    merged = retrieval.merge_crop_candidates(distances, predictions, 4)
+    assert merged.tolist() == [3, 1, 2, 4]
+
+
+def test_majority_voting_lowers_recurring_candidates():
+    predictions = np.array([[1, 2], [1, 3], [4, 1], [5, 6], [7, 8]])
+    distances = np.ones((5, 2))
+    out = retrieval.majority_voting(distances, predictions, 0.3)
+    # candidate 1: top-1 window twice (0.3*2/1); top-5 and top-10 windows (all columns) three times
+    # (0.3*3/5 and 0.3*3/10)
+    lowered = 0.3 * 2 / 1 + 0.3 * 3 / 5 + 0.3 * 3 / 10
+    assert np.isclose(out[0, 0], 1 - lowered) and np.isclose(out[1, 0], 1 - lowered)
+    assert np.isclose(out[2, 1], 1 - 0.3 * 3 / 5 - 0.3 * 3 / 10)  # not in a top-1 window
+    assert np.isclose(out[3, 0], 1.0) and np.array_equal(distances, np.ones((5, 2)))
+
+
+def test_l2_search_is_exact():
+    rng = np.random.default_rng(1)
+    db, q = rng.random((50, 8), dtype=np.float32), rng.random((4, 8), dtype=np.float32)
+    distances, predictions = retrieval.l2_search(db, q, 5)
+    brute = ((q[:, None] - db[None]) ** 2).sum(-1)
+    assert np.array_equal(predictions, np.argsort(brute, axis=1)[:, :5])
+    assert np.allclose(distances, np.sort(brute, axis=1)[:, :5], atol=1e-5)
+
+
+def test_candidates_num_is_the_one_clamp(caplog):
+    assert retrieval.candidates_num(10, 50) == 10 and "larger than the database" not in caplog.text
+    assert retrieval.candidates_num(100, 12) == 12
+    assert "--rerank_num 100 is larger than the database (12 images)" in caplog.text
+
+
+def test_search_of_each_query_method_against_brute_force():
+    rng = np.random.default_rng(3)
+    db, crops = rng.random((30, 6), dtype=np.float32), rng.random((4, 5, 6), dtype=np.float32)
+    brute = lambda q: ((q[:, None] - db[None]) ** 2).sum(-1)  # noqa: E731
+    distances, predictions = retrieval.search(db, crops[:, 0], 5, method="hard_resize")
+    assert np.array_equal(predictions, np.argsort(brute(crops[:, 0]), axis=1)[:, :5]) and distances.shape == (4, 5)
+    _, predictions = retrieval.search(db, crops, 5, method="five_crops")
+    assert np.array_equal(predictions, np.argsort(brute(crops.mean(axis=1)), axis=1)[:, :5])
+    distances, predictions = retrieval.search(db, crops, 5, method="nearest_crop")
+    assert distances is None and predictions.shape == (4, 5)
+    for q in range(4):  # each merged list: the database images by their nearest crop, each once
+        nearest = brute(crops[q]).min(axis=0)
+        assert predictions[q].tolist() == np.argsort(nearest)[:5].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+
+def _engine(model, **kwargs):
+    return retrieval.Retrieval(model, batch_size=8, num_workers=0, device="cpu", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def test_split(synthetic_root):
+    folder, name = synthetic_root
+    return datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112))
+
+
+def test_ram_and_disk_stores_give_the_same_ranking_and_the_disk_files_go(test_split, tiny_net, tmp_path):
+    ds, rankings = test_split, {}
+    for where, folder in (("ram", None), ("disk", str(tmp_path / "run" / "dense_features"))):
+        with _engine(tiny_net, store_folder=folder) as engine:
+            database = engine.build_database(ds, range(ds.database_num))
+            queries = engine.extract_queries(ds, range(ds.database_num, ds.database_num + ds.queries_num),
+                                             method="hard_resize")
+            if folder is not None:  # the two stores' files, in the folder given
+                assert database.dense.on_disk and len(os.listdir(folder)) == 2
+            rankings[where] = engine.rank(database, queries, rerank_num=5)
+        times = engine.times
+        assert min(times.database_extraction_s, times.query_extraction_s, times.search_s, times.rerank_s) > 0
+    assert not os.path.exists(tmp_path / "run" / "dense_features")  # created by the engine, removed by it
+    for name in ("first_predictions", "first_distances", "predictions", "scores"):
+        assert np.array_equal(getattr(rankings["ram"], name), getattr(rankings["disk"], name)), name
+    ranking = rankings["ram"]
+    assert ranking.predictions.shape == (ds.queries_num, 5)
+    assert all(sorted(p) == sorted(f) for p, f in zip(ranking.predictions, ranking.first_predictions))
+
+
+def test_a_failing_rank_still_removes_the_store_files(test_split, tiny_net, tmp_path, monkeypatch):
+    ds, folder = test_split, tmp_path / "dense_features"
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C during the re-ranking
+    monkeypatch.setattr(retrieval, "rerank_predictions", broken)
+    with pytest.raises(KeyboardInterrupt):
+        with _engine(tiny_net, store_folder=str(folder)) as engine:
+            database = engine.build_database(ds, range(4))
+            queries = engine.extract_queries(ds, [ds.database_num], method="hard_resize")
+            engine.rank(database, queries, rerank_num=2)
+    assert not folder.exists()
+
+
+def test_a_saved_database_ranks_as_the_one_it_was_saved_from(test_split, tiny_net, tmp_path):
+    ds = test_split
+    q_indexes = range(ds.database_num, ds.database_num + ds.queries_num)
+    with _engine(tiny_net) as engine:
+        database = engine.build_database(ds, range(ds.database_num), paths=ds.database_paths)
+        database.save(str(tmp_path / "db"), manifest={"note": "test"})
+        queries = engine.extract_queries(ds, q_indexes, method="hard_resize")
+        direct = engine.rank(database, queries, rerank_num=5)
+        loaded = engine.load_database(str(tmp_path / "db"), paths=ds.database_paths)
+        again = engine.rank(loaded, queries, rerank_num=5)
+    assert retrieval.read_manifest(str(tmp_path / "db"))["note"] == "test"
+    assert loaded.paths == ds.database_paths and np.array_equal(loaded.global_descriptors, database.global_descriptors)
+    assert np.array_equal(direct.predictions, again.predictions) and np.array_equal(direct.scores, again.scores)
+    assert sorted(os.listdir(tmp_path / "db")) == ["dense", "global_descriptors.npy", "manifest.json"]  # kept
+    with pytest.raises(ValueError, match="images but descriptors"):
+        retrieval.Database.load(str(tmp_path / "db"), paths=ds.database_paths[:-1])
