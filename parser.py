@@ -355,12 +355,13 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, description: str, groups: Sequence[Group]):
         super().__init__(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        self.groups = tuple(g for g in ALL_GROUPS if g in groups)
-        titles = {g.title for g in self.groups}
+        titles = {g.title for g in groups}
         for g in groups:
             missing = [t for t in g.requires if t not in titles]
             if g not in ALL_GROUPS or missing:
                 raise ValueError(f"group {g.title!r}: not a group of parser.py, or without {missing}")
+        self.groups = tuple(g for g in ALL_GROUPS if g in groups)
+        for g in self.groups:
             g.add(self.add_argument_group(g.title))
 
     def parse(self, argv: Optional[Sequence[str]] = None,

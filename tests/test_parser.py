@@ -332,6 +332,12 @@ def test_model_settings_from_a_checkpoint_for_localize_and_the_tools(tmp_path):
     args = heatmap.parse_args(["a.jpg", "--output", "b.jpg", "--device", "cpu", "--resume", path])
     assert (args.backbone, args.backbone_depth, args.resize) == ("vit_tiny", 3, [112, 112])
     assert "Model settings taken from --resume" in args.model_settings_note
+    # Groups listed in any order: the checkpoint's settings are still read before the model's checks run
+    # (--resize 112 112 from the file gives 29 29 128), and --help shows the groups in one order.
+    p = selavpr_parser.CommandParser("x", [selavpr_parser.RUNTIME, selavpr_parser.MODEL, selavpr_parser.WEIGHTS])
+    args = p.parse(["--resume", path, "--dense_feature_map_size", "29", "29", "128", "--device", "cpu"])
+    assert args.resize == [112, 112] and args.backbone_depth == 3
+    assert [g.title for g in p._action_groups][2:] == ["weights", "model", "runtime"]
 
 
 # The command-line modules whose arguments must not change once parsed.
@@ -358,3 +364,14 @@ def test_args_is_never_edited_after_parsing(name):
             if node.func.id in ("setattr", "delattr") or (node.func.id == "getattr" and len(node.args) == 3):
                 edits.append(f"line {node.lineno}: {node.func.id}(args, ...)")
     assert edits == []
+
+
+def test_train_backbone_reaches_the_model(synthetic_root, tmp_path):
+    # Only train.py has --train_backbone; it hands it to build_model (every weight trains).
+    import re
+    import network
+    from conftest import TINY
+    from test_train import _train
+    total = sum(p.numel() for p in network.GeoLocalizationNet(**TINY).parameters())
+    _, stdout = _train(synthetic_root, tmp_path, "backbone", "--train_backbone", "--epochs_num", "1")
+    assert re.findall(r"Trainable parameters: ([\d,]+)", stdout) == [f"{total:,}"]
