@@ -316,8 +316,15 @@ def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wron
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+# No training, data set or PCA flags: the database is a folder of images (a saved database holds the raw
+# descriptors, so no --pca_dim either).
+LOCALIZE_GROUPS = (parser.WEIGHTS, parser.MODEL, parser.RUNTIME, parser.EXTRACTION, parser.EVALUATION,
+                   parser.RERANK, parser.OUTPUTS)
+
+
 def build_localize_parser():
-    p = parser.build_parser("SelaVPR: localise the images of a queries folder against a database folder")
+    p = parser.CommandParser("SelaVPR: localise the images of a queries folder against a database folder",
+                             LOCALIZE_GROUPS)
     g = p.add_argument_group("localize.py")
     g.add_argument("--database_folder", type=parser.path, default=None,
                    help="folder of database images (.jpg/.jpeg/.png, recursive); optional with --load_database")
@@ -334,7 +341,7 @@ def build_localize_parser():
 
 def parse_localize_arguments(argv: Optional[List[str]] = None):
     p = build_localize_parser()
-    args = parser.parse_arguments(argv, p, needs_data=False)
+    args = p.parse(argv)
     if args.database_folder is None and args.load_database is None:
         p.error("give --database_folder (images to search) or --load_database (a saved database)")
     try:
@@ -342,8 +349,6 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
                                       where=" in localize.py (the five-crop methods run in eval.py only)")
     except ValueError as e:
         p.error(str(e))
-    if args.pca_dim is not None:
-        p.error("--pca_dim is not supported by localize.py (a saved database holds the raw descriptors)")
     # Inputs and outputs are checked here, before any folder is created or any model is built.
     for flag, folder in (("--queries_folder", args.queries_folder), ("--database_folder", args.database_folder)):
         if folder is not None and not os.path.isdir(folder):

@@ -502,12 +502,13 @@ def load_model(*, backbone: str = "vit_large", backbone_depth: Optional[int] = N
     return model.to(device)
 
 
-def build_model(args, *, device: Optional[str] = None) -> GeoLocalizationNet:
-    """load_model with the command line's flags (--resume or --load_weights as the checkpoint), on
-    `device` (default --device; under torchrun each process's own device)."""
+def build_model(args, *, device: Optional[str] = None, train_backbone: bool = False) -> GeoLocalizationNet:
+    """load_model with the command line's model, weights and runtime flags (--resume or --load_weights
+    as the checkpoint), on `device` (default --device; under torchrun each process's own device).
+    train_backbone: train.py's --train_backbone (the other commands have no training flags)."""
     flag = "--resume" if args.resume else "--load_weights"
     return load_model(backbone=args.backbone, backbone_depth=args.backbone_depth, registers=args.registers,
                       foundation_model_path=args.foundation_model_path,
                       checkpoint=args.resume or args.load_weights, checkpoint_flag=flag,
-                      allow_random_weights=args.allow_random_weights, train_backbone=args.train_backbone,
+                      allow_random_weights=args.allow_random_weights, train_backbone=train_backbone,
                       device=device or args.device)

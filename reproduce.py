@@ -108,12 +108,18 @@ def parse_dataset_folders(items: Sequence[str]) -> Dict[str, str]:
     return mapping
 
 
+# eval.py's model, runtime and evaluation flags; no --resume / --load_weights / --foundation_model_path
+# (the paper's checkpoints have their own flags), no PCA, no prediction pictures, no --query_keys_file
+# (--msls_val_keys), and its own --rerank_num.
+REPRODUCE_GROUPS = (parser.MODEL, parser.RUNTIME, parser.EXTRACTION, parser.EVALUATION, parser.DATASETS_FOLDER)
+
+
 def build_parser():
-    """eval.py's flags (model, runtime, test method ...) plus this script's own."""
-    p = parser.build_parser(description="Reproduce the paper's tables: evaluate every data set of the paper "
-                                        "found under --datasets_folder with the paper's checkpoint.")
-    # "resolve": this group's --rerank_num replaces eval.py's single-integer one ("both" runs 100 and 20).
-    own = p.add_argument_group("reproduce.py", conflict_handler="resolve")
+    """The groups above plus this script's own flags."""
+    p = parser.CommandParser("Reproduce the paper's tables: evaluate every data set of the paper found under "
+                             "--datasets_folder with the paper's checkpoints, given with --msls_checkpoint and "
+                             "--pitts30k_checkpoint.", REPRODUCE_GROUPS)
+    own = p.add_argument_group("reproduce.py")
     own.add_argument("--msls_checkpoint", type=parser.path, default=None,
                      help="SelaVPR_msls.pth: evaluates msls (val), nordland and st_lucia (test)")
     own.add_argument("--pitts30k_checkpoint", type=parser.path, default=None,
@@ -130,32 +136,24 @@ def build_parser():
                      help=f"evaluate only these data sets ({', '.join(ENTRY_NAMES)}); the others are listed "
                           "as skipped")
     own.add_argument("--rerank_num", type=str, default=str(PAPER_RERANK_NUM),
-                   help="candidates re-ranked per query: an integer (the paper: 100; the README: 20 is close "
-                        "at a fifth of the time) or 'both' (100 and 20, one row each)")
+                     help="candidates re-ranked per query: an integer (the paper: 100; the README: 20 is close "
+                          "at a fifth of the time) or 'both' (100 and 20, one row each)")
     return p
 
 
-def parse_arguments(argv: Optional[Sequence[str]] = None):
-    p = build_parser()
-    args = parser.parse_arguments(argv, p)
+def _finish_arguments(p, values: dict) -> None:
+    """--rerank_num -> a list of integers, --dataset_folders -> {name: folder}; the key file must exist."""
     try:
-        args.rerank_num = parse_rerank_nums(args.rerank_num)
-        args.dataset_folders = parse_dataset_folders(args.dataset_folders)
+        values["rerank_num"] = parse_rerank_nums(values["rerank_num"])
+        values["dataset_folders"] = parse_dataset_folders(values["dataset_folders"])
     except ValueError as e:
         p.error(str(e))
-    for flag in ("resume", "load_weights", "foundation_model_path"):
-        if getattr(args, flag):
-            p.error(f"--{flag} is not used here: give the paper's checkpoints with --msls_checkpoint and "
-                    "--pitts30k_checkpoint")
-    if args.query_keys_file:
-        p.error("--query_keys_file is not used here: give the MSLS-val key file with --msls_val_keys")
-    if args.pca_dim is not None:
-        p.error("--pca_dim is not supported by reproduce.py (the paper's numbers use no PCA); use eval.py")
-    if args.num_preds_to_save:
-        p.error("--num_preds_to_save is not supported by reproduce.py; use eval.py for prediction pictures")
-    if args.msls_val_keys is not None and not os.path.isfile(args.msls_val_keys):
-        p.error(f"--msls_val_keys {args.msls_val_keys}: no such file; give the official MSLS-val query key list")
-    return args
+    if values["msls_val_keys"] is not None and not os.path.isfile(values["msls_val_keys"]):
+        p.error(f"--msls_val_keys {values['msls_val_keys']}: no such file; give the official MSLS-val query key list")
+
+
+def parse_arguments(argv: Optional[Sequence[str]] = None):
+    return build_parser().parse(argv, finish=_finish_arguments)
 
 
 # ---------------------------------------------------------------------------------------------------

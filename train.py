@@ -57,7 +57,7 @@ def main(args):
     logging.info(f"Test set: {test_ds}")
 
     # Model and optimiser: only adapters, LocalAdapt and GeM p train (all weights with --train_backbone).
-    model = network.build_model(args, device=device)
+    model = network.build_model(args, device=device, train_backbone=args.train_backbone)
     trainable = [p for p in model.parameters() if p.requires_grad]
     logging.info(f"Trainable parameters: {sum(p.numel() for p in trainable):,}")
     if args.optim == "adam":

@@ -402,14 +402,14 @@ def test_tilde_in_path_flags_is_expanded(plain_folders, tmp_path, monkeypatch):
     db, _ = plain_folders
     args = localize.parse_localize_arguments(["--database_folder", db, "--queries_folder=~/photos", *FLAGS,
                                               "--output_folder=~/out", "--save_database=~/db",
-                                              "--resume=~/ckpt.pth", "--datasets_folder=~/data"])
+                                              "--resume=~/ckpt.pth"])
     assert args.queries_folder == str(home / "photos") and args.output_folder == str(home / "out")
     assert args.save_database == str(home / "db") and args.resume == str(home / "ckpt.pth")
-    assert args.datasets_folder == str(home / "data")
     import reproduce
     args = reproduce.parse_arguments(["--datasets_folder=~/data", "--device", "cpu", "--output=~/results",
                                       "--dataset_folders", "msls=~/msls_vg"])
     assert args.output == str(home / "results") and args.dataset_folders == {"msls": str(home / "msls_vg")}
+    assert args.datasets_folder == str(home / "data")
 
 
 @pytest.mark.parametrize("on_disk", [False, True])

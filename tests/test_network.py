@@ -14,7 +14,7 @@ from conftest import TINY, read_manifest
 
 def _args(**kw):
     base = dict(backbone="vit_tiny", backbone_depth=2, registers=False, foundation_model_path=None, resume=None,
-                load_weights=None, allow_random_weights=False, train_backbone=False, device="cpu")
+                load_weights=None, allow_random_weights=False, device="cpu")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -327,6 +327,9 @@ def test_build_model_requires_weights_or_explicit_opt_in(caplog):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in dict(model.named_parameters())
                          if ".adapter" in n or not n.startswith("backbone.")}
+    # train.py's --train_backbone, passed as a keyword (the other commands have no training flags).
+    model = network.build_model(_args(allow_random_weights=True), train_backbone=True)
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_build_model_resume_loads_weights(tmp_path, tiny_model):

@@ -4,7 +4,7 @@ import os
 import pytest
 
 import parser as selavpr_parser
-from conftest import run_script
+from conftest import ROOT, run_script
 
 # name -> the public release's default; None where the public default is None.
 PUBLIC_DEFAULTS = {
@@ -146,3 +146,232 @@ def test_localize_and_eval_rebuild_the_model_from_the_checkpoint_alone(synthetic
                         cwd=str(tmp_path))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "Recalls on < BaseDataset" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Each command's own parser, made of shared groups
+# ---------------------------------------------------------------------------------------------------
+
+# The flags of each group, written out here (not read from parser.py) so that a flag moved, lost or
+# added shows up as a failure.
+GROUP_FLAGS = {
+    "weights": {"--foundation_model_path", "--resume", "--load_weights", "--allow_random_weights"},
+    "model": {"--backbone", "--backbone_depth", "--registers", "--resize", "--dense_feature_map_size"},
+    "runtime": {"--device", "--seed"},
+    "extraction": {"--infer_batch_size", "--num_workers", "--precision"},
+    "evaluation": {"--test_method", "--majority_weight", "--efficient_ram_testing", "--val_positive_dist_threshold",
+                   "--recall_values"},
+    "rerank": {"--rerank_num"},
+    "outputs": {"--save_dir", "--num_preds_to_save", "--save_only_wrong_preds"},
+    "descriptors": {"--l2", "--pca_dim", "--pca_dataset_folder"},
+    "datasets_folder": {"--datasets_folder"},
+    "dataset": {"--dataset_name", "--query_keys_file"},
+    "training": {"--train_batch_size", "--criterion", "--margin", "--epochs_num", "--patience", "--lr", "--optim",
+                 "--cache_refresh_rate", "--queries_per_epoch", "--negs_num_per_query", "--neg_samples_num",
+                 "--mining", "--train_positives_dist_threshold", "--train_backbone"},
+    "augmentation": {"--brightness", "--contrast", "--saturation", "--hue", "--rand_perspective",
+                     "--horizontal_flip", "--random_resized_crop", "--random_rotation"},
+}
+OURS = {"--backbone", "--backbone_depth", "--load_weights", "--allow_random_weights", "--precision",
+        "--num_preds_to_save", "--save_only_wrong_preds", "--query_keys_file", "--train_backbone"}
+
+
+def _flags_of(*groups):
+    return set().union(*(GROUP_FLAGS[g] for g in groups))
+
+
+def _load_tool(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _command_parsers():
+    import localize
+    import reproduce
+    return {
+        "train/eval": (selavpr_parser.build_parser(), _flags_of(*GROUP_FLAGS)),
+        "localize": (localize.build_localize_parser(),
+                     _flags_of("weights", "model", "runtime", "extraction", "evaluation", "rerank", "outputs")
+                     | {"--database_folder", "--queries_folder", "--output_folder", "--save_database",
+                        "--load_database"}),
+        "reproduce": (reproduce.build_parser(),
+                      _flags_of("model", "runtime", "extraction", "evaluation", "datasets_folder")
+                      | {"--msls_checkpoint", "--pitts30k_checkpoint", "--msls_val_keys", "--output",
+                         "--dataset_folders", "--only", "--rerank_num"}),
+        "draw_matches": (_load_tool("draw_matches").build_argument_parser(),
+                         _flags_of("weights", "model", "runtime")
+                         | {"--output", "--features", "--no_ransac", "--ransac_threshold", "--max_lines",
+                            "--display_height"}),
+        "heatmap": (_load_tool("heatmap").build_argument_parser(),
+                    _flags_of("weights", "model", "runtime") | {"--output", "--alpha"}),
+    }
+
+
+def _long_flags_in_help(p):
+    import re
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", p.format_help()))
+
+
+@pytest.mark.parametrize("command", ["train/eval", "localize", "reproduce", "draw_matches", "heatmap"])
+def test_each_command_has_exactly_the_flags_of_its_groups(command):
+    p, expected = _command_parsers()[command]
+    # Every option the parser accepts, and every flag its --help shows, is one of its groups' or its own.
+    accepted = {s for a in p._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    assert accepted == expected
+    assert _long_flags_in_help(p) - {"--help"} == expected
+    assert p.conflict_handler == "error"  # no flag silently redefines another
+
+
+def test_public_flag_list_is_the_seed_releases():
+    # The public release's flags (its parser, as listed in the behaviour spec) are ours minus our additions.
+    public = set("--" + name for name in PUBLIC_DEFAULTS) | {"--device"}
+    assert _flags_of(*GROUP_FLAGS) - OURS == public
+
+
+def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
+    folder = tmp_path / "pca"
+    argv = ["--train_batch_size", "8", "--infer_batch_size", "4", "--criterion", "triplet", "--margin", "0.2",
+            "--epochs_num", "3", "--patience", "2", "--lr", "1e-4", "--optim", "sgd", "--cache_refresh_rate", "10",
+            "--queries_per_epoch", "20", "--negs_num_per_query", "3", "--neg_samples_num", "50",
+            "--mining", "full", "--l2", "none", "--pca_dim", "8", "--registers", "--seed", "-1",
+            "--foundation_model_path", "f.pth", "--resume", "r.pth", "--device", "cpu", "--num_workers", "0",
+            "--resize", "112", "112", "--dense_feature_map_size", "29", "29", "128", "--test_method", "maj_voting",
+            "--majority_weight", "0.5", "--efficient_ram_testing", "--val_positive_dist_threshold", "30",
+            "--train_positives_dist_threshold", "5", "--recall_values", "1", "5", "--rerank_num", "20",
+            "--brightness", "0.1", "--contrast", "0.2", "--saturation", "0.3", "--hue", "0.1",
+            "--rand_perspective", "0.4", "--horizontal_flip", "--random_resized_crop", "0.5",
+            "--random_rotation", "10", "--datasets_folder", "/d", "--dataset_name", "msls",
+            "--pca_dataset_folder", str(folder), "--save_dir", "x"]
+    assert set(a for a in argv if a.startswith("--")) == set("--" + n for n in PUBLIC_DEFAULTS) | {"--device"}
+    args = selavpr_parser.parse_arguments(argv)
+    assert (args.train_batch_size, args.optim, args.pca_dim, args.resize, args.recall_values, args.rerank_num,
+            args.random_rotation, args.dataset_name, args.seed) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0,
+                                                                     "msls", -1)
+    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser
+        with open(os.path.join(ROOT, script)) as f:
+            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments())"), script
+
+
+@pytest.mark.parametrize("flags", [["--lr", "1e-4"], ["--pca_dim", "8"], ["--datasets_folder", "/d"],
+                                   ["--dataset_name", "x"], ["--train_backbone"], ["--query_keys_file", "k"]])
+def test_localize_has_no_training_pca_or_data_set_flags(flags, tmp_path, capsys):
+    import localize
+    with pytest.raises(SystemExit) as exc:
+        localize.parse_localize_arguments(["--database_folder", str(tmp_path), "--queries_folder", str(tmp_path),
+                                           "--output_folder", str(tmp_path / "out"), "--device", "cpu", *flags])
+    assert exc.value.code == 2 and f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--resume", "x.pth"], ["--load_weights", "x.pth"],
+                                   ["--foundation_model_path", "d.pth"], ["--query_keys_file", "k.txt"],
+                                   ["--pca_dim", "8"], ["--num_preds_to_save", "2"], ["--lr", "1e-4"],
+                                   ["--dataset_name", "msls"]])
+def test_reproduce_has_no_flags_it_does_not_use(flags, capsys):
+    import reproduce
+    with pytest.raises(SystemExit) as exc:
+        reproduce.parse_arguments(["--datasets_folder", "/d", "--device", "cpu", *flags])
+    assert exc.value.code == 2 and f"unrecognized arguments: {flags[0]}" in capsys.readouterr().err
+
+
+def test_reproduce_help_says_where_the_papers_checkpoints_go():
+    result = run_script(["reproduce.py", "--help"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "with the paper's checkpoints, given with --msls_checkpoint and --pitts30k_checkpoint" in text
+    assert "--msls_val_keys" in text and "--resume" not in text
+
+
+def test_reproduce_rerank_num_is_its_own_flag():
+    import reproduce
+    base = ["--datasets_folder", "/d", "--device", "cpu"]
+    assert reproduce.parse_arguments(base + ["--rerank_num", "both"]).rerank_num == [100, 20]
+    assert reproduce.parse_arguments(base + ["--rerank_num", "20"]).rerank_num == [20]
+    assert reproduce.parse_arguments(base).rerank_num == [100]
+    # Defined once, in reproduce.py's own group: the shared single-integer --rerank_num is not there.
+    p = reproduce.build_parser()
+    assert selavpr_parser.RERANK not in p.groups
+    assert [a.option_strings for a in p._actions].count(["--rerank_num"]) == 1
+
+
+def test_reproduce_bad_values_keep_their_messages(capsys):
+    import reproduce
+    for flags, message in ((["--rerank_num", "many"], "--rerank_num must be a positive integer or 'both', got 'many'"),
+                           (["--dataset_folders", "kitti=x"], "unknown data set 'kitti'"),
+                           (["--msls_val_keys", "/no/such/file"], "--msls_val_keys /no/such/file: no such file")):
+        with pytest.raises(SystemExit):
+            reproduce.parse_arguments(["--datasets_folder", "/d", "--device", "cpu", *flags])
+        assert message in capsys.readouterr().err
+
+
+def test_checks_run_only_for_the_groups_a_command_has(monkeypatch):
+    # A parser of the model group alone: no data set is required, no training check runs, the dense
+    # size is still filled in from --resize.
+    monkeypatch.delenv("DATASETS_FOLDER", raising=False)
+    p = selavpr_parser.CommandParser("x", [selavpr_parser.MODEL, selavpr_parser.RUNTIME])
+    args = p.parse(["--resize", "112", "112", "--device", "cpu"])
+    assert vars(args) == {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": [112, 112],
+                          "dense_feature_map_size": [29, 29, 128], "device": "cpu", "seed": 0}
+    # A group without the groups whose flags it reads is a programming error, found when the parser is built.
+    for groups in ([selavpr_parser.WEIGHTS], [selavpr_parser.DATASET], [selavpr_parser.DESCRIPTORS]):
+        with pytest.raises(ValueError, match="without"):
+            selavpr_parser.CommandParser("x", groups)
+
+
+def test_model_settings_from_a_checkpoint_for_localize_and_the_tools(tmp_path):
+    import localize
+    path = _project_checkpoint(tmp_path / "c.pth", depth=3)
+    args = localize.parse_localize_arguments(["--database_folder", str(tmp_path), "--queries_folder", str(tmp_path),
+                                              "--output_folder", str(tmp_path / "out"), "--device", "cpu",
+                                              "--load_weights", path])
+    assert (args.backbone, args.backbone_depth, args.resize, args.dense_feature_map_size) == \
+        ("vit_tiny", 3, [112, 112], [29, 29, 128])
+    heatmap = _load_tool("heatmap")
+    args = heatmap.parse_args(["a.jpg", "--output", "b.jpg", "--device", "cpu", "--resume", path])
+    assert (args.backbone, args.backbone_depth, args.resize) == ("vit_tiny", 3, [112, 112])
+    assert "Model settings taken from --resume" in args.model_settings_note
+    # Groups listed in any order: the checkpoint's settings are still read before the model's checks run
+    # (--resize 112 112 from the file gives 29 29 128), and --help shows the groups in one order.
+    p = selavpr_parser.CommandParser("x", [selavpr_parser.RUNTIME, selavpr_parser.MODEL, selavpr_parser.WEIGHTS])
+    args = p.parse(["--resume", path, "--dense_feature_map_size", "29", "29", "128", "--device", "cpu"])
+    assert args.resize == [112, 112] and args.backbone_depth == 3
+    assert [g.title for g in p._action_groups][2:] == ["weights", "model", "runtime"]
+
+
+# The command-line modules whose arguments must not change once parsed.
+COMMAND_FILES = ["parser.py", "train.py", "eval.py", "localize.py", "reproduce.py", "tools/draw_matches.py",
+                 "tools/heatmap.py"]
+
+
+@pytest.mark.parametrize("name", COMMAND_FILES)
+def test_args_is_never_edited_after_parsing(name):
+    import ast
+    with open(os.path.join(ROOT, name)) as f:
+        tree = ast.parse(f.read())
+    edits = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name) and target.value.id == "args":
+                edits.append(f"line {node.lineno}: args.{target.attr} = ...")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args \
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "args":
+            # setattr/delattr edit; getattr with a default guards against a flag the command may lack
+            # (a command's flags are known from its groups).
+            if node.func.id in ("setattr", "delattr") or (node.func.id == "getattr" and len(node.args) == 3):
+                edits.append(f"line {node.lineno}: {node.func.id}(args, ...)")
+    assert edits == []
+
+
+def test_train_backbone_reaches_the_model(synthetic_root, tmp_path):
+    # Only train.py has --train_backbone; it hands it to build_model (every weight trains).
+    import re
+    import network
+    from conftest import TINY
+    from test_train import _train
+    total = sum(p.numel() for p in network.GeoLocalizationNet(**TINY).parameters())
+    _, stdout = _train(synthetic_root, tmp_path, "backbone", "--train_backbone", "--epochs_num", "1")
+    assert re.findall(r"Trainable parameters: ([\d,]+)", stdout) == [f"{total:,}"]

@@ -55,6 +55,7 @@ from test_train import TRAIN_FLAGS, _train
 
 PARALLEL = 2
 FAST = ["--rerank_num", "2", "--recall_values", "1", "2"]  # re-ranking is not what these tests are about
+TOOL_FLAGS = ["--backbone", "vit_tiny", "--backbone_depth", "2", "--device", "cpu"]  # the tools load no data
 LOG_FILES = {"info.log", "debug.log"}
 ERROR_LINE = re.compile(r"(^|\s|: )error: ")
 
@@ -187,6 +188,11 @@ class Case:
 def D(w, *extra):
     """eval/train flags on the shared tiny synthetic data set (random weights unless extra give some)."""
     return tiny_eval_flags((w["ds"], "synthetic"), *FAST, *extra)
+
+
+def R(w, *extra):
+    """reproduce.py's flags on the shared tiny synthetic data set (it has no --dataset_name or weight flags)."""
+    return ["--datasets_folder", w["ds"], *TINY_FLAGS, "--resize", "112", "112", *FAST, *extra]
 
 
 def Dw(w, *extra):
@@ -377,26 +383,26 @@ CASES = [
          [r"--test_method 'five_crops' is not available in localize\.py", r"eval\.py"]),
     # ---- tools ---------------------------------------------------------------------------------
     Case("heatmap_zero_byte_image",
-         lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TINY_FLAGS,
+         lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TOOL_FLAGS,
                        "--allow_random_weights"],
          [r"Cannot read image '.*empty\.jpg'", r"empty, truncated or not an image"], fresh=True),
     Case("heatmap_alpha_out_of_range",
-         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.jpg", *TINY_FLAGS, "--alpha", "2"],
+         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.jpg", *TOOL_FLAGS, "--alpha", "2"],
          [r"--alpha must lie in \[0, 1\], got 2\.0"]),
     Case("heatmap_unknown_output_extension",
-         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.txt", *TINY_FLAGS,
+         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.txt", *TOOL_FLAGS,
                        "--allow_random_weights"],
          [r"output 'heat\.txt': unknown image extension \.txt", r"use \.jpg or \.png"]),
     Case("draw_matches_folder_as_image",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["no_images"], "--output", "m.jpg", *TINY_FLAGS,
+         lambda w, d: ["tools/draw_matches.py", w["image"], w["no_images"], "--output", "m.jpg", *TOOL_FLAGS,
                        "--allow_random_weights"],
          [r"Image '.*no_images' is a folder, not an image file"]),
     Case("draw_matches_text_named_jpg",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["text_jpg"], "--output", "m.jpg", *TINY_FLAGS,
+         lambda w, d: ["tools/draw_matches.py", w["image"], w["text_jpg"], "--output", "m.jpg", *TOOL_FLAGS,
                        "--allow_random_weights"],
          [r"Cannot read image '.*notes\.jpg'", r"not an image"]),
     Case("draw_matches_negative_ransac_threshold",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["image"], "--output", "m.jpg", *TINY_FLAGS,
+         lambda w, d: ["tools/draw_matches.py", w["image"], w["image"], "--output", "m.jpg", *TOOL_FLAGS,
                        "--ransac_threshold", "-1"],
          [r"--ransac_threshold must be a positive number of pixels, got -1\.0"]),
     # ---- synthetic_dataset.py ------------------------------------------------------------------
@@ -411,10 +417,10 @@ CASES = [
          [r"--dataset_name must be a plain folder name", r"'\.\./escape'"]),
     # ---- reproduce.py --------------------------------------------------------------------------
     Case("reproduce_bad_rerank_num",
-         lambda w, d: ["reproduce.py", *D(w), "--rerank_num", "zero"],
+         lambda w, d: ["reproduce.py", *R(w), "--rerank_num", "zero"],
          [r"--rerank_num must be a positive integer or 'both', got 'zero'"], fresh=True),
     Case("reproduce_crafted_pickle_checkpoint",
-         lambda w, d: ["reproduce.py", *[a for a in D(w) if a not in ("--allow_random_weights",)],
+         lambda w, d: ["reproduce.py", *R(w),
                        "--msls_checkpoint", w["evil"], "--dataset_folders", "msls=synthetic", "--only", "msls",
                        "--output", "rep"],
          [r"1 evaluation\(s\) failed \(MSLS-val\)", r"results\.md"],

@@ -353,7 +353,7 @@ def test_save_image_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
 # command-line scripts (tiny random model, run as subprocesses from another folder)
 # --------------------------------------------------------------------------------------
 _TINY_MODEL = ["--backbone", "vit_tiny", "--backbone_depth", "1", "--allow_random_weights",
-               "--device", "cpu", "--resize", "56", "56", "--num_workers", "0"]
+               "--device", "cpu", "--resize", "56", "56"]
 
 def _run_tool(script: str, args: list, cwd: Path):
     import os

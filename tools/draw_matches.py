@@ -39,9 +39,12 @@ import visualizations as vis  # noqa: E402
 from local_matching import mutual_nn_pairs  # noqa: E402
 
 
+TOOL_GROUPS = (flags.WEIGHTS, flags.MODEL, flags.RUNTIME)
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    """The project's model/eval flags plus this tool's own."""
-    p = flags.build_parser(description="Draw mutual-nearest-neighbour matches between two images")
+    """The project's model, weights and runtime flags plus this tool's own."""
+    p = flags.CommandParser("Draw mutual-nearest-neighbour matches between two images", TOOL_GROUPS)
     tool = p.add_argument_group("draw_matches")
     tool.add_argument("image_a", type=flags.path, metavar="IMAGE_A", help="first image file")
     tool.add_argument("image_b", type=flags.path, metavar="IMAGE_B", help="second image file")
@@ -63,7 +66,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_argument_parser()
-    args = flags.parse_arguments(argv, parser=p, needs_data=False)
+    args = p.parse(argv)
     if not args.ransac_threshold > 0:
         p.error(f"--ransac_threshold must be a positive number of pixels, got "
                 f"{args.ransac_threshold}")

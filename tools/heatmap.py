@@ -31,9 +31,12 @@ import parser as flags  # noqa: E402  (the project's parser.py)
 import visualizations as vis  # noqa: E402
 
 
+TOOL_GROUPS = (flags.WEIGHTS, flags.MODEL, flags.RUNTIME)
+
+
 def build_argument_parser() -> argparse.ArgumentParser:
-    """The project's model/eval flags plus this tool's own."""
-    p = flags.build_parser(description="Feature heat map of one image, blended over it")
+    """The project's model, weights and runtime flags plus this tool's own."""
+    p = flags.CommandParser("Feature heat map of one image, blended over it", TOOL_GROUPS)
     tool = p.add_argument_group("heatmap")
     tool.add_argument("image", type=flags.path, metavar="IMAGE", help="image file")
     tool.add_argument("--output", required=True, type=flags.path, help="picture to write (.jpg or .png)")
@@ -44,7 +47,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = build_argument_parser()
-    args = flags.parse_arguments(argv, parser=p, needs_data=False)
+    args = p.parse(argv)
     if not 0.0 <= args.alpha <= 1.0:
         p.error(f"--alpha must lie in [0, 1], got {args.alpha}")
     return args
