@@ -5,7 +5,7 @@ No data set layout and no UTM coordinates are needed: any .jpg / .jpeg / .png be
 (retrieval.Retrieval) as eval.py:
 
     database images -hard_resize-> model -> global descriptors (N, D) + dense features (DenseStore)
-    query images -test_method-> model -> global descriptors (Q, D) -> faiss exact L2 top-k
+    query images -test_method-> model -> global descriptors (Q, D) -> faiss exact L2 top-k (any test method)
                                         -> dense features -> mutual-NN re-ranking (local_matching)
 
 The database's descriptors can be saved once (--save_database DIR) and reused by later query batches
@@ -15,7 +15,8 @@ match the current model and flags.
 
 Outputs (in --output_folder, default localize/<save_dir>/<time>/): predictions.jsonl (one line per
 query: its first-stage candidates with L2 distances, the re-ranked list with mutual-NN scores and
-L2 distances), picture rows in preds/ (--num_preds_to_save), info.log and debug.log. When every file
+L2 distances; the five-crop test methods merge five candidate lists, which have no single distance
+per candidate), picture rows in preds/ (--num_preds_to_save), info.log and debug.log. When every file
 name of both folders carries UTM coordinates (``@east@north@...``), the recalls are logged too.
 """
 import hashlib
@@ -39,9 +40,6 @@ import test
 import visualizations
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: Query preprocessing accepted here: the methods that give one descriptor per query, so that every
-#: candidate of predictions.jsonl has its L2 distance (the five-crop methods merge five lists).
-QUERY_METHODS = ("hard_resize", "single_query", "central_crop")
 
 #: Manifest entries that must be equal for a saved database to be used with the current model.
 CHECKED_SETTINGS = ("backbone", "registers", "depth", "embed_dim", "resize", "precision", "database_method",
@@ -344,11 +342,6 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
     args = p.parse(argv)
     if args.database_folder is None and args.load_database is None:
         p.error("give --database_folder (images to search) or --load_database (a saved database)")
-    try:
-        datasets_ws.check_test_method(args.test_method, QUERY_METHODS,
-                                      where=" in localize.py (the five-crop methods run in eval.py only)")
-    except ValueError as e:
-        p.error(str(e))
     # Inputs and outputs are checked here, before any folder is created or any model is built.
     for flag, folder in (("--queries_folder", args.queries_folder), ("--database_folder", args.database_folder)):
         if folder is not None and not os.path.isdir(folder):
@@ -450,7 +443,8 @@ def main(args) -> None:
         logging.info(f"< Localize - #database: {len(database)}; #queries: {len(queries_paths)} >")
         queries = engine.extract_queries(FolderImages(queries_paths, resize=args.resize), range(len(queries_paths)),
                                          method=args.test_method)
-        ranking = engine.rank(database, queries, rerank_num=args.rerank_num)
+        ranking = engine.rank(database, queries, rerank_num=args.rerank_num,
+                              majority_weight=args.majority_weight)
 
     positives = utm_positives(database.paths, queries_paths, args.val_positive_dist_threshold)
     if positives is None:

@@ -272,8 +272,10 @@ def test_a_database_saved_with_other_settings_is_refused(fresh_run, plain_folder
     assert not os.path.exists(os.path.join(work, "out_refused", "predictions.jsonl"))
 
 
-def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_logging):
-    """With UTM file names, localize.main and test.evaluate agree on rankings and recalls (one pipeline)."""
+@pytest.mark.parametrize("method", ["hard_resize", "maj_voting"])
+def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_logging, method):
+    """With UTM file names, localize.main and test.evaluate agree on rankings and recalls (one engine), also
+    for a five-crop test method (merged candidate lists, which carry no L2 distance)."""
     db_src, q_src = synthetic
     split = tmp_path / "small" / "images" / "test"
     for kind, sources in (("database", db_src[:12]), ("queries", q_src[:3])):
@@ -283,24 +285,28 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
     out = str(tmp_path / "out")
     args = localize.parse_localize_arguments(["--database_folder", str(split / "database"), "--queries_folder",
                                               str(split / "queries"), *FLAGS, "--rerank_num", "4",
-                                              "--recall_values", "1", "2", "--output_folder", out])
+                                              "--recall_values", "1", "2", "--output_folder", out,
+                                              "--test_method", method, "--majority_weight", "0.3"])
     localize.main(args)
     log = open(os.path.join(out, "info.log")).read()
     records = _records(out)
 
     commons.make_deterministic(0)  # the model main built: same seed, same constructor
     model = network.GeoLocalizationNet(**TINY).eval()
-    ds = datasets_ws.BaseDataset(str(tmp_path), "small", "test", resize=(112, 112))
-    expected = test.evaluate(model, ds, rerank_num=4, recall_values=[1, 2])
+    ds = datasets_ws.BaseDataset(str(tmp_path), "small", "test", resize=(112, 112), test_method=method)
+    expected = test.evaluate(model, ds, test_method=method, rerank_num=4, recall_values=[1, 2], majority_weight=0.3)
     assert f"First ranking recalls: {test.recalls_to_str(expected.recalls_first, [1, 2])}" in log
     assert f"Recalls after re-ranking: {test.recalls_to_str(expected.recalls, [1, 2])}" in log
     for q, r in enumerate(records):
         assert r["query"] == ds.queries_paths[q]
         assert r["positives"] == sorted(int(p) for p in expected.positives[q])
         assert [c["index"] for c in r["first_stage"]] == expected.first_predictions[q].tolist()
-        # l2_distance is the distance itself, not faiss's square of it.
-        assert np.allclose([c["l2_distance"] for c in r["first_stage"]], np.sqrt(expected.first_distances[q]))
-        assert any(d > 1e-3 and not np.isclose(d ** 2, d) for d in (c["l2_distance"] for c in r["first_stage"]))
+        if method == "maj_voting":
+            assert expected.first_distances is None
+            assert all("l2_distance" not in c for c in r["first_stage"] + r["reranked"])
+        else:  # l2_distance is the distance itself, not faiss's square of it.
+            assert np.allclose([c["l2_distance"] for c in r["first_stage"]], np.sqrt(expected.first_distances[q]))
+            assert any(d > 1e-3 and not np.isclose(d ** 2, d) for d in (c["l2_distance"] for c in r["first_stage"]))
         assert [c["index"] for c in r["reranked"]] == expected.predictions[q].tolist()
         assert [c["mutual_nn"] for c in r["reranked"]] == expected.scores[q].tolist()
         assert all(c["correct"] == (c["index"] in r["positives"]) for c in r["reranked"])

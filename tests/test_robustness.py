@@ -377,10 +377,10 @@ CASES = [
          lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder",
                        os.path.dirname(w["image"]), "--database_folder", w["no_images"]],
          [r"--database_folder .*no_images contains no image"]),
-    Case("localize_five_crops",
+    Case("localize_unknown_test_method",
          lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder", d,
-                       "--database_folder", d, "--test_method", "five_crops"],
-         [r"--test_method 'five_crops' is not available in localize\.py", r"eval\.py"]),
+                       "--database_folder", d, "--test_method", "ten_crops"],
+         [r"--test_method: invalid choice: 'ten_crops'", r"five_crops"]),
     # ---- tools ---------------------------------------------------------------------------------
     Case("heatmap_zero_byte_image",
          lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TOOL_FLAGS,
