@@ -29,7 +29,7 @@ def main(args):
     # runs are deterministic.
     torch.backends.cudnn.benchmark = True
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
-    ctx = distributed.start_run(args, output_folder)
+    ctx = commons.start_run(args, output_folder)
     device = ctx.device  # --device, or under torchrun this process's own GPU
     if ctx.enabled:
         distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
@@ -202,7 +202,7 @@ def main(args):
                            **eval_kwargs)
     if result is not None:  # rank 0
         logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
-    distributed.finish(ctx)
+    commons.finish(ctx)
 
 
 def resumed_best_model(resume: str | None) -> str | None:
