@@ -9,8 +9,8 @@ identity (the numbers are those of a plain run, bit for bit). Several processes:
   global descriptors are all-gathered, dense features are streamed to rank 0 in chunks, so rank 0
   holds the whole set in its own DenseStore (RAM, or its own disk with --efficient_ram_testing)
   (`extract_sharded`);
-- training splits each global batch of --train_batch_size queries across ranks (`BatchShardSampler`);
-  DDP averages gradients over ranks while the loss of a rank is its share
+- training splits each global batch of --train_batch_size queries across ranks (`BatchShardSampler`,
+  `Context.training_loader`); DDP averages gradients over ranks while the loss of a rank is its share
   of a sum divided by the GLOBAL train_batch_size * negs, so the caller multiplies its loss by
   world_size before backward and the update equals the single-process one; mined triplets and
   whole-batch flips are rank 0's, augmentations are drawn per rank (`reseed_augmentations`);
@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 # Dense features travel to rank 0 in chunks of at most this size (one image at least).
 CHUNK_BYTES = 64 * 2 ** 20
@@ -192,6 +192,18 @@ class Context:
         differ from rank 0's (rank 0 keeps the single-process stream); seed -1 leaves them alone."""
         if self.enabled and self.rank > 0 and seed != -1:
             torch.manual_seed(augmentation_seed(seed, self.rank, epoch_num, loop_num))
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def training_loader(self, dataset: Dataset, *, batch_size: int, num_workers: int, collate_fn: Callable,
+                        pin_memory: bool) -> DataLoader:
+        """This rank's share of every global batch of `batch_size` consecutive samples (drop_last, no
+        shuffling; `BatchShardSampler`). Single process: the batches of DataLoader(dataset, batch_size,
+        shuffle=False, drop_last=True), drawing the same random numbers."""
+        sampler = BatchShardSampler(samples_num=len(dataset), batch_size=batch_size, rank=self.rank,
+                                    world_size=self.world_size)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                          pin_memory=pin_memory)
 
     # --- models -----------------------------------------------------------------------------------
 

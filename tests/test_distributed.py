@@ -110,6 +110,38 @@ def test_single_process_context_changes_nothing(tiny_model):
     commons.finish(ctx)
 
 
+class _DrawingDataset(torch.utils.data.Dataset):
+    """Seven samples, each with a random draw (as the training set's augmentations)."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, index):
+        return torch.tensor([float(index)]), torch.rand(1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_single_process_training_loader_is_the_plain_loader(num_workers):
+    """train.py's loader of one process: the batches, the random draws inside them and the generator's
+    state afterwards of DataLoader(batch_size, shuffle=False, drop_last=True)."""
+    ctx = distributed.Context(device="cpu")
+    dataset = _DrawingDataset()
+    runs = []
+    for make in (lambda: torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=False, drop_last=True,
+                                                     num_workers=num_workers),
+                 lambda: ctx.training_loader(dataset, batch_size=3, num_workers=num_workers,
+                                             collate_fn=torch.utils.data.default_collate, pin_memory=False)):
+        torch.manual_seed(5)
+        loader = make()
+        batches = [(indexes.flatten().tolist(), draws) for indexes, draws in loader]
+        runs.append((len(loader), batches, torch.rand(1)))
+    (plain_len, plain, plain_next), (ours_len, ours, ours_next) = runs
+    assert plain_len == ours_len == 2
+    assert [b[0] for b in ours] == [b[0] for b in plain] == [[0, 1, 2], [3, 4, 5]]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, ours))
+    assert torch.equal(plain_next, ours_next)
+
+
 def test_single_process_flip_draws_as_torchvision():
     """flip_together of one process is torchvision's RandomHorizontalFlip() (train.py's flip of one
     process before), draw for draw."""
