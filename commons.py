@@ -1,4 +1,10 @@
-"""Shared plumbing: logging, seeding and random states, device choice, atomic writes, clean exits."""
+"""The runtime of the entry scripts, in one place: logging, seeding and random states, the version
+check, the start and end of a run (torchrun's process group or a single process: start_run, finish)
+and the exit codes and error reporting (run_main).
+
+The collectives and sharding of a torchrun job are distributed.py's (the `Context` that start_run
+returns); atomic file writes are atomic_files.py's, checkpoint writing network.py's.
+"""
 import errno
 import logging
 import os
@@ -8,15 +14,19 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Callable, Optional
+from datetime import timedelta
+from typing import Callable, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-import atomic_files
+import distributed
 
-LOG_FORMAT = "%(asctime)s   %(message)s"
 
+# ------------------------------------------------------------------------------------------------
+# Versions
+# ------------------------------------------------------------------------------------------------
 
 # The oldest releases the project is tested with (CI's floors environment, requirements-floors.txt).
 MIN_VERSIONS = {"Python": (3, 10), "torch": (2, 0), "torchvision": (0, 15), "numpy": (1, 24)}
@@ -47,22 +57,11 @@ def unsupported_versions() -> Optional[str]:
     return f"SelaVPR needs {', '.join(old)}: upgrade, e.g. pip install -r requirements.txt."
 
 
-class UserError(ValueError):
-    """A problem with the user's input (flag, file, data): printed as one message, no traceback."""
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's time limit, `kill PID`) received while an entry script runs.
-
-    A KeyboardInterrupt, so that it takes Ctrl-C's clean path everywhere: every `finally` and
-    `except BaseException` cleanup runs (temp files, on-disk feature stores), DataLoader workers stop
-    quietly, and run_main ends the run with one log line.
-    """
-
-
-#: Exit status after SIGTERM: 128 + 15, what a shell reports for a process ended by SIGTERM.
-SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
-
+LOG_FORMAT = "%(asctime)s   %(message)s"
 
 #: The files setup_logging puts into every new output folder.
 LOG_FILES = ("info.log", "debug.log")
@@ -125,13 +124,213 @@ def discard_output_folder(output_folder: str) -> bool:
     return True
 
 
-def log_run_header(args) -> None:
-    """Record the command line and every argument (debug.log keeps them with the run)."""
+def log_run_header(args, *, note: Optional[str] = None) -> None:
+    """Record the command line, every argument (debug.log keeps them with the run) and `note` (e.g.
+    where the model settings came from: args.model_settings_note of the commands with weight flags)."""
     logging.info(f"Command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     logging.info(f"Arguments: {args}")
-    note = getattr(args, "model_settings_note", None)  # set by parser.parse_arguments
     if note:
         logging.info(note)
+
+
+def setup_worker_logging(ctx: distributed.Context) -> None:
+    """Ranks other than 0 write no log files; their errors go to the console, tagged with the rank."""
+    setup_logging(None, console="error")  # their warnings repeat rank 0's
+    formatter = logging.Formatter(f"[rank {ctx.rank}] " + LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+
+
+# ------------------------------------------------------------------------------------------------
+# Seeding and random states
+# ------------------------------------------------------------------------------------------------
+
+def make_deterministic(seed: int = 0) -> None:
+    """Seed Python's random, NumPy and torch, and make cuDNN deterministic; seed -1 does nothing."""
+    if seed == -1:
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def get_rng_states() -> dict:
+    """Random states of Python, NumPy and torch as tensors and plain types (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(_as_tuple(states["python"]))
+    n = states["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ------------------------------------------------------------------------------------------------
+# The start and end of a run: one process, or one rank of a torchrun job
+# ------------------------------------------------------------------------------------------------
+#
+# `python3 train.py ...` is one process without a process group. Under torchrun (RANK / WORLD_SIZE /
+# LOCAL_RANK in the environment, WORLD_SIZE > 1) each process joins the job's group: NCCL when --device
+# is cuda (each process on cuda:LOCAL_RANK), gloo on CPUs; rank 0 alone writes log files. A rank that
+# fails exits with its message (run_main) and torchrun ends the others; a dead peer makes gloo
+# collectives fail at once, the process-group timeout (SELAVPR_DIST_TIMEOUT_S, default 1800 s) bounds
+# any remaining wait, and SELAVPR_DIST_WAIT_S (default 86400 s) bounds the waits for rank 0's work alone.
+
+DEFAULT_TIMEOUT_S = 1800.0  # collectives in which every rank works (extraction, training steps)
+DEFAULT_WAIT_S = 86400.0  # waits for work that rank 0 does alone (search, re-ranking, checkpoints)
+TIMEOUT_ENV, WAIT_ENV = "SELAVPR_DIST_TIMEOUT_S", "SELAVPR_DIST_WAIT_S"
+
+def torchrun_environment(environ: Mapping[str, str]) -> Optional[Tuple[int, int, int]]:
+    """(rank, world_size, local_rank) when launched by torchrun with more than one process, else None.
+
+    A single process (no WORLD_SIZE, or WORLD_SIZE 1) runs without a process group.
+    """
+    if "WORLD_SIZE" not in environ:
+        return None
+    values = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        raw = environ.get(name)
+        try:
+            values[name] = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"environment variable {name}={raw!r} is not an integer: launch the script with "
+                             "torchrun (e.g. torchrun --nproc_per_node=2 train.py ...), which sets RANK, "
+                             "WORLD_SIZE and LOCAL_RANK") from None
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"inconsistent torchrun environment RANK={rank}, WORLD_SIZE={world_size}, "
+                         f"LOCAL_RANK={local_rank}: launch the script with torchrun")
+    return None if world_size == 1 else (rank, world_size, local_rank)
+
+
+def backend_for(device: str, *, nccl_available: bool) -> str:
+    """Process-group backend for a --device: NCCL on GPUs (gloo when NCCL is not built in), gloo on CPUs."""
+    return "nccl" if str(device).startswith("cuda") and nccl_available else "gloo"
+
+
+def _seconds_from_env(name: str, default: float, environ: Mapping[str, str]) -> float:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ValueError(f"environment variable {name}={raw!r} must be a positive number of seconds")
+    return value
+
+
+def init_from_environment(*, device: str, environ: Optional[Mapping[str, str]] = None) -> distributed.Context:
+    """The run's distributed.Context: single (no process group) unless launched by torchrun with several
+    processes; then the process group is initialised (NCCL for --device cuda, gloo for cpu) and
+    this rank's device is cuda:LOCAL_RANK (cuda) or cpu."""
+    environ = os.environ if environ is None else environ
+    env = torchrun_environment(environ)
+    if env is None:
+        return distributed.Context(device=device)
+    rank, world_size, local_rank = env
+    if not dist.is_available():
+        raise ValueError("this PyTorch build has no torch.distributed: run one process (python3 ...) "
+                         "instead of torchrun")
+    timeout = _seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, environ)
+    wait = _seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S, environ)
+    backend = backend_for(device, nccl_available=dist.is_nccl_available())
+    if str(device).startswith("cuda"):
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:
+            raise ValueError(f"process with LOCAL_RANK {local_rank} needs a GPU of its own, but this machine "
+                             f"shows {gpus}: launch at most {gpus} processes per machine "
+                             "(torchrun --nproc_per_node), or use --device cpu")
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+    # A gloo group of its own for the waits on rank 0's work alone: its timeout may be much longer.
+    wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
+    return distributed.Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                               backend=backend, wait_group=wait_group)
+
+
+def finish(ctx: distributed.Context) -> None:
+    """End of a successful run: wait for every rank (rank 0 may still be writing), then leave the
+    process group. (After an error nothing is torn down here: the process exits and torchrun ends the
+    others.)"""
+    if ctx.enabled and dist.is_initialized():
+        ctx.wait_for_main()
+        dist.destroy_process_group()
+
+
+def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distributed.Context:
+    """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
+    process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (which
+    creates it; the console only on the others), seed, and record the command line, arguments and `note`
+    (log_run_header).
+
+    ctx.output_folder is rank 0's `output_folder` on every rank (each rank names its folder after its
+    own clock, which may have ticked on); single process: `output_folder` as given.
+    """
+    ctx = init_from_environment(device=args.device)
+    if ctx.is_main:
+        setup_logging(output_folder)
+    else:
+        setup_worker_logging(ctx)
+    ctx.output_folder = ctx.broadcast_object(output_folder)  # after rank 0 created it
+    make_deterministic(args.seed)
+    log_run_header(args, note=note)
+    logging.info(f"The outputs are being saved in {ctx.output_folder}")
+    if ctx.enabled:
+        logging.info(describe(ctx))
+    return ctx
+
+
+def describe(ctx: distributed.Context) -> str:
+    """One log line about the job's layout."""
+    if not ctx.enabled:
+        return "Single process (no process group)"
+    return (f"Distributed run: {ctx.world_size} processes, {ctx.backend} backend; rank 0 (on {ctx.device}) "
+            "gathers the features, searches, re-ranks and writes every output")
+
+
+# ------------------------------------------------------------------------------------------------
+# Exit codes and error reporting
+# ------------------------------------------------------------------------------------------------
+
+class UserError(ValueError):
+    """A problem with the user's input (flag, file, data): printed as one message, no traceback."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit, `kill PID`) received while an entry script runs.
+
+    A KeyboardInterrupt, so that it takes Ctrl-C's clean path everywhere: every `finally` and
+    `except BaseException` cleanup runs (temp files, on-disk feature stores), DataLoader workers stop
+    quietly, and run_main ends the run with one log line.
+    """
+
+
+#: Exit status after SIGTERM: 128 + 15, what a shell reports for a process ended by SIGTERM.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
 def user_message(e: BaseException) -> str:
@@ -241,64 +440,3 @@ def _report_to_launcher(e: BaseException) -> None:
         ErrorHandler().record_exception(e)
     except Exception:  # reporting must never hide the error itself
         pass
-
-
-def make_deterministic(seed: int = 0) -> None:
-    """Seed Python's random, NumPy and torch, and make cuDNN deterministic; seed -1 does nothing."""
-    if seed == -1:
-        return
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def get_rng_states() -> dict:
-    """Random states of Python, NumPy and torch as tensors and plain types (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    random.setstate(_as_tuple(states["python"]))
-    n = states["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save(obj) to `path` through atomic_files.atomic_write (temp file, then rename)."""
-    def write(tmp):
-        # Through a Python file object: a full disk then raises OSError(ENOSPC), which run_main reports
-        # as such; torch.save(obj, <path>) writes in C++ and fails with a cryptic RuntimeError instead.
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:
-                # torch's zip writer, closing after a failed write, may replace the OSError with its own.
-                cause = e.__context__
-                while cause is not None and not isinstance(cause, OSError):
-                    cause = cause.__context__
-                if cause is None:
-                    raise
-                raise cause from None
-    atomic_files.atomic_write(path, write)
-
-

@@ -1,41 +1,34 @@
-"""Several processes, one job: torchrun / DistributedDataParallel plumbing in one place.
+"""Several processes, one job: the collectives and the sharding of torchrun / DistributedDataParallel.
 
-`python3 train.py ...` and `python3 eval.py ...` stay single processes: no process group, and every
-helper below is then the identity (the numbers are those of a plain run). Under torchrun
-(RANK / WORLD_SIZE / LOCAL_RANK in the environment, WORLD_SIZE > 1):
+The process group itself is joined by commons.start_run (from torchrun's RANK / WORLD_SIZE /
+LOCAL_RANK, WORLD_SIZE > 1), which hands the scripts a `Context`. `python3 train.py ...` and
+`python3 eval.py ...` stay single processes: no process group, and every `Context` method is then the
+identity (the numbers are those of a plain run, bit for bit). Several processes:
 
-- the process group uses NCCL when --device is cuda (each process on cuda:LOCAL_RANK), gloo on CPUs;
 - extraction is sharded: rank r takes a contiguous slice of the requested images (`shard_bounds`);
   global descriptors are all-gathered, dense features are streamed to rank 0 in chunks, so rank 0
-  holds the whole set in its own DenseStore (RAM, or its own disk with --efficient_ram_testing);
-- training splits each global batch of --train_batch_size queries across ranks (`BatchShardSampler`);
-  DDP averages gradients over ranks while the loss of a rank is its share of a sum divided by the
-  GLOBAL train_batch_size * negs, so the caller multiplies its loss by world_size before backward and
-  the update equals the single-process one;
-- rank 0 alone logs to files, searches, re-ranks, validates and writes checkpoints; the others wait
-  for it on a separate gloo group with a long timeout (`wait_for_main`, `broadcast_object(...,
-  long_wait=True)`), since rank 0's work alone (re-ranking a large set) may last long.
+  holds the whole set in its own DenseStore (RAM, or its own disk with --efficient_ram_testing)
+  (`extract_sharded`);
+- training splits each global batch of --train_batch_size queries across ranks (`BatchShardSampler`,
+  `Context.training_loader`); DDP averages gradients over ranks while the loss of a rank is its share
+  of a sum divided by the GLOBAL train_batch_size * negs, so the caller multiplies its loss by
+  world_size before backward and the update equals the single-process one; mined triplets and
+  whole-batch flips are rank 0's, augmentations are drawn per rank (`reseed_augmentations`);
+- rank 0 alone searches, re-ranks, validates and writes checkpoints; the others wait for it on a
+  separate gloo group with a long timeout (`wait_for_main`, `broadcast_object(..., long_wait=True)`),
+  since rank 0's work alone (re-ranking a large set) may last long.
 
-Failures: each rank turns an exception into a logged message and a non-zero exit (commons.run_main);
-torchrun then ends the other processes. A peer that dies makes gloo collectives fail at once; the
-process-group timeout (SELAVPR_DIST_TIMEOUT_S, default 1800 s) bounds any remaining wait, and
-SELAVPR_DIST_WAIT_S (default 86400 s) bounds the waits for rank 0's work alone.
+This module holds no logging set-up, seeding or error handling (commons does): a rank's exception
+ends that process (commons.run_main), and a peer's death makes the collectives here fail.
 """
-import logging
 import os
-from datetime import timedelta
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-import commons
-
-DEFAULT_TIMEOUT_S = 1800.0  # collectives in which every rank works (extraction, training steps)
-DEFAULT_WAIT_S = 86400.0  # waits for work that rank 0 does alone (search, re-ranking, checkpoints)
-TIMEOUT_ENV, WAIT_ENV = "SELAVPR_DIST_TIMEOUT_S", "SELAVPR_DIST_WAIT_S"
 # Dense features travel to rank 0 in chunks of at most this size (one image at least).
 CHUNK_BYTES = 64 * 2 ** 20
 
@@ -43,34 +36,6 @@ CHUNK_BYTES = 64 * 2 ** 20
 # ------------------------------------------------------------------------------------------------
 # Pure helpers
 # ------------------------------------------------------------------------------------------------
-
-def torchrun_environment(environ: Mapping[str, str]) -> Optional[Tuple[int, int, int]]:
-    """(rank, world_size, local_rank) when launched by torchrun with more than one process, else None.
-
-    A single process (no WORLD_SIZE, or WORLD_SIZE 1) runs without a process group.
-    """
-    if "WORLD_SIZE" not in environ:
-        return None
-    values = {}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        raw = environ.get(name)
-        try:
-            values[name] = int(raw)
-        except (TypeError, ValueError):
-            raise ValueError(f"environment variable {name}={raw!r} is not an integer: launch the script with "
-                             "torchrun (e.g. torchrun --nproc_per_node=2 train.py ...), which sets RANK, "
-                             "WORLD_SIZE and LOCAL_RANK") from None
-    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
-    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise ValueError(f"inconsistent torchrun environment RANK={rank}, WORLD_SIZE={world_size}, "
-                         f"LOCAL_RANK={local_rank}: launch the script with torchrun")
-    return None if world_size == 1 else (rank, world_size, local_rank)
-
-
-def backend_for(device: str, *, nccl_available: bool) -> str:
-    """Process-group backend for a --device: NCCL on GPUs (gloo when NCCL is not built in), gloo on CPUs."""
-    return "nccl" if str(device).startswith("cuda") and nccl_available else "gloo"
-
 
 def shard_bounds(items_num: int, world_size: int, rank: int) -> Tuple[int, int]:
     """[start, stop) of rank's contiguous share of items_num items; the first items_num % world_size
@@ -140,12 +105,17 @@ class BatchShardSampler(Sampler):
 
 class Context:
     """Where this process stands in the job. Single process: rank 0 of 1, `enabled` False, and the
-    collective methods return their input (or do nothing)."""
+    collective methods return their input (or do nothing).
+
+    output_folder: the run's output folder, rank 0's on every rank (commons.start_run sets it), or None.
+    """
 
     def __init__(self, *, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: str = "cpu",
-                 backend: Optional[str] = None, wait_group: Any = None) -> None:
+                 backend: Optional[str] = None, wait_group: Any = None,
+                 output_folder: Optional[str] = None) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device  # the device of this rank's model ("cuda:LOCAL_RANK" under torchrun)
+        self.output_folder = output_folder
         self.backend = backend
         self._wait_group = wait_group
         # NCCL moves only GPU tensors; gloo works on CPU tensors.
@@ -163,11 +133,14 @@ class Context:
         return (f"Context(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
                 f"device={self.device!r}, backend={self.backend!r})")
 
-    def store_folder(self, output_folder: str) -> str:
-        """Where this process keeps on-disk dense features (--efficient_ram_testing): the run's folder's
-        dense_features/ on rank 0; dense_features_rank<r>/ beside it on rank r, for its share until
-        it is streamed to rank 0."""
-        return os.path.join(output_folder, "dense_features" if self.is_main else f"dense_features_rank{self.rank}")
+    def store_folder(self) -> str:
+        """Where this process keeps on-disk dense features (--efficient_ram_testing): dense_features/ of
+        the run's output folder on rank 0; dense_features_rank<r>/ beside it on rank r, for its share
+        until it is streamed to rank 0."""
+        if self.output_folder is None:
+            raise ValueError("Context.store_folder: the context has no output folder (commons.start_run sets it)")
+        name = "dense_features" if self.is_main else f"dense_features_rank{self.rank}"
+        return os.path.join(self.output_folder, name)
 
     # --- small collectives ------------------------------------------------------------------------
 
@@ -186,7 +159,7 @@ class Context:
             dist.barrier(group=self._wait_group)
 
     def sum_over_ranks(self, values: Sequence[float]) -> List[float]:
-        """Element-wise sums of every rank's `values` (float64)."""
+        """Element-wise sums of every rank's `values` (float64). Single process: [float(v) for v in values]."""
         if not self.enabled:
             return [float(v) for v in values]
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.comm_device)
@@ -199,7 +172,8 @@ class Context:
             np.random.set_state(self.broadcast_object(np.random.get_state()))
 
     def broadcast_array(self, array: np.ndarray) -> np.ndarray:
-        """Rank 0's array on every rank (small arrays: mined triplets)."""
+        """Rank 0's array on every rank (small arrays: mined triplets). Single process: np.asarray(array)
+        (the same object for an array)."""
         return np.asarray(self.broadcast_object(np.asarray(array) if self.is_main else None))
 
     def broadcast_module(self, model: torch.nn.Module) -> None:
@@ -217,8 +191,9 @@ class Context:
                     tensor.copy_(buffer)
 
     def flip_together(self, images: torch.Tensor) -> torch.Tensor:
-        """Horizontal flip of the whole global batch or none: each rank draws as RandomHorizontalFlip
-        does (one torch.rand(1)), rank 0's draw decides for all."""
+        """Horizontal flip of the whole global batch or none: each rank draws as torchvision's
+        RandomHorizontalFlip() does (one torch.rand(1) < 0.5, then flip(-1)), rank 0's draw decides for
+        all. Single process: exactly RandomHorizontalFlip()(images)."""
         flip = bool(torch.rand(1) < 0.5)
         return images.flip(-1) if self.broadcast_object(flip) else images
 
@@ -227,6 +202,18 @@ class Context:
         differ from rank 0's (rank 0 keeps the single-process stream); seed -1 leaves them alone."""
         if self.enabled and self.rank > 0 and seed != -1:
             torch.manual_seed(augmentation_seed(seed, self.rank, epoch_num, loop_num))
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def training_loader(self, dataset: Dataset, *, batch_size: int, num_workers: int, collate_fn: Callable,
+                        pin_memory: bool) -> DataLoader:
+        """This rank's share of every global batch of `batch_size` consecutive samples (drop_last, no
+        shuffling; `BatchShardSampler`). Single process: the batches of DataLoader(dataset, batch_size,
+        shuffle=False, drop_last=True), drawing the same random numbers."""
+        sampler = BatchShardSampler(samples_num=len(dataset), batch_size=batch_size, rank=self.rank,
+                                    world_size=self.world_size)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                          pin_memory=pin_memory)
 
     # --- models -----------------------------------------------------------------------------------
 
@@ -323,93 +310,3 @@ def extract_sharded(ctx: Context, extract: Callable[[np.ndarray, Any], Optional[
         if part_store is not None and part_store is not store:
             part_store.close()
     return ctx.gather_rows(local, counts) if want_global else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Start and end
-# ------------------------------------------------------------------------------------------------
-
-def _seconds_from_env(name: str, default: float, environ: Mapping[str, str]) -> float:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ValueError(f"environment variable {name}={raw!r} must be a positive number of seconds")
-    return value
-
-
-def init_from_environment(*, device: str, environ: Optional[Mapping[str, str]] = None) -> Context:
-    """The run's Context: single (no process group) unless launched by torchrun with several
-    processes; then the process group is initialised (NCCL for --device cuda, gloo for cpu) and
-    this rank's device is cuda:LOCAL_RANK (cuda) or cpu."""
-    environ = os.environ if environ is None else environ
-    env = torchrun_environment(environ)
-    if env is None:
-        return Context(device=device)
-    rank, world_size, local_rank = env
-    if not dist.is_available():
-        raise ValueError("this PyTorch build has no torch.distributed: run one process (python3 ...) "
-                         "instead of torchrun")
-    timeout = _seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, environ)
-    wait = _seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S, environ)
-    backend = backend_for(device, nccl_available=dist.is_nccl_available())
-    if str(device).startswith("cuda"):
-        gpus = torch.cuda.device_count()
-        if local_rank >= gpus:
-            raise ValueError(f"process with LOCAL_RANK {local_rank} needs a GPU of its own, but this machine "
-                             f"shows {gpus}: launch at most {gpus} processes per machine "
-                             "(torchrun --nproc_per_node), or use --device cpu")
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
-    # A gloo group of its own for the waits on rank 0's work alone: its timeout may be much longer.
-    wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
-    return Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-                   wait_group=wait_group)
-
-
-def finish(ctx: Context) -> None:
-    """End of a successful run: wait for every rank (rank 0 may still be writing), then leave the
-    process group. (After an error nothing is torn down here: the process exits and torchrun ends the
-    others.)"""
-    if ctx.enabled and dist.is_initialized():
-        ctx.wait_for_main()
-        dist.destroy_process_group()
-
-
-def start_run(args, output_folder: str) -> Context:
-    """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
-    process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (the
-    console only on the others), seed, and record the command line and arguments."""
-    ctx = init_from_environment(device=args.device)
-    if ctx.is_main:
-        commons.setup_logging(output_folder)
-    else:
-        setup_worker_logging(ctx)
-    commons.make_deterministic(args.seed)
-    commons.log_run_header(args)
-    logging.info(f"The outputs are being saved in {output_folder}")
-    if ctx.enabled:
-        logging.info(describe(ctx))
-    return ctx
-
-
-def setup_worker_logging(ctx: Context) -> None:
-    """Ranks other than 0 write no log files; their errors go to the console, tagged with the rank."""
-    commons.setup_logging(None, console="error")  # their warnings repeat rank 0's
-    formatter = logging.Formatter(f"[rank {ctx.rank}] " + commons.LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)
-
-
-def describe(ctx: Context) -> str:
-    """One log line about the job's layout."""
-    if not ctx.enabled:
-        return "Single process (no process group)"
-    return (f"Distributed run: {ctx.world_size} processes, {ctx.backend} backend; rank 0 (on {ctx.device}) "
-            "gathers the features, searches, re-ranks and writes every output")

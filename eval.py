@@ -5,7 +5,6 @@ from datetime import datetime
 
 import commons
 import datasets_ws
-import distributed
 import network
 import parser
 import predictions_io
@@ -16,7 +15,7 @@ def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
-    ctx = distributed.start_run(args, output_folder)
+    ctx = commons.start_run(args, output_folder, note=args.model_settings_note)
 
     model = network.build_model(args, device=ctx.device)
 
@@ -37,10 +36,10 @@ def main(args):
     result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
                            recall_values=args.recall_values, batch_size=args.infer_batch_size,
                            num_workers=args.num_workers, device=ctx.device,
-                           store_folder=ctx.store_folder(output_folder) if args.efficient_ram_testing else None,
+                           store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
                            pca=pca, majority_weight=args.majority_weight, precision=args.precision, dist_ctx=ctx)
     if result is None:  # a rank other than 0: its share is with rank 0
-        distributed.finish(ctx)
+        commons.finish(ctx)
         return
     logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
 
@@ -54,7 +53,7 @@ def main(args):
                                                     only_wrong=args.save_only_wrong_preds)
         logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
-    distributed.finish(ctx)
+    commons.finish(ctx)
 
 
 if __name__ == "__main__":

@@ -399,7 +399,7 @@ def main(args) -> None:
         # Everything a typo can break is checked before the slow work; a run refused here removes the
         # output folder it has just created, so that the corrected command may use the same one.
         commons.make_deterministic(args.seed)
-        commons.log_run_header(args)
+        commons.log_run_header(args, note=args.model_settings_note)
         logging.info(f"The outputs are being saved in {output_folder}")
         saved_root = None
         if args.load_database:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import atomic_files
 import backbone as vit
-import commons
 
 # DataParallel prefix carried by every key of the public SelaVPR checkpoints.
 MODULE_PREFIX = "module."
@@ -409,7 +409,27 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.op
         SETTINGS_KEY: model_settings_of(inner, resize=resize),
     }
     checkpoint.update(extra or {})
-    commons.atomic_torch_save(checkpoint, path)
+    atomic_torch_save(checkpoint, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save(obj) to `path` through atomic_files.atomic_write (temp file, then rename): a run
+    killed while saving leaves the previous file intact."""
+    def write(tmp):
+        # Through a Python file object: a full disk then raises OSError(ENOSPC), which run_main reports
+        # as such; torch.save(obj, <path>) writes in C++ and fails with a cryptic RuntimeError instead.
+        with open(tmp, "wb") as f:
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                # torch's zip writer, closing after a failed write, may replace the OSError with its own.
+                cause = e.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
+    atomic_files.atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------

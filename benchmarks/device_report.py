@@ -511,11 +511,11 @@ def _dist_probe(path: str, device_type: str, data: str, cfg: Dict[str, Any]) -> 
     """Child of torchrun --nproc_per_node=1: the project's collectives, a DDP training step and the
     sharded evaluation over a real group; compares with the single-process results."""
     import torch.distributed as dist
+    import commons
     import datasets_ws
-    import distributed
     import loss
     import test
-    backend = distributed.backend_for(device_type, nccl_available=dist.is_available() and dist.is_nccl_available())
+    backend = commons.backend_for(device_type, nccl_available=dist.is_available() and dist.is_nccl_available())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = "cpu"
     if device_type == "cuda":

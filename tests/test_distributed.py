@@ -1,4 +1,7 @@
-"""distributed.py: sharding helpers, collectives and whole torchrun jobs (2 processes, gloo, CPU)."""
+"""distributed.py: sharding helpers, collectives and whole torchrun jobs (2 processes, gloo, CPU).
+
+The process group itself is commons.start_run's (the pure parts are tested in test_commons.py).
+"""
 import glob
 import json
 import os
@@ -12,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import commons
 import distributed
 from conftest import ROOT, run_script, tiny_eval_flags
 
@@ -79,25 +83,6 @@ def test_batch_shard_sampler_splits_each_global_batch():
         distributed.BatchShardSampler(samples_num=6, batch_size=2, rank=0, world_size=3)
 
 
-def test_torchrun_environment_and_backend():
-    assert distributed.torchrun_environment({}) is None
-    assert distributed.torchrun_environment({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}) is None
-    assert distributed.torchrun_environment({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
-    with pytest.raises(ValueError, match="RANK=None is not an integer.*torchrun"):
-        distributed.torchrun_environment({"WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    with pytest.raises(ValueError, match="inconsistent torchrun environment"):
-        distributed.torchrun_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
-    assert distributed.backend_for("cuda", nccl_available=True) == "nccl"
-    assert distributed.backend_for("cuda:1", nccl_available=False) == "gloo"
-    assert distributed.backend_for("cpu", nccl_available=True) == "gloo"
-
-
-def test_bad_timeout_environment_variable_is_named():
-    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", distributed.TIMEOUT_ENV: "soon"}
-    with pytest.raises(ValueError, match="SELAVPR_DIST_TIMEOUT_S='soon' must be a positive number"):
-        distributed.init_from_environment(device="cpu", environ=env)
-
-
 def test_augmentation_seeds_differ_by_rank_and_loop_and_repeat():
     seeds = {distributed.augmentation_seed(3, r, e, l) for r in (1, 2) for e in (0, 1) for l in (0, 1)}
     assert len(seeds) == 8
@@ -105,7 +90,7 @@ def test_augmentation_seeds_differ_by_rank_and_loop_and_repeat():
 
 
 def test_single_process_context_changes_nothing(tiny_model):
-    ctx = distributed.init_from_environment(device="cpu", environ={})
+    ctx = commons.init_from_environment(device="cpu", environ={})
     assert not ctx.enabled and ctx.is_main and ctx.device == "cpu"
     assert ctx.wrap_model(tiny_model) is tiny_model
     assert ctx.broadcast_object({"a": 1}, long_wait=True) == {"a": 1}
@@ -117,7 +102,68 @@ def test_single_process_context_changes_nothing(tiny_model):
     state = np.random.get_state()
     ctx.sync_numpy_rng()
     assert np.array_equal(np.random.get_state()[1], state[1])
-    distributed.finish(ctx)
+    triplets = np.arange(12).reshape(3, 4)
+    assert ctx.broadcast_array(triplets) is triplets
+    torch.manual_seed(0)
+    ctx.reseed_augmentations(seed=3, epoch_num=1, loop_num=2)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state())
+    commons.finish(ctx)
+
+
+class _DrawingDataset(torch.utils.data.Dataset):
+    """Seven samples, each with a random draw (as the training set's augmentations)."""
+
+    def __len__(self):
+        return 7
+
+    def __getitem__(self, index):
+        return torch.tensor([float(index)]), torch.rand(1)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_single_process_training_loader_is_the_plain_loader(num_workers):
+    """train.py's loader of one process: the batches, the random draws inside them and the generator's
+    state afterwards of DataLoader(batch_size, shuffle=False, drop_last=True)."""
+    ctx = distributed.Context(device="cpu")
+    dataset = _DrawingDataset()
+    runs = []
+    for make in (lambda: torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=False, drop_last=True,
+                                                     num_workers=num_workers),
+                 lambda: ctx.training_loader(dataset, batch_size=3, num_workers=num_workers,
+                                             collate_fn=torch.utils.data.default_collate, pin_memory=False)):
+        torch.manual_seed(5)
+        loader = make()
+        batches = [(indexes.flatten().tolist(), draws) for indexes, draws in loader]
+        runs.append((len(loader), batches, torch.rand(1)))
+    (plain_len, plain, plain_next), (ours_len, ours, ours_next) = runs
+    assert plain_len == ours_len == 2
+    assert [b[0] for b in ours] == [b[0] for b in plain] == [[0, 1, 2], [3, 4, 5]]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, ours))
+    assert torch.equal(plain_next, ours_next)
+
+
+def test_single_process_flip_draws_as_torchvision():
+    """flip_together of one process is torchvision's RandomHorizontalFlip() (train.py's flip of one
+    process before), draw for draw."""
+    import torchvision.transforms as T
+    ctx = distributed.Context(device="cpu")
+    images = torch.arange(2 * 3 * 2 * 5, dtype=torch.float32).reshape(2, 3, 2, 5)
+    flipped = []
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected, expected_next = T.RandomHorizontalFlip()(images), torch.rand(1)
+        torch.manual_seed(seed)
+        ours, ours_next = ctx.flip_together(images), torch.rand(1)
+        assert torch.equal(ours, expected) and torch.equal(ours_next, expected_next), seed
+        flipped.append(not torch.equal(ours, images))
+    assert any(flipped) and not all(flipped)  # both outcomes were checked
+
+
+def test_single_process_loss_sums_are_the_items():
+    ctx = distributed.Context(device="cpu")
+    g, l = torch.tensor(0.1234567, dtype=torch.float32), torch.tensor(2.5e-3, dtype=torch.float32)
+    values = ctx.sum_over_ranks([g.item(), l.item(), (g + l).item()])
+    assert values == [g.item(), l.item(), (g + l).item()]  # the float32 total, not a float64 sum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,11 +174,15 @@ COLLECTIVES = r"""
 import os, sys, tempfile
 import numpy as np, torch
 sys.path.insert(0, {root!r})
-import distributed
+from types import SimpleNamespace
+import commons, distributed
 from dense_store import DenseStore
 distributed.CHUNK_BYTES = 200  # many chunks per rank
-ctx = distributed.init_from_environment(device="cpu")
+run_folders = {run_folders!r}
+ctx = commons.start_run(SimpleNamespace(device="cpu", seed=0), run_folders[int(os.environ["RANK"])])
 assert ctx.enabled and ctx.world_size == 2 and ctx.backend == "gloo"
+assert ctx.output_folder == run_folders[0], ctx.output_folder  # rank 0's folder, created by rank 0 only
+assert os.path.isfile(os.path.join(run_folders[0], "info.log")) and not os.path.exists(run_folders[1])
 rng = np.random.default_rng(0)  # the same data on both ranks
 shapes = [(int(h), int(w), 4) for h, w in rng.integers(1, 6, size=(9, 2))]  # sizes differ (single_query)
 features = [rng.standard_normal(s).astype(np.float32) for s in shapes]
@@ -181,14 +231,16 @@ ctx.broadcast_module(model)
 total = ctx.sum_over_ranks([float(model.weight.sum())])[0]
 assert abs(total - 2 * float(model.weight.sum())) < 1e-6, "broadcast_module left different weights"
 assert np.array_equal(ctx.broadcast_array(np.arange(4) * (ctx.rank + 1)), np.arange(4))
-distributed.finish(ctx)
+commons.finish(ctx)
 print("rank", ctx.rank, "COLLECTIVES OK")
 """
 
 
 def test_collectives_shard_and_gather_in_rank_order(tmp_path):
     script = tmp_path / "collectives.py"
-    script.write_text(COLLECTIVES.format(root=ROOT))
+    # Each rank names the run's folder after its own clock: they may differ, rank 0's is the run's.
+    run_folders = [str(tmp_path / "logs" / f"named_by_rank_{r}") for r in range(2)]
+    script.write_text(COLLECTIVES.format(root=ROOT, run_folders=run_folders))
     result = _torchrun([str(script)], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert result.stdout.count("COLLECTIVES OK") == 2

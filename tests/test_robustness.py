@@ -896,7 +896,6 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     """predictions.jsonl, checkpoints and results files get an ordinary file's permissions (0o666 less the
     umask), not tempfile's owner-only 0o600: colleagues on a shared server can read them."""
     import atomic_files
-    import commons
     import predictions_io
     for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
         old = os.umask(mask)
@@ -904,7 +903,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
             paths = [str(tmp_path / f"{mask:o}_results.json"), str(tmp_path / f"{mask:o}_ckpt.pth"),
                      str(tmp_path / f"{mask:o}_predictions.jsonl")]
             atomic_files.atomic_write_text(paths[0], "{}\n")
-            commons.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
+            network.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
             predictions_io.write_predictions(paths[2], [{"query": "q.jpg"}])
         finally:
             os.umask(old)

@@ -73,7 +73,7 @@ def slow_save(obj, f, *a, **k):
     if count[0] < 2 or isinstance(f, io.BytesIO):
         return real_save(obj, f, *a, **k)
     buffer = io.BytesIO(); real_save(obj, buffer, *a, **k); data = buffer.getvalue()
-    # commons.atomic_torch_save hands torch.save an open file (a path works too)
+    # network.atomic_torch_save hands torch.save an open file (a path works too)
     with (open(f, "wb") if isinstance(f, str) else f) as out:
         out.write(data[: len(data) // 2]); out.flush()
         open({marker!r}, "w").close()  # half written: the test kills us now
