@@ -1,4 +1,5 @@
 """Shared fixtures: a seeded tiny ViT and helpers; the repository root on sys.path."""
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +36,22 @@ def tiny_model():
     model = network.GeoLocalizationNet(**TINY)
     model.eval()
     return model
+
+
+@pytest.fixture
+def restore_logging():
+    """The scripts' main() installs its own log handlers on the root logger; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
 
 
 def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, what="the marker", sig=None):

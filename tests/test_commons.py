@@ -3,28 +3,12 @@
 The exit codes and error reporting are tested in test_robustness.py, the version check in
 test_versions.py, the start of a 2-process job in test_distributed.py (its collectives test).
 """
-import logging
 import os
 from types import SimpleNamespace
 
 import pytest
 
 import commons
-
-
-@pytest.fixture
-def restore_logging():
-    """start_run installs its own log handlers on the root logger; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if h not in handlers:
-            h.close()
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
 
 
 def test_torchrun_environment_and_backend():

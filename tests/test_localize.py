@@ -1,6 +1,5 @@
 """localize.py: folder-vs-folder localisation, saved databases with their checks."""
 import json
-import logging
 import os
 import shutil
 
@@ -227,20 +226,6 @@ def test_cli_writes_ranked_matches_and_pictures_for_every_query(fresh_run, plain
                 with Image.open(p) as img:
                     widths.append(round(img.width * TILE_HEIGHT / img.height))
             assert row.size == (sum(widths) + SPACING * 2, TILE_HEIGHT)
-
-
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for h in list(root.handlers):
-        root.removeHandler(h)
-        if h not in handlers:
-            h.close()
-    for h in handlers:
-        root.addHandler(h)
-    root.setLevel(level)
 
 
 def test_reusing_a_saved_database_gives_identical_predictions(fresh_run, plain_folders, restore_logging):

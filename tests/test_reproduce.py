@@ -1,5 +1,4 @@
 """reproduce.py: the paper's data sets evaluated with the paper's checkpoints, the table, the resume cache."""
-import logging
 import os
 import shutil
 
@@ -37,19 +36,9 @@ def world(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def restore_logging():
-    """main() installs its own log handlers on the root logger; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+def _restore_logging(restore_logging):
+    """main() installs its own log handlers: every test here puts pytest's back."""
     yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-            h.close()
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
 
 
 def flags(world, output, *extra, msls=True, pitts=True):

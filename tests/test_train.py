@@ -99,16 +99,20 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
+    # With --train_backbone (only train.py has it, and hands it to build_model): every weight trains.
     code = ("import sys, runpy, torch; sys.path.insert(0, %r); import loss\n"
             "loss.triplet_losses = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))\n"
             "sys.argv = ['train.py'] + %r\nrunpy.run_path(%r, run_name='__main__')\n"
-            % (ROOT, tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "nan", "--epochs_num", "1"),
+            % (ROOT, tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "nan", "--epochs_num", "1",
+                                     "--train_backbone"),
                os.path.join(ROOT, "train.py")))
     result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 2
     assert "the training loss became nan" in result.stdout and "lower --lr" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+    total = sum(p.numel() for p in network.GeoLocalizationNet(**TINY).parameters())
+    assert re.findall(r"Trainable parameters: ([\d,]+)", result.stdout) == [f"{total:,}"]
 
 
 def test_resume_of_a_released_checkpoint_without_optimizer_state(synthetic_root, tmp_path, tiny_model):
