@@ -7,14 +7,20 @@ import pytest
 from dense_store import DenseStore, remove_empty_folder
 
 
-@pytest.mark.parametrize("on_disk", [False, True])
-def test_dense_store_round_trip_with_ragged_shapes(tmp_path, on_disk):
+def _ragged_store(folder):
+    """A finished store of three images of two sizes, (5, 4, 3) twice then (7, 2, 3), and the arrays
+    appended: a (2, 5, 4, 3), b (1, 7, 2, 3)."""
     rng = np.random.default_rng(0)
-    store = DenseStore(str(tmp_path / "store") if on_disk else None)
+    store = DenseStore(folder)
     a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
     store.append(a)
     store.append(b)
-    store.finish()
+    return store.finish(), a, b
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_dense_store_round_trip_with_ragged_shapes(tmp_path, on_disk):
+    store, a, b = _ragged_store(str(tmp_path / "store") if on_disk else None)
     assert len(store) == 3 and store.nbytes() == (a.size + b.size) * 4
     assert np.array_equal(store[0], a[0]) and np.array_equal(store[1], a[1]) and np.array_equal(store[2], b[0])
     if on_disk:
@@ -26,12 +32,7 @@ def test_dense_store_round_trip_with_ragged_shapes(tmp_path, on_disk):
 
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_dense_store_save_and_load_round_trip(tmp_path, on_disk):
-    rng = np.random.default_rng(0)
-    store = DenseStore(str(tmp_path / "live") if on_disk else None)
-    a, b = rng.random((2, 5, 4, 3), dtype=np.float32), rng.random((1, 7, 2, 3), dtype=np.float32)
-    store.append(a)
-    store.append(b)
-    store.finish()
+    store, a, b = _ragged_store(str(tmp_path / "live") if on_disk else None)
     store.save(str(tmp_path / "saved"))
     store.close()  # the saved copy must outlive the live store (hard link or copy)
     loaded = DenseStore.load(str(tmp_path / "saved"))
