@@ -112,13 +112,12 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     process). Every rank must call evaluate with the same arguments.
     """
     db_num, q_num = eval_ds.database_num, eval_ds.queries_num
-    dist_ctx = dist_ctx or distributed.Context(device=device)
     with retrieval.Retrieval(model, batch_size=batch_size, num_workers=num_workers, device=device,
                              precision=precision, store_folder=store_folder, rerank_chunk_size=rerank_chunk_size,
                              dist_ctx=dist_ctx) as engine:
         database = engine.build_database(eval_ds, range(db_num), paths=eval_ds.database_paths)
         queries = engine.extract_queries(eval_ds, range(db_num, db_num + q_num), method=test_method)
-        if not dist_ctx.is_main:
+        if not engine.dist_ctx.is_main:
             return None  # rank 0 holds every feature now: it searches and re-ranks alone
         ranking = engine.rank(database, queries, rerank_num=rerank_num, majority_weight=majority_weight, pca=pca)
     positives = eval_ds.get_positives()
