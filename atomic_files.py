@@ -6,6 +6,7 @@ leaves either the old file or the new one, never half a file, and a failure leav
 New files get the permissions of any ordinary new file (0o666 less the umask), so colleagues on a
 shared server can read outputs as usual (tempfile.mkstemp would make them owner-only).
 """
+
 import errno
 import os
 import secrets
@@ -63,4 +64,5 @@ def atomic_write_text(path: str, text: str) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
     atomic_write(path, write)

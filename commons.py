@@ -5,6 +5,7 @@ and the exit codes and error reporting (run_main).
 The collectives and sharding of a torchrun job are distributed.py's (the `Context` that start_run
 returns); atomic file writes are atomic_files.py's, checkpoint writing network.py's.
 """
+
 import errno
 import logging
 import os
@@ -22,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 import distributed
-
 
 # ------------------------------------------------------------------------------------------------
 # Versions
@@ -48,10 +48,18 @@ def _release(version: str) -> tuple:
 def unsupported_versions() -> Optional[str]:
     """One line naming each installed package older than MIN_VERSIONS and its minimum, or None."""
     import torchvision
-    found = {"Python": ".".join(map(str, sys.version_info[:3])), "torch": torch.__version__,
-             "torchvision": torchvision.__version__, "numpy": np.__version__}
-    old = [f"{name} >= {'.'.join(map(str, MIN_VERSIONS[name]))} (this is {found[name]})"
-           for name in MIN_VERSIONS if _release(str(found[name])) < MIN_VERSIONS[name]]
+
+    found = {
+        "Python": ".".join(map(str, sys.version_info[:3])),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+    }
+    old = [
+        f"{name} >= {'.'.join(map(str, MIN_VERSIONS[name]))} (this is {found[name]})"
+        for name in MIN_VERSIONS
+        if _release(str(found[name])) < MIN_VERSIONS[name]
+    ]
     if not old:
         return None
     return f"SelaVPR needs {', '.join(old)}: upgrade, e.g. pip install -r requirements.txt."
@@ -88,8 +96,10 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
     formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
     if output_folder is not None:
         if os.path.exists(output_folder):
-            raise UserError(f"output folder {output_folder} already exists: choose another --save_dir "
-                            "or remove it; refusing to mix two runs' logs.")
+            raise UserError(
+                f"output folder {output_folder} already exists: choose another --save_dir "
+                "or remove it; refusing to mix two runs' logs."
+            )
         os.makedirs(output_folder)
         for name, level in zip(LOG_FILES, (logging.INFO, logging.DEBUG)):
             handler = logging.FileHandler(os.path.join(output_folder, name))
@@ -145,6 +155,7 @@ def setup_worker_logging(ctx: distributed.Context) -> None:
 # Seeding and random states
 # ------------------------------------------------------------------------------------------------
 
+
 def make_deterministic(seed: int = 0) -> None:
     """Seed Python's random, NumPy and torch, and make cuDNN deterministic; seed -1 does nothing."""
     if seed == -1:
@@ -162,8 +173,12 @@ def get_rng_states() -> dict:
     np_state = np.random.get_state()
     states = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -174,8 +189,7 @@ def get_rng_states() -> dict:
 def set_rng_states(states: dict) -> None:
     random.setstate(_as_tuple(states["python"]))
     n = states["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -200,6 +214,7 @@ DEFAULT_TIMEOUT_S = 1800.0  # collectives in which every rank works (extraction,
 DEFAULT_WAIT_S = 86400.0  # waits for work that rank 0 does alone (search, re-ranking, checkpoints)
 TIMEOUT_ENV, WAIT_ENV = "SELAVPR_DIST_TIMEOUT_S", "SELAVPR_DIST_WAIT_S"
 
+
 def torchrun_environment(environ: Mapping[str, str]) -> Optional[Tuple[int, int, int]]:
     """(rank, world_size, local_rank) when launched by torchrun with more than one process, else None.
 
@@ -213,13 +228,17 @@ def torchrun_environment(environ: Mapping[str, str]) -> Optional[Tuple[int, int,
         try:
             values[name] = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"environment variable {name}={raw!r} is not an integer: launch the script with "
-                             "torchrun (e.g. torchrun --nproc_per_node=2 train.py ...), which sets RANK, "
-                             "WORLD_SIZE and LOCAL_RANK") from None
+            raise ValueError(
+                f"environment variable {name}={raw!r} is not an integer: launch the script with "
+                "torchrun (e.g. torchrun --nproc_per_node=2 train.py ...), which sets RANK, "
+                "WORLD_SIZE and LOCAL_RANK"
+            ) from None
     rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
-        raise ValueError(f"inconsistent torchrun environment RANK={rank}, WORLD_SIZE={world_size}, "
-                         f"LOCAL_RANK={local_rank}: launch the script with torchrun")
+        raise ValueError(
+            f"inconsistent torchrun environment RANK={rank}, WORLD_SIZE={world_size}, "
+            f"LOCAL_RANK={local_rank}: launch the script with torchrun"
+        )
     return None if world_size == 1 else (rank, world_size, local_rank)
 
 
@@ -251,25 +270,28 @@ def init_from_environment(*, device: str, environ: Optional[Mapping[str, str]] =
         return distributed.Context(device=device)
     rank, world_size, local_rank = env
     if not dist.is_available():
-        raise ValueError("this PyTorch build has no torch.distributed: run one process (python3 ...) "
-                         "instead of torchrun")
+        raise ValueError(
+            "this PyTorch build has no torch.distributed: run one process (python3 ...) instead of torchrun"
+        )
     timeout = _seconds_from_env(TIMEOUT_ENV, DEFAULT_TIMEOUT_S, environ)
     wait = _seconds_from_env(WAIT_ENV, DEFAULT_WAIT_S, environ)
     backend = backend_for(device, nccl_available=dist.is_nccl_available())
     if str(device).startswith("cuda"):
         gpus = torch.cuda.device_count()
         if local_rank >= gpus:
-            raise ValueError(f"process with LOCAL_RANK {local_rank} needs a GPU of its own, but this machine "
-                             f"shows {gpus}: launch at most {gpus} processes per machine "
-                             "(torchrun --nproc_per_node), or use --device cpu")
+            raise ValueError(
+                f"process with LOCAL_RANK {local_rank} needs a GPU of its own, but this machine "
+                f"shows {gpus}: launch at most {gpus} processes per machine "
+                "(torchrun --nproc_per_node), or use --device cpu"
+            )
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
     # A gloo group of its own for the waits on rank 0's work alone: its timeout may be much longer.
     wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=wait))
-    return distributed.Context(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                               backend=backend, wait_group=wait_group)
+    return distributed.Context(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend, wait_group=wait_group
+    )
 
 
 def finish(ctx: distributed.Context) -> None:
@@ -308,13 +330,16 @@ def describe(ctx: distributed.Context) -> str:
     """One log line about the job's layout."""
     if not ctx.enabled:
         return "Single process (no process group)"
-    return (f"Distributed run: {ctx.world_size} processes, {ctx.backend} backend; rank 0 (on {ctx.device}) "
-            "gathers the features, searches, re-ranks and writes every output")
+    return (
+        f"Distributed run: {ctx.world_size} processes, {ctx.backend} backend; rank 0 (on {ctx.device}) "
+        "gathers the features, searches, re-ranks and writes every output"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Exit codes and error reporting
 # ------------------------------------------------------------------------------------------------
+
 
 class UserError(ValueError):
     """A problem with the user's input (flag, file, data): printed as one message, no traceback."""
@@ -342,9 +367,11 @@ def user_message(e: BaseException) -> str:
     """
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         where = f" while writing {e.filename}" if e.filename else ""
-        return (f"the disk is full (no space left on device{where}): free some space and run again. Files are "
-                "written to a temp name and renamed, so the earlier outputs (e.g. the last checkpoint, to "
-                "--resume from) are intact.")
+        return (
+            f"the disk is full (no space left on device{where}): free some space and run again. Files are "
+            "written to a temp name and renamed, so the earlier outputs (e.g. the last checkpoint, to "
+            "--resume from) are intact."
+        )
     text = str(e)
     marker = "Traceback (most recent call last):"
     if "DataLoader worker" in text and marker in text:
@@ -394,8 +421,10 @@ def _run_main(main: Callable, args) -> None:
     try:
         main(args)
     except Terminated:
-        logging.error("Terminated (SIGTERM received, e.g. a time limit or `kill`): stopped; temporary files "
-                      "were removed and finished outputs were kept.")
+        logging.error(
+            "Terminated (SIGTERM received, e.g. a time limit or `kill`): stopped; temporary files "
+            "were removed and finished outputs were kept."
+        )
         sys.exit(SIGTERM_EXIT_CODE)
     except KeyboardInterrupt:
         logging.error("Interrupted by the user.")
@@ -414,8 +443,10 @@ def _run_main(main: Callable, args) -> None:
     except Exception as e:  # a bug: keep the traceback
         if _lost_peer(e):  # torchrun: the cause is another process's failure, reported by that one
             logging.debug("".join(traceback.format_exception(e)))
-            logging.error("error: another process of this torchrun job failed or was killed (its own message, "
-                          f"tagged with its rank, is in the job's output); stopping too. ({(str(e).splitlines() or [''])[0]})")
+            logging.error(
+                "error: another process of this torchrun job failed or was killed (its own message, "
+                f"tagged with its rank, is in the job's output); stopping too. ({(str(e).splitlines() or [''])[0]})"
+            )
             sys.exit(1)
         logging.error("Unexpected error:\n" + "".join(traceback.format_exception(e)))
         _report_to_launcher(e)
@@ -426,8 +457,7 @@ def _lost_peer(e: BaseException) -> bool:
     """A torch.distributed error raised because another process of the job died."""
     dist_error = getattr(torch.distributed, "DistError", None)
     text = str(e)
-    return ((dist_error is not None and isinstance(e, dist_error)) or "closed by peer" in text
-            or "reset by peer" in text)
+    return (dist_error is not None and isinstance(e, dist_error)) or "closed by peer" in text or "reset by peer" in text
 
 
 def _report_to_launcher(e: BaseException) -> None:
@@ -437,6 +467,7 @@ def _report_to_launcher(e: BaseException) -> None:
         return
     try:
         from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
         ErrorHandler().record_exception(e)
     except Exception:  # reporting must never hide the error itself
         pass

@@ -48,6 +48,7 @@ FIVE_CROP_METHODS = ("five_crops", "nearest_crop", "maj_voting")
 # Files
 # ----------------------------------------------------------------------------------------------
 
+
 def collect_jpgs(folder: str, *, protect: Sequence[str] = ()) -> list[str]:
     """All ``*.jpg`` files below ``folder`` (recursive), sorted with ``sorted()`` on the full paths.
 
@@ -73,16 +74,19 @@ def read_utm(path: str) -> tuple[float, float]:
         raise ValueError(
             f"Image file name {path!r} does not carry UTM coordinates: expected a name like "
             "'@utm_east@utm_north@...@.jpg' (Visual Geo-localization Benchmark format). "
-            "Rename the image or remove it from the data set folder.")
+            "Rename the image or remove it from the data set folder."
+        )
     try:
         east, north = float(fields[1]), float(fields[2])
     except ValueError:
         raise ValueError(
             f"Image file name {path!r} has non-numeric UTM fields {fields[1]!r}, {fields[2]!r}: expected "
-            "'@utm_east@utm_north@...@.jpg' with the coordinates in metres. Fix the file name.") from None
+            "'@utm_east@utm_north@...@.jpg' with the coordinates in metres. Fix the file name."
+        ) from None
     if not (math.isfinite(east) and math.isfinite(north)):
-        raise ValueError(f"Image file name {path!r} has non-finite UTM coordinates ({east}, {north}): "
-                         "fix the file name.")
+        raise ValueError(
+            f"Image file name {path!r} has non-finite UTM coordinates ({east}, {north}): fix the file name."
+        )
     return east, north
 
 
@@ -122,6 +126,7 @@ def draft_min_side(resize: Sequence[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 # Evaluation preprocessing on normalised tensors, as the public release. All take (3, H, W) or (B, 3, H, W).
 # ----------------------------------------------------------------------------------------------
+
 
 def _check_resize(resize: Sequence[int], name: str = "resize") -> tuple[int, int]:
     try:
@@ -186,7 +191,7 @@ def _center_crop(img: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     # Python's round() (half to even) is what torchvision uses: keep it for identical crops.
     top = int(round((h - ch) / 2.0))
     left = int(round((w - cw) / 2.0))
-    return img[..., top:top + ch, left:left + cw]
+    return img[..., top : top + ch, left : left + cw]
 
 
 def central_crop(img: torch.Tensor, resize: Sequence[int]) -> torch.Tensor:
@@ -215,7 +220,7 @@ def five_crops(img: torch.Tensor, resize: Sequence[int]) -> torch.Tensor:
     s = min(_check_resize(resize))
     x = resize_shorter_side(img, s)
     h, w = x.shape[-2], x.shape[-1]
-    crops = [x[:, :s, :s], x[:, :s, w - s:], x[:, h - s:, :s], x[:, h - s:, w - s:], _center_crop(x, (s, s))]
+    crops = [x[:, :s, :s], x[:, :s, w - s :], x[:, h - s :, :s], x[:, h - s :, w - s :], _center_crop(x, (s, s))]
     return torch.stack(crops)
 
 
@@ -256,6 +261,7 @@ def apply_test_method(img: torch.Tensor, method: str, resize: Sequence[int]) -> 
 # Data sets
 # ----------------------------------------------------------------------------------------------
 
+
 def _require_folder(folder: str, what: str, hint: str) -> None:
     if not os.path.isdir(folder):
         broken = image_files.broken_link_hint(folder)
@@ -266,8 +272,9 @@ def _require_folder(folder: str, what: str, hint: str) -> None:
 
 def _subfolders(folder: str) -> str:
     try:
-        names = sorted(d for d in os.listdir(folder)
-                       if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+        names = sorted(
+            d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")
+        )
     except OSError:
         return "none"
     return ", ".join(names) if names else "none"
@@ -294,7 +301,8 @@ def _query_key(path: str) -> str:
         raise ValueError(
             f"Query file name {path!r} has no Mapillary key "
             "(field 7 of '@east@north@zone@letter@lat@lon@key@...@.jpg'): "
-            "--query_keys_file works only with MSLS images in the benchmark format.")
+            "--query_keys_file works only with MSLS images in the benchmark format."
+        )
     return fields[7]
 
 
@@ -305,9 +313,17 @@ class BaseDataset(Dataset):
     query indexes use ``test_method`` (see :func:`apply_test_method` for the shapes).
     """
 
-    def __init__(self, datasets_folder: str, dataset_name: str, split: str = "train", *,
-                 resize: Sequence[int] = (224, 224), test_method: str = "hard_resize",
-                 positive_dist_threshold: float = 25, query_keys_file: str | None = None) -> None:
+    def __init__(
+        self,
+        datasets_folder: str,
+        dataset_name: str,
+        split: str = "train",
+        *,
+        resize: Sequence[int] = (224, 224),
+        test_method: str = "hard_resize",
+        positive_dist_threshold: float = 25,
+        query_keys_file: str | None = None,
+    ) -> None:
         super().__init__()
         self.resize = _check_resize(resize)
         self.test_method = check_test_method(test_method)
@@ -315,36 +331,50 @@ class BaseDataset(Dataset):
         self.split = split
         self.positive_dist_threshold = positive_dist_threshold
 
-        _require_folder(datasets_folder, "Datasets folder",
-                        "set --datasets_folder (or $DATASETS_FOLDER) to the folder that holds the data sets.")
+        _require_folder(
+            datasets_folder,
+            "Datasets folder",
+            "set --datasets_folder (or $DATASETS_FOLDER) to the folder that holds the data sets.",
+        )
         dataset_root = os.path.join(datasets_folder, dataset_name)
-        _require_folder(dataset_root, "Data set folder",
-                        f"check --dataset_name (data sets found in {datasets_folder!r}: "
-                        f"{_subfolders(datasets_folder)}).")
+        _require_folder(
+            dataset_root,
+            "Data set folder",
+            f"check --dataset_name (data sets found in {datasets_folder!r}: {_subfolders(datasets_folder)}).",
+        )
         images_folder = os.path.join(dataset_root, "images")
-        _require_folder(images_folder, "Folder",
-                        "a data set must be laid out as <dataset_name>/images/<split>/{database,queries}/.")
+        _require_folder(
+            images_folder, "Folder", "a data set must be laid out as <dataset_name>/images/<split>/{database,queries}/."
+        )
         self.dataset_folder = os.path.join(images_folder, split)
-        _require_folder(self.dataset_folder, f"Split {split!r} folder",
-                        f"splits found in {images_folder!r}: {_subfolders(images_folder)}.")
+        _require_folder(
+            self.dataset_folder,
+            f"Split {split!r} folder",
+            f"splits found in {images_folder!r}: {_subfolders(images_folder)}.",
+        )
         database_folder = os.path.join(self.dataset_folder, "database")
         queries_folder = os.path.join(self.dataset_folder, "queries")
         for folder in (database_folder, queries_folder):
-            _require_folder(folder, "Folder",
-                            f"the split {split!r} must contain both 'database' and 'queries' folders.")
+            _require_folder(
+                folder, "Folder", f"the split {split!r} must contain both 'database' and 'queries' folders."
+            )
 
         # A folder link inside one part must not pull in the other part (or the split itself).
         self.database_paths = collect_jpgs(database_folder, protect=(self.dataset_folder, queries_folder))
         queries_paths = collect_jpgs(queries_folder, protect=(self.dataset_folder, database_folder))
         for folder, paths in ((database_folder, self.database_paths), (queries_folder, queries_paths)):
             if not paths:
-                raise ValueError(f"Folder {folder!r} contains no .jpg image (the suffix is case-sensitive, hidden "
-                                 "files are skipped): put the images there or fix --datasets_folder / --dataset_name.")
+                raise ValueError(
+                    f"Folder {folder!r} contains no .jpg image (the suffix is case-sensitive, hidden "
+                    "files are skipped): put the images there or fix --datasets_folder / --dataset_name."
+                )
         if query_keys_file is not None:
             queries_paths = self._keep_listed_queries(queries_paths, query_keys_file)
         elif dataset_name.lower().startswith("msls") and split != "train":
-            logging.info(f"Evaluating all {len(queries_paths)} queries of {queries_folder} (no --query_keys_file): "
-                         "the official MSLS-val protocol uses only its 740 listed queries.")
+            logging.info(
+                f"Evaluating all {len(queries_paths)} queries of {queries_folder} (no --query_keys_file): "
+                "the official MSLS-val protocol uses only its 740 listed queries."
+            )
         self.queries_paths = queries_paths
 
         self.database_utms = np.array([read_utm(p) for p in self.database_paths], dtype=np.float64).reshape(-1, 2)
@@ -359,18 +389,24 @@ class BaseDataset(Dataset):
     def _keep_listed_queries(queries_paths: list[str], query_keys_file: str) -> list[str]:
         """Official MSLS-val protocol: only the queries whose key (field 7) is in ``query_keys_file``."""
         if not os.path.isfile(query_keys_file):
-            raise FileNotFoundError(f"--query_keys_file {query_keys_file!r} does not exist: give the path of the "
-                                    "whitespace-separated list of query keys (740 for the official MSLS-val).")
+            raise FileNotFoundError(
+                f"--query_keys_file {query_keys_file!r} does not exist: give the path of the "
+                "whitespace-separated list of query keys (740 for the official MSLS-val)."
+            )
         with open(query_keys_file, encoding="utf-8") as f:
             keys = set(f.read().split())
         kept = [p for p in queries_paths if _query_key(p) in keys]
         if not kept:
-            raise ValueError(f"None of the {len(queries_paths)} queries has a key listed in --query_keys_file "
-                             f"{query_keys_file!r} ({len(keys)} keys): check that the file belongs to this data set.")
+            raise ValueError(
+                f"None of the {len(queries_paths)} queries has a key listed in --query_keys_file "
+                f"{query_keys_file!r} ({len(keys)} keys): check that the file belongs to this data set."
+            )
         found = {_query_key(p) for p in kept}
-        logging.info(f"Query protocol: keys listed in {query_keys_file} (official MSLS-val protocol): kept "
-                     f"{len(kept)} of {len(queries_paths)} queries; {len(keys - found)} of the {len(keys)} keys "
-                     "have no image.")
+        logging.info(
+            f"Query protocol: keys listed in {query_keys_file} (official MSLS-val protocol): kept "
+            f"{len(kept)} of {len(queries_paths)} queries; {len(keys - found)} of the {len(keys)} keys "
+            "have no image."
+        )
         return kept
 
     def get_positives(self) -> list[np.ndarray]:
@@ -391,8 +427,10 @@ class BaseDataset(Dataset):
         return len(self.images_paths)
 
     def __repr__(self) -> str:
-        return (f"< {type(self).__name__}, {self.dataset_name} - #database: {self.database_num}; "
-                f"#queries: {self.queries_num} >")
+        return (
+            f"< {type(self).__name__}, {self.dataset_name} - #database: {self.database_num}; "
+            f"#queries: {self.queries_num} >"
+        )
 
 
 class ImagesSubset(Dataset):
@@ -426,15 +464,32 @@ class TripletsDataset(BaseDataset):
     ``dataset[i] -> (images (2+negs, 3, H, W), triplets_local_indexes (negs, 3), global indexes (2+negs,))``.
     """
 
-    def __init__(self, datasets_folder: str, dataset_name: str, split: str = "train", *,
-                 resize: Sequence[int] = (224, 224), negs_num_per_query: int = 2,
-                 train_positives_dist_threshold: float = 10, soft_positives_dist_threshold: float = 25,
-                 brightness: float | None = None, contrast: float | None = None,
-                 saturation: float | None = None, hue: float | None = None,
-                 rand_perspective: float | None = None, random_resized_crop: float | None = None,
-                 random_rotation: float | None = None) -> None:
-        super().__init__(datasets_folder, dataset_name, split, resize=resize, test_method="hard_resize",
-                         positive_dist_threshold=soft_positives_dist_threshold)
+    def __init__(
+        self,
+        datasets_folder: str,
+        dataset_name: str,
+        split: str = "train",
+        *,
+        resize: Sequence[int] = (224, 224),
+        negs_num_per_query: int = 2,
+        train_positives_dist_threshold: float = 10,
+        soft_positives_dist_threshold: float = 25,
+        brightness: float | None = None,
+        contrast: float | None = None,
+        saturation: float | None = None,
+        hue: float | None = None,
+        rand_perspective: float | None = None,
+        random_resized_crop: float | None = None,
+        random_rotation: float | None = None,
+    ) -> None:
+        super().__init__(
+            datasets_folder,
+            dataset_name,
+            split,
+            resize=resize,
+            test_method="hard_resize",
+            positive_dist_threshold=soft_positives_dist_threshold,
+        )
         if negs_num_per_query < 1:
             raise ValueError(f"--negs_num_per_query must be at least 1, got {negs_num_per_query}")
         self.negs_num_per_query = int(negs_num_per_query)
@@ -444,8 +499,10 @@ class TripletsDataset(BaseDataset):
         keep = np.array([len(p) > 0 for p in hard], dtype=bool)
         dropped = int((~keep).sum())
         if dropped:
-            logging.info(f"There are {dropped} queries without any positive within {train_positives_dist_threshold} m "
-                         f"in the {split} set: they are dropped, as they are useless for training.")
+            logging.info(
+                f"There are {dropped} queries without any positive within {train_positives_dist_threshold} m "
+                f"in the {split} set: they are dropped, as they are useless for training."
+            )
         # Keep every per-query structure aligned (the public release forgets the soft list, so later queries
         # would exclude another query's positives from their negatives).
         kept = np.flatnonzero(keep)
@@ -456,9 +513,11 @@ class TripletsDataset(BaseDataset):
         self.queries_num = len(self.queries_paths)
         self.images_paths = list(self.database_paths) + list(self.queries_paths)
         if self.queries_num == 0:
-            raise ValueError(f"No query of {self.dataset_folder!r} has a database image within "
-                             f"--train_positives_dist_threshold={train_positives_dist_threshold} m: "
-                             "nothing to train on.")
+            raise ValueError(
+                f"No query of {self.dataset_folder!r} has a database image within "
+                f"--train_positives_dist_threshold={train_positives_dist_threshold} m: "
+                "nothing to train on."
+            )
 
         notes = [parse_note(read_note(p)) for p in self.queries_paths]
         self.is_night = np.array([n for n, _ in notes], dtype=bool)
@@ -492,16 +551,23 @@ class TripletsDataset(BaseDataset):
         others = [self.resized_transform(open_image(self.images_paths[i], min_side=side)) for i in row[1:]]
         images = torch.stack([query] + others)
         negs = len(row) - 2
-        local = torch.stack([torch.zeros(negs, dtype=torch.long), torch.ones(negs, dtype=torch.long),
-                             torch.arange(2, 2 + negs, dtype=torch.long)], dim=1)
+        local = torch.stack(
+            [
+                torch.zeros(negs, dtype=torch.long),
+                torch.ones(negs, dtype=torch.long),
+                torch.arange(2, 2 + negs, dtype=torch.long),
+            ],
+            dim=1,
+        )
         return images, local, torch.from_numpy(row.copy())
 
     def __len__(self) -> int:
         return len(self.triplets_global_indexes)
 
 
-def collate_fn(batch: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate_fn(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batch of TripletsDataset items -> (images (B*(2+negs), 3, H, W),
     triplets_local_indexes (B*negs, 3) indexing the batch's images, triplets_global_indexes (B, 2+negs))."""
     images = torch.cat([item[0] for item in batch])
@@ -521,12 +587,14 @@ class PCADataset(Dataset):
     def __init__(self, datasets_folder: str, pca_dataset_folder: str, *, resize: Sequence[int] = (224, 224)) -> None:
         self.resize = _check_resize(resize)
         self.folder = os.path.join(datasets_folder, pca_dataset_folder)
-        _require_folder(self.folder, "--pca_dataset_folder",
-                        "it is relative to --datasets_folder, e.g. 'pitts30k/images/train'.")
+        _require_folder(
+            self.folder, "--pca_dataset_folder", "it is relative to --datasets_folder, e.g. 'pitts30k/images/train'."
+        )
         self.images_paths = collect_jpgs(self.folder)
         if not self.images_paths:
-            raise ValueError(f"--pca_dataset_folder {self.folder!r} contains no .jpg image: "
-                             "choose a folder with images.")
+            raise ValueError(
+                f"--pca_dataset_folder {self.folder!r} contains no .jpg image: choose a folder with images."
+            )
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image = open_image(self.images_paths[index], min_side=draft_min_side(self.resize))

@@ -3,6 +3,7 @@
 `--efficient_ram_testing` is this choice and nothing else: both stores return the same arrays, so the
 results are the same; on disk, RAM holds only the features in use.
 """
+
 import os
 import shutil
 from typing import List, Optional
@@ -78,8 +79,10 @@ class DenseStore:
         nbytes = int(np.prod(shape)) * 4
         data = os.pread(self._fd, nbytes, self.offsets[i] * 4)
         if len(data) != nbytes:
-            raise ValueError(f"dense features file {self.path} is shorter than expected (image {i}): it was "
-                             "truncated; extract the features again")
+            raise ValueError(
+                f"dense features file {self.path} is shorter than expected (image {i}): it was "
+                "truncated; extract the features again"
+            )
         return np.frombuffer(data, dtype=np.float32).reshape(shape)
 
     def nbytes(self) -> int:
@@ -141,18 +144,22 @@ class DenseStore:
         shapes_path = os.path.join(folder, cls.SHAPES_FILE)
         for path in (features_path, shapes_path):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"dense features file {path} is missing: the saved database is incomplete; "
-                                        "save it again")
+                raise FileNotFoundError(
+                    f"dense features file {path} is missing: the saved database is incomplete; save it again"
+                )
         shapes = np.load(shapes_path, allow_pickle=False)
         if shapes.ndim != 2 or shapes.shape[1] != 3 or (shapes.size and shapes.min() < 1):
-            raise ValueError(f"{shapes_path} does not hold (N, 3) positive shapes: the saved database is damaged; "
-                             "save it again")
+            raise ValueError(
+                f"{shapes_path} does not hold (N, 3) positive shapes: the saved database is damaged; save it again"
+            )
         sizes = shapes.prod(axis=1).astype(np.int64)
         total = int(sizes.sum())
         if os.path.getsize(features_path) != total * 4:
-            raise ValueError(f"{features_path} has {os.path.getsize(features_path)} bytes, the shapes in "
-                             f"{shapes_path} need {total * 4}: the saved database is truncated or damaged; "
-                             "save it again")
+            raise ValueError(
+                f"{features_path} has {os.path.getsize(features_path)} bytes, the shapes in "
+                f"{shapes_path} need {total * 4}: the saved database is truncated or damaged; "
+                "save it again"
+            )
         store = cls(None)
         store.path, store._owns_file = features_path, False
         store.shapes = [tuple(int(v) for v in s) for s in shapes]

@@ -21,6 +21,7 @@ identity (the numbers are those of a plain run, bit for bit). Several processes:
 This module holds no logging set-up, seeding or error handling (commons does): a rank's exception
 ends that process (commons.run_main), and a peer's death makes the collectives here fail.
 """
+
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -30,12 +31,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 # Dense features travel to rank 0 in chunks of at most this size (one image at least).
-CHUNK_BYTES = 64 * 2 ** 20
+CHUNK_BYTES = 64 * 2**20
 
 
 # ------------------------------------------------------------------------------------------------
 # Pure helpers
 # ------------------------------------------------------------------------------------------------
+
 
 def shard_bounds(items_num: int, world_size: int, rank: int) -> Tuple[int, int]:
     """[start, stop) of rank's contiguous share of items_num items; the first items_num % world_size
@@ -69,17 +71,20 @@ def chunk_plan(sizes: Sequence[int], max_elements: int) -> List[Tuple[int, int]]
 def check_train_batch_size(train_batch_size: int, world_size: int) -> None:
     """Every rank needs at least one query of each global batch."""
     if train_batch_size < world_size:
-        raise ValueError(f"--train_batch_size {train_batch_size} is smaller than the {world_size} processes: "
-                         "each process needs at least one query of every batch; raise --train_batch_size "
-                         "(it is the global batch, split across processes) or launch fewer processes "
-                         "(torchrun --nproc_per_node / --nnodes)")
+        raise ValueError(
+            f"--train_batch_size {train_batch_size} is smaller than the {world_size} processes: "
+            "each process needs at least one query of every batch; raise --train_batch_size "
+            "(it is the global batch, split across processes) or launch fewer processes "
+            "(torchrun --nproc_per_node / --nnodes)"
+        )
 
 
 def augmentation_seed(seed: int, rank: int, epoch_num: int, loop_num: int) -> int:
     """Seed of rank's torch generator for one training loop (ranks other than 0 draw their own
     augmentations; a function of the position in training, so a resumed run draws the same)."""
-    return int(np.random.SeedSequence([seed, rank, epoch_num, loop_num]).generate_state(1, dtype=np.uint64)[0]
-               % (2 ** 63))
+    return int(
+        np.random.SeedSequence([seed, rank, epoch_num, loop_num]).generate_state(1, dtype=np.uint64)[0] % (2**63)
+    )
 
 
 class BatchShardSampler(Sampler):
@@ -103,6 +108,7 @@ class BatchShardSampler(Sampler):
 # The context of a run
 # ------------------------------------------------------------------------------------------------
 
+
 class Context:
     """Where this process stands in the job. Single process: rank 0 of 1, `enabled` False, and the
     collective methods return their input (or do nothing).
@@ -110,9 +116,17 @@ class Context:
     output_folder: the run's output folder, rank 0's on every rank (commons.start_run sets it), or None.
     """
 
-    def __init__(self, *, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: str = "cpu",
-                 backend: Optional[str] = None, wait_group: Any = None,
-                 output_folder: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        device: str = "cpu",
+        backend: Optional[str] = None,
+        wait_group: Any = None,
+        output_folder: Optional[str] = None,
+    ) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device  # the device of this rank's model ("cuda:LOCAL_RANK" under torchrun)
         self.output_folder = output_folder
@@ -130,8 +144,10 @@ class Context:
         return self.rank == 0
 
     def __repr__(self) -> str:
-        return (f"Context(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
-                f"device={self.device!r}, backend={self.backend!r})")
+        return (
+            f"Context(rank={self.rank}, world_size={self.world_size}, local_rank={self.local_rank}, "
+            f"device={self.device!r}, backend={self.backend!r})"
+        )
 
     def store_folder(self) -> str:
         """Where this process keeps on-disk dense features (--efficient_ram_testing): dense_features/ of
@@ -205,15 +221,18 @@ class Context:
 
     # --- training ---------------------------------------------------------------------------------
 
-    def training_loader(self, dataset: Dataset, *, batch_size: int, num_workers: int, collate_fn: Callable,
-                        pin_memory: bool) -> DataLoader:
+    def training_loader(
+        self, dataset: Dataset, *, batch_size: int, num_workers: int, collate_fn: Callable, pin_memory: bool
+    ) -> DataLoader:
         """This rank's share of every global batch of `batch_size` consecutive samples (drop_last, no
         shuffling; `BatchShardSampler`). Single process: the batches of DataLoader(dataset, batch_size,
         shuffle=False, drop_last=True), drawing the same random numbers."""
-        sampler = BatchShardSampler(samples_num=len(dataset), batch_size=batch_size, rank=self.rank,
-                                    world_size=self.world_size)
-        return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                          pin_memory=pin_memory)
+        sampler = BatchShardSampler(
+            samples_num=len(dataset), batch_size=batch_size, rank=self.rank, world_size=self.world_size
+        )
+        return DataLoader(
+            dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn, pin_memory=pin_memory
+        )
 
     # --- models -----------------------------------------------------------------------------------
 
@@ -223,6 +242,7 @@ class Context:
         if not self.enabled:
             return model
         from torch.nn.parallel import DistributedDataParallel
+
         device_ids = [self.local_rank] if str(self.device).startswith("cuda") else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
@@ -237,7 +257,7 @@ class Context:
         longest = max(counts)
         padded = torch.zeros((longest, *tail), dtype=torch.float32)
         if local is not None and len(local):
-            padded[:len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32))
+            padded[: len(local)] = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float32))
         padded = padded.to(self.comm_device)
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
@@ -265,13 +285,19 @@ class Context:
             offset = 0
             for i in range(start, stop):
                 shape = tuple(shapes[i].tolist())
-                store.append(flat[offset:offset + sizes[i]].reshape(1, *shape))
+                store.append(flat[offset : offset + sizes[i]].reshape(1, *shape))
                 offset += sizes[i]
 
 
-def extract_sharded(ctx: Context, extract: Callable[[np.ndarray, Any], Optional[np.ndarray]],
-                    indexes: Sequence[int], *, want_global: bool = True, store: Any = None,
-                    new_store: Optional[Callable[[], Any]] = None) -> Optional[np.ndarray]:
+def extract_sharded(
+    ctx: Context,
+    extract: Callable[[np.ndarray, Any], Optional[np.ndarray]],
+    indexes: Sequence[int],
+    *,
+    want_global: bool = True,
+    store: Any = None,
+    new_store: Optional[Callable[[], Any]] = None,
+) -> Optional[np.ndarray]:
     """Run an extraction over `indexes` split across ranks.
 
     extract(part_indexes (m,), part_store or None) -> global descriptors (m, ...) or None; it appends

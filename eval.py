@@ -1,4 +1,5 @@
 """Evaluate a SelaVPR model on the test split of a data set: global retrieval, then re-ranking."""
+
 import logging
 import os
 from datetime import datetime
@@ -19,38 +20,65 @@ def main(args):
 
     model = network.build_model(args, device=ctx.device)
 
-    test_ds = datasets_ws.BaseDataset(args.datasets_folder, args.dataset_name, "test", resize=args.resize,
-                                      test_method=args.test_method,
-                                      positive_dist_threshold=args.val_positive_dist_threshold,
-                                      query_keys_file=args.query_keys_file)
+    test_ds = datasets_ws.BaseDataset(
+        args.datasets_folder,
+        args.dataset_name,
+        "test",
+        resize=args.resize,
+        test_method=args.test_method,
+        positive_dist_threshold=args.val_positive_dist_threshold,
+        query_keys_file=args.query_keys_file,
+    )
     logging.info(f"Test set: {test_ds}")
 
     pca = None
     if args.pca_dim is not None and ctx.is_main:  # only rank 0 searches
-        pca = test.compute_pca(model, datasets_folder=args.datasets_folder,
-                               pca_dataset_folder=args.pca_dataset_folder, pca_dim=args.pca_dim,
-                               resize=args.resize, batch_size=args.infer_batch_size,
-                               num_workers=args.num_workers, device=ctx.device)
+        pca = test.compute_pca(
+            model,
+            datasets_folder=args.datasets_folder,
+            pca_dataset_folder=args.pca_dataset_folder,
+            pca_dim=args.pca_dim,
+            resize=args.resize,
+            batch_size=args.infer_batch_size,
+            num_workers=args.num_workers,
+            device=ctx.device,
+        )
     ctx.wait_for_main()
 
-    result = test.evaluate(model, test_ds, test_method=args.test_method, rerank_num=args.rerank_num,
-                           recall_values=args.recall_values, batch_size=args.infer_batch_size,
-                           num_workers=args.num_workers, device=ctx.device,
-                           store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
-                           pca=pca, majority_weight=args.majority_weight, precision=args.precision, dist_ctx=ctx)
+    result = test.evaluate(
+        model,
+        test_ds,
+        test_method=args.test_method,
+        rerank_num=args.rerank_num,
+        recall_values=args.recall_values,
+        batch_size=args.infer_batch_size,
+        num_workers=args.num_workers,
+        device=ctx.device,
+        store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+        pca=pca,
+        majority_weight=args.majority_weight,
+        precision=args.precision,
+        dist_ctx=ctx,
+    )
     if result is None:  # a rank other than 0: its share is with rank 0
         commons.finish(ctx)
         return
     logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
 
-    records = predictions_io.prediction_records(queries_paths=test_ds.queries_paths,
-                                                database_paths=test_ds.database_paths, ranking=result,
-                                                positives=result.positives)
+    records = predictions_io.prediction_records(
+        queries_paths=test_ds.queries_paths,
+        database_paths=test_ds.database_paths,
+        ranking=result,
+        positives=result.positives,
+    )
     predictions_io.write_predictions(os.path.join(output_folder, "predictions.jsonl"), records)
     if args.num_preds_to_save:
-        n = predictions_io.save_prediction_pictures(os.path.join(output_folder, "preds"), records,
-                                                    num_preds=args.num_preds_to_save,
-                                                    only_wrong=args.save_only_wrong_preds)
+        n = predictions_io.save_prediction_pictures(
+            os.path.join(output_folder, "preds"),
+            records,
+            num_preds=args.num_preds_to_save,
+            only_wrong=args.save_only_wrong_preds,
+        )
         logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
     commons.finish(ctx)

@@ -10,10 +10,10 @@ here without touching the caller's modules of the same names: a `network` module
 before is neither used nor replaced, and the caller's `import network` afterwards still finds their own
 (ours are kept under private names, ``_selavpr_hub.<name>`` in sys.modules).
 """
+
 import importlib
 import os
 import sys
-
 
 dependencies = ["torch", "numpy"]
 
@@ -73,8 +73,15 @@ def _import_network():
 network = _import_network()  # a module, not a callable: torch.hub does not list it as an entry point
 
 
-def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, registers=None, backbone_depth=None,
-            allow_random_weights=False):
+def selavpr(
+    checkpoint=None,
+    foundation_model_path=None,
+    *,
+    backbone=None,
+    registers=None,
+    backbone_depth=None,
+    allow_random_weights=False,
+):
     """SelaVPR (DINOv2 ViT with adapters, global and local heads) as a plain nn.Module, on the CPU, in eval mode.
 
     Args:
@@ -103,22 +110,36 @@ def selavpr(checkpoint=None, foundation_model_path=None, *, backbone=None, regis
     """
     for name, path in (("checkpoint", checkpoint), ("foundation_model_path", foundation_model_path)):
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"selavpr({name}={path!r}): no such file. Give the path of a weights file you "
-                                    "have already downloaded (this entry point never downloads anything).")
+            raise FileNotFoundError(
+                f"selavpr({name}={path!r}): no such file. Give the path of a weights file you "
+                "have already downloaded (this entry point never downloads anything)."
+            )
     if checkpoint is None and foundation_model_path is None and not allow_random_weights:
-        raise ValueError("selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
-                         "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
-                         "initialised model (tests and demos only).")
-    given = {name: value for name, value in (("backbone", backbone), ("registers", registers),
-                                             ("backbone_depth", backbone_depth)) if value is not None}
+        raise ValueError(
+            "selavpr(): no weights given. Pass checkpoint=<SelaVPR .pth> (e.g. SelaVPR_msls.pth) "
+            "and/or foundation_model_path=<DINOv2 .pth>, or allow_random_weights=True for a randomly "
+            "initialised model (tests and demos only)."
+        )
+    given = {
+        name: value
+        for name, value in (("backbone", backbone), ("registers", registers), ("backbone_depth", backbone_depth))
+        if value is not None
+    }
     saved = None
     if checkpoint is not None:
-        saved = network.saved_model_settings(network.load_weights_file(checkpoint, what="checkpoint"),
-                                             path=checkpoint, what="checkpoint")
+        saved = network.saved_model_settings(
+            network.load_weights_file(checkpoint, what="checkpoint"), path=checkpoint, what="checkpoint"
+        )
     defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
     settings, _ = network.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
-    model = network.load_model(backbone=settings["backbone"], registers=settings["registers"],
-                               backbone_depth=settings["backbone_depth"], foundation_model_path=foundation_model_path,
-                               checkpoint=checkpoint, checkpoint_flag="checkpoint",
-                               allow_random_weights=allow_random_weights, device="cpu")
+    model = network.load_model(
+        backbone=settings["backbone"],
+        registers=settings["registers"],
+        backbone_depth=settings["backbone_depth"],
+        foundation_model_path=foundation_model_path,
+        checkpoint=checkpoint,
+        checkpoint_flag="checkpoint",
+        allow_random_weights=allow_random_weights,
+        device="cpu",
+    )
     return model.eval()

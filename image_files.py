@@ -32,9 +32,32 @@ DRAFT_MIN_SIDE = 1024
 MAX_PIXELS_PER_BYTE = 2048
 #: Suffixes of image formats, for telling "an image of another format was skipped" (a warning)
 #: from "a file that is no image was skipped" (info). Compared in lower case.
-IMAGE_LIKE_SUFFIXES = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif", ".bmp",
-    ".gif", ".jp2", ".j2k", ".dng", ".cr2", ".nef", ".arw", ".raw", ".ppm", ".pgm"})
+IMAGE_LIKE_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".heic",
+        ".heif",
+        ".avif",
+        ".bmp",
+        ".gif",
+        ".jp2",
+        ".j2k",
+        ".dng",
+        ".cr2",
+        ".nef",
+        ".arw",
+        ".raw",
+        ".ppm",
+        ".pgm",
+    }
+)
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -47,15 +70,20 @@ class RefusedImage(ValueError):
 # Reading one image
 # ----------------------------------------------------------------------------------------------
 
+
 def _check_is_file(path: str) -> None:
     if os.path.isdir(path):
         raise IsADirectoryError(f"Image {path!r} is a folder, not an image file: give the path of an image.")
     if not os.path.isfile(path):
         if os.path.islink(path):
-            raise FileNotFoundError(f"Image {path!r} is a broken symbolic link (it points to "
-                                    f"{os.readlink(path)!r}, which does not exist): fix or remove the link.")
-        raise FileNotFoundError(f"Image {path!r} does not exist: check the path (for a data set: was its folder "
-                                "changed after it was loaded?).")
+            raise FileNotFoundError(
+                f"Image {path!r} is a broken symbolic link (it points to "
+                f"{os.readlink(path)!r}, which does not exist): fix or remove the link."
+            )
+        raise FileNotFoundError(
+            f"Image {path!r} does not exist: check the path (for a data set: was its folder "
+            "changed after it was loaded?)."
+        )
 
 
 def _open(path: str) -> Image.Image:
@@ -72,7 +100,8 @@ def _open(path: str) -> Image.Image:
             raise RefusedImage(
                 f"Image {path!r} is too large to read ({bomb}) and is not a JPEG, so it cannot be read at a "
                 "reduced size: downscale it (below "
-                f"{Image.MAX_IMAGE_PIXELS} pixels) or save it as a JPEG.") from None
+                f"{Image.MAX_IMAGE_PIXELS} pixels) or save it as a JPEG."
+            ) from None
 
 
 def _draft_if_huge(img: Image.Image, path: str, min_side: int) -> None:
@@ -92,17 +121,20 @@ def _draft_if_huge(img: Image.Image, path: str, min_side: int) -> None:
     if pixels > MAX_PIXELS_PER_BYTE * max(size, 1):
         raise RefusedImage(
             f"Image {path!r} declares {width}x{height} pixels in only {size} bytes: no photo is that "
-            "compressible, so this is a corrupt file or a decompression bomb. Delete it or replace it.")
+            "compressible, so this is a corrupt file or a decompression bomb. Delete it or replace it."
+        )
     img.draft(None, (min(width, min_side), min(height, min_side)))
-    logging.debug(f"{path}: {width}x{height} pixels, above Pillow's limit of {limit}: read at "
-                  f"{img.size[0]}x{img.size[1]} by JPEG draft decoding")
+    logging.debug(
+        f"{path}: {width}x{height} pixels, above Pillow's limit of {limit}: read at "
+        f"{img.size[0]}x{img.size[1]} by JPEG draft decoding"
+    )
 
 
 def _orientation(img: Image.Image, path: str) -> int:
     """The EXIF Orientation tag (1..8; 1 when absent or unreadable: the image is then used as stored)."""
     try:
         value = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception as error:  # noqa: BLE001 - a malformed EXIF block must not make a readable image unreadable
+    except Exception as error:
         logging.debug(f"{path}: EXIF not readable ({type(error).__name__}: {error}); used as stored")
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
@@ -169,7 +201,8 @@ def read_rgb(path: str, *, min_side: int = DRAFT_MIN_SIDE) -> Image.Image:
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise ValueError(
             f"Cannot read image {path!r} ({type(e).__name__}: {e}): the file is empty, truncated or not an image. "
-            "Replace it with a valid image or delete it.") from e
+            "Replace it with a valid image or delete it."
+        ) from e
     if orientation != 1:
         # exif_transpose reads the tag from the image's EXIF, which convert() keeps in .info: apply the
         # transposition explicitly instead, the same table as ImageOps.exif_transpose.
@@ -192,6 +225,7 @@ _TRANSPOSE = {
 # Listing the images of a folder
 # ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Listing:
     """What :func:`list_images` found below ``folder``.
@@ -204,6 +238,7 @@ class Listing:
     broken_links: links (not named like an accepted image) whose target does not exist.
     unreadable: folders that could not be listed (permissions), skipped as os.walk does.
     """
+
     folder: str
     paths: list[str] = field(default_factory=list)
     skipped_suffixes: Counter = field(default_factory=Counter)
@@ -228,12 +263,16 @@ def broken_link_hint(folder: str) -> str:
     target = os.readlink(folder)
     parent, name = os.path.split(os.path.abspath(folder))
     same_name = os.path.join(parent, os.path.basename(target.rstrip(os.sep)))
-    hint = (f"{folder!r} is a broken symbolic link: it points to {target!r}, which does not exist "
-            "(an absolute link breaks when the folders are moved). ")
+    hint = (
+        f"{folder!r} is a broken symbolic link: it points to {target!r}, which does not exist "
+        "(an absolute link breaks when the folders are moved). "
+    )
     if os.path.basename(target.rstrip(os.sep)) != name and os.path.isdir(same_name):
         rel = os.path.basename(same_name)
-        return hint + (f"Its target's name {rel!r} is a folder next to it: replace the link by a relative one, "
-                       f"`cd {parent} && ln -sfn {rel} {name}`.")
+        return hint + (
+            f"Its target's name {rel!r} is a folder next to it: replace the link by a relative one, "
+            f"`cd {parent} && ln -sfn {rel} {name}`."
+        )
     return hint + f"Point it to the folder's new place: `ln -sfn NEW_PLACE {os.path.abspath(folder)}`."
 
 
@@ -295,13 +334,17 @@ def list_images(folder: str, *, accept: Callable[[str], bool], protect: Iterable
                 if accept(name):
                     raise FileNotFoundError(
                         f"Image {path!r} is a broken symbolic link (it points to {os.readlink(path)!r}, which does "
-                        "not exist): fix the link or remove it.")
+                        "not exist): fix the link or remove it."
+                    )
                 listing.broken_links.append(path)
                 continue
             if is_dir:
                 target = os.path.realpath(path)
-                reason = why_not(path, target, chain) if is_link else (
-                    f"{target} was already read through a link" if target in visited else None)
+                reason = (
+                    why_not(path, target, chain)
+                    if is_link
+                    else (f"{target} was already read through a link" if target in visited else None)
+                )
                 if reason is not None:
                     listing.skipped_links.append((path, reason))
                     continue
@@ -339,15 +382,21 @@ def log_listing(listing: Listing, *, rule: str) -> None:
     images = {s: n for s, n in listing.skipped_suffixes.items() if s.lower() in IMAGE_LIKE_SUFFIXES}
     if images:
         kinds = ", ".join(f"{n} {s}" for s, n in sorted(images.items()))
-        logging.warning(f"{listing.folder}: {sum(images.values())} image files were skipped ({kinds}): {rule}. "
-                        "Convert or rename them to have them read.")
+        logging.warning(
+            f"{listing.folder}: {sum(images.values())} image files were skipped ({kinds}): {rule}. "
+            "Convert or rename them to have them read."
+        )
     for link, reason in listing.skipped_links[:10]:
         logging.warning(f"Did not enter {link}: {reason}")
     if len(listing.skipped_links) > 10:
         logging.warning(f"... and {len(listing.skipped_links) - 10} more folders not entered")
     if listing.broken_links:
-        logging.warning(f"{listing.folder}: skipped {len(listing.broken_links)} broken symbolic links, e.g. "
-                        f"{listing.broken_links[0]}")
+        logging.warning(
+            f"{listing.folder}: skipped {len(listing.broken_links)} broken symbolic links, e.g. "
+            f"{listing.broken_links[0]}"
+        )
     if listing.unreadable:
-        logging.warning(f"{listing.folder}: could not list {len(listing.unreadable)} folders (permissions?), "
-                        f"e.g. {listing.unreadable[0]}")
+        logging.warning(
+            f"{listing.folder}: could not list {len(listing.unreadable)} folders (permissions?), "
+            f"e.g. {listing.unreadable[0]}"
+        )

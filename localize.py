@@ -19,6 +19,7 @@ L2 distances; the five-crop test methods merge five candidate lists, which have 
 per candidate), picture rows in preds/ (--num_preds_to_save), info.log and debug.log. When every file
 name of both folders carries UTM coordinates (``@east@north@...``), the recalls are logged too.
 """
+
 import hashlib
 import logging
 import os
@@ -42,13 +43,22 @@ import visualizations
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 #: Manifest entries that must be equal for a saved database to be used with the current model.
-CHECKED_SETTINGS = ("backbone", "registers", "depth", "embed_dim", "resize", "precision", "database_method",
-                    "weights_sha256")
+CHECKED_SETTINGS = (
+    "backbone",
+    "registers",
+    "depth",
+    "embed_dim",
+    "resize",
+    "precision",
+    "database_method",
+    "weights_sha256",
+)
 
 
 # ------------------------------------------------------------------------------------------------
 # Images
 # ------------------------------------------------------------------------------------------------
+
 
 def collect_images(folder: str, *, flag: str = "--database_folder", protect: Sequence[str] = ()) -> List[str]:
     """Every .jpg / .jpeg / .png (any letter case) below `folder`, recursive, ordered by sorted() on the
@@ -58,14 +68,20 @@ def collect_images(folder: str, *, flag: str = "--database_folder", protect: Seq
     names the folder's flag in the error messages."""
     if not os.path.isdir(folder):
         broken = image_files.broken_link_hint(folder)
-        raise FileNotFoundError(f"{flag} {broken}" if broken else
-                                f"{flag} {folder}: no such folder. Give the folder that holds your images.")
-    listing = image_files.list_images(folder, accept=lambda name: name.lower().endswith(IMAGE_SUFFIXES),
-                                      protect=protect)
+        raise FileNotFoundError(
+            f"{flag} {broken}"
+            if broken
+            else f"{flag} {folder}: no such folder. Give the folder that holds your images."
+        )
+    listing = image_files.list_images(
+        folder, accept=lambda name: name.lower().endswith(IMAGE_SUFFIXES), protect=protect
+    )
     image_files.log_listing(listing, rule=f"{flag} reads only {', '.join(IMAGE_SUFFIXES)} (any letter case)")
     if not listing.paths:
-        raise ValueError(f"{flag} {folder} contains no image ({', '.join(IMAGE_SUFFIXES)}, searched recursively, "
-                         "hidden files skipped): put your images there or fix the flag.")
+        raise ValueError(
+            f"{flag} {folder} contains no image ({', '.join(IMAGE_SUFFIXES)}, searched recursively, "
+            "hidden files skipped): put your images there or fix the flag."
+        )
     return listing.paths
 
 
@@ -89,13 +105,18 @@ def find_images(folder: str, *, flag: str = "--database_folder", protect: Sequen
     kept = [p for p in paths if not in_run_folder(p)]
     skipped = len(paths) - len(kept)
     if skipped:
-        folders = sorted({os.path.relpath(d, root) for d, v in verdicts.items() if v and not verdicts.get(
-            os.path.dirname(d), False)})
-        logging.info(f"{flag} {folder}: skipped {skipped} images inside output folders of earlier runs "
-                     f"({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})")
+        folders = sorted(
+            {os.path.relpath(d, root) for d, v in verdicts.items() if v and not verdicts.get(os.path.dirname(d), False)}
+        )
+        logging.info(
+            f"{flag} {folder}: skipped {skipped} images inside output folders of earlier runs "
+            f"({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''})"
+        )
     if not kept:
-        raise ValueError(f"{flag} {folder} contains no image outside the output folders of earlier runs: put "
-                         "your images there or fix the flag.")
+        raise ValueError(
+            f"{flag} {folder} contains no image outside the output folders of earlier runs: put "
+            "your images there or fix the flag."
+        )
     return kept
 
 
@@ -111,17 +132,23 @@ def warn_about_overlaps(*, queries_folder: str, database_folder: Optional[str], 
         inputs.append(("--database_folder", database_folder))
     for flag, folder in inputs:
         if _inside(output_folder, folder):
-            logging.warning(f"the output folder {output_folder} is inside {flag} {folder}: later runs skip it "
-                            "(a folder with info.log and debug.log is a run's output folder), but keep outputs "
-                            "apart from your images")
+            logging.warning(
+                f"the output folder {output_folder} is inside {flag} {folder}: later runs skip it "
+                "(a folder with info.log and debug.log is a run's output folder), but keep outputs "
+                "apart from your images"
+            )
     if database_folder is None:
         return
     if _inside(queries_folder, database_folder):
-        logging.warning(f"--queries_folder {queries_folder} is inside --database_folder {database_folder}: every "
-                        "query is also a database image, and will be its own best match")
+        logging.warning(
+            f"--queries_folder {queries_folder} is inside --database_folder {database_folder}: every "
+            "query is also a database image, and will be its own best match"
+        )
     elif _inside(database_folder, queries_folder):
-        logging.warning(f"--database_folder {database_folder} is inside --queries_folder {queries_folder}: every "
-                        "database image is also a query, and will be its own best match")
+        logging.warning(
+            f"--database_folder {database_folder} is inside --queries_folder {queries_folder}: every "
+            "database image is also a query, and will be its own best match"
+        )
 
 
 class FolderImages(Dataset):
@@ -147,8 +174,9 @@ class FolderImages(Dataset):
         return len(self.images_paths)
 
 
-def utm_positives(database_paths: Sequence[str], queries_paths: Sequence[str],
-                  radius: float) -> Optional[List[np.ndarray]]:
+def utm_positives(
+    database_paths: Sequence[str], queries_paths: Sequence[str], radius: float
+) -> Optional[List[np.ndarray]]:
     """Per query the database indexes within `radius` metres, from the UTMs in the file names, or None
     when a name of either list does not carry them (then there is no ground truth)."""
     try:
@@ -163,6 +191,7 @@ def utm_positives(database_paths: Sequence[str], queries_paths: Sequence[str],
 # The database: extraction, saving, loading
 # ------------------------------------------------------------------------------------------------
 
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 of the model's state dict (every key, dtype, shape and the raw bytes, in key order).
 
@@ -176,13 +205,20 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def model_settings(model: network.GeoLocalizationNet, *, backbone: str, registers: bool,
-                   resize: Sequence[int], precision: str) -> Dict:
+def model_settings(
+    model: network.GeoLocalizationNet, *, backbone: str, registers: bool, resize: Sequence[int], precision: str
+) -> Dict:
     """What the database's descriptors depend on (all in CHECKED_SETTINGS): compared on loading."""
-    return {"backbone": backbone, "registers": bool(registers), "depth": len(model.backbone.blocks),
-            "embed_dim": int(model.backbone.embed_dim), "resize": [int(resize[0]), int(resize[1])],
-            "precision": precision, "database_method": retrieval.DATABASE_METHOD,
-            "weights_sha256": weights_fingerprint(model)}
+    return {
+        "backbone": backbone,
+        "registers": bool(registers),
+        "depth": len(model.backbone.blocks),
+        "embed_dim": int(model.backbone.embed_dim),
+        "resize": [int(resize[0]), int(resize[1])],
+        "precision": precision,
+        "database_method": retrieval.DATABASE_METHOD,
+        "weights_sha256": weights_fingerprint(model),
+    }
 
 
 def settings_mismatches(saved: Dict, current: Dict) -> List[str]:
@@ -191,29 +227,35 @@ def settings_mismatches(saved: Dict, current: Dict) -> List[str]:
     for key in CHECKED_SETTINGS:
         if saved.get(key) != current.get(key):
             if key == "weights_sha256":
-                out.append("the model weights differ (fingerprint "
-                           f"{str(saved.get(key))[:12]}… saved, {str(current.get(key))[:12]}… now)")
+                out.append(
+                    "the model weights differ (fingerprint "
+                    f"{str(saved.get(key))[:12]}… saved, {str(current.get(key))[:12]}… now)"
+                )
             else:
                 out.append(f"{key}: {saved.get(key)!r} saved, {current.get(key)!r} now")
     return out
 
 
-def save_database(database: retrieval.Database, folder: str, *, root: str, settings: Dict,
-                  extra: Optional[Dict] = None) -> None:
+def save_database(
+    database: retrieval.Database, folder: str, *, root: str, settings: Dict, extra: Optional[Dict] = None
+) -> None:
     """Save `database` (the images below `root`, extracted with `settings`) in the new folder `folder`
     (retrieval.Database.save), its manifest recording what load_database checks: the images (names
     relative to `root`, sizes, modification times) and the settings. `extra` entries (e.g. the weight
     files' paths) are stored for information only."""
     stats = [os.stat(p) for p in database.paths]  # one stat per image: size and modification time
-    database.save(folder, manifest={
-        "created": datetime.now().isoformat(timespec="seconds"),
-        "database_folder": root,
-        "images": [os.path.relpath(p, root) for p in database.paths],
-        "image_sizes": [st.st_size for st in stats],
-        "image_mtimes_ns": [st.st_mtime_ns for st in stats],
-        "settings": dict(settings),
-        "info": dict(extra or {}),
-    })
+    database.save(
+        folder,
+        manifest={
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "database_folder": root,
+            "images": [os.path.relpath(p, root) for p in database.paths],
+            "image_sizes": [st.st_size for st in stats],
+            "image_mtimes_ns": [st.st_mtime_ns for st in stats],
+            "settings": dict(settings),
+            "info": dict(extra or {}),
+        },
+    )
 
 
 def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) -> List[str]:
@@ -239,15 +281,20 @@ def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) 
 
     def some(names):
         return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    changes = [f"{len(names)} {what} ({some(names)})"
-               for what, names in (("added", added), ("deleted", deleted), ("modified", modified)) if names]
+
+    changes = [
+        f"{len(names)} {what} ({some(names)})"
+        for what, names in (("added", added), ("deleted", deleted), ("modified", modified))
+        if names
+    ]
     if not changes and list(now) != list(saved):
         changes.append("the images are listed in another order")
     return changes
 
 
-def load_database(engine: retrieval.Retrieval, folder: str, *, settings: Dict,
-                  database_folder: Optional[str] = None) -> retrieval.Database:
+def load_database(
+    engine: retrieval.Retrieval, folder: str, *, settings: Dict, database_folder: Optional[str] = None
+) -> retrieval.Database:
     """Open a database written by save_database (through `engine`, which closes it), after checking it
     against the current `settings` (model_settings) and against the images of its folder.
 
@@ -261,27 +308,35 @@ def load_database(engine: retrieval.Retrieval, folder: str, *, settings: Dict,
     manifest = retrieval.read_manifest(folder)
     problems = settings_mismatches(manifest.get("settings", {}), settings)
     if problems:
-        raise ValueError(f"--load_database {folder} was extracted with another model or other flags: "
-                         f"{'; '.join(problems)}. Its descriptors cannot be compared with this model's: run with "
-                         "the weights and --backbone / --registers / --backbone_depth / --resize / --precision it "
-                         "was saved with, or extract a new one with --save_database.")
+        raise ValueError(
+            f"--load_database {folder} was extracted with another model or other flags: "
+            f"{'; '.join(problems)}. Its descriptors cannot be compared with this model's: run with "
+            "the weights and --backbone / --registers / --backbone_depth / --resize / --precision it "
+            "was saved with, or extract a new one with --save_database."
+        )
     root = os.path.abspath(database_folder) if database_folder is not None else manifest["database_folder"]
     if database_folder is None and not os.path.isdir(root):
-        logging.warning(f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
-                        "for changes; the results name those paths. Give --database_folder if it moved.")
+        logging.warning(
+            f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
+            "for changes; the results name those paths. Give --database_folder if it moved."
+        )
     else:
         changes = image_list_changes(manifest, root, check_mtimes=database_folder is None)
         if changes:
             flag = "--database_folder" if database_folder is not None else "the image folder"
-            raise ValueError(f"{flag} {root} changed since --load_database {folder} was saved from it: "
-                             f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
-                             "never be searched, deleted ones would still be returned): save the database "
-                             "again with --save_database.")
+            raise ValueError(
+                f"{flag} {root} changed since --load_database {folder} was saved from it: "
+                f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
+                "never be searched, deleted ones would still be returned): save the database "
+                "again with --save_database."
+            )
     paths = [os.path.join(root, p) for p in manifest["images"]]
     database = engine.load_database(folder, paths=paths)
     if database.global_descriptors.shape[1] != settings["embed_dim"]:
-        raise ValueError(f"--load_database {folder}: descriptors {database.global_descriptors.shape} for a model "
-                         f"of width {settings['embed_dim']}: the database is damaged. Save it again.")
+        raise ValueError(
+            f"--load_database {folder}: descriptors {database.global_descriptors.shape} for a model "
+            f"of width {settings['embed_dim']}: the database is damaged. Save it again."
+        )
     logging.info(f"Loaded the database saved in {folder} ({len(paths)} images of {root}): no database extraction")
     return database
 
@@ -289,6 +344,7 @@ def load_database(engine: retrieval.Retrieval, folder: str, *, settings: Dict,
 # ------------------------------------------------------------------------------------------------
 # Outputs
 # ------------------------------------------------------------------------------------------------
+
 
 def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wrong: bool = False) -> int:
     """Picture rows (query, then its top `num_preds` re-ranked matches with their scores); returns how many.
@@ -299,13 +355,21 @@ def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wron
     if records and "positives" in records[0]:
         return predictions_io.save_prediction_pictures(folder, records, num_preds=num_preds, only_wrong=only_wrong)
     if only_wrong:
-        raise ValueError("--save_only_wrong_preds needs ground truth: the file names of both folders must carry "
-                         "UTM coordinates (@east@north@...).")
+        raise ValueError(
+            "--save_only_wrong_preds needs ground truth: the file names of both folders must carry "
+            "UTM coordinates (@east@north@...)."
+        )
     for r in records:
         top = r["reranked"][:num_preds]
         # border=0 draws no frame, so the correct/wrong flags (unknown here) do not show.
-        row = visualizations.prediction_row(r["query"], [t["path"] for t in top], [False] * len(top),
-                                            scores=[t["mutual_nn"] for t in top], border=0, spacing=6)
+        row = visualizations.prediction_row(
+            r["query"],
+            [t["path"] for t in top],
+            [False] * len(top),
+            scores=[t["mutual_nn"] for t in top],
+            border=0,
+            spacing=6,
+        )
         visualizations.save_image_atomic(row, os.path.join(folder, f"{r['query_index']:06d}.jpg"))
     return len(records)
 
@@ -316,24 +380,50 @@ def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wron
 
 # No training, data set or PCA flags: the database is a folder of images (a saved database holds the raw
 # descriptors, so no --pca_dim either).
-LOCALIZE_GROUPS = (parser.WEIGHTS, parser.MODEL, parser.RUNTIME, parser.EXTRACTION, parser.EVALUATION,
-                   parser.RERANK, parser.OUTPUTS)
+LOCALIZE_GROUPS = (
+    parser.WEIGHTS,
+    parser.MODEL,
+    parser.RUNTIME,
+    parser.EXTRACTION,
+    parser.EVALUATION,
+    parser.RERANK,
+    parser.OUTPUTS,
+)
 
 
 def build_localize_parser():
-    p = parser.CommandParser("SelaVPR: localise the images of a queries folder against a database folder",
-                             LOCALIZE_GROUPS)
+    p = parser.CommandParser(
+        "SelaVPR: localise the images of a queries folder against a database folder", LOCALIZE_GROUPS
+    )
     g = p.add_argument_group("localize.py")
-    g.add_argument("--database_folder", type=parser.path, default=None,
-                   help="folder of database images (.jpg/.jpeg/.png, recursive); optional with --load_database")
+    g.add_argument(
+        "--database_folder",
+        type=parser.path,
+        default=None,
+        help="folder of database images (.jpg/.jpeg/.png, recursive); optional with --load_database",
+    )
     g.add_argument("--queries_folder", type=parser.path, required=True, help="folder of query images (recursive)")
-    g.add_argument("--output_folder", type=parser.path, default=None,
-                   help="where to write predictions and logs (default localize/<save_dir>/<time>/); must not exist")
+    g.add_argument(
+        "--output_folder",
+        type=parser.path,
+        default=None,
+        help="where to write predictions and logs (default localize/<save_dir>/<time>/); must not exist",
+    )
     io = g.add_mutually_exclusive_group()
-    io.add_argument("--save_database", type=parser.path, default=None, metavar="DIR",
-                    help="also save the database's descriptors into DIR (a new folder) for later runs")
-    io.add_argument("--load_database", type=parser.path, default=None, metavar="DIR",
-                    help="reuse the database saved in DIR by --save_database (no database extraction)")
+    io.add_argument(
+        "--save_database",
+        type=parser.path,
+        default=None,
+        metavar="DIR",
+        help="also save the database's descriptors into DIR (a new folder) for later runs",
+    )
+    io.add_argument(
+        "--load_database",
+        type=parser.path,
+        default=None,
+        metavar="DIR",
+        help="reuse the database saved in DIR by --save_database (no database extraction)",
+    )
     return p
 
 
@@ -349,21 +439,29 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
     if args.load_database and not os.path.isdir(args.load_database):
         p.error(f"--load_database {args.load_database}: no such folder; give a folder written by --save_database")
     if args.output_folder and os.path.exists(args.output_folder):
-        p.error(f"--output_folder {args.output_folder} already exists: choose a new folder (the outputs of two runs "
-                "are never mixed)")
+        p.error(
+            f"--output_folder {args.output_folder} already exists: choose a new folder (the outputs of two runs "
+            "are never mixed)"
+        )
     if args.save_database and os.path.exists(args.save_database):
-        p.error(f"--save_database {args.save_database} already exists: choose a new folder, or reuse that "
-                "database with --load_database")
-    for flag, target in (("--output_folder", args.output_folder or "localize"),
-                         ("--save_database", args.save_database)):
+        p.error(
+            f"--save_database {args.save_database} already exists: choose a new folder, or reuse that "
+            "database with --load_database"
+        )
+    for flag, target in (
+        ("--output_folder", args.output_folder or "localize"),
+        ("--save_database", args.save_database),
+    ):
         problem = target and creation_problem(target)
         if problem:
             p.error(f"{flag} {target}: {problem}")
     if args.output_folder and args.save_database:
         output, saved = os.path.abspath(args.output_folder), os.path.abspath(args.save_database)
         if output == saved or output.startswith(saved + os.sep):
-            p.error(f"--output_folder {args.output_folder} is (inside) --save_database {args.save_database}, which "
-                    "must be a new folder of its own: choose another output folder")
+            p.error(
+                f"--output_folder {args.output_folder} is (inside) --save_database {args.save_database}, which "
+                "must be a new folder of its own: choose another output folder"
+            )
     return args
 
 
@@ -392,8 +490,9 @@ def names_carry_utm(paths: Sequence[str]) -> bool:
 
 def main(args) -> None:
     start_time = datetime.now()
-    output_folder = args.output_folder or os.path.join("localize", args.save_dir,
-                                                       start_time.strftime("%Y-%m-%d_%H-%M-%S"))
+    output_folder = args.output_folder or os.path.join(
+        "localize", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
     commons.setup_logging(output_folder)
     try:
         # Everything a typo can break is checked before the slow work; a run refused here removes the
@@ -405,66 +504,95 @@ def main(args) -> None:
         if args.load_database:
             manifest = retrieval.read_manifest(os.path.abspath(args.load_database))
             saved_root = args.database_folder or manifest["database_folder"]
-        warn_about_overlaps(queries_folder=args.queries_folder, database_folder=args.database_folder or saved_root,
-                            output_folder=output_folder)
+        warn_about_overlaps(
+            queries_folder=args.queries_folder,
+            database_folder=args.database_folder or saved_root,
+            output_folder=output_folder,
+        )
         # A folder link in one folder must not pull in the other folder's images.
-        queries_paths = find_images(os.path.abspath(args.queries_folder), flag="--queries_folder",
-                                    protect=[os.path.abspath(args.database_folder)] if args.database_folder else [])
-        database_paths = None if args.load_database else find_images(
-            os.path.abspath(args.database_folder), protect=[os.path.abspath(args.queries_folder)])
+        queries_paths = find_images(
+            os.path.abspath(args.queries_folder),
+            flag="--queries_folder",
+            protect=[os.path.abspath(args.database_folder)] if args.database_folder else [],
+        )
+        database_paths = (
+            None
+            if args.load_database
+            else find_images(os.path.abspath(args.database_folder), protect=[os.path.abspath(args.queries_folder)])
+        )
         if args.save_only_wrong_preds:
             database_names = database_paths if database_paths is not None else manifest["images"]
             if not (names_carry_utm(queries_paths) and names_carry_utm(database_names)):
-                raise ValueError("--save_only_wrong_preds needs ground truth: the file names of both folders must "
-                                 "carry UTM coordinates (@east@north@...); drop the flag to save every query's "
-                                 "pictures.")
+                raise ValueError(
+                    "--save_only_wrong_preds needs ground truth: the file names of both folders must "
+                    "carry UTM coordinates (@east@north@...); drop the flag to save every query's "
+                    "pictures."
+                )
         model = network.build_model(args)
-        settings = model_settings(model, backbone=args.backbone, registers=args.registers, resize=args.resize,
-                                  precision=args.precision)
+        settings = model_settings(
+            model, backbone=args.backbone, registers=args.registers, resize=args.resize, precision=args.precision
+        )
     except (ValueError, OSError):
         commons.discard_output_folder(output_folder)
         raise
     # --efficient_ram_testing: the dense features go to the run's folder, removed at the end (also on
     # errors, Ctrl-C and SIGTERM: the engine's `with`).
     store_folder = os.path.join(output_folder, "dense_features") if args.efficient_ram_testing else None
-    with retrieval.Retrieval(model, batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                             device=args.device, precision=args.precision, store_folder=store_folder) as engine:
+    with retrieval.Retrieval(
+        model,
+        batch_size=args.infer_batch_size,
+        num_workers=args.num_workers,
+        device=args.device,
+        precision=args.precision,
+        store_folder=store_folder,
+    ) as engine:
         if args.load_database:
-            database = load_database(engine, args.load_database, settings=settings,
-                                     database_folder=args.database_folder)
+            database = load_database(
+                engine, args.load_database, settings=settings, database_folder=args.database_folder
+            )
         else:
-            database = engine.build_database(FolderImages(database_paths, resize=args.resize),
-                                             range(len(database_paths)), paths=database_paths)
+            database = engine.build_database(
+                FolderImages(database_paths, resize=args.resize), range(len(database_paths)), paths=database_paths
+            )
         if args.save_database:
             info = {flag: getattr(args, flag) for flag in ("foundation_model_path", "resume", "load_weights")}
-            save_database(database, args.save_database, root=os.path.abspath(args.database_folder),
-                          settings=settings, extra=info)
+            save_database(
+                database, args.save_database, root=os.path.abspath(args.database_folder), settings=settings, extra=info
+            )
             logging.info(f"Saved the database in {args.save_database}: reuse it with --load_database")
         logging.info(f"< Localize - #database: {len(database)}; #queries: {len(queries_paths)} >")
-        queries = engine.extract_queries(FolderImages(queries_paths, resize=args.resize), range(len(queries_paths)),
-                                         method=args.test_method)
-        ranking = engine.rank(database, queries, rerank_num=args.rerank_num,
-                              majority_weight=args.majority_weight)
+        queries = engine.extract_queries(
+            FolderImages(queries_paths, resize=args.resize), range(len(queries_paths)), method=args.test_method
+        )
+        ranking = engine.rank(database, queries, rerank_num=args.rerank_num, majority_weight=args.majority_weight)
 
     positives = utm_positives(database.paths, queries_paths, args.val_positive_dist_threshold)
     if positives is None:
         logging.info("The file names do not all carry UTM coordinates: no recalls (no ground truth)")
     else:
         first, reranked = test.ranking_recalls(ranking, positives, args.recall_values)
-        logging.info(f"Positives: database images within --val_positive_dist_threshold "
-                     f"{args.val_positive_dist_threshold} m (UTM from the file names)")
+        logging.info(
+            f"Positives: database images within --val_positive_dist_threshold "
+            f"{args.val_positive_dist_threshold} m (UTM from the file names)"
+        )
         logging.info(f"First ranking recalls: {test.recalls_to_str(first, args.recall_values)}")
         logging.info(f"Recalls after re-ranking: {test.recalls_to_str(reranked, args.recall_values)}")
 
-    records = predictions_io.prediction_records(queries_paths=queries_paths, database_paths=database.paths,
-                                                ranking=ranking, positives=positives, reranked_distances=True)
+    records = predictions_io.prediction_records(
+        queries_paths=queries_paths,
+        database_paths=database.paths,
+        ranking=ranking,
+        positives=positives,
+        reranked_distances=True,
+    )
     predictions_path = os.path.join(output_folder, "predictions.jsonl")
     predictions_io.write_predictions(predictions_path, records)
     logging.info(f"Wrote every query's ranked matches to {predictions_path}")
     if args.num_preds_to_save:
         preds_folder = os.path.join(output_folder, "preds")
-        n = save_pictures(preds_folder, records, num_preds=args.num_preds_to_save,
-                          only_wrong=args.save_only_wrong_preds)
+        n = save_pictures(
+            preds_folder, records, num_preds=args.num_preds_to_save, only_wrong=args.save_only_wrong_preds
+        )
         logging.info(f"Saved {n} prediction pictures in {preds_folder}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
 

@@ -1,4 +1,5 @@
 """Training losses: the global triplet loss and the local mutual-nearest-neighbour loss."""
+
 from contextlib import nullcontext
 from typing import Tuple
 
@@ -8,8 +9,9 @@ from torch import nn
 import local_matching
 
 
-def local_triplet_loss(query_local: torch.Tensor, positive_local: torch.Tensor,
-                       negative_local: torch.Tensor) -> torch.Tensor:
+def local_triplet_loss(
+    query_local: torch.Tensor, positive_local: torch.Tensor, negative_local: torch.Tensor
+) -> torch.Tensor:
     """Sum over triplets of max(0, sim(q, neg) - sim(q, pos)); inputs (T, h, w, C) dense features.
 
     sim is the mean dot product over the mutual nearest neighbours (local_matching.mutual_nn_similarity).
@@ -19,8 +21,14 @@ def local_triplet_loss(query_local: torch.Tensor, positive_local: torch.Tensor,
     return torch.clamp(sim_neg - sim_pos, min=0).sum()
 
 
-def triplet_losses(local_features: torch.Tensor, global_features: torch.Tensor, triplets: torch.Tensor, *,
-                   margin: float, normaliser: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def triplet_losses(
+    local_features: torch.Tensor,
+    global_features: torch.Tensor,
+    triplets: torch.Tensor,
+    *,
+    margin: float,
+    normaliser: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(global, local) losses of a batch, each summed over its triplets and divided by `normaliser`
     (train_batch_size * negs_num_per_query, as the public release).
 
@@ -28,14 +36,16 @@ def triplet_losses(local_features: torch.Tensor, global_features: torch.Tensor, 
     [query, positive, negative] indexing them.
     """
     q, p, n = triplets.to(global_features.device).T
-    global_loss = nn.functional.triplet_margin_loss(global_features[q], global_features[p], global_features[n],
-                                                    margin=margin, p=2, eps=1e-6, reduction="sum")
+    global_loss = nn.functional.triplet_margin_loss(
+        global_features[q], global_features[p], global_features[n], margin=margin, p=2, eps=1e-6, reduction="sum"
+    )
     local_loss = local_triplet_loss(local_features[q], local_features[p], local_features[n])
     return global_loss / normaliser, local_loss / normaliser
 
 
-def forward_features(model: nn.Module, images: torch.Tensor, *, precision: str = "fp32"
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def forward_features(
+    model: nn.Module, images: torch.Tensor, *, precision: str = "fp32"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training forward: model(images) -> (local (N, h, w, C), global (N, D)), both float32.
 
     precision "fp32": the plain call (bit-identical to model(images)). "bf16": the forward runs under

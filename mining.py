@@ -6,8 +6,8 @@ and never computes dense features (the public release computed and discarded the
 
 Randomness: NumPy's GLOBAL generator, with ``np.random.choice(..., replace=False)`` calls made in the
 order of the public release (queries first, then the database sample) and with the same arguments,
-so that a seeded run draws the same samples. Nearest-neighbour selections use faiss ``IndexFlatL2`` searches like the public release,
-so that near-ties resolve the same way.
+so that a seeded run draws the same samples. Nearest-neighbour selections use faiss ``IndexFlatL2``
+searches like the public release, so that near-ties resolve the same way.
 
 Index conventions: a query is identified by its query index ``q`` (0..queries_num-1) inside the
 dataset's per-query lists; its global index is ``database_num + q``. The mined rows are GLOBAL
@@ -44,6 +44,7 @@ class MinableDataset(Protocol):
 # Pure selection functions
 # ----------------------------------------------------------------------------------------------
 
+
 def _nearest(query_descriptor: np.ndarray, descriptors: np.ndarray, k: int) -> np.ndarray:
     """Row numbers of the ``k`` rows of ``descriptors`` (n, D) nearest in L2 to ``query_descriptor`` (D,),
     by ascending distance (exact faiss IndexFlatL2 search)."""
@@ -61,8 +62,9 @@ def _nearest(query_descriptor: np.ndarray, descriptors: np.ndarray, k: int) -> n
     return rows
 
 
-def best_positive(query_descriptor: np.ndarray, positives_descriptors: np.ndarray,
-                  positives_indexes: np.ndarray) -> int:
+def best_positive(
+    query_descriptor: np.ndarray, positives_descriptors: np.ndarray, positives_indexes: np.ndarray
+) -> int:
     """The hard positive nearest (L2) to the query.
 
     query_descriptor (D,), positives_descriptors (P, D) aligned with positives_indexes (P,) -> one index.
@@ -73,8 +75,9 @@ def best_positive(query_descriptor: np.ndarray, positives_descriptors: np.ndarra
     return int(positives_indexes[_nearest(query_descriptor, positives_descriptors, 1)[0]])
 
 
-def hardest_negatives(query_descriptor: np.ndarray, candidates_descriptors: np.ndarray,
-                      candidates_indexes: np.ndarray, negs_num: int) -> np.ndarray:
+def hardest_negatives(
+    query_descriptor: np.ndarray, candidates_descriptors: np.ndarray, candidates_indexes: np.ndarray, negs_num: int
+) -> np.ndarray:
     """The ``negs_num`` candidates nearest (L2) to the query, by ascending distance.
 
     query_descriptor (D,), candidates_descriptors (C, D) aligned with candidates_indexes (C,) ->
@@ -82,8 +85,10 @@ def hardest_negatives(query_descriptor: np.ndarray, candidates_descriptors: np.n
     """
     candidates_indexes = np.asarray(candidates_indexes, dtype=np.int64)
     if len(candidates_indexes) < negs_num:
-        raise ValueError(f"Only {len(candidates_indexes)} negative candidates for a query, fewer than "
-                         f"--negs_num_per_query={negs_num}: raise --neg_samples_num or lower --negs_num_per_query.")
+        raise ValueError(
+            f"Only {len(candidates_indexes)} negative candidates for a query, fewer than "
+            f"--negs_num_per_query={negs_num}: raise --neg_samples_num or lower --negs_num_per_query."
+        )
     return candidates_indexes[_nearest(query_descriptor, candidates_descriptors, negs_num)]
 
 
@@ -93,8 +98,9 @@ def remove_soft_positives(candidates: np.ndarray, soft_positives: np.ndarray) ->
     ``np.setdiff1d(..., assume_unique=True)`` as the public release (candidates are distinct draws):
     it keeps the draw order, which the ``random`` mode relies on.
     """
-    return np.setdiff1d(np.asarray(candidates, dtype=np.int64), np.asarray(soft_positives, dtype=np.int64),
-                        assume_unique=True)
+    return np.setdiff1d(
+        np.asarray(candidates, dtype=np.int64), np.asarray(soft_positives, dtype=np.int64), assume_unique=True
+    )
 
 
 def msls_query_weights(is_night: np.ndarray, is_sideways: np.ndarray) -> np.ndarray:
@@ -108,7 +114,8 @@ def msls_query_weights(is_night: np.ndarray, is_sideways: np.ndarray) -> np.ndar
         raise ValueError(
             f"--mining msls_weighted needs night and sideways queries (note field of the file names, as in "
             f"Mapillary SLS), but found {night_num} night and {sideways_num} sideways among {queries_num} "
-            "queries: use another --mining mode for this data set.")
+            "queries: use another --mining mode for this data set."
+        )
     weights = np.ones(queries_num, dtype=np.float64)
     weights[is_night] += queries_num / night_num
     weights[is_sideways] += queries_num / sideways_num
@@ -118,6 +125,7 @@ def msls_query_weights(is_night: np.ndarray, is_sideways: np.ndarray) -> np.ndar
 # ----------------------------------------------------------------------------------------------
 # The negatives cache of `full` mining
 # ----------------------------------------------------------------------------------------------
+
 
 class MiningState:
     """Per query, the hardest negatives found by the previous ``full`` mining loop (global indexes).
@@ -157,6 +165,7 @@ class MiningState:
 # The mining step
 # ----------------------------------------------------------------------------------------------
 
+
 def _check_sample(size: int, population: int, flag: str, what: str) -> None:
     if size > population:
         raise ValueError(f"{flag}={size} is larger than the {population} {what}: set {flag} to at most {population}.")
@@ -164,22 +173,32 @@ def _check_sample(size: int, population: int, flag: str, what: str) -> None:
         raise ValueError(f"{flag} must not be negative, got {size}")
 
 
-def _fetch_descriptors(descriptors_fn: DescriptorsFn, global_indexes: np.ndarray, images_num: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
+def _fetch_descriptors(
+    descriptors_fn: DescriptorsFn, global_indexes: np.ndarray, images_num: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Ask ``descriptors_fn`` once for ``global_indexes`` (n,) -> (descriptors (n, D) float32,
     row_of (images_num,) int64 mapping a global index to its row, -1 when not computed)."""
     descriptors = np.asarray(descriptors_fn(global_indexes))
     if descriptors.ndim != 2 or descriptors.shape[0] != len(global_indexes):
-        raise ValueError(f"descriptors_fn returned shape {descriptors.shape} for {len(global_indexes)} images: "
-                         "expected (n, D), one row per requested index.")
+        raise ValueError(
+            f"descriptors_fn returned shape {descriptors.shape} for {len(global_indexes)} images: "
+            "expected (n, D), one row per requested index."
+        )
     row_of = np.full(images_num, -1, dtype=np.int64)
     row_of[global_indexes] = np.arange(len(global_indexes))
     return np.ascontiguousarray(descriptors, dtype=np.float32), row_of
 
 
-def mine_triplets(dataset: MinableDataset, *, mode: str, descriptors_fn: DescriptorsFn,
-                  cache_refresh_rate: int, neg_samples_num: int, negs_num_per_query: int,
-                  state: MiningState | None = None) -> np.ndarray:
+def mine_triplets(
+    dataset: MinableDataset,
+    *,
+    mode: str,
+    descriptors_fn: DescriptorsFn,
+    cache_refresh_rate: int,
+    neg_samples_num: int,
+    negs_num_per_query: int,
+    state: MiningState | None = None,
+) -> np.ndarray:
     """Mine one loop of triplets; store them in ``dataset.triplets_global_indexes`` and return them.
 
     Returns (cache_refresh_rate, 2 + negs_num_per_query) int64 GLOBAL indexes
@@ -196,20 +215,28 @@ def mine_triplets(dataset: MinableDataset, *, mode: str, descriptors_fn: Descrip
         raise ValueError(f"--negs_num_per_query must be at least 1, got {negs_num_per_query}")
     dataset_negs = getattr(dataset, "negs_num_per_query", negs_num_per_query)
     if dataset_negs != negs_num_per_query:
-        raise ValueError(f"negs_num_per_query={negs_num_per_query} differs from the dataset's {dataset_negs}: "
-                         "build the TripletsDataset with the same --negs_num_per_query.")
+        raise ValueError(
+            f"negs_num_per_query={negs_num_per_query} differs from the dataset's {dataset_negs}: "
+            "build the TripletsDataset with the same --negs_num_per_query."
+        )
     database_num, queries_num = int(dataset.database_num), int(dataset.queries_num)
     hard, soft = dataset.hard_positives_per_query, dataset.soft_positives_per_query
     if len(hard) != queries_num or len(soft) != queries_num:
-        raise ValueError(f"The dataset's positives lists ({len(hard)} hard, {len(soft)} soft) are not aligned "
-                         f"with its {queries_num} queries.")
+        raise ValueError(
+            f"The dataset's positives lists ({len(hard)} hard, {len(soft)} soft) are not aligned "
+            f"with its {queries_num} queries."
+        )
     if mode == "full":
         if state is None:
-            raise ValueError("--mining full keeps each query's hardest negatives between loops: "
-                             "pass state=MiningState(dataset.queries_num) and reuse it for every loop.")
+            raise ValueError(
+                "--mining full keeps each query's hardest negatives between loops: "
+                "pass state=MiningState(dataset.queries_num) and reuse it for every loop."
+            )
         if state.queries_num != queries_num:
-            raise ValueError(f"The mining state holds {state.queries_num} queries but the dataset has "
-                             f"{queries_num}: it belongs to another data set or run; start a new MiningState.")
+            raise ValueError(
+                f"The mining state holds {state.queries_num} queries but the dataset has "
+                f"{queries_num}: it belongs to another data set or run; start a new MiningState."
+            )
 
     # Validate every sample size before the first draw, so an error leaves the RNG untouched.
     _check_sample(cache_refresh_rate, queries_num, "--cache_refresh_rate", "training queries (with a hard positive)")
@@ -235,11 +262,14 @@ def mine_triplets(dataset: MinableDataset, *, mode: str, descriptors_fn: Descrip
     else:  # random
         longest_soft = max((len(soft[q]) for q in queries), default=0)
         if negs_num_per_query + longest_soft > database_num:
-            raise ValueError(f"--mining random draws --negs_num_per_query + #soft positives = "
-                             f"{negs_num_per_query + longest_soft} database images for a query, more than the "
-                             f"{database_num} in the database: lower --negs_num_per_query.")
-        database_needed = np.unique(np.concatenate([np.asarray(hard[q], dtype=np.int64) for q in queries]
-                                                   + [np.empty(0, dtype=np.int64)]))
+            raise ValueError(
+                f"--mining random draws --negs_num_per_query + #soft positives = "
+                f"{negs_num_per_query + longest_soft} database images for a query, more than the "
+                f"{database_num} in the database: lower --negs_num_per_query."
+            )
+        database_needed = np.unique(
+            np.concatenate([np.asarray(hard[q], dtype=np.int64) for q in queries] + [np.empty(0, dtype=np.int64)])
+        )
 
     needed = np.concatenate([database_needed, query_globals])
     descriptors, row_of = _fetch_descriptors(descriptors_fn, needed, database_num + queries_num)
@@ -253,14 +283,16 @@ def mine_triplets(dataset: MinableDataset, *, mode: str, descriptors_fn: Descrip
         positive = best_positive(query_descriptor, rows(hard[q]), hard[q])
         if mode in ("partial", "msls_weighted"):
             candidates = remove_soft_positives(sampled_db, soft[q])
-            negatives = _hardest_or_explain(query_descriptor, rows, candidates, negs_num_per_query,
-                                            neg_samples_num, database_num + q)
+            negatives = _hardest_or_explain(
+                query_descriptor, rows, candidates, negs_num_per_query, neg_samples_num, database_num + q
+            )
         elif mode == "full":
             # Draw 3 (per query): fresh candidates, united with the query's previous hardest negatives.
             fresh = np.random.choice(database_num, neg_samples_num, replace=False)
             candidates = np.unique(np.concatenate([state.neg_cache[q], remove_soft_positives(fresh, soft[q])]))
-            negatives = _hardest_or_explain(query_descriptor, rows, candidates, negs_num_per_query,
-                                            neg_samples_num, database_num + q)
+            negatives = _hardest_or_explain(
+                query_descriptor, rows, candidates, negs_num_per_query, neg_samples_num, database_num + q
+            )
             state.neg_cache[q] = negatives.copy()
         else:  # random
             # Draw 3 (per query): enough images that, minus the soft positives, negs_num remain.
@@ -274,10 +306,18 @@ def mine_triplets(dataset: MinableDataset, *, mode: str, descriptors_fn: Descrip
     return triplets
 
 
-def _hardest_or_explain(query_descriptor: np.ndarray, rows: Callable[[np.ndarray], np.ndarray],
-                        candidates: np.ndarray, negs_num: int, neg_samples_num: int, query_global: int) -> np.ndarray:
+def _hardest_or_explain(
+    query_descriptor: np.ndarray,
+    rows: Callable[[np.ndarray], np.ndarray],
+    candidates: np.ndarray,
+    negs_num: int,
+    neg_samples_num: int,
+    query_global: int,
+) -> np.ndarray:
     if len(candidates) < negs_num:
-        raise ValueError(f"Query {query_global} has only {len(candidates)} negative candidates among the "
-                         f"--neg_samples_num={neg_samples_num} sampled database images (the others are its soft "
-                         f"positives), fewer than --negs_num_per_query={negs_num}: raise --neg_samples_num.")
+        raise ValueError(
+            f"Query {query_global} has only {len(candidates)} negative candidates among the "
+            f"--neg_samples_num={neg_samples_num} sampled database images (the others are its soft "
+            f"positives), fewer than --negs_num_per_query={negs_num}: raise --neg_samples_num."
+        )
     return hardest_negatives(query_descriptor, rows(candidates), candidates, negs_num)

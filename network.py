@@ -3,6 +3,7 @@
 load_model(...) is the one place that turns model settings and weight files into a ready model;
 build_model(args) calls it with the command line's flags.
 """
+
 import logging
 import os
 import pickle
@@ -74,8 +75,9 @@ class GeoLocalizationNet(nn.Module):
     both L2-normalised (the local features at every location).
     """
 
-    def __init__(self, *, backbone: str = "vit_large", registers: bool = False,
-                 backbone_depth: Optional[int] = None) -> None:
+    def __init__(
+        self, *, backbone: str = "vit_large", registers: bool = False, backbone_depth: Optional[int] = None
+    ) -> None:
         super().__init__()
         if backbone not in vit.FACTORIES:
             raise ValueError(f"unknown --backbone {backbone!r}: choose one of {', '.join(vit.FACTORIES)}")
@@ -107,8 +109,9 @@ class GeoLocalizationNet(nn.Module):
 
     def trainable_parameter_names(self, *, train_backbone: bool = False) -> list:
         """Adapters, LocalAdapt and GeM p (the paper trains only these); with train_backbone, everything."""
-        return [n for n, _ in self.named_parameters()
-                if train_backbone or not n.startswith("backbone.") or ".adapter" in n]
+        return [
+            n for n, _ in self.named_parameters() if train_backbone or not n.startswith("backbone.") or ".adapter" in n
+        ]
 
     def freeze(self, *, train_backbone: bool = False) -> None:
         """Freeze the pre-trained backbone, leaving adapters and heads trainable."""
@@ -121,6 +124,7 @@ class GeoLocalizationNet(nn.Module):
 # Weight files
 # ---------------------------------------------------------------------------------------------------
 
+
 def _numpy_multiarray():
     """numpy's multiarray module: numpy 2 moved it to numpy._core (numpy.core is a deprecated alias
     there), numpy 1.x has only numpy.core."""
@@ -132,15 +136,20 @@ def _numpy_safe_globals() -> list:
     """Exactly the numpy objects a SelaVPR training checkpoint pickles (`recalls` array, `best_r5`
     float64 scalar), under the names numpy 1.x (numpy.core) and 2.x (numpy._core) write."""
     multiarray = _numpy_multiarray()
-    return [(multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-            (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
-            (multiarray.scalar, "numpy.core.multiarray.scalar"),
-            (multiarray.scalar, "numpy._core.multiarray.scalar"),
-            np.ndarray, np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.float32)),
-            type(np.dtype(np.int64)),
-            # An empty array's buffer is pickled as a call of bytes(): harmless, and our own
-            # checkpoints hold one before the first validation.
-            bytes]
+    return [
+        (multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
+        (multiarray._reconstruct, "numpy._core.multiarray._reconstruct"),
+        (multiarray.scalar, "numpy.core.multiarray.scalar"),
+        (multiarray.scalar, "numpy._core.multiarray.scalar"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.float64)),
+        type(np.dtype(np.float32)),
+        type(np.dtype(np.int64)),
+        # An empty array's buffer is pickled as a call of bytes(): harmless, and our own
+        # checkpoints hold one before the first validation.
+        bytes,
+    ]
 
 
 def _torch_allow_list_takes_names() -> bool:
@@ -156,6 +165,7 @@ def _torch_allow_list_takes_names() -> bool:
         return False
     try:
         from torch import _weights_only_unpickler
+
         probe = "selavpr_probe.allow_list_by_name"
         with torch.serialization.safe_globals([(OrderedDict, probe)]):
             return probe in _weights_only_unpickler._get_user_allowed_globals()
@@ -242,8 +252,16 @@ def restricted_pickle_module() -> types.ModuleType:
 # protocol) and, torch's pure-Python weights_only one, IndexError / KeyError / struct.error on garbage.
 # Not caught: ImportError, AttributeError, TypeError, NameError - bugs or a broken install, which must
 # show as such rather than as advice about the user's file.
-_BAD_FILE_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, IndexError, KeyError, struct.error,
-                    OverflowError)
+_BAD_FILE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    IndexError,
+    KeyError,
+    struct.error,
+    OverflowError,
+)
 
 
 def _torch_load(path: str, *, restricted: bool, mmap: bool = False):
@@ -277,8 +295,10 @@ def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path} is a directory. Give the path of a weights file (.pth).")
     if os.path.getsize(path) == 0:
-        raise ValueError(f"{what} {path} is empty (0 bytes): its download or copy did not finish. Give a complete "
-                         "weights file (.pth).")
+        raise ValueError(
+            f"{what} {path} is empty (0 bytes): its download or copy did not finish. Give a complete "
+            "weights file (.pth)."
+        )
     if restricted is None:
         restricted = not _torch_allow_list_takes_names()
     try:
@@ -286,11 +306,15 @@ def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None
     except _BAD_FILE_ERRORS as e:
         refused = e.name if isinstance(e, RefusedGlobal) else _unsupported_global(str(e))
         if refused is not None:
-            raise ValueError(f"{what} {path} refused: it would run code when unpickled (it pickles {refused}, "
-                             "which is not a tensor, number, container or numpy array). Nothing in it was run: "
-                             "use weight files from a source you trust.") from None
-        raise ValueError(f"{what} {path} could not be loaded ({_first_sentence(e)}): it is truncated or not a "
-                         "PyTorch weights file. Download or copy it again.") from None
+            raise ValueError(
+                f"{what} {path} refused: it would run code when unpickled (it pickles {refused}, "
+                "which is not a tensor, number, container or numpy array). Nothing in it was run: "
+                "use weight files from a source you trust."
+            ) from None
+        raise ValueError(
+            f"{what} {path} could not be loaded ({_first_sentence(e)}): it is truncated or not a "
+            "PyTorch weights file. Download or copy it again."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
     return data
@@ -307,24 +331,31 @@ def _first_sentence(e: BaseException) -> str:
     """The reason of a load error, without torch's further lines (advice about its own internals)."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     # weights_only failures put the actual reason after this marker.
-    reason = next((line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines
-                   if "WeightsUnpickler error:" in line), lines[0] if lines else type(e).__name__)
+    reason = next(
+        (line.split("WeightsUnpickler error:", 1)[1].strip() for line in lines if "WeightsUnpickler error:" in line),
+        lines[0] if lines else type(e).__name__,
+    )
     return reason.split(". ")[0][:200]
 
 
 def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
     if state and all(k.startswith(prefix) for k in state):
-        return OrderedDict((k[len(prefix):], v) for k, v in state.items())
+        return OrderedDict((k[len(prefix) :], v) for k, v in state.items())
     return state
 
 
 def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str) -> None:
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
-             for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    wrong = [
+        f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
     if wrong:
-        raise ValueError(f"{what} {path} does not fit this model (--backbone / --registers / --backbone_depth?): "
-                         f"shape mismatch for {', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''}")
+        raise ValueError(
+            f"{what} {path} does not fit this model (--backbone / --registers / --backbone_depth?): "
+            f"shape mismatch for {', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''}"
+        )
 
 
 def _describe(keys, limit: int = 8) -> str:
@@ -346,12 +377,17 @@ def load_foundation_weights(model: GeoLocalizationNet, path: str) -> None:
             parts.append(f"missing keys: {_describe(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_describe(unexpected)}")
-        hint = " (a register file needs --registers, a plain one must run without it)" \
-            if any("register_tokens" in k for k in missing | unexpected) else ""
+        hint = (
+            " (a register file needs --registers, a plain one must run without it)"
+            if any("register_tokens" in k for k in missing | unexpected)
+            else ""
+        )
         if "model_state_dict" in state:
             hint = " (this is a SelaVPR checkpoint: give it with --resume or --load_weights instead)"
-        raise ValueError(f"--foundation_model_path {path} does not match --backbone {model.backbone_name} "
-                         f"({len(model.backbone.blocks)} blocks){hint}: {'; '.join(parts)}")
+        raise ValueError(
+            f"--foundation_model_path {path} does not match --backbone {model.backbone_name} "
+            f"({len(model.backbone.blocks)} blocks){hint}: {'; '.join(parts)}"
+        )
     _check_shapes(model.backbone, state, path, "--foundation_model_path")
     model.backbone.load_state_dict(state, strict=False)
     logging.info(f"Loaded foundation weights from {path} ({len(state)} tensors; adapters keep their init)")
@@ -373,8 +409,10 @@ def load_model_weights(model: GeoLocalizationNet, path: str, *, what: str = "--r
     if missing or unexpected:
         parts = [f"missing keys: {_describe(missing)}"] if missing else []
         parts += [f"unexpected keys: {_describe(unexpected)}"] if unexpected else []
-        raise ValueError(f"{what} {path} is not a SelaVPR checkpoint of this model (check --backbone, "
-                         f"--registers): {'; '.join(parts)}")
+        raise ValueError(
+            f"{what} {path} is not a SelaVPR checkpoint of this model (check --backbone, "
+            f"--registers): {'; '.join(parts)}"
+        )
     _check_shapes(model, state, path, what)
     model.load_state_dict(state, strict=True)
     logging.info(f"Loaded model weights from {what} {path}")
@@ -387,9 +425,18 @@ def public_state_dict(model: nn.Module) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict((MODULE_PREFIX + k, v.detach().cpu()) for k, v in inner.state_dict().items())
 
 
-def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                    epoch_num: int = 0, recalls=None, best_r5: float = 0.0, not_improved_num: int = 0,
-                    resize: Optional[Sequence[int]] = None, extra: Optional[dict] = None) -> None:
+def save_checkpoint(
+    path: str,
+    *,
+    model: nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    epoch_num: int = 0,
+    recalls=None,
+    best_r5: float = 0.0,
+    not_improved_num: int = 0,
+    resize: Optional[Sequence[int]] = None,
+    extra: Optional[dict] = None,
+) -> None:
     """Write a checkpoint in the public layout, atomically (temp file + rename).
 
     Top-level entries as the public release: epoch_num, model_state_dict (`module.` keys),
@@ -415,6 +462,7 @@ def save_checkpoint(path: str, *, model: nn.Module, optimizer: Optional[torch.op
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save(obj) to `path` through atomic_files.atomic_write (temp file, then rename): a run
     killed while saving leaves the previous file intact."""
+
     def write(tmp):
         # Through a Python file object: a full disk then raises OSError(ENOSPC), which run_main reports
         # as such; torch.save(obj, <path>) writes in C++ and fails with a cryptic RuntimeError instead.
@@ -429,6 +477,7 @@ def atomic_torch_save(obj, path: str) -> None:
                 if cause is None:
                     raise
                 raise cause from None
+
     atomic_files.atomic_write(path, write)
 
 
@@ -445,8 +494,11 @@ MODEL_FLAGS = ARCHITECTURE_FLAGS + ("resize",)
 
 def model_settings_of(model: "GeoLocalizationNet", *, resize: Optional[Sequence[int]] = None) -> dict:
     """What a later run needs to rebuild `model`: plain types only (loadable with weights_only=True)."""
-    settings = {"backbone": model.backbone_name, "backbone_depth": len(model.backbone.blocks),
-                "registers": bool(model.backbone.num_register_tokens)}
+    settings = {
+        "backbone": model.backbone_name,
+        "backbone_depth": len(model.backbone.blocks),
+        "registers": bool(model.backbone.num_register_tokens),
+    }
     if resize is not None:
         settings["resize"] = [int(resize[0]), int(resize[1])]
     return settings
@@ -458,19 +510,33 @@ def saved_model_settings(checkpoint: dict, *, path: str, what: str) -> Optional[
     saved = checkpoint.get(SETTINGS_KEY)
     if saved is None:
         return None
-    ok = (isinstance(saved, dict) and isinstance(saved.get("backbone"), str) and saved["backbone"] in vit.FACTORIES
-          and isinstance(saved.get("backbone_depth"), int) and saved["backbone_depth"] > 0
-          and isinstance(saved.get("registers"), bool)
-          and ("resize" not in saved or (isinstance(saved["resize"], (list, tuple)) and len(saved["resize"]) == 2
-                                         and all(isinstance(v, int) and v > 0 for v in saved["resize"]))))
+    ok = (
+        isinstance(saved, dict)
+        and isinstance(saved.get("backbone"), str)
+        and saved["backbone"] in vit.FACTORIES
+        and isinstance(saved.get("backbone_depth"), int)
+        and saved["backbone_depth"] > 0
+        and isinstance(saved.get("registers"), bool)
+        and (
+            "resize" not in saved
+            or (
+                isinstance(saved["resize"], (list, tuple))
+                and len(saved["resize"]) == 2
+                and all(isinstance(v, int) and v > 0 for v in saved["resize"])
+            )
+        )
+    )
     if not ok:
-        raise ValueError(f"{what} {path}: its '{SETTINGS_KEY}' entry is malformed ({saved!r:.200}); it was not "
-                         "written by this project's train.py. Remove the entry or give a file written by train.py.")
+        raise ValueError(
+            f"{what} {path}: its '{SETTINGS_KEY}' entry is malformed ({saved!r:.200}); it was not "
+            "written by this project's train.py. Remove the entry or give a file written by train.py."
+        )
     return dict(saved)
 
 
-def resolve_model_settings(given: Dict[str, object], saved: Optional[dict], defaults: Dict[str, object], *,
-                           source: str) -> Tuple[dict, Optional[str]]:
+def resolve_model_settings(
+    given: Dict[str, object], saved: Optional[dict], defaults: Dict[str, object], *, source: str
+) -> Tuple[dict, Optional[str]]:
     """Settings for this run: each flag given on the command line, else the checkpoint's value, else
     its default. Returns (settings, a note for the log or None).
 
@@ -484,8 +550,10 @@ def resolve_model_settings(given: Dict[str, object], saved: Optional[dict], defa
         if flag in given and flag in saved and given[flag] != saved[flag]:
             conflicts.append(f"--{flag} {given[flag]} (given) but {saved[flag]} in the file")
     if conflicts:
-        raise ValueError(f"{source} was trained with another model: {'; '.join(conflicts)}. Drop those flags "
-                         "(the file's settings are used when they are not given) or give the matching file.")
+        raise ValueError(
+            f"{source} was trained with another model: {'; '.join(conflicts)}. Drop those flags "
+            "(the file's settings are used when they are not given) or give the matching file."
+        )
     settings = {flag: given[flag] if flag in given else saved.get(flag, defaults[flag]) for flag in MODEL_FLAGS}
     taken = [flag for flag in MODEL_FLAGS if flag not in given and flag in saved]
     if not taken:
@@ -494,10 +562,18 @@ def resolve_model_settings(given: Dict[str, object], saved: Optional[dict], defa
     return settings, f"Model settings taken from {source}: {shown} (flags given on the command line win)"
 
 
-def load_model(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, registers: bool = False,
-               foundation_model_path: Optional[str] = None, checkpoint: Optional[str] = None,
-               checkpoint_flag: str = "--resume", allow_random_weights: bool = False, train_backbone: bool = False,
-               device: str = "cpu") -> GeoLocalizationNet:
+def load_model(
+    *,
+    backbone: str = "vit_large",
+    backbone_depth: Optional[int] = None,
+    registers: bool = False,
+    foundation_model_path: Optional[str] = None,
+    checkpoint: Optional[str] = None,
+    checkpoint_flag: str = "--resume",
+    allow_random_weights: bool = False,
+    train_backbone: bool = False,
+    device: str = "cpu",
+) -> GeoLocalizationNet:
     """The one place that turns model settings and weight files into a ready GeoLocalizationNet.
 
     foundation_model_path: DINOv2 backbone weights (adapters start at zero output); checkpoint: a
@@ -512,9 +588,11 @@ def load_model(*, backbone: str = "vit_large", backbone_depth: Optional[int] = N
         load_model_weights(model, checkpoint, what=checkpoint_flag)
     if not foundation_model_path and not checkpoint:
         if not allow_random_weights:
-            raise ValueError("no weights given: pass --foundation_model_path (DINOv2 weights) and/or --resume "
-                             "(a SelaVPR checkpoint), or --allow_random_weights to run with random weights on "
-                             "purpose (demos and tests only).")
+            raise ValueError(
+                "no weights given: pass --foundation_model_path (DINOv2 weights) and/or --resume "
+                "(a SelaVPR checkpoint), or --allow_random_weights to run with random weights on "
+                "purpose (demos and tests only)."
+            )
         logging.warning("!" * 80)
         logging.warning("RUNNING WITH RANDOM WEIGHTS (--allow_random_weights): results mean nothing for real data.")
         logging.warning("!" * 80)
@@ -527,8 +605,14 @@ def build_model(args, *, device: Optional[str] = None, train_backbone: bool = Fa
     as the checkpoint), on `device` (default --device; under torchrun each process's own device).
     train_backbone: train.py's --train_backbone (the other commands have no training flags)."""
     flag = "--resume" if args.resume else "--load_weights"
-    return load_model(backbone=args.backbone, backbone_depth=args.backbone_depth, registers=args.registers,
-                      foundation_model_path=args.foundation_model_path,
-                      checkpoint=args.resume or args.load_weights, checkpoint_flag=flag,
-                      allow_random_weights=args.allow_random_weights, train_backbone=train_backbone,
-                      device=device or args.device)
+    return load_model(
+        backbone=args.backbone,
+        backbone_depth=args.backbone_depth,
+        registers=args.registers,
+        foundation_model_path=args.foundation_model_path,
+        checkpoint=args.resume or args.load_weights,
+        checkpoint_flag=flag,
+        allow_random_weights=args.allow_random_weights,
+        train_backbone=train_backbone,
+        device=device or args.device,
+    )

@@ -11,6 +11,7 @@ train.py and eval.py take PUBLIC_GROUPS: every flag of the public release (both 
 there, so a command line can be pasted from one to the other). Public flags keep the public release's
 names, types and defaults; flags marked (ours) are additions.
 """
+
 import argparse
 import os
 import sys
@@ -58,6 +59,7 @@ class Group:
     (argparse keeps a value already there when a flag is not given, instead of its default).
     requires: groups a command must also have (their flags are read here).
     """
+
     title: str
     add: Callable[[argparse._ArgumentGroup], None]
     finish: Optional[Callable[[argparse.ArgumentParser, Values], None]] = None
@@ -69,37 +71,58 @@ class Group:
 # Model and weights
 # ---------------------------------------------------------------------------------------------------
 
+
 def expected_dense_size(resize: List[int]) -> List[int]:
     """--dense_feature_map_size for an H x W input: (4h - 3, 4w - 3, 128) with h = H/14, w = W/14."""
     return [*network.dense_map_size(resize, patch_size=PATCH_SIZE), network.LOCAL_DIM]
 
 
 def _add_model(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--backbone", type=str, default="vit_large", choices=list(FACTORIES),
-                   help="(ours) ViT size; the paper uses vit_large; vit_tiny is a test/demo size")
-    g.add_argument("--backbone_depth", type=_positive_int, default=None,
-                   help="(ours) number of blocks, default that of --backbone (tests/demo use 2)")
+    g.add_argument(
+        "--backbone",
+        type=str,
+        default="vit_large",
+        choices=list(FACTORIES),
+        help="(ours) ViT size; the paper uses vit_large; vit_tiny is a test/demo size",
+    )
+    g.add_argument(
+        "--backbone_depth",
+        type=_positive_int,
+        default=None,
+        help="(ours) number of blocks, default that of --backbone (tests/demo use 2)",
+    )
     g.add_argument("--registers", action="store_true", help="DINOv2 with 4 register tokens")
-    g.add_argument("--resize", type=int, default=[224, 224], nargs=2, metavar=("H", "W"),
-                   help="input size, multiples of 14")
-    g.add_argument("--dense_feature_map_size", type=int, default=None, nargs=3, metavar=("H", "W", "C"),
-                   help="local feature map size; default 61 61 128 at 224x224, computed from --resize")
+    g.add_argument(
+        "--resize", type=int, default=[224, 224], nargs=2, metavar=("H", "W"), help="input size, multiples of 14"
+    )
+    g.add_argument(
+        "--dense_feature_map_size",
+        type=int,
+        default=None,
+        nargs=3,
+        metavar=("H", "W", "C"),
+        help="local feature map size; default 61 61 128 at 224x224, computed from --resize",
+    )
 
 
 def _finish_model(p: argparse.ArgumentParser, values: Values) -> None:
     """--resize must fit the patch size; --dense_feature_map_size is computed from it (or must match it)."""
     resize = values["resize"]
     if any(s <= 0 or s % PATCH_SIZE for s in resize):
-        p.error(f"--resize {resize[0]} {resize[1]}: both sides must be positive multiples of the patch "
-                f"size {PATCH_SIZE} (e.g. 224 224 or 322 322)")
+        p.error(
+            f"--resize {resize[0]} {resize[1]}: both sides must be positive multiples of the patch "
+            f"size {PATCH_SIZE} (e.g. 224 224 or 322 322)"
+        )
     expected = expected_dense_size(resize)
     given = values["dense_feature_map_size"]
     if given is None:
         values["dense_feature_map_size"] = expected
     elif list(given) != expected:
-        p.error(f"--dense_feature_map_size {' '.join(map(str, given))} does not match "
-                f"--resize {resize[0]} {resize[1]}, which gives {' '.join(map(str, expected))}; "
-                "drop the flag or fix it")
+        p.error(
+            f"--dense_feature_map_size {' '.join(map(str, given))} does not match "
+            f"--resize {resize[0]} {resize[1]}, which gives {' '.join(map(str, expected))}; "
+            "drop the flag or fix it"
+        )
 
 
 MODEL = Group("model", _add_model, _finish_model)
@@ -107,13 +130,24 @@ MODEL = Group("model", _add_model, _finish_model)
 
 def _add_weights(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--foundation_model_path", type=path, default=None, help="DINOv2 weights (.pth)")
-    g.add_argument("--resume", type=path, default=None,
-                   help="SelaVPR checkpoint: its weights; train.py also continues from its epoch, best R@5, "
-                        "patience counter (and optimizer and random states when the file has them)")
-    g.add_argument("--load_weights", type=path, default=None,
-                   help="(ours) SelaVPR checkpoint whose weights alone are loaded (a fresh fine-tune)")
-    g.add_argument("--allow_random_weights", action="store_true",
-                   help="(ours) allow running with no weights file at all (random initialisation: demos/tests)")
+    g.add_argument(
+        "--resume",
+        type=path,
+        default=None,
+        help="SelaVPR checkpoint: its weights; train.py also continues from its epoch, best R@5, "
+        "patience counter (and optimizer and random states when the file has them)",
+    )
+    g.add_argument(
+        "--load_weights",
+        type=path,
+        default=None,
+        help="(ours) SelaVPR checkpoint whose weights alone are loaded (a fresh fine-tune)",
+    )
+    g.add_argument(
+        "--allow_random_weights",
+        action="store_true",
+        help="(ours) allow running with no weights file at all (random initialisation: demos/tests)",
+    )
 
 
 _UNSET = object()
@@ -159,17 +193,28 @@ def _finish_weights(p: argparse.ArgumentParser, values: Values) -> None:
 # The model flags start as _UNSET when a command has a checkpoint flag, so that a flag given on the
 # command line can be told from its default: the settings stored in a checkpoint of this project fill
 # in the flags that were not given.
-WEIGHTS = Group("weights", _add_weights, _finish_weights,
-                presets=tuple((flag, _UNSET) for flag in network.MODEL_FLAGS), requires=("model",))
+WEIGHTS = Group(
+    "weights",
+    _add_weights,
+    _finish_weights,
+    presets=tuple((flag, _UNSET) for flag in network.MODEL_FLAGS),
+    requires=("model",),
+)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Runtime and feature extraction
 # ---------------------------------------------------------------------------------------------------
 
+
 def _add_runtime(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                   choices=["cuda", "cpu"], help="cuda when available, else cpu")
+    g.add_argument(
+        "--device",
+        type=str,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cuda", "cpu"],
+        help="cuda when available, else cpu",
+    )
     g.add_argument("--seed", type=int, default=0, help="-1: no seeding")
 
 
@@ -184,10 +229,15 @@ RUNTIME = Group("runtime", _add_runtime, _finish_runtime)
 def _add_extraction(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--infer_batch_size", type=_positive_int, default=16, help="batch size for feature extraction")
     g.add_argument("--num_workers", type=_non_negative_int, default=8, help="data loader processes")
-    g.add_argument("--precision", type=str, default="fp32", choices=["fp32", "bf16"],
-                   help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
-                        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
-                        "slightly")
+    g.add_argument(
+        "--precision",
+        type=str,
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
+        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
+        "slightly",
+    )
 
 
 EXTRACTION = Group("feature extraction", _add_extraction)
@@ -197,16 +247,26 @@ EXTRACTION = Group("feature extraction", _add_extraction)
 # Evaluation, re-ranking, outputs
 # ---------------------------------------------------------------------------------------------------
 
+
 def _add_evaluation(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--test_method", type=str, default="hard_resize", choices=list(TEST_METHODS),
-                   help="query preprocessing at test time")
+    g.add_argument(
+        "--test_method",
+        type=str,
+        default="hard_resize",
+        choices=list(TEST_METHODS),
+        help="query preprocessing at test time",
+    )
     g.add_argument("--majority_weight", type=float, default=0.01, help="for --test_method maj_voting")
-    g.add_argument("--efficient_ram_testing", action="store_true",
-                   help="keep dense features in a file on disk (read back with positional reads) instead of RAM: "
-                        "same results, bounded memory")
+    g.add_argument(
+        "--efficient_ram_testing",
+        action="store_true",
+        help="keep dense features in a file on disk (read back with positional reads) instead of RAM: "
+        "same results, bounded memory",
+    )
     g.add_argument("--val_positive_dist_threshold", type=_positive_int, default=25, help="metres")
-    g.add_argument("--recall_values", type=_positive_int, default=[1, 5, 10, 20], nargs="+",
-                   help="N of the reported recalls R@N")
+    g.add_argument(
+        "--recall_values", type=_positive_int, default=[1, 5, 10, 20], nargs="+", help="N of the reported recalls R@N"
+    )
 
 
 def _finish_evaluation(p: argparse.ArgumentParser, values: Values) -> None:
@@ -226,10 +286,17 @@ RERANK = Group("re-ranking", _add_rerank)
 
 def _add_outputs(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--save_dir", type=str, default="default", help="name of the output sub-folder")
-    g.add_argument("--num_preds_to_save", type=_non_negative_int, default=0,
-                   help="(ours) picture rows with each query's top N predictions")
-    g.add_argument("--save_only_wrong_preds", action="store_true",
-                   help="(ours) with --num_preds_to_save: only queries whose first prediction is wrong")
+    g.add_argument(
+        "--num_preds_to_save",
+        type=_non_negative_int,
+        default=0,
+        help="(ours) picture rows with each query's top N predictions",
+    )
+    g.add_argument(
+        "--save_only_wrong_preds",
+        action="store_true",
+        help="(ours) with --num_preds_to_save: only queries whose first prediction is wrong",
+    )
 
 
 def _finish_outputs(p: argparse.ArgumentParser, values: Values) -> None:
@@ -243,6 +310,7 @@ OUTPUTS = Group("outputs", _add_outputs, _finish_outputs)
 # ---------------------------------------------------------------------------------------------------
 # Data sets
 # ---------------------------------------------------------------------------------------------------
+
 
 def _add_datasets_folder(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--datasets_folder", type=path, default=None, help="falls back to $DATASETS_FOLDER")
@@ -260,16 +328,25 @@ DATASETS_FOLDER = Group("data sets", _add_datasets_folder, _finish_datasets_fold
 
 def _add_dataset(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--dataset_name", type=str, default="pitts30k", help="folder name of the data set")
-    g.add_argument("--query_keys_file", type=path, default=None,
-                   help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file")
+    g.add_argument(
+        "--query_keys_file",
+        type=path,
+        default=None,
+        help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file",
+    )
 
 
 DATASET = Group("data set", _add_dataset, requires=("data sets",))
 
 
 def _add_descriptors(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--l2", type=str, default="before_pool", choices=["before_pool", "after_pool", "none"],
-                   help="accepted for compatibility; the public release does not use it either")
+    g.add_argument(
+        "--l2",
+        type=str,
+        default="before_pool",
+        choices=["before_pool", "after_pool", "none"],
+        help="accepted for compatibility; the public release does not use it either",
+    )
     g.add_argument("--pca_dim", type=_positive_int, default=None, help="needs --pca_dataset_folder")
     g.add_argument("--pca_dataset_folder", type=path, default=None, help="relative to --datasets_folder")
 
@@ -286,36 +363,60 @@ DESCRIPTORS = Group("global descriptors", _add_descriptors, _finish_descriptors,
 # Training
 # ---------------------------------------------------------------------------------------------------
 
+
 def _add_training(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--train_batch_size", type=_positive_int, default=4, help="queries per training batch")
-    g.add_argument("--criterion", type=str, default="triplet", choices=["triplet", "sare_ind", "sare_joint"],
-                   help="loss; only triplet is implemented (the SARE ones are refused with an error)")
+    g.add_argument(
+        "--criterion",
+        type=str,
+        default="triplet",
+        choices=["triplet", "sare_ind", "sare_joint"],
+        help="loss; only triplet is implemented (the SARE ones are refused with an error)",
+    )
     g.add_argument("--margin", type=float, default=0.1, help="triplet margin")
     g.add_argument("--epochs_num", type=_positive_int, default=50, help="maximum number of epochs")
     g.add_argument("--patience", type=_positive_int, default=3, help="epochs without a better val R@5 before stopping")
     g.add_argument("--lr", type=float, default=1e-5, help="learning rate")
-    g.add_argument("--optim", type=str, default="adam", choices=["adam", "sgd"],
-                   help="optimizer (sgd: momentum 0.9, weight decay 0.001)")
+    g.add_argument(
+        "--optim",
+        type=str,
+        default="adam",
+        choices=["adam", "sgd"],
+        help="optimizer (sgd: momentum 0.9, weight decay 0.001)",
+    )
     g.add_argument("--cache_refresh_rate", type=_positive_int, default=1000, help="queries mined per loop")
-    g.add_argument("--queries_per_epoch", type=_positive_int, default=5000,
-                   help="must be a multiple of --cache_refresh_rate")
+    g.add_argument(
+        "--queries_per_epoch", type=_positive_int, default=5000, help="must be a multiple of --cache_refresh_rate"
+    )
     g.add_argument("--negs_num_per_query", type=_positive_int, default=2, help="negatives per training query")
     g.add_argument("--neg_samples_num", type=_positive_int, default=1000, help="database images sampled for mining")
-    g.add_argument("--mining", type=str, default="partial", choices=["partial", "full", "random", "msls_weighted"],
-                   help="triplet mining mode")
+    g.add_argument(
+        "--mining",
+        type=str,
+        default="partial",
+        choices=["partial", "full", "random", "msls_weighted"],
+        help="triplet mining mode",
+    )
     g.add_argument("--train_positives_dist_threshold", type=_positive_int, default=10, help="metres")
-    g.add_argument("--train_backbone", action="store_true",
-                   help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
-                        "from random weights; the paper's recipe keeps it frozen")
+    g.add_argument(
+        "--train_backbone",
+        action="store_true",
+        help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
+        "from random weights; the paper's recipe keeps it frozen",
+    )
 
 
 def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
     if values["criterion"] != "triplet":
-        p.error(f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
-                "SARE loss either); use --criterion triplet")
+        p.error(
+            f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
+            "SARE loss either); use --criterion triplet"
+        )
     if values["queries_per_epoch"] % values["cache_refresh_rate"] != 0:
-        p.error(f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
-                f"({values['cache_refresh_rate']})")
+        p.error(
+            f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
+            f"({values['cache_refresh_rate']})"
+        )
 
 
 TRAINING = Group("training", _add_training, _finish_training)
@@ -326,11 +427,13 @@ def _add_augmentation(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--contrast", type=float, default=None, help="query augmentation: ColorJitter contrast")
     g.add_argument("--saturation", type=float, default=None, help="query augmentation: ColorJitter saturation")
     g.add_argument("--hue", type=float, default=None, help="query augmentation: ColorJitter hue")
-    g.add_argument("--rand_perspective", type=float, default=None,
-                   help="query augmentation: RandomPerspective distortion")
+    g.add_argument(
+        "--rand_perspective", type=float, default=None, help="query augmentation: RandomPerspective distortion"
+    )
     g.add_argument("--horizontal_flip", action="store_true", help="flip a whole training batch (or none)")
-    g.add_argument("--random_resized_crop", type=float, default=None,
-                   help="query augmentation: RandomResizedCrop scale (1 - x, 1)")
+    g.add_argument(
+        "--random_resized_crop", type=float, default=None, help="query augmentation: RandomResizedCrop scale (1 - x, 1)"
+    )
     g.add_argument("--random_rotation", type=float, default=None, help="query augmentation: RandomRotation degrees")
 
 
@@ -343,8 +446,20 @@ AUGMENTATION = Group("training augmentation", _add_augmentation)
 
 # Every group, in the order of --help and of the checks (the weights' model settings come before the
 # model group's size checks).
-ALL_GROUPS = (WEIGHTS, MODEL, RUNTIME, EXTRACTION, EVALUATION, RERANK, OUTPUTS, DESCRIPTORS, DATASETS_FOLDER,
-              DATASET, TRAINING, AUGMENTATION)
+ALL_GROUPS = (
+    WEIGHTS,
+    MODEL,
+    RUNTIME,
+    EXTRACTION,
+    EVALUATION,
+    RERANK,
+    OUTPUTS,
+    DESCRIPTORS,
+    DATASETS_FOLDER,
+    DATASET,
+    TRAINING,
+    AUGMENTATION,
+)
 # train.py and eval.py: every flag of the public release (and ours).
 PUBLIC_GROUPS = ALL_GROUPS
 
@@ -364,13 +479,17 @@ class CommandParser(argparse.ArgumentParser):
         for g in self.groups:
             g.add(self.add_argument_group(g.title))
 
-    def parse(self, argv: Optional[Sequence[str]] = None,
-              finish: Optional[Callable[[argparse.ArgumentParser, Values], None]] = None) -> argparse.Namespace:
+    def parse(
+        self,
+        argv: Optional[Sequence[str]] = None,
+        finish: Optional[Callable[[argparse.ArgumentParser, Values], None]] = None,
+    ) -> argparse.Namespace:
         """Parse `argv` (default: the command line), run the groups' checks, then the command's own
         `finish` (its checks and conversions, on the values); return the final namespace."""
         presets = {name: value for g in self.groups for name, value in g.presets}
-        values = vars(self.parse_args(sys.argv[1:] if argv is None else list(argv),
-                                      namespace=argparse.Namespace(**presets)))
+        values = vars(
+            self.parse_args(sys.argv[1:] if argv is None else list(argv), namespace=argparse.Namespace(**presets))
+        )
         for g in self.groups:
             if g.finish is not None:
                 g.finish(self, values)

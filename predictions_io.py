@@ -1,4 +1,5 @@
 """Writing evaluation results: every query's ranked predictions (JSON lines) and picture rows."""
+
 import json
 import math
 import os
@@ -14,9 +15,14 @@ def l2_distance(squared: float) -> float:
     return math.sqrt(max(float(squared), 0.0))
 
 
-def prediction_records(*, queries_paths: Sequence[str], database_paths: Sequence[str], ranking,
-                       positives: Optional[Sequence[Sequence[int]]] = None,
-                       reranked_distances: bool = False) -> list:
+def prediction_records(
+    *,
+    queries_paths: Sequence[str],
+    database_paths: Sequence[str],
+    ranking,
+    positives: Optional[Sequence[Sequence[int]]] = None,
+    reranked_distances: bool = False,
+) -> list:
     """One dict per query of a retrieval.Ranking: its path, positives, first-stage and re-ranked lists
     (paths, scores, correct).
 
@@ -66,8 +72,9 @@ def save_prediction_pictures(folder: str, records: list, *, num_preds: int, only
         top = r["reranked"][:num_preds]
         if only_wrong and top and top[0]["correct"]:
             continue
-        row = visualizations.prediction_row(r["query"], [t["path"] for t in top], [t["correct"] for t in top],
-                                            scores=[t["mutual_nn"] for t in top])
+        row = visualizations.prediction_row(
+            r["query"], [t["path"] for t in top], [t["correct"] for t in top], scores=[t["mutual_nn"] for t in top]
+        )
         name = f"{r['query_index']:06d}_{'correct' if top and top[0]['correct'] else 'wrong'}.jpg"
         visualizations.save_image_atomic(row, os.path.join(folder, name))
         written += 1

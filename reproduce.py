@@ -18,6 +18,7 @@ later run with the same key reuses it instead of evaluating again, so an interru
 with the next data set; a row evaluated again is logged with the reason (e.g. the images changed).
 Each run logs to <output>/logs/<date>/.
 """
+
 import hashlib
 import json
 import logging
@@ -55,6 +56,7 @@ CHECKPOINT_FLAGS = {"msls": "--msls_checkpoint", "pitts30k": "--pitts30k_checkpo
 @dataclass(frozen=True)
 class PaperEntry:
     """One column group of the paper's tables (published numbers: the seed README, rerank_num 100)."""
+
     name: str  # default folder name under --datasets_folder
     title: str
     model: str  # "msls" | "pitts30k": the checkpoint that the paper evaluated it with
@@ -76,6 +78,7 @@ ENTRY_NAMES = tuple(e.name for e in PAPER_ENTRIES)
 # ---------------------------------------------------------------------------------------------------
 # Flags
 # ---------------------------------------------------------------------------------------------------
+
 
 def parse_rerank_nums(text: str) -> List[int]:
     """--rerank_num: "both" -> [100, 20] (the paper's setting and the README's fast one), N -> [N]."""
@@ -100,8 +103,9 @@ def parse_dataset_folders(items: Sequence[str]) -> Dict[str, str]:
         if not sep or not name or not folder:
             raise ValueError(f"--dataset_folders {item!r}: expected NAME=FOLDER, e.g. msls=msls_vg")
         if name not in ENTRY_NAMES:
-            raise ValueError(f"--dataset_folders {item!r}: unknown data set {name!r}; the paper's are "
-                             f"{', '.join(ENTRY_NAMES)}")
+            raise ValueError(
+                f"--dataset_folders {item!r}: unknown data set {name!r}; the paper's are {', '.join(ENTRY_NAMES)}"
+            )
         if name in mapping:
             raise ValueError(f"--dataset_folders names {name!r} twice")
         mapping[name] = os.path.expanduser(folder)  # NAME=~/x: the shell does not expand this `~`
@@ -116,28 +120,64 @@ REPRODUCE_GROUPS = (parser.MODEL, parser.RUNTIME, parser.EXTRACTION, parser.EVAL
 
 def build_parser():
     """The groups above plus this script's own flags."""
-    p = parser.CommandParser("Reproduce the paper's tables: evaluate every data set of the paper found under "
-                             "--datasets_folder with the paper's checkpoints, given with --msls_checkpoint and "
-                             "--pitts30k_checkpoint.", REPRODUCE_GROUPS)
+    p = parser.CommandParser(
+        "Reproduce the paper's tables: evaluate every data set of the paper found under "
+        "--datasets_folder with the paper's checkpoints, given with --msls_checkpoint and "
+        "--pitts30k_checkpoint.",
+        REPRODUCE_GROUPS,
+    )
     own = p.add_argument_group("reproduce.py")
-    own.add_argument("--msls_checkpoint", type=parser.path, default=None,
-                     help="SelaVPR_msls.pth: evaluates msls (val), nordland and st_lucia (test)")
-    own.add_argument("--pitts30k_checkpoint", type=parser.path, default=None,
-                     help="SelaVPR_pitts30k.pth: evaluates tokyo247, pitts30k and pitts250k (test)")
-    own.add_argument("--msls_val_keys", type=parser.path, default=None,
-                     help="official MSLS-val protocol: file of the 740 query keys (else all ~11k val queries "
-                          "are evaluated and the row is marked non-paper)")
-    own.add_argument("--output", type=parser.path, default="results",
-                     help="folder of results.md (the table), results.json (finished evaluations) and logs/")
-    own.add_argument("--dataset_folders", type=str, nargs="+", action="extend", default=[], metavar="NAME=FOLDER",
-                     help=f"folders named differently from the data set names ({', '.join(ENTRY_NAMES)}), "
-                          "relative to --datasets_folder or absolute")
-    own.add_argument("--only", type=str, nargs="+", default=None, choices=ENTRY_NAMES, metavar="NAME",
-                     help=f"evaluate only these data sets ({', '.join(ENTRY_NAMES)}); the others are listed "
-                          "as skipped")
-    own.add_argument("--rerank_num", type=str, default=str(PAPER_RERANK_NUM),
-                     help="candidates re-ranked per query: an integer (the paper: 100; the README: 20 is close "
-                          "at a fifth of the time) or 'both' (100 and 20, one row each)")
+    own.add_argument(
+        "--msls_checkpoint",
+        type=parser.path,
+        default=None,
+        help="SelaVPR_msls.pth: evaluates msls (val), nordland and st_lucia (test)",
+    )
+    own.add_argument(
+        "--pitts30k_checkpoint",
+        type=parser.path,
+        default=None,
+        help="SelaVPR_pitts30k.pth: evaluates tokyo247, pitts30k and pitts250k (test)",
+    )
+    own.add_argument(
+        "--msls_val_keys",
+        type=parser.path,
+        default=None,
+        help="official MSLS-val protocol: file of the 740 query keys (else all ~11k val queries "
+        "are evaluated and the row is marked non-paper)",
+    )
+    own.add_argument(
+        "--output",
+        type=parser.path,
+        default="results",
+        help="folder of results.md (the table), results.json (finished evaluations) and logs/",
+    )
+    own.add_argument(
+        "--dataset_folders",
+        type=str,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=FOLDER",
+        help=f"folders named differently from the data set names ({', '.join(ENTRY_NAMES)}), "
+        "relative to --datasets_folder or absolute",
+    )
+    own.add_argument(
+        "--only",
+        type=str,
+        nargs="+",
+        default=None,
+        choices=ENTRY_NAMES,
+        metavar="NAME",
+        help=f"evaluate only these data sets ({', '.join(ENTRY_NAMES)}); the others are listed as skipped",
+    )
+    own.add_argument(
+        "--rerank_num",
+        type=str,
+        default=str(PAPER_RERANK_NUM),
+        help="candidates re-ranked per query: an integer (the paper: 100; the README: 20 is close "
+        "at a fifth of the time) or 'both' (100 and 20, one row each)",
+    )
     return p
 
 
@@ -160,12 +200,13 @@ def parse_arguments(argv: Optional[Sequence[str]] = None):
 # Keys and the results cache
 # ---------------------------------------------------------------------------------------------------
 
+
 def file_fingerprint(path: str) -> dict:
     """SHA-256 of a checkpoint's contents (and its size): another checkpoint gets another key, the same
     one copied, moved or touched keeps its key."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2 ** 22), b""):
+        for block in iter(lambda: f.read(2**22), b""):
             h.update(block)
     return {"sha256": h.hexdigest(), "size": os.path.getsize(path)}
 
@@ -194,24 +235,35 @@ def content_fingerprint(path: str) -> str:
 def model_settings(args) -> dict:
     """Every flag that can change an evaluation's numbers (timings included: device, precision)."""
     return {
-        "backbone": args.backbone, "backbone_depth": args.backbone_depth, "registers": bool(args.registers),
-        "resize": [int(v) for v in args.resize], "test_method": args.test_method,
+        "backbone": args.backbone,
+        "backbone_depth": args.backbone_depth,
+        "registers": bool(args.registers),
+        "resize": [int(v) for v in args.resize],
+        "test_method": args.test_method,
         "majority_weight": float(args.majority_weight),
         "val_positive_dist_threshold": int(args.val_positive_dist_threshold),
         # R@1/5/10 are always computed: they are the paper's columns.
         "recall_values": sorted(set(int(v) for v in args.recall_values) | set(TABLE_RECALLS)),
-        "precision": args.precision, "device": args.device,
+        "precision": args.precision,
+        "device": args.device,
     }
 
 
-def result_key(*, entry: PaperEntry, images: dict, checkpoint: dict, keys_file: Optional[str], rerank_num: int,
-               settings: dict) -> Tuple[str, dict]:
+def result_key(
+    *, entry: PaperEntry, images: dict, checkpoint: dict, keys_file: Optional[str], rerank_num: int, settings: dict
+) -> Tuple[str, dict]:
     """(short hash, the dict it hashes) identifying one evaluation: images (images_fingerprint),
     checkpoint (file_fingerprint), the MSLS key file, rerank_num and the settings. The folder's path is
     not part of it: the same images elsewhere give the same numbers."""
-    key = {"dataset": entry.name, "split": entry.split, "images": images,
-           "checkpoint": checkpoint, "query_keys_sha256": keys_file and content_fingerprint(keys_file),
-           "rerank_num": int(rerank_num), "settings": settings}
+    key = {
+        "dataset": entry.name,
+        "split": entry.split,
+        "images": images,
+        "checkpoint": checkpoint,
+        "query_keys_sha256": keys_file and content_fingerprint(keys_file),
+        "rerank_num": int(rerank_num),
+        "settings": settings,
+    }
     text = json.dumps(key, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20], key
 
@@ -228,8 +280,11 @@ def rerun_reason(key: dict, earlier: Sequence[dict]) -> str:
         if before is None:
             reasons.append("the earlier result was stored without its image list (an older results file)")
         elif before != now:
-            changed = ", ".join(f"{name}: {before.get(name, 0)} -> {now.get(name, 0)} images"
-                                for name in sorted(set(before) | set(now)) if before.get(name) != now.get(name))
+            changed = ", ".join(
+                f"{name}: {before.get(name, 0)} -> {now.get(name, 0)} images"
+                for name in sorted(set(before) | set(now))
+                if before.get(name) != now.get(name)
+            )
             reasons.append(f"the images changed ({changed})")
         else:
             reasons.append("the images changed (same numbers; names, sizes or modification times differ)")
@@ -238,8 +293,11 @@ def rerun_reason(key: dict, earlier: Sequence[dict]) -> str:
     if old.get("query_keys_sha256") != key["query_keys_sha256"]:
         reasons.append("the MSLS query key file changed")
     old_settings = old.get("settings") or {}
-    changed = [f"{name} {old_settings.get(name)!r} -> {value!r}" for name, value in key["settings"].items()
-               if old_settings.get(name) != value]
+    changed = [
+        f"{name} {old_settings.get(name)!r} -> {value!r}"
+        for name, value in key["settings"].items()
+        if old_settings.get(name) != value
+    ]
     if changed:
         reasons.append("settings changed: " + ", ".join(changed))
     return "; ".join(reasons) or "the results file's key format changed"
@@ -259,29 +317,37 @@ class ResultCache:
                     raise ValueError(f"format {data.get('format')!r} version {data.get('version')!r}")
                 self.results = dict(data["results"])
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path} is not a results file of this reproduce.py ({e}): delete it (its "
-                                 "evaluations will be redone) or choose another --output") from None
+                raise ValueError(
+                    f"{path} is not a results file of this reproduce.py ({e}): delete it (its "
+                    "evaluations will be redone) or choose another --output"
+                ) from None
 
     def get(self, key: str) -> Optional[dict]:
         return self.results.get(key)
 
     def earlier_keys(self, *, dataset: str, split: str, rerank_num: int) -> List[dict]:
         """The key dicts of the stored evaluations of this data set, split and rerank_num, oldest first."""
-        records = [r for r in self.results.values() if isinstance(r.get("key"), dict)
-                   and (r["key"].get("dataset"), r["key"].get("split"), r["key"].get("rerank_num"))
-                   == (dataset, split, rerank_num)]
+        records = [
+            r
+            for r in self.results.values()
+            if isinstance(r.get("key"), dict)
+            and (r["key"].get("dataset"), r["key"].get("split"), r["key"].get("rerank_num"))
+            == (dataset, split, rerank_num)
+        ]
         return [r["key"] for r in sorted(records, key=lambda r: str(r.get("evaluated_at", "")))]
 
     def put(self, key: str, record: dict) -> None:
         self.results[key] = record
-        text = json.dumps({"format": CACHE_FORMAT, "version": CACHE_VERSION, "results": self.results},
-                          indent=1, sort_keys=True)
+        text = json.dumps(
+            {"format": CACHE_FORMAT, "version": CACHE_VERSION, "results": self.results}, indent=1, sort_keys=True
+        )
         atomic_files.atomic_write_text(self.path, text + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
 # Timing and memory
 # ---------------------------------------------------------------------------------------------------
+
 
 def peak_rss_bytes() -> Optional[int]:
     """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
@@ -295,9 +361,11 @@ def peak_rss_bytes() -> Optional[int]:
 # One evaluation
 # ---------------------------------------------------------------------------------------------------
 
-def protocol_text(*, entry: PaperEntry, rerank_num: int, settings: dict, queries_num: Optional[int],
-                  keys_file: Optional[str]) -> str:
-    """"paper protocol" or "non-paper protocol (what differs)", with the MSLS query protocol spelled out."""
+
+def protocol_text(
+    *, entry: PaperEntry, rerank_num: int, settings: dict, queries_num: Optional[int], keys_file: Optional[str]
+) -> str:
+    """ "paper protocol" or "non-paper protocol (what differs)", with the MSLS query protocol spelled out."""
     notes, deviations = [], []
     if entry.name == "msls":
         if keys_file:
@@ -305,8 +373,10 @@ def protocol_text(*, entry: PaperEntry, rerank_num: int, settings: dict, queries
             if queries_num is not None and queries_num != MSLS_OFFICIAL_QUERIES:
                 deviations.append(f"{queries_num} queries kept, the official list has {MSLS_OFFICIAL_QUERIES}")
         else:
-            deviations.append(f"all {queries_num} val queries; the paper uses the official "
-                              f"{MSLS_OFFICIAL_QUERIES}: give --msls_val_keys")
+            deviations.append(
+                f"all {queries_num} val queries; the paper uses the official "
+                f"{MSLS_OFFICIAL_QUERIES}: give --msls_val_keys"
+            )
     if rerank_num != PAPER_RERANK_NUM:
         deviations.append(f"rerank_num {rerank_num} (paper: {PAPER_RERANK_NUM})")
     if settings["test_method"] != "hard_resize":
@@ -314,9 +384,12 @@ def protocol_text(*, entry: PaperEntry, rerank_num: int, settings: dict, queries
     if list(settings["resize"]) != [224, 224]:
         deviations.append(f"resize {settings['resize'][0]}x{settings['resize'][1]} (paper: 224x224)")
     if settings["backbone"] != "vit_large" or settings["backbone_depth"] not in (None, 24) or settings["registers"]:
-        deviations.append(f"model {settings['backbone']}"
-                          + (f" depth {settings['backbone_depth']}" if settings["backbone_depth"] else "")
-                          + (" with registers" if settings["registers"] else "") + " (paper: vit_large)")
+        deviations.append(
+            f"model {settings['backbone']}"
+            + (f" depth {settings['backbone_depth']}" if settings["backbone_depth"] else "")
+            + (" with registers" if settings["registers"] else "")
+            + " (paper: vit_large)"
+        )
     if settings["precision"] != "fp32":
         deviations.append(f"{settings['precision']} extraction (paper: fp32)")
     if settings["val_positive_dist_threshold"] != 25:
@@ -326,8 +399,16 @@ def protocol_text(*, entry: PaperEntry, rerank_num: int, settings: dict, queries
     return "paper protocol" + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def evaluate_dataset(model: torch.nn.Module, dataset: datasets_ws.BaseDataset, *, rerank_num: int,
-                     settings: dict, batch_size: int, num_workers: int, store_folder: Optional[str]) -> dict:
+def evaluate_dataset(
+    model: torch.nn.Module,
+    dataset: datasets_ws.BaseDataset,
+    *,
+    rerank_num: int,
+    settings: dict,
+    batch_size: int,
+    num_workers: int,
+    store_folder: Optional[str],
+) -> dict:
     """Run test.evaluate on `dataset` and return a JSON-able record: recalls (first stage and re-ranked,
     at settings["recall_values"]), counts, per-stage timings (the retrieval engine's) and peak memory.
     store_folder: None keeps the dense features in RAM, a folder on disk (--efficient_ram_testing)."""
@@ -336,15 +417,26 @@ def evaluate_dataset(model: torch.nn.Module, dataset: datasets_ws.BaseDataset, *
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = test.evaluate(model, dataset, test_method=settings["test_method"], rerank_num=rerank_num,
-                           recall_values=settings["recall_values"], batch_size=batch_size, num_workers=num_workers,
-                           device=device, store_folder=store_folder, majority_weight=settings["majority_weight"],
-                           precision=settings["precision"])
+    result = test.evaluate(
+        model,
+        dataset,
+        test_method=settings["test_method"],
+        rerank_num=rerank_num,
+        recall_values=settings["recall_values"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        store_folder=store_folder,
+        majority_weight=settings["majority_weight"],
+        precision=settings["precision"],
+    )
     total_s = time.perf_counter() - start
     q_num, db_num = dataset.queries_num, dataset.database_num
     times = result.times
     return {
-        "queries_num": q_num, "database_num": db_num, "recall_values": list(settings["recall_values"]),
+        "queries_num": q_num,
+        "database_num": db_num,
+        "recall_values": list(settings["recall_values"]),
         "recalls": [round(float(r), 4) for r in result.recalls],
         "recalls_first": [round(float(r), 4) for r in result.recalls_first],
         "timing": {
@@ -366,18 +458,36 @@ def evaluate_dataset(model: torch.nn.Module, dataset: datasets_ws.BaseDataset, *
 
 def load_checkpoint_model(path: str, *, flag: str, settings: dict) -> network.GeoLocalizationNet:
     """A GeoLocalizationNet of settings' size with all weights from the SelaVPR checkpoint `path`."""
-    return network.load_model(backbone=settings["backbone"], registers=settings["registers"],
-                              backbone_depth=settings["backbone_depth"], checkpoint=path, checkpoint_flag=flag,
-                              device=settings["device"]).eval()
+    return network.load_model(
+        backbone=settings["backbone"],
+        registers=settings["registers"],
+        backbone_depth=settings["backbone_depth"],
+        checkpoint=path,
+        checkpoint_flag=flag,
+        device=settings["device"],
+    ).eval()
 
 
 # ---------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------
 
-TABLE_HEADER = ("Data set", "Checkpoint", "Protocol", "Queries", "Ours R@1/5/10", "Paper R@1/5/10",
-                "Δ R@1/5/10", "Global only R@1/5/10", "Query extraction (ms/query)", "Re-rank (ms/query)",
-                "Total (s)", "Peak RAM (GiB)", "Peak GPU (GiB)", "Status")
+TABLE_HEADER = (
+    "Data set",
+    "Checkpoint",
+    "Protocol",
+    "Queries",
+    "Ours R@1/5/10",
+    "Paper R@1/5/10",
+    "Δ R@1/5/10",
+    "Global only R@1/5/10",
+    "Query extraction (ms/query)",
+    "Re-rank (ms/query)",
+    "Total (s)",
+    "Peak RAM (GiB)",
+    "Peak GPU (GiB)",
+    "Status",
+)
 
 
 def _cell(text) -> str:
@@ -403,7 +513,7 @@ def _ms(seconds) -> str:
 
 
 def _gib(n) -> str:
-    return "–" if n is None else f"{n / 2 ** 30:.2f}"
+    return "–" if n is None else f"{n / 2**30:.2f}"
 
 
 def format_row(row: dict) -> str:
@@ -420,28 +530,44 @@ def format_row(row: dict) -> str:
         status = f"{row['status']}: {row['reason']}"
     else:
         status = row["status"]
-    cells = [entry.title, row.get("checkpoint_name") or "–", row.get("protocol") or "–",
-             record.get("queries_num", "–"), _triple(ours), _triple(entry.recalls), _triple(delta, signed=True),
-             _triple(_table_recalls(record, "recalls_first")),
-             _ms(timing.get("query_extraction_s_per_query")), _ms(timing.get("rerank_s_per_query")),
-             "–" if "total_s" not in timing else f"{timing['total_s']:.1f}",
-             _gib(record.get("peak_rss_bytes")), _gib(record.get("peak_gpu_bytes")), status]
+    cells = [
+        entry.title,
+        row.get("checkpoint_name") or "–",
+        row.get("protocol") or "–",
+        record.get("queries_num", "–"),
+        _triple(ours),
+        _triple(entry.recalls),
+        _triple(delta, signed=True),
+        _triple(_table_recalls(record, "recalls_first")),
+        _ms(timing.get("query_extraction_s_per_query")),
+        _ms(timing.get("rerank_s_per_query")),
+        "–" if "total_s" not in timing else f"{timing['total_s']:.1f}",
+        _gib(record.get("peak_rss_bytes")),
+        _gib(record.get("peak_gpu_bytes")),
+        status,
+    ]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
 def format_table(rows: Sequence[dict], *, generated_at: str = "") -> str:
     """The whole results.md: title, table, legend."""
-    lines = ["# SelaVPR: our results next to the paper's", "",
-             "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines = [
+        "# SelaVPR: our results next to the paper's",
+        "",
+        "| " + " | ".join(TABLE_HEADER) + " |",
+        "|" + "---|" * len(TABLE_HEADER),
+    ]
     lines += [format_row(r) for r in rows]
     devices = sorted({r["record"]["device"] for r in rows if r.get("record")})
-    lines += ["",
-              "Paper: the published R@1/5/10 (seed README, rerank_num 100). Δ = ours − paper. Global only = "
-              "first-stage (faiss) recalls before re-ranking. Query extraction = time to extract one query's "
-              "features (database images cost about the same each); re-rank = mutual-NN scoring of one "
-              "query's candidates; total = the whole evaluation, database extraction included. Peak RAM = the "
-              "process's peak resident memory so far (ru_maxrss), peak GPU = torch.cuda.max_memory_allocated "
-              "during that data set. Reused rows come from results.json, measured when they were evaluated."]
+    lines += [
+        "",
+        "Paper: the published R@1/5/10 (seed README, rerank_num 100). Δ = ours − paper. Global only = "
+        "first-stage (faiss) recalls before re-ranking. Query extraction = time to extract one query's "
+        "features (database images cost about the same each); re-rank = mutual-NN scoring of one "
+        "query's candidates; total = the whole evaluation, database extraction included. Peak RAM = the "
+        "process's peak resident memory so far (ru_maxrss), peak GPU = torch.cuda.max_memory_allocated "
+        "during that data set. Reused rows come from results.json, measured when they were evaluated.",
+    ]
     if devices:
         lines.append(f"Device: {', '.join(devices)}.")
     if generated_at:
@@ -452,6 +578,7 @@ def format_table(rows: Sequence[dict], *, generated_at: str = "") -> str:
 # ---------------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------------
+
 
 def _new_log_folder(output: str) -> str:
     base = os.path.join(output, "logs", datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
@@ -489,13 +616,23 @@ def main(args) -> None:
     settings = model_settings(args)
     checkpoints = {"msls": args.msls_checkpoint, "pitts30k": args.pitts30k_checkpoint}
 
-    rows = [{"entry": e, "rerank_num": r, "status": "pending", "reason": "", "record": None,
-             "checkpoint_name": checkpoints[e.model] and os.path.basename(checkpoints[e.model])}
-            for e in PAPER_ENTRIES for r in args.rerank_num]
+    rows = [
+        {
+            "entry": e,
+            "rerank_num": r,
+            "status": "pending",
+            "reason": "",
+            "record": None,
+            "checkpoint_name": checkpoints[e.model] and os.path.basename(checkpoints[e.model]),
+        }
+        for e in PAPER_ENTRIES
+        for r in args.rerank_num
+    ]
 
     def write_table():
-        atomic_files.atomic_write_text(table_path, format_table(rows, generated_at=datetime.now().isoformat(
-            timespec="seconds")))
+        atomic_files.atomic_write_text(
+            table_path, format_table(rows, generated_at=datetime.now().isoformat(timespec="seconds"))
+        )
 
     models = _Models(settings)
     bad_checkpoints: Dict[str, str] = {}
@@ -504,8 +641,7 @@ def main(args) -> None:
         entry, rerank_num = row["entry"], row["rerank_num"]
         label = f"{entry.title} (rerank_num {rerank_num})"
         # An absolute FOLDER of --dataset_folders replaces --datasets_folder (os.path.join semantics).
-        folder = os.path.normpath(os.path.join(args.datasets_folder,
-                                               args.dataset_folders.get(entry.name, entry.name)))
+        folder = os.path.normpath(os.path.join(args.datasets_folder, args.dataset_folders.get(entry.name, entry.name)))
         split_folder = os.path.join(folder, "images", entry.split)
         ckpt_flag, ckpt_path = CHECKPOINT_FLAGS[entry.model], checkpoints[entry.model]
         keys_file = args.msls_val_keys if entry.name == "msls" else None
@@ -527,14 +663,21 @@ def main(args) -> None:
 
         if ckpt_path not in fingerprints:  # a checkpoint is read once per run, however many rows use it
             fingerprints[ckpt_path] = file_fingerprint(ckpt_path)
-        key, key_dict = result_key(entry=entry, images=images_fingerprint(split_folder),
-                                   checkpoint=fingerprints[ckpt_path], keys_file=keys_file, rerank_num=rerank_num,
-                                   settings=settings)
+        key, key_dict = result_key(
+            entry=entry,
+            images=images_fingerprint(split_folder),
+            checkpoint=fingerprints[ckpt_path],
+            keys_file=keys_file,
+            rerank_num=rerank_num,
+            settings=settings,
+        )
         cached = cache.get(key)
         if cached is not None:
             row.update(status="reused", record=cached, protocol=cached.get("protocol"))
-            logging.info(f"Reusing the result of {label} evaluated at {cached.get('evaluated_at')} "
-                         f"({CACHE_NAME} key {key}): {test.recalls_to_str(cached['recalls'], cached['recall_values'])}")
+            logging.info(
+                f"Reusing the result of {label} evaluated at {cached.get('evaluated_at')} "
+                f"({CACHE_NAME} key {key}): {test.recalls_to_str(cached['recalls'], cached['recall_values'])}"
+            )
             write_table()
             continue
 
@@ -551,33 +694,56 @@ def main(args) -> None:
             write_table()
             continue
         try:
-            dataset = datasets_ws.BaseDataset(os.path.dirname(folder), os.path.basename(folder), entry.split,
-                                              resize=settings["resize"], test_method=settings["test_method"],
-                                              positive_dist_threshold=settings["val_positive_dist_threshold"],
-                                              query_keys_file=keys_file)
-            protocol = protocol_text(entry=entry, rerank_num=rerank_num, settings=settings,
-                                     queries_num=dataset.queries_num, keys_file=keys_file)
-            why = rerun_reason(key_dict, cache.earlier_keys(dataset=entry.name, split=entry.split,
-                                                            rerank_num=rerank_num))
-            logging.info(f"Evaluating {label} with {ckpt_flag} {ckpt_path}: {dataset}; {protocol}; "
-                         f"why: {why}")
-            record = evaluate_dataset(model, dataset, rerank_num=rerank_num, settings=settings,
-                                      batch_size=args.infer_batch_size, num_workers=args.num_workers,
-                                      store_folder=os.path.join(log_folder, "dense_features")
-                                      if args.efficient_ram_testing else None)
+            dataset = datasets_ws.BaseDataset(
+                os.path.dirname(folder),
+                os.path.basename(folder),
+                entry.split,
+                resize=settings["resize"],
+                test_method=settings["test_method"],
+                positive_dist_threshold=settings["val_positive_dist_threshold"],
+                query_keys_file=keys_file,
+            )
+            protocol = protocol_text(
+                entry=entry,
+                rerank_num=rerank_num,
+                settings=settings,
+                queries_num=dataset.queries_num,
+                keys_file=keys_file,
+            )
+            why = rerun_reason(
+                key_dict, cache.earlier_keys(dataset=entry.name, split=entry.split, rerank_num=rerank_num)
+            )
+            logging.info(f"Evaluating {label} with {ckpt_flag} {ckpt_path}: {dataset}; {protocol}; why: {why}")
+            record = evaluate_dataset(
+                model,
+                dataset,
+                rerank_num=rerank_num,
+                settings=settings,
+                batch_size=args.infer_batch_size,
+                num_workers=args.num_workers,
+                store_folder=os.path.join(log_folder, "dense_features") if args.efficient_ram_testing else None,
+            )
         except (ValueError, OSError) as e:  # bad images, key file of another data set, full disk ...
             row.update(status="failed", reason=str(e))
             logging.error(f"Evaluation of {label} failed: {e}")
             write_table()
             continue
-        record.update(protocol=protocol, dataset=entry.name, rerank_num=rerank_num, key=key_dict,
-                      folder=os.path.abspath(folder), checkpoint_path=os.path.abspath(ckpt_path))
+        record.update(
+            protocol=protocol,
+            dataset=entry.name,
+            rerank_num=rerank_num,
+            key=key_dict,
+            folder=os.path.abspath(folder),
+            checkpoint_path=os.path.abspath(ckpt_path),
+        )
         cache.put(key, record)
         row.update(status="evaluated", record=record, protocol=protocol)
         timing = record["timing"]
-        logging.info(f"Recalls on {dataset}: {test.recalls_to_str(record['recalls'], record['recall_values'])} "
-                     f"(first stage: {test.recalls_to_str(record['recalls_first'], record['recall_values'])}); "
-                     f"{timing['total_s']:.1f} s in all")
+        logging.info(
+            f"Recalls on {dataset}: {test.recalls_to_str(record['recalls'], record['recall_values'])} "
+            f"(first stage: {test.recalls_to_str(record['recalls_first'], record['recall_values'])}); "
+            f"{timing['total_s']:.1f} s in all"
+        )
         write_table()
 
     write_table()
@@ -585,8 +751,11 @@ def main(args) -> None:
         logging.info(f"Results table {table_path}:\n{f.read()}")
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
-        raise commons.UserError(f"{len(failed)} evaluation(s) failed ("
-                                + ", ".join(r["entry"].title for r in failed) + f"): see {table_path} and the log")
+        raise commons.UserError(
+            f"{len(failed)} evaluation(s) failed ("
+            + ", ".join(r["entry"].title for r in failed)
+            + f"): see {table_path} and the log"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ The data's way through:
 in RAM, a folder keeps them in raw files there (read back with positional reads), removed when the
 engine closes. The results are the same either way.
 """
+
 import json
 import logging
 import os
@@ -47,10 +48,21 @@ DATABASE_METHOD = "hard_resize"
 # Extraction: the one path from images to features
 # ------------------------------------------------------------------------------------------------
 
-def extract_features(model: torch.nn.Module, dataset, indexes: Sequence[int], *, method: str,
-                     batch_size: int, num_workers: int, device: str, want_global: bool = True,
-                     local_store: Optional[DenseStore] = None, precision: str = "fp32",
-                     desc: str = "") -> Optional[np.ndarray]:
+
+def extract_features(
+    model: torch.nn.Module,
+    dataset,
+    indexes: Sequence[int],
+    *,
+    method: str,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    want_global: bool = True,
+    local_store: Optional[DenseStore] = None,
+    precision: str = "fp32",
+    desc: str = "",
+) -> Optional[np.ndarray]:
     """The one feature-extraction path.
 
     Images `indexes` of `dataset` (anything with `load(index, method)`: a datasets_ws.BaseDataset, or
@@ -61,17 +73,20 @@ def extract_features(model: torch.nn.Module, dataset, indexes: Sequence[int], *,
     if method == "single_query":
         batch_size = 1  # every query keeps its own size
     crops = method in FIVE_CROP_METHODS
-    loader = DataLoader(ImagesSubset(dataset, indexes, method), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=str(device).startswith("cuda"))
+    loader = DataLoader(
+        ImagesSubset(dataset, indexes, method),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=str(device).startswith("cuda"),
+    )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
     # change slightly (measured in the README); fp32 is the reference.
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" \
-        else nullcontext()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model.eval()
     with torch.inference_mode(), autocast:
-        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False,
-                              disable=None):
+        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
             images = images.to(device, non_blocking=True)
@@ -94,12 +109,15 @@ def extract_features(model: torch.nn.Module, dataset, indexes: Sequence[int], *,
 # First stage: exact L2 search, and the merging of crop candidate lists (pure functions)
 # ------------------------------------------------------------------------------------------------
 
+
 def candidates_num(rerank_num: int, database_size: int) -> int:
     """How many candidates each query gets: --rerank_num, or the whole database when it is smaller
     (said in a warning, since the user asked for more)."""
     if rerank_num > database_size:
-        logging.warning(f"--rerank_num {rerank_num} is larger than the database ({database_size} images): "
-                        "searching and re-ranking the whole database")
+        logging.warning(
+            f"--rerank_num {rerank_num} is larger than the database ({database_size} images): "
+            "searching and re-ranking the whole database"
+        )
         return database_size
     return rerank_num
 
@@ -133,8 +151,9 @@ def majority_voting(distances: np.ndarray, predictions: np.ndarray, weight: floa
     return distances
 
 
-def search(database: np.ndarray, queries: np.ndarray, k: int, *, method: str = "hard_resize",
-           majority_weight: float = 0.01) -> Tuple[Optional[np.ndarray], np.ndarray]:
+def search(
+    database: np.ndarray, queries: np.ndarray, k: int, *, method: str = "hard_resize", majority_weight: float = 0.01
+) -> Tuple[Optional[np.ndarray], np.ndarray]:
     """The first stage for queries preprocessed by `method`: (squared L2 distances (Q, k) or None,
     predictions (Q, k)).
 
@@ -160,8 +179,8 @@ def search(database: np.ndarray, queries: np.ndarray, k: int, *, method: str = "
 # Second stage: re-ranking by mutual nearest neighbours of the dense features
 # ------------------------------------------------------------------------------------------------
 
-def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, device: str,
-                       chunk_size: int = 16):
+
+def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, device: str, chunk_size: int = 16):
     """Re-rank each query's candidates by their mutual-NN counts with the query (local_matching).
 
     predictions (Q, k) database indexes; query_store[q] / database_store[i] -> dense features (h, w, C).
@@ -171,8 +190,9 @@ def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, 
     scores = np.empty(predictions.shape, dtype=np.float32)
     for q in tqdm(range(len(predictions)), desc="Re-ranking", ncols=100, leave=False, disable=None):
         query_local = torch.from_numpy(np.array(query_store[q])).to(device, non_blocking=True)
-        cand_scores = local_matching.mutual_nn_scores(query_local, database_store, predictions[q],
-                                                      chunk_size=chunk_size)
+        cand_scores = local_matching.mutual_nn_scores(
+            query_local, database_store, predictions[q], chunk_size=chunk_size
+        )
         cand_scores = cand_scores.cpu().numpy().astype(np.float32)
         order = local_matching.rerank(cand_scores)
         reranked[q] = predictions[q][order]
@@ -184,11 +204,13 @@ def rerank_predictions(predictions: np.ndarray, query_store, database_store, *, 
 # What the engine holds and returns
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Ranking:
     """Every query's ranked database candidates. All (Q, k): first_predictions (first stage, database
     indexes), first_distances (squared L2 as faiss returns them; None for the merged crop lists),
     predictions (re-ranked), scores (mutual-NN counts of `predictions`, in that order)."""
+
     first_predictions: np.ndarray
     first_distances: Optional[np.ndarray]
     predictions: np.ndarray
@@ -198,6 +220,7 @@ class Ranking:
 @dataclass
 class StageTimes:
     """Wall-clock seconds an engine spent in each stage (accumulated over its calls)."""
+
     database_extraction_s: float = 0.0
     query_extraction_s: float = 0.0
     search_s: float = 0.0
@@ -208,6 +231,7 @@ class StageTimes:
 class Queries:
     """Extracted queries: global_descriptors (Q, D), or (Q, 5, D) for the five-crop methods; dense[q] ->
     (h', w', 128) (the hard_resize grid for the five-crop methods); `method` the preprocessing."""
+
     global_descriptors: np.ndarray
     dense: DenseStore
     method: str
@@ -228,6 +252,7 @@ DENSE_FOLDER = "dense"
 class Database:
     """Database images with their features: global_descriptors (N, D) float32; dense[i] -> (h', w', 128);
     paths: the N images' files when known (a saved database records them in its manifest)."""
+
     global_descriptors: np.ndarray
     dense: DenseStore
     paths: List[str] = field(default_factory=list)
@@ -249,8 +274,10 @@ class Database:
         """
         folder = os.path.abspath(folder)
         if os.path.exists(folder):
-            raise FileExistsError(f"--save_database {folder} already exists: choose a new folder, or reuse that "
-                                  "database with --load_database.")
+            raise FileExistsError(
+                f"--save_database {folder} already exists: choose a new folder, or reuse that "
+                "database with --load_database."
+            )
         parent = os.path.dirname(folder)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
@@ -258,12 +285,22 @@ class Database:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
             self.dense.save(os.path.join(tmp, DENSE_FOLDER))
-            files = {name: os.path.getsize(os.path.join(tmp, name))
-                     for name in (GLOBAL_FILE, os.path.join(DENSE_FOLDER, DenseStore.FEATURES_FILE),
-                                  os.path.join(DENSE_FOLDER, DenseStore.SHAPES_FILE))}
-            content = {"format": DATABASE_FORMAT, "version": DATABASE_VERSION, **manifest, "files": files,
-                       "global_shape": list(self.global_descriptors.shape),
-                       "dense_shape_first": list(self.dense.shapes[0]) if len(self.dense) else None}
+            files = {
+                name: os.path.getsize(os.path.join(tmp, name))
+                for name in (
+                    GLOBAL_FILE,
+                    os.path.join(DENSE_FOLDER, DenseStore.FEATURES_FILE),
+                    os.path.join(DENSE_FOLDER, DenseStore.SHAPES_FILE),
+                )
+            }
+            content = {
+                "format": DATABASE_FORMAT,
+                "version": DATABASE_VERSION,
+                **manifest,
+                "files": files,
+                "global_shape": list(self.global_descriptors.shape),
+                "dense_shape_first": list(self.dense.shapes[0]) if len(self.dense) else None,
+            }
             with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
                 json.dump(content, f, indent=1)
                 f.flush()
@@ -283,15 +320,19 @@ class Database:
         for name, size in manifest["files"].items():
             path = os.path.join(folder, name)
             if not os.path.isfile(path) or os.path.getsize(path) != size:
-                raise ValueError(f"--load_database {folder}: {name} is missing or has changed size since it was "
-                                 "saved: the database is damaged. Save it again.")
+                raise ValueError(
+                    f"--load_database {folder}: {name} is missing or has changed size since it was "
+                    "saved: the database is damaged. Save it again."
+                )
         descriptors = np.load(os.path.join(folder, GLOBAL_FILE), mmap_mode="r", allow_pickle=False)
         dense = DenseStore.load(os.path.join(folder, DENSE_FOLDER))
         if descriptors.ndim != 2 or len(dense) != len(descriptors) or (paths and len(paths) != len(dense)):
             dense.close()
-            raise ValueError(f"--load_database {folder}: {len(paths) if paths else '?'} images but descriptors "
-                             f"{descriptors.shape} and {len(dense)} dense maps: the database is damaged. Save it "
-                             "again.")
+            raise ValueError(
+                f"--load_database {folder}: {len(paths) if paths else '?'} images but descriptors "
+                f"{descriptors.shape} and {len(dense)} dense maps: the database is damaged. Save it "
+                "again."
+            )
         return cls(global_descriptors=np.asarray(descriptors, dtype=np.float32), dense=dense, paths=list(paths))
 
 
@@ -299,11 +340,12 @@ def read_manifest(folder: str) -> Dict[str, Any]:
     """The manifest of a database saved in `folder`, checked for format and version."""
     path = os.path.join(folder, MANIFEST_FILE)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--load_database {folder}: no such folder. Give a folder written by "
-                                "--save_database.")
+        raise FileNotFoundError(f"--load_database {folder}: no such folder. Give a folder written by --save_database.")
     if not os.path.isfile(path):
-        raise ValueError(f"--load_database {folder} has no {MANIFEST_FILE}: it was not written by "
-                         "localize.py --save_database (or its save did not finish). Save the database again.")
+        raise ValueError(
+            f"--load_database {folder} has no {MANIFEST_FILE}: it was not written by "
+            "localize.py --save_database (or its save did not finish). Save the database again."
+        )
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -312,14 +354,17 @@ def read_manifest(folder: str) -> Dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != DATABASE_FORMAT:
         raise ValueError(f"--load_database {path} is not a SelaVPR database manifest: save the database again.")
     if manifest.get("version") != DATABASE_VERSION:
-        raise ValueError(f"--load_database {folder} has format version {manifest.get('version')}, this code "
-                         f"reads version {DATABASE_VERSION}: save the database again with this version.")
+        raise ValueError(
+            f"--load_database {folder} has format version {manifest.get('version')}, this code "
+            f"reads version {DATABASE_VERSION}: save the database again with this version."
+        )
     return manifest
 
 
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
+
 
 class Retrieval:
     """Extraction into databases and query sets, then search -> re-rank, with stage timings.
@@ -333,9 +378,18 @@ class Retrieval:
     only rank 0 then ranks. Every rank must make the same calls.
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_size: int, num_workers: int, device: str,
-                 precision: str = "fp32", store_folder: Optional[str] = None, rerank_chunk_size: int = 16,
-                 dist_ctx: Optional[distributed.Context] = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        batch_size: int,
+        num_workers: int,
+        device: str,
+        precision: str = "fp32",
+        store_folder: Optional[str] = None,
+        rerank_chunk_size: int = 16,
+        dist_ctx: Optional[distributed.Context] = None,
+    ) -> None:
         self.model = model
         self.extraction = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
         self.device = device
@@ -365,21 +419,38 @@ class Retrieval:
         self._stores.append(store)
         return store
 
-    def _extract(self, dataset, indexes: Sequence[int], *, method: str, store: Optional[DenseStore],
-                 want_global: bool = True, desc: str) -> Optional[np.ndarray]:
+    def _extract(
+        self,
+        dataset,
+        indexes: Sequence[int],
+        *,
+        method: str,
+        store: Optional[DenseStore],
+        want_global: bool = True,
+        desc: str,
+    ) -> Optional[np.ndarray]:
         def run(part, part_store):
-            return extract_features(self.model, dataset, part, method=method, local_store=part_store,
-                                    want_global=want_global, desc=desc, **self.extraction)
-        return distributed.extract_sharded(self.dist_ctx, run, indexes, want_global=want_global, store=store,
-                                           new_store=self.new_store)
+            return extract_features(
+                self.model,
+                dataset,
+                part,
+                method=method,
+                local_store=part_store,
+                want_global=want_global,
+                desc=desc,
+                **self.extraction,
+            )
+
+        return distributed.extract_sharded(
+            self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
+        )
 
     def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
         """Global descriptors and dense features of images `indexes` of `dataset`, preprocessed as the
         evaluation's database (hard_resize)."""
         start = time.perf_counter()
         store = self.new_store()
-        descriptors = self._extract(dataset, indexes, method=DATABASE_METHOD, store=store,
-                                    desc="Database features")
+        descriptors = self._extract(dataset, indexes, method=DATABASE_METHOD, store=store, desc="Database features")
         store.finish()
         self.times.database_extraction_s += time.perf_counter() - start
         return Database(global_descriptors=descriptors, dense=store, paths=list(paths))
@@ -398,16 +469,18 @@ class Retrieval:
         store = self.new_store()
         if method in FIVE_CROP_METHODS:
             descriptors = self._extract(dataset, indexes, method=method, store=None, desc="Query crops")
-            self._extract(dataset, indexes, method="hard_resize", store=store, want_global=False,
-                          desc="Query dense features")
+            self._extract(
+                dataset, indexes, method="hard_resize", store=store, want_global=False, desc="Query dense features"
+            )
         else:
             descriptors = self._extract(dataset, indexes, method=method, store=store, desc="Query features")
         store.finish()
         self.times.query_extraction_s += time.perf_counter() - start
         return Queries(global_descriptors=descriptors, dense=store, method=method)
 
-    def rank(self, database: Database, queries: Queries, *, rerank_num: int, majority_weight: float = 0.01,
-             pca=None) -> Ranking:
+    def rank(
+        self, database: Database, queries: Queries, *, rerank_num: int, majority_weight: float = 0.01, pca=None
+    ) -> Ranking:
         """Each query's min(rerank_num, N) nearest database images by exact L2 distance of the global
         descriptors (projected by `pca`, a fitted sklearn PCA, when given), then re-ranked by mutual-NN
         counts of the dense features."""
@@ -416,12 +489,16 @@ class Retrieval:
         db_global, q_global = database.global_descriptors, queries.global_descriptors
         if pca is not None:
             db_global = pca.transform(db_global).astype(np.float32)
-            q_global = pca.transform(q_global.reshape(-1, q_global.shape[-1])).astype(np.float32).reshape(
-                *q_global.shape[:-1], -1)
+            q_global = (
+                pca.transform(q_global.reshape(-1, q_global.shape[-1]))
+                .astype(np.float32)
+                .reshape(*q_global.shape[:-1], -1)
+            )
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        predictions, scores = rerank_predictions(first, queries.dense, database.dense, device=self.device,
-                                                 chunk_size=self.rerank_chunk_size)
+        predictions, scores = rerank_predictions(
+            first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
+        )
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)

@@ -12,6 +12,7 @@ is built. Command::
 The library's API is re-exported here, so ``import synthetic_dataset`` callers keep
 ``synthetic_dataset.generate(...)``, ``ensure_dataset``, ``read_manifest``, ``PRESETS`` and the rest.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,25 +21,54 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from synthetic import (GENERATOR_VERSION, MANIFEST_NAME, PRESETS, SPLITS, OptionError, ensure_dataset, generate,
-                       read_manifest, resolve_options)
+from synthetic import (
+    GENERATOR_VERSION,
+    MANIFEST_NAME,
+    PRESETS,
+    SPLITS,
+    OptionError,
+    ensure_dataset,
+    generate,
+    read_manifest,
+    resolve_options,
+)
 
-__all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "PRESETS", "SPLITS", "OptionError", "build_parser",
-           "ensure_dataset", "generate", "main", "read_manifest", "resolve_options"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "MANIFEST_NAME",
+    "PRESETS",
+    "SPLITS",
+    "OptionError",
+    "build_parser",
+    "ensure_dataset",
+    "generate",
+    "main",
+    "read_manifest",
+    "resolve_options",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate the built-in synthetic VPR data set "
-                                            "(Visual Geo-localization Benchmark layout).")
-    p.add_argument("--datasets_folder", type=os.path.expanduser, default=None,
-                   help="folder that receives <dataset_name>/ (default: $DATASETS_FOLDER)")
+    p = argparse.ArgumentParser(
+        description="Generate the built-in synthetic VPR data set (Visual Geo-localization Benchmark layout)."
+    )
+    p.add_argument(
+        "--datasets_folder",
+        type=os.path.expanduser,
+        default=None,
+        help="folder that receives <dataset_name>/ (default: $DATASETS_FOLDER)",
+    )
     p.add_argument("--dataset_name", type=str, default="synthetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", type=str, default="default", choices=sorted(PRESETS))
     for split in SPLITS:
         for what in ("database", "queries"):
-            p.add_argument(f"--{split}_{what}_num", type=int, default=None,
-                           help=f"number of {split} {what} images (default: from --preset)")
+            p.add_argument(
+                f"--{split}_{what}_num",
+                type=int,
+                default=None,
+                help=f"number of {split} {what} images (default: from --preset)",
+            )
     p.add_argument("--routes_per_split", type=int, default=None, help="routes per split (default: from --preset)")
     p.add_argument("--image_size", type=int, nargs=2, default=[192, 256], metavar=("H", "W"))
     p.add_argument("--db_spacing_m", type=float, default=6.0, help="metres between database images (1-12)")
@@ -48,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg_quality", type=int, default=90)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing data set")
-    mode.add_argument("--if_missing", action="store_true",
-                      help="reuse an existing data set made with the same options; generate it otherwise")
+    mode.add_argument(
+        "--if_missing",
+        action="store_true",
+        help="reuse an existing data set made with the same options; generate it otherwise",
+    )
     return p
 
 
@@ -59,10 +92,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     folder = args.datasets_folder or os.environ.get("DATASETS_FOLDER")
     if not folder:
         parser.error("--datasets_folder is required (or set the DATASETS_FOLDER environment variable)")
-    options = dict(seed=args.seed, preset=args.preset, routes_per_split=args.routes_per_split,
-                   image_size=tuple(args.image_size), db_spacing_m=args.db_spacing_m,
-                   night_fraction=args.night_fraction, sideways_fraction=args.sideways_fraction,
-                   lookalikes_per_km=args.lookalikes_per_km, jpeg_quality=args.jpeg_quality)
+    options = dict(
+        seed=args.seed,
+        preset=args.preset,
+        routes_per_split=args.routes_per_split,
+        image_size=tuple(args.image_size),
+        db_spacing_m=args.db_spacing_m,
+        night_fraction=args.night_fraction,
+        sideways_fraction=args.sideways_fraction,
+        lookalikes_per_km=args.lookalikes_per_km,
+        jpeg_quality=args.jpeg_quality,
+    )
     for split in SPLITS:
         for what in ("database", "queries"):
             options[f"{split}_{what}_num"] = getattr(args, f"{split}_{what}_num")

@@ -5,6 +5,7 @@ The data's way through (retrieval.py holds every step up to the rankings):
                     `-> dense features -> DenseStore (RAM | file) -> re-rank engine -> recalls
 `--efficient_ram_testing` only changes where the dense features are kept (RAM or a disk file).
 """
+
 import logging
 import random
 from dataclasses import dataclass, field
@@ -20,11 +21,20 @@ import distributed
 import retrieval
 from datasets_ws import BaseDataset, PCADataset
 
-PCA_MAX_IMAGES = 2 ** 14
+PCA_MAX_IMAGES = 2**14
 
 
-def compute_pca(model: torch.nn.Module, *, datasets_folder: str, pca_dataset_folder: str, pca_dim: int,
-                resize: Sequence[int], batch_size: int, num_workers: int, device: str) -> PCA:
+def compute_pca(
+    model: torch.nn.Module,
+    *,
+    datasets_folder: str,
+    pca_dataset_folder: str,
+    pca_dim: int,
+    resize: Sequence[int],
+    batch_size: int,
+    num_workers: int,
+    device: str,
+) -> PCA:
     """Fit PCA(pca_dim) (no whitening) on global descriptors of at most 2^14 shuffled images."""
     pca_ds = PCADataset(datasets_folder, pca_dataset_folder, resize=resize)
     n = min(len(pca_ds), PCA_MAX_IMAGES)
@@ -37,8 +47,10 @@ def compute_pca(model: torch.nn.Module, *, datasets_folder: str, pca_dataset_fol
             descriptors.append(model.global_descriptors(images.to(device)).float().cpu().numpy())
     descriptors = np.concatenate(descriptors)
     if pca_dim > min(descriptors.shape):
-        raise ValueError(f"--pca_dim {pca_dim} is larger than min(#images, descriptor size) = "
-                         f"{min(descriptors.shape)} of --pca_dataset_folder {pca_dataset_folder}")
+        raise ValueError(
+            f"--pca_dim {pca_dim} is larger than min(#images, descriptor size) = "
+            f"{min(descriptors.shape)} of --pca_dataset_folder {pca_dataset_folder}"
+        )
     pca = PCA(pca_dim)
     pca.fit(descriptors)
     return pca
@@ -48,8 +60,10 @@ def compute_pca(model: torch.nn.Module, *, datasets_folder: str, pca_dataset_fol
 # Recalls (pure functions)
 # ------------------------------------------------------------------------------------------------
 
-def compute_recalls(predictions: Sequence[np.ndarray], positives_per_query: Sequence[np.ndarray],
-                    recall_values: Sequence[int]) -> np.ndarray:
+
+def compute_recalls(
+    predictions: Sequence[np.ndarray], positives_per_query: Sequence[np.ndarray], recall_values: Sequence[int]
+) -> np.ndarray:
     """Recall@N in percent: share of queries with a positive among their first N predictions.
 
     Every query counts in the denominator, also one without any positive (always a miss); an N above
@@ -69,26 +83,29 @@ def recalls_to_str(recalls: Sequence[float], recall_values: Sequence[int]) -> st
     return ", ".join(f"R@{n}: {r:.1f}" for n, r in zip(recall_values, recalls))
 
 
-def ranking_recalls(ranking: retrieval.Ranking, positives: Sequence[np.ndarray],
-                    recall_values: Sequence[int]):
+def ranking_recalls(ranking: retrieval.Ranking, positives: Sequence[np.ndarray], recall_values: Sequence[int]):
     """(first-stage recalls, re-ranked recalls) of `ranking` (compute_recalls), with a warning when
     some N of recall_values is above the number of candidates (those recalls are capped)."""
     k = ranking.predictions.shape[1]
     if max(recall_values) > k:
         logging.warning(f"--recall_values above {k} (the number of re-ranked candidates) are capped at R@{k}")
-    return (compute_recalls(ranking.first_predictions, positives, recall_values),
-            compute_recalls(ranking.predictions, positives, recall_values))
+    return (
+        compute_recalls(ranking.first_predictions, positives, recall_values),
+        compute_recalls(ranking.predictions, positives, recall_values),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # The evaluation
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class EvalResult(retrieval.Ranking):
     """The ranking of every query of a data set (retrieval.Ranking's arrays), with its recalls in percent
     before (recalls_first) and after re-ranking (recalls), the positives per query and the time spent
     in each stage."""
+
     recalls_first: np.ndarray
     recalls: np.ndarray
     positives: List[np.ndarray] = field(default_factory=list)
@@ -98,11 +115,23 @@ class EvalResult(retrieval.Ranking):
         return recalls_to_str(self.recalls, recall_values)
 
 
-def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str = "hard_resize",
-             rerank_num: int = 100, recall_values: Sequence[int] = (1, 5, 10, 20), batch_size: int = 16,
-             num_workers: int = 0, device: str = "cpu", store_folder: Optional[str] = None,
-             pca: Optional[PCA] = None, majority_weight: float = 0.01, precision: str = "fp32",
-             rerank_chunk_size: int = 16, dist_ctx: Optional[distributed.Context] = None) -> Optional[EvalResult]:
+def evaluate(
+    model: torch.nn.Module,
+    eval_ds: BaseDataset,
+    *,
+    test_method: str = "hard_resize",
+    rerank_num: int = 100,
+    recall_values: Sequence[int] = (1, 5, 10, 20),
+    batch_size: int = 16,
+    num_workers: int = 0,
+    device: str = "cpu",
+    store_folder: Optional[str] = None,
+    pca: Optional[PCA] = None,
+    majority_weight: float = 0.01,
+    precision: str = "fp32",
+    rerank_chunk_size: int = 16,
+    dist_ctx: Optional[distributed.Context] = None,
+) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
     store_folder: None keeps the dense features in RAM; a folder (--efficient_ram_testing) keeps them in
@@ -112,9 +141,16 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     process). Every rank must call evaluate with the same arguments.
     """
     db_num, q_num = eval_ds.database_num, eval_ds.queries_num
-    with retrieval.Retrieval(model, batch_size=batch_size, num_workers=num_workers, device=device,
-                             precision=precision, store_folder=store_folder, rerank_chunk_size=rerank_chunk_size,
-                             dist_ctx=dist_ctx) as engine:
+    with retrieval.Retrieval(
+        model,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        store_folder=store_folder,
+        rerank_chunk_size=rerank_chunk_size,
+        dist_ctx=dist_ctx,
+    ) as engine:
         database = engine.build_database(eval_ds, range(db_num), paths=eval_ds.database_paths)
         queries = engine.extract_queries(eval_ds, range(db_num, db_num + q_num), method=test_method)
         if not engine.dist_ctx.is_main:
@@ -123,5 +159,6 @@ def evaluate(model: torch.nn.Module, eval_ds: BaseDataset, *, test_method: str =
     positives = eval_ds.get_positives()
     recalls_first, recalls = ranking_recalls(ranking, positives, recall_values)
     logging.info(f"First ranking recalls: {recalls_to_str(recalls_first, recall_values)}")
-    return EvalResult(**vars(ranking), recalls_first=recalls_first, recalls=recalls, positives=positives,
-                      times=engine.times)
+    return EvalResult(
+        **vars(ranking), recalls_first=recalls_first, recalls=recalls, positives=positives, times=engine.times
+    )

@@ -4,6 +4,7 @@ main is the recipe: start the run, build the data, the model and its optimiser, 
 train (mine triplets, then batches) and validate + checkpoint; finally test the best model. Each step
 below takes explicit keyword settings: main alone reads the command line's flags.
 """
+
 import logging
 import math
 import os
@@ -33,57 +34,111 @@ def main(args):
     # runs are deterministic.
     torch.backends.cudnn.benchmark = True
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
-    ctx = commons.start_run(args, os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")),
-                            note=args.model_settings_note)
+    ctx = commons.start_run(
+        args,
+        os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")),
+        note=args.model_settings_note,
+    )
     distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     triplets_ds, val_ds, test_ds = build_datasets(
-        datasets_folder=args.datasets_folder, dataset_name=args.dataset_name, resize=args.resize,
-        test_method=args.test_method, positive_dist_threshold=args.val_positive_dist_threshold,
-        query_keys_file=args.query_keys_file, negs_num_per_query=args.negs_num_per_query,
+        datasets_folder=args.datasets_folder,
+        dataset_name=args.dataset_name,
+        resize=args.resize,
+        test_method=args.test_method,
+        positive_dist_threshold=args.val_positive_dist_threshold,
+        query_keys_file=args.query_keys_file,
+        negs_num_per_query=args.negs_num_per_query,
         train_positives_dist_threshold=args.train_positives_dist_threshold,
-        augmentation=dict(brightness=args.brightness, contrast=args.contrast, saturation=args.saturation,
-                          hue=args.hue, rand_perspective=args.rand_perspective,
-                          random_resized_crop=args.random_resized_crop, random_rotation=args.random_rotation))
+        augmentation=dict(
+            brightness=args.brightness,
+            contrast=args.contrast,
+            saturation=args.saturation,
+            hue=args.hue,
+            rand_perspective=args.rand_perspective,
+            random_resized_crop=args.random_resized_crop,
+            random_rotation=args.random_rotation,
+        ),
+    )
     model = network.build_model(args, device=ctx.device, train_backbone=args.train_backbone)
     optimizer = build_optimizer(model, optim=args.optim, lr=args.lr)
     miner_state = mining.MiningState(triplets_ds.queries_num)
     last_path = os.path.join(ctx.output_folder, "last_model.pth")
     best_path = os.path.join(ctx.output_folder, "best_model.pth")
-    start_epoch, best = resume_training(args.resume, model=model, optimizer=optimizer, miner_state=miner_state,
-                                        best_path=best_path, is_main=ctx.is_main)
+    start_epoch, best = resume_training(
+        args.resume, model=model, optimizer=optimizer, miner_state=miner_state, best_path=best_path, is_main=ctx.is_main
+    )
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
     train_model = ctx.wrap_model(model, find_unused_parameters=args.train_backbone)
-    eval_kwargs = dict(rerank_num=args.rerank_num, recall_values=args.recall_values,
-                       batch_size=args.infer_batch_size, num_workers=args.num_workers, device=ctx.device,
-                       store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
-                       precision=args.precision, dist_ctx=ctx)
+    eval_kwargs = dict(
+        rerank_num=args.rerank_num,
+        recall_values=args.recall_values,
+        batch_size=args.infer_batch_size,
+        num_workers=args.num_workers,
+        device=ctx.device,
+        store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+        precision=args.precision,
+        dist_ctx=ctx,
+    )
 
     epochs_trained = 0
     for epoch_num in range(start_epoch, args.epochs_num):
-        train_epoch(ctx=ctx, model=model, train_model=train_model, optimizer=optimizer, triplets_ds=triplets_ds,
-                    miner_state=miner_state, epoch_num=epoch_num, queries_per_epoch=args.queries_per_epoch,
-                    cache_refresh_rate=args.cache_refresh_rate, mining_mode=args.mining,
-                    neg_samples_num=args.neg_samples_num, negs_num_per_query=args.negs_num_per_query,
-                    train_batch_size=args.train_batch_size, infer_batch_size=args.infer_batch_size,
-                    num_workers=args.num_workers, precision=args.precision, horizontal_flip=args.horizontal_flip,
-                    margin=args.margin, seed=args.seed, last_path=last_path)
+        train_epoch(
+            ctx=ctx,
+            model=model,
+            train_model=train_model,
+            optimizer=optimizer,
+            triplets_ds=triplets_ds,
+            miner_state=miner_state,
+            epoch_num=epoch_num,
+            queries_per_epoch=args.queries_per_epoch,
+            cache_refresh_rate=args.cache_refresh_rate,
+            mining_mode=args.mining,
+            neg_samples_num=args.neg_samples_num,
+            negs_num_per_query=args.negs_num_per_query,
+            train_batch_size=args.train_batch_size,
+            infer_batch_size=args.infer_batch_size,
+            num_workers=args.num_workers,
+            precision=args.precision,
+            horizontal_flip=args.horizontal_flip,
+            margin=args.margin,
+            seed=args.seed,
+            last_path=last_path,
+        )
         epochs_trained += 1
         recalls = validate(model, val_ds, ctx=ctx, eval_kwargs=eval_kwargs, recall_values=args.recall_values)
         is_best = best.record(recalls, patience=args.patience)
         # Saved after updating the best R@5 and the patience counter, so a resume continues exactly from here.
-        save_epoch(ctx=ctx, model=model, optimizer=optimizer, miner_state=miner_state, epoch_num=epoch_num,
-                   recalls=recalls, best=best, is_best=is_best, resize=args.resize, last_path=last_path,
-                   best_path=best_path)
+        save_epoch(
+            ctx=ctx,
+            model=model,
+            optimizer=optimizer,
+            miner_state=miner_state,
+            epoch_num=epoch_num,
+            recalls=recalls,
+            best=best,
+            is_best=is_best,
+            resize=args.resize,
+            last_path=last_path,
+            best_path=best_path,
+        )
         if best.not_improved_num >= args.patience:
             logging.info(f"Performance did not improve for {best.not_improved_num} epochs. Stop training.")
             break
 
     logging.info(f"Best R@5: {best.best_r5:.1f}")
     logging.info(f"Trained for {epochs_trained} epochs, in total in {str(datetime.now() - start_time)[:-7]}")
-    final_test(model, test_ds, ctx=ctx, best_path=best_path, eval_kwargs=eval_kwargs,
-               test_method=args.test_method, majority_weight=args.majority_weight, recall_values=args.recall_values)
+    final_test(
+        model,
+        test_ds,
+        ctx=ctx,
+        best_path=best_path,
+        eval_kwargs=eval_kwargs,
+        test_method=args.test_method,
+        majority_weight=args.majority_weight,
+        recall_values=args.recall_values,
+    )
     commons.finish(ctx)
 
 
@@ -91,24 +146,51 @@ def main(args):
 # The steps
 # ------------------------------------------------------------------------------------------------
 
-def build_datasets(*, datasets_folder: str, dataset_name: str, resize: Sequence[int], test_method: str,
-                   positive_dist_threshold: float, query_keys_file: str | None, negs_num_per_query: int,
-                   train_positives_dist_threshold: float, augmentation: dict):
+
+def build_datasets(
+    *,
+    datasets_folder: str,
+    dataset_name: str,
+    resize: Sequence[int],
+    test_method: str,
+    positive_dist_threshold: float,
+    query_keys_file: str | None,
+    negs_num_per_query: int,
+    train_positives_dist_threshold: float,
+    augmentation: dict,
+):
     """(training triplets, validation set, test set) of a data set; `augmentation`: TripletsDataset's
     augmentation keywords (brightness, ..., random_rotation) for the training queries."""
     triplets_ds = datasets_ws.TripletsDataset(
-        datasets_folder, dataset_name, "train", resize=resize, negs_num_per_query=negs_num_per_query,
-        train_positives_dist_threshold=train_positives_dist_threshold, **augmentation)
+        datasets_folder,
+        dataset_name,
+        "train",
+        resize=resize,
+        negs_num_per_query=negs_num_per_query,
+        train_positives_dist_threshold=train_positives_dist_threshold,
+        **augmentation,
+    )
     logging.info(f"Train query set: {triplets_ds}")
-    val_ds = datasets_ws.BaseDataset(datasets_folder, dataset_name, "val", resize=resize,
-                                     positive_dist_threshold=positive_dist_threshold,
-                                     query_keys_file=query_keys_file)
+    val_ds = datasets_ws.BaseDataset(
+        datasets_folder,
+        dataset_name,
+        "val",
+        resize=resize,
+        positive_dist_threshold=positive_dist_threshold,
+        query_keys_file=query_keys_file,
+    )
     logging.info(f"Val set: {val_ds}")
     # The query protocol (--query_keys_file) applies to the final test too: on MSLS the test split is
     # the val folder, and the official protocol keeps 740 of its ~11k queries.
-    test_ds = datasets_ws.BaseDataset(datasets_folder, dataset_name, "test", resize=resize,
-                                      test_method=test_method, positive_dist_threshold=positive_dist_threshold,
-                                      query_keys_file=query_keys_file)
+    test_ds = datasets_ws.BaseDataset(
+        datasets_folder,
+        dataset_name,
+        "test",
+        resize=resize,
+        test_method=test_method,
+        positive_dist_threshold=positive_dist_threshold,
+        query_keys_file=query_keys_file,
+    )
     logging.info(f"Test set: {test_ds}")
     return triplets_ds, val_ds, test_ds
 
@@ -138,21 +220,30 @@ class BestRecall:
             self.best_r5, self.not_improved_num = float(r5), 0
             return True
         self.not_improved_num += 1
-        logging.info(f"Not improved: {self.not_improved_num} / {patience}: best R@5 = {self.best_r5:.1f}, "
-                     f"current R@5 = {r5:.1f}")
+        logging.info(
+            f"Not improved: {self.not_improved_num} / {patience}: best R@5 = {self.best_r5:.1f}, current R@5 = {r5:.1f}"
+        )
         return False
 
 
-def resume_training(resume: str | None, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    miner_state: mining.MiningState, best_path: str, is_main: bool) -> Tuple[int, BestRecall]:
+def resume_training(
+    resume: str | None,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    best_path: str,
+    is_main: bool,
+) -> Tuple[int, BestRecall]:
     """(first epoch to train, best R@5 so far): a fresh start without `resume`; else resume_from's
     (the weights were loaded by build_model), and, as the public code, a resumed run's last_model.pth
     carries that run's best model along (rank 0 copies it to best_path), so that a run that never
     improves on it tests it at the end."""
     if not resume:
         return 0, BestRecall()
-    start_epoch, best_r5, not_improved_num = resume_from(resume, model=model, optimizer=optimizer,
-                                                         miner_state=miner_state)
+    start_epoch, best_r5, not_improved_num = resume_from(
+        resume, model=model, optimizer=optimizer, miner_state=miner_state
+    )
     resumed_best = resumed_best_model(resume)
     if resumed_best is not None and is_main:
         atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(resumed_best, tmp))
@@ -160,61 +251,128 @@ def resume_training(resume: str | None, *, model: torch.nn.Module, optimizer: to
     return start_epoch, BestRecall(best_r5, not_improved_num)
 
 
-def mining_descriptors(ctx: distributed.Context, model: torch.nn.Module, triplets_ds: datasets_ws.TripletsDataset,
-                       *, batch_size: int, num_workers: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def mining_descriptors(
+    ctx: distributed.Context,
+    model: torch.nn.Module,
+    triplets_ds: datasets_ws.TripletsDataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+) -> Callable[[np.ndarray], np.ndarray]:
     """mine_triplets' descriptors_fn: global indexes (n,) -> the model's global descriptors (n, D) of
     those images of triplets_ds (resized to the training size); each rank extracts a share."""
+
     def extract(indexes, _store):
-        return retrieval.extract_features(model, triplets_ds, indexes, method="hard_resize", batch_size=batch_size,
-                                          num_workers=num_workers, device=ctx.device, precision=precision,
-                                          desc="Mining features")
+        return retrieval.extract_features(
+            model,
+            triplets_ds,
+            indexes,
+            method="hard_resize",
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=ctx.device,
+            precision=precision,
+            desc="Mining features",
+        )
+
     return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes)
 
 
-def train_epoch(*, ctx: distributed.Context, model: torch.nn.Module, train_model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer, triplets_ds: datasets_ws.TripletsDataset,
-                miner_state: mining.MiningState, epoch_num: int, queries_per_epoch: int, cache_refresh_rate: int,
-                mining_mode: str, neg_samples_num: int, negs_num_per_query: int, train_batch_size: int,
-                infer_batch_size: int, num_workers: int, precision: str, horizontal_flip: bool, margin: float,
-                seed: int, last_path: str) -> None:
+def train_epoch(
+    *,
+    ctx: distributed.Context,
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    triplets_ds: datasets_ws.TripletsDataset,
+    miner_state: mining.MiningState,
+    epoch_num: int,
+    queries_per_epoch: int,
+    cache_refresh_rate: int,
+    mining_mode: str,
+    neg_samples_num: int,
+    negs_num_per_query: int,
+    train_batch_size: int,
+    infer_batch_size: int,
+    num_workers: int,
+    precision: str,
+    horizontal_flip: bool,
+    margin: float,
+    seed: int,
+    last_path: str,
+) -> None:
     """One epoch: queries_per_epoch // cache_refresh_rate loops, each mining cache_refresh_rate triplets
     with the current model, then training on them in global batches of train_batch_size queries; logs
     the average losses. `model` is the bare model (mining), `train_model` the one trained (DDP's wrapper
     under torchrun)."""
     logging.info(f"Start training epoch: {epoch_num:02d}")
     epoch_start = datetime.now()
-    descriptors_fn = mining_descriptors(ctx, model, triplets_ds, batch_size=infer_batch_size,
-                                        num_workers=num_workers, precision=precision)
+    descriptors_fn = mining_descriptors(
+        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=precision
+    )
     loops_num = queries_per_epoch // cache_refresh_rate
     epoch_losses = []
     for loop_num in range(loops_num):
         logging.debug(f"Cache: {loop_num} / {loops_num}")
         ctx.sync_numpy_rng()  # torchrun: rank 0's NumPy generator decides every rank's mining draws
-        mining.mine_triplets(triplets_ds, mode=mining_mode, descriptors_fn=descriptors_fn,
-                             cache_refresh_rate=cache_refresh_rate, neg_samples_num=neg_samples_num,
-                             negs_num_per_query=negs_num_per_query, state=miner_state)
+        mining.mine_triplets(
+            triplets_ds,
+            mode=mining_mode,
+            descriptors_fn=descriptors_fn,
+            cache_refresh_rate=cache_refresh_rate,
+            neg_samples_num=neg_samples_num,
+            negs_num_per_query=negs_num_per_query,
+            state=miner_state,
+        )
         # torchrun: all ranks mined alike, rank 0's triplets are the reference; each rank draws its own
         # augmentations and loads its share of every global batch.
         triplets_ds.triplets_global_indexes = ctx.broadcast_array(triplets_ds.triplets_global_indexes)
         ctx.reseed_augmentations(seed=seed, epoch_num=epoch_num, loop_num=loop_num)
-        loader = ctx.training_loader(triplets_ds, batch_size=train_batch_size, num_workers=num_workers,
-                                     collate_fn=datasets_ws.collate_fn, pin_memory=ctx.device.startswith("cuda"))
+        loader = ctx.training_loader(
+            triplets_ds,
+            batch_size=train_batch_size,
+            num_workers=num_workers,
+            collate_fn=datasets_ws.collate_fn,
+            pin_memory=ctx.device.startswith("cuda"),
+        )
         loop_losses = train_batches(
-            loader, ctx=ctx, train_model=train_model, optimizer=optimizer, precision=precision,
-            horizontal_flip=horizontal_flip, margin=margin, normaliser=train_batch_size * negs_num_per_query,
-            where=f"epoch {epoch_num}, loop {loop_num}", last_path=last_path,
-            desc=f"Epoch {epoch_num:02d} loop {loop_num}")
+            loader,
+            ctx=ctx,
+            train_model=train_model,
+            optimizer=optimizer,
+            precision=precision,
+            horizontal_flip=horizontal_flip,
+            margin=margin,
+            normaliser=train_batch_size * negs_num_per_query,
+            where=f"epoch {epoch_num}, loop {loop_num}",
+            last_path=last_path,
+            desc=f"Epoch {epoch_num:02d} loop {loop_num}",
+        )
         epoch_losses += loop_losses
         g, l = np.mean(loop_losses, axis=0) if loop_losses else (float("nan"), float("nan"))
         logging.debug(f"Epoch {epoch_num:02d} loop {loop_num}: triplet loss = {g:.4f}, local loss = {l:.4f}")
     g, l = np.mean(epoch_losses, axis=0) if epoch_losses else (float("nan"), float("nan"))
-    logging.info(f"Finished epoch {epoch_num:02d} in {str(datetime.now() - epoch_start)[:-7]}, "
-                 f"average epoch triplet loss = {g:.4f}, local loss = {l:.4f}")
+    logging.info(
+        f"Finished epoch {epoch_num:02d} in {str(datetime.now() - epoch_start)[:-7]}, "
+        f"average epoch triplet loss = {g:.4f}, local loss = {l:.4f}"
+    )
 
 
-def train_batches(loader: torch.utils.data.DataLoader, *, ctx: distributed.Context, train_model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer, precision: str, horizontal_flip: bool, margin: float,
-                  normaliser: int, where: str, last_path: str, desc: str) -> List[Tuple[float, float]]:
+def train_batches(
+    loader: torch.utils.data.DataLoader,
+    *,
+    ctx: distributed.Context,
+    train_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: str,
+    horizontal_flip: bool,
+    margin: float,
+    normaliser: int,
+    where: str,
+    last_path: str,
+    desc: str,
+) -> List[Tuple[float, float]]:
     """One optimiser step per batch of `loader`; returns each global batch's (triplet loss, local loss).
 
     normaliser: train_batch_size * negs_num_per_query of the global batch. A non-finite loss stops
@@ -223,22 +381,27 @@ def train_batches(loader: torch.utils.data.DataLoader, *, ctx: distributed.Conte
     train_model.train()
     losses = []
     for batch_num, (images, triplets_local_indexes, _) in enumerate(
-            tqdm(loader, desc=desc, ncols=100, leave=False, disable=None)):
+        tqdm(loader, desc=desc, ncols=100, leave=False, disable=None)
+    ):
         if horizontal_flip:  # the whole batch or none
             images = ctx.flip_together(images)
         local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
-            train_model, images.to(ctx.device, non_blocking=True), precision=precision)
-        global_loss, local_loss = loss.triplet_losses(local_features, global_features, triplets_local_indexes,
-                                                      margin=margin, normaliser=normaliser)
+            train_model, images.to(ctx.device, non_blocking=True), precision=precision
+        )
+        global_loss, local_loss = loss.triplet_losses(
+            local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
+        )
         total = global_loss + local_loss
         # The global batch's losses on every rank: all stop together on a bad one.
         global_value, local_value, total_value = ctx.sum_over_ranks(
-            [global_loss.item(), local_loss.item(), total.item()])
+            [global_loss.item(), local_loss.item(), total.item()]
+        )
         if not math.isfinite(total_value):
             raise ValueError(
                 f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
                 f"local {local_value}); stopping. The last good checkpoint is "
-                f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr.")
+                f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+            )
         optimizer.zero_grad(set_to_none=True)
         # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
         # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
@@ -249,8 +412,14 @@ def train_batches(loader: torch.utils.data.DataLoader, *, ctx: distributed.Conte
     return losses
 
 
-def validate(model: torch.nn.Module, val_ds: datasets_ws.BaseDataset, *, ctx: distributed.Context,
-             eval_kwargs: dict, recall_values: Sequence[int]) -> List[float]:
+def validate(
+    model: torch.nn.Module,
+    val_ds: datasets_ws.BaseDataset,
+    *,
+    ctx: distributed.Context,
+    eval_kwargs: dict,
+    recall_values: Sequence[int],
+) -> List[float]:
     """Re-ranking recalls on the validation set (test.evaluate with `eval_kwargs`), on every rank."""
     result = test.evaluate(model, val_ds, **eval_kwargs)
     # torchrun: rank 0 alone searched and re-ranked; every rank takes its recalls, so all decide alike.
@@ -259,24 +428,50 @@ def validate(model: torch.nn.Module, val_ds: datasets_ws.BaseDataset, *, ctx: di
     return recalls
 
 
-def save_epoch(*, ctx: distributed.Context, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               miner_state: mining.MiningState, epoch_num: int, recalls: Sequence[float], best: BestRecall,
-               is_best: bool, resize: Sequence[int] | None, last_path: str, best_path: str) -> None:
+def save_epoch(
+    *,
+    ctx: distributed.Context,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    epoch_num: int,
+    recalls: Sequence[float],
+    best: BestRecall,
+    is_best: bool,
+    resize: Sequence[int] | None,
+    last_path: str,
+    best_path: str,
+) -> None:
     """Rank 0 writes last_path (weights, optimizer, random and mining states: a resume continues exactly
     from here) and copies it to best_path when is_best; the other ranks wait for it."""
     if ctx.is_main:
-        network.save_checkpoint(last_path, model=model, optimizer=optimizer, epoch_num=epoch_num,
-                                recalls=recalls, best_r5=best.best_r5, not_improved_num=best.not_improved_num,
-                                resize=resize, extra={"rng_states": commons.get_rng_states(),
-                                                      "mining_state": miner_state.state_dict()})
+        network.save_checkpoint(
+            last_path,
+            model=model,
+            optimizer=optimizer,
+            epoch_num=epoch_num,
+            recalls=recalls,
+            best_r5=best.best_r5,
+            not_improved_num=best.not_improved_num,
+            resize=resize,
+            extra={"rng_states": commons.get_rng_states(), "mining_state": miner_state.state_dict()},
+        )
         if is_best:
             atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
     ctx.wait_for_main()
 
 
-def final_test(model: torch.nn.Module, test_ds: datasets_ws.BaseDataset, *, ctx: distributed.Context,
-               best_path: str, eval_kwargs: dict, test_method: str, majority_weight: float,
-               recall_values: Sequence[int]) -> None:
+def final_test(
+    model: torch.nn.Module,
+    test_ds: datasets_ws.BaseDataset,
+    *,
+    ctx: distributed.Context,
+    best_path: str,
+    eval_kwargs: dict,
+    test_method: str,
+    majority_weight: float,
+    recall_values: Sequence[int],
+) -> None:
     """Test the best model (this run's, or the resumed run's copied at the start); without one (no epoch
     improved on the best R@5 taken from the --resume file), the weights as they are."""
     if ctx.broadcast_object(os.path.exists(best_path) if ctx.is_main else None):
@@ -286,8 +481,7 @@ def final_test(model: torch.nn.Module, test_ds: datasets_ws.BaseDataset, *, ctx:
     else:
         logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
-    result = test.evaluate(model, test_ds, test_method=test_method, majority_weight=majority_weight,
-                           **eval_kwargs)
+    result = test.evaluate(model, test_ds, test_method=test_method, majority_weight=majority_weight, **eval_kwargs)
     if result is not None:  # rank 0
         logging.info(f"Recalls on {test_ds}: {result.summary(recall_values)}")
 
@@ -295,6 +489,7 @@ def final_test(model: torch.nn.Module, test_ds: datasets_ws.BaseDataset, *, ctx:
 # ------------------------------------------------------------------------------------------------
 # Resuming
 # ------------------------------------------------------------------------------------------------
+
 
 def resumed_best_model(resume: str | None) -> str | None:
     """The best model of the run a --resume file comes from: the `best_model.pth` beside it, but only when
@@ -311,8 +506,9 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
     run's optimizer), "public" (the public train.py's Adam over every parameter of the model, frozen ones
     included, in one group) or "other" (fits neither)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
-                                               for g in groups):
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
         return "other"
     saved_sizes = [len(g["params"]) for g in groups]
     if saved_sizes == [len(g["params"]) for g in optimizer.param_groups]:
@@ -322,8 +518,9 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
     return "other"
 
 
-def resume_from(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                miner_state: mining.MiningState):
+def resume_from(
+    path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState
+):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
     best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
 
@@ -342,19 +539,28 @@ def resume_from(path: str, *, model: torch.nn.Module, optimizer: torch.optim.Opt
             optimizer.load_state_dict(saved_optimizer)
             taken.append("optimizer state")
         except ValueError as e:
-            raise ValueError(f"--resume {path}: its optimizer state does not fit this run's trainable parameters "
-                             f"(--optim / --train_backbone differ?): {e}. Use --load_weights for weights only.")
+            raise ValueError(
+                f"--resume {path}: its optimizer state does not fit this run's trainable parameters "
+                f"(--optim / --train_backbone differ?): {e}. Use --load_weights for weights only."
+            ) from None
     elif layout == "public":
-        logging.info(f"--resume {path} holds the optimizer state of the public train.py (Adam over all "
-                     f"{len(list(model.parameters()))} parameters, the frozen backbone included), which the "
-                     "public code never loads on resume: the optimizer starts fresh, as it does there")
+        logging.info(
+            f"--resume {path} holds the optimizer state of the public train.py (Adam over all "
+            f"{len(list(model.parameters()))} parameters, the frozen backbone included), which the "
+            "public code never loads on resume: the optimizer starts fresh, as it does there"
+        )
     elif layout == "other":
-        sizes = [len(g.get("params", [])) for g in saved_optimizer.get("param_groups", []) if isinstance(g, dict)] \
-            if isinstance(saved_optimizer, dict) else "?"
-        raise ValueError(f"--resume {path}: its optimizer state (parameter groups of {sizes} tensors) fits neither "
-                         f"this run's optimizer ({[len(g['params']) for g in optimizer.param_groups]} trainable "
-                         f"tensors) nor the public train.py's (all {len(list(model.parameters()))} parameters): "
-                         "check --optim / --train_backbone / --backbone, or use --load_weights for weights only.")
+        sizes = (
+            [len(g.get("params", [])) for g in saved_optimizer.get("param_groups", []) if isinstance(g, dict)]
+            if isinstance(saved_optimizer, dict)
+            else "?"
+        )
+        raise ValueError(
+            f"--resume {path}: its optimizer state (parameter groups of {sizes} tensors) fits neither "
+            f"this run's optimizer ({[len(g['params']) for g in optimizer.param_groups]} trainable "
+            f"tensors) nor the public train.py's (all {len(list(model.parameters()))} parameters): "
+            "check --optim / --train_backbone / --backbone, or use --load_weights for weights only."
+        )
     else:
         logging.info(f"--resume {path} has no optimizer state (a released model): the optimizer starts fresh")
     if "rng_states" in checkpoint:

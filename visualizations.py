@@ -75,11 +75,11 @@ def _to_numpy(value, *, name: str) -> np.ndarray:
 def _check_points(points, *, name: str) -> np.ndarray:
     array = _to_numpy(points, name=name).astype(np.float64, copy=False)
     if array.ndim != 2 or array.shape[1] != 2:
-        raise ValueError(f"{name}: expected an (N, 2) array of (x, y) pixel coordinates, "
-                         f"got shape {tuple(array.shape)}")
+        raise ValueError(
+            f"{name}: expected an (N, 2) array of (x, y) pixel coordinates, got shape {tuple(array.shape)}"
+        )
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name}: contains NaN or infinite coordinates; pass finite pixel "
-                         "coordinates")
+        raise ValueError(f"{name}: contains NaN or infinite coordinates; pass finite pixel coordinates")
     return array
 
 
@@ -118,14 +118,15 @@ def grid_indices_to_pixels(indices, grid: Sequence[int], image_size: Sequence[in
     width, height = (float(v) for v in image_size)
     flat = _to_numpy(indices, name="indices")
     if flat.ndim != 1:
-        raise ValueError(f"indices: expected a 1-D array of flat grid indices, got shape "
-                         f"{tuple(flat.shape)}")
+        raise ValueError(f"indices: expected a 1-D array of flat grid indices, got shape {tuple(flat.shape)}")
     if flat.size and not np.issubdtype(flat.dtype, np.integer):
         raise ValueError(f"indices: expected integer grid indices, got dtype {flat.dtype}")
     flat = flat.astype(np.int64, copy=False)
     if flat.size and (flat.min() < 0 or flat.max() >= h * w):
-        raise ValueError(f"indices: values must lie in [0, {h * w}) for a {h}x{w} grid, "
-                         f"got range [{flat.min()}, {flat.max()}]; check the grid size")
+        raise ValueError(
+            f"indices: values must lie in [0, {h * w}) for a {h}x{w} grid, "
+            f"got range [{flat.min()}, {flat.max()}]; check the grid size"
+        )
     rows, cols = np.divmod(flat, w)
     return np.stack([(cols + 0.5) * (width / w), (rows + 0.5) * (height / h)], axis=1)
 
@@ -143,14 +144,17 @@ def opencv():
     try:
         import cv2
     except ImportError as error:
-        raise ValueError(f"the RANSAC check of matches needs OpenCV, an optional dependency of the picture "
-                         f"tools ({error}): install it with `{OPENCV_INSTALL}`, or draw every match "
-                         "without the check (draw_matches.py --no_ransac)") from None
+        raise ValueError(
+            f"the RANSAC check of matches needs OpenCV, an optional dependency of the picture "
+            f"tools ({error}): install it with `{OPENCV_INSTALL}`, or draw every match "
+            "without the check (draw_matches.py --no_ransac)"
+        ) from None
     return cv2
 
 
-def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int = 2000,
-                       confidence: float = 0.999) -> tuple[np.ndarray | None, np.ndarray]:
+def fundamental_ransac(
+    pts_a, pts_b, *, threshold: float = 5.0, iterations: int = 2000, confidence: float = 0.999
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Robust fundamental matrix: OpenCV's RANSAC (``cv2.findFundamentalMat`` with ``FM_RANSAC``),
     the fit the public release's match picture uses.
 
@@ -179,8 +183,7 @@ def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int 
     pts_a = _check_points(pts_a, name="pts_a")
     pts_b = _check_points(pts_b, name="pts_b")
     if len(pts_a) != len(pts_b):
-        raise ValueError(f"pts_a and pts_b must have the same number of points, got "
-                         f"{len(pts_a)} and {len(pts_b)}")
+        raise ValueError(f"pts_a and pts_b must have the same number of points, got {len(pts_a)} and {len(pts_b)}")
     if not (threshold > 0 and math.isfinite(threshold)):
         raise ValueError(f"threshold: must be a positive number of pixels, got {threshold}")
     if int(iterations) < 1:
@@ -193,13 +196,16 @@ def fundamental_ransac(pts_a, pts_b, *, threshold: float = 5.0, iterations: int 
     empty = np.zeros(n, dtype=bool)
     if n < _MIN_MATCHES:
         return None, empty
-    fundamental, mask = cv2.findFundamentalMat(np.ascontiguousarray(pts_a),
-                                               np.ascontiguousarray(pts_b), cv2.FM_RANSAC,
-                                               float(threshold), float(confidence),
-                                               int(iterations))
+    fundamental, mask = cv2.findFundamentalMat(
+        np.ascontiguousarray(pts_a),
+        np.ascontiguousarray(pts_b),
+        cv2.FM_RANSAC,
+        float(threshold),
+        float(confidence),
+        int(iterations),
+    )
     # A failed fit returns no matrix (and a mask that means nothing).
-    if fundamental is None or fundamental.shape != (3, 3) or \
-            not np.all(np.isfinite(fundamental)):
+    if fundamental is None or fundamental.shape != (3, 3) or not np.all(np.isfinite(fundamental)):
         return None, empty
     # OpenCV scales F so that F[2, 2] = 1; unit Frobenius norm does not depend on that entry.
     fundamental = fundamental.astype(np.float64) / np.linalg.norm(fundamental)
@@ -214,14 +220,15 @@ def distinct_colours(count: int, *, seed_hue: float = 0.0) -> np.ndarray:
     hue = (seed_hue + np.arange(count) * 0.6180339887498949) % 1.0
     # HSV -> RGB with S = 1, V = 1: each channel is a clipped triangle wave of the hue.
     channels = []
-    for offset in (0.0, 2.0 / 3.0, 1.0 / 3.0):          # R, G, B
+    for offset in (0.0, 2.0 / 3.0, 1.0 / 3.0):  # R, G, B
         phase = (hue + offset) % 1.0
         channels.append(np.clip(np.abs(phase * 6.0 - 3.0) - 1.0, 0.0, 1.0))
     return np.rint(np.stack(channels, axis=1) * 255.0).astype(np.uint8)
 
 
-def _side_by_side(image_a: Image.Image, image_b: Image.Image, height: int | None,
-                  gap: int) -> tuple[Image.Image, tuple[float, float], tuple[float, float], int]:
+def _side_by_side(
+    image_a: Image.Image, image_b: Image.Image, height: int | None, gap: int
+) -> tuple[Image.Image, tuple[float, float], tuple[float, float], int]:
     """Canvas with A left and B right at one height; returns (canvas, scale_a, scale_b,
     offset_b) where scale = (sx, sy) maps an input image's pixels to the shown copy and
     offset_b is the x where B's copy starts on the canvas."""
@@ -231,8 +238,9 @@ def _side_by_side(image_a: Image.Image, image_b: Image.Image, height: int | None
     shown = []
     for image in (image_a, image_b):
         width = max(1, round(image.width * target / image.height))
-        shown.append(image if image.size == (width, target)
-                     else image.resize((width, target), Image.Resampling.BILINEAR))
+        shown.append(
+            image if image.size == (width, target) else image.resize((width, target), Image.Resampling.BILINEAR)
+        )
     canvas = Image.new("RGB", (shown[0].width + gap + shown[1].width, target), (255, 255, 255))
     canvas.paste(shown[0], (0, 0))
     canvas.paste(shown[1], (shown[0].width + gap, 0))
@@ -240,11 +248,21 @@ def _side_by_side(image_a: Image.Image, image_b: Image.Image, height: int | None
     return canvas, scales[0], scales[1], shown[0].width + gap
 
 
-def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
-                 grid_a: Sequence[int], grid_b: Sequence[int], *, ransac: bool = True,
-                 threshold: float = 5.0, max_lines: int | None = None,
-                 height: int | None = None, gap: int = 0,
-                 line_width: int = 1) -> Image.Image:
+def draw_matches(
+    image_a: Image.Image,
+    image_b: Image.Image,
+    idx_a,
+    idx_b,
+    grid_a: Sequence[int],
+    grid_b: Sequence[int],
+    *,
+    ransac: bool = True,
+    threshold: float = 5.0,
+    max_lines: int | None = None,
+    height: int | None = None,
+    gap: int = 0,
+    line_width: int = 1,
+) -> Image.Image:
     """Two images side by side with one coloured line per feature match.
 
     Args:
@@ -273,8 +291,9 @@ def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
     a = _to_numpy(idx_a, name="idx_a")
     b = _to_numpy(idx_b, name="idx_b")
     if a.ndim != 1 or b.ndim != 1 or a.shape != b.shape:
-        raise ValueError(f"idx_a and idx_b must be 1-D arrays of equal length, got shapes "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(
+            f"idx_a and idx_b must be 1-D arrays of equal length, got shapes {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     if max_lines is not None and int(max_lines) < 0:
         raise ValueError(f"max_lines: must be >= 0 or None, got {max_lines}")
     if gap < 0 or line_width < 1:
@@ -292,8 +311,11 @@ def draw_matches(image_a: Image.Image, image_b: Image.Image, idx_a, idx_b,
     canvas, (sxa, sya), (sxb, syb), offset_b = _side_by_side(image_a, image_b, height, gap)
     draw = ImageDraw.Draw(canvas)
     for (xa, ya), (xb, yb), colour in zip(pts_a, pts_b, distinct_colours(len(pts_a))):
-        draw.line([(xa * sxa, ya * sya), (xb * sxb + offset_b, yb * syb)],
-                  fill=tuple(int(c) for c in colour), width=int(line_width))
+        draw.line(
+            [(xa * sxa, ya * sya), (xb * sxb + offset_b, yb * syb)],
+            fill=tuple(int(c) for c in colour),
+            width=int(line_width),
+        )
     return canvas
 
 
@@ -311,8 +333,10 @@ def feature_heatmap(feature_map) -> np.ndarray:
     """
     array = _to_numpy(feature_map, name="feature_map")
     if array.ndim != 3 or 0 in array.shape:
-        raise ValueError(f"feature_map: expected a non-empty (C, h, w) array, got shape "
-                         f"{tuple(array.shape)} (channels first: permute (h, w, C) maps)")
+        raise ValueError(
+            f"feature_map: expected a non-empty (C, h, w) array, got shape "
+            f"{tuple(array.shape)} (channels first: permute (h, w, C) maps)"
+        )
     array = array.astype(np.float64, copy=False)
     if not np.all(np.isfinite(array)):
         raise ValueError("feature_map: contains NaN or infinite values")
@@ -336,8 +360,7 @@ def jet_colormap(values) -> np.ndarray:
         (..., 3) uint8 RGB.
     """
     v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
-    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * v - k), 0.0, 1.0) for k in (3.0, 2.0, 1.0)],
-                   axis=-1)
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * v - k), 0.0, 1.0) for k in (3.0, 2.0, 1.0)], axis=-1)
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
@@ -359,14 +382,12 @@ def overlay_heatmap(image: Image.Image, heat, *, alpha: float = 0.6) -> Image.Im
     image = _rgb(image, name="image")
     heat = _to_numpy(heat, name="heat").astype(np.float32, copy=False)
     if heat.ndim != 2 or 0 in heat.shape:
-        raise ValueError(f"heat: expected a non-empty (h, w) array, got shape "
-                         f"{tuple(heat.shape)}")
+        raise ValueError(f"heat: expected a non-empty (h, w) array, got shape {tuple(heat.shape)}")
     if not np.all(np.isfinite(heat)):
         raise ValueError("heat: contains NaN or infinite values")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must lie in [0, 1], got {alpha}")
-    upsampled = np.asarray(Image.fromarray(heat).resize(image.size,
-                                                                  Image.Resampling.BILINEAR))
+    upsampled = np.asarray(Image.fromarray(heat).resize(image.size, Image.Resampling.BILINEAR))
     colours = jet_colormap(upsampled).astype(np.float64)
     blended = alpha * colours + (1.0 - alpha) * np.asarray(image, dtype=np.float64)
     return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
@@ -382,16 +403,16 @@ def _open_rgb(source, *, name: str) -> Image.Image:
         return _rgb(source, name=name)
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist; check the "
-                                "path")
+        raise FileNotFoundError(f"{name}: image file {str(path)!r} does not exist; check the path")
     try:
         return image_files.read_rgb(str(path))
     except (OSError, ValueError) as error:
         raise ValueError(f"{name}: {error}") from None
 
 
-def _framed_tile(image: Image.Image, tile_height: int, border: int,
-                 colour: tuple[int, int, int], label: str) -> Image.Image:
+def _framed_tile(
+    image: Image.Image, tile_height: int, border: int, colour: tuple[int, int, int], label: str
+) -> Image.Image:
     """Image resized to tile_height (aspect kept) inside a `border`-px frame, with a label
     in a dark box at its top-left corner (inside the picture, so the frame stays plain)."""
     width = max(1, round(image.width * tile_height / image.height))
@@ -403,17 +424,27 @@ def _framed_tile(image: Image.Image, tile_height: int, border: int,
         left, top, right, bottom = draw.textbbox((0, 0), label)
         pad = 2
         x0, y0 = border, border
-        box = (x0, y0, min(x0 + right - left + 2 * pad, border + width - 1),
-               min(y0 + bottom - top + 2 * pad, border + tile_height - 1))
+        box = (
+            x0,
+            y0,
+            min(x0 + right - left + 2 * pad, border + width - 1),
+            min(y0 + bottom - top + 2 * pad, border + tile_height - 1),
+        )
         draw.rectangle(box, fill=(0, 0, 0))
         draw.text((x0 + pad - left, y0 + pad - top), label, fill=(255, 255, 255))
     return tile
 
 
-def prediction_row(query_path, prediction_paths: Sequence, correct_flags: Sequence[bool], *,
-                   tile_height: int = 160, border: int = 6,
-                   scores: Sequence[float] | None = None, spacing: int | None = None
-                   ) -> Image.Image:
+def prediction_row(
+    query_path,
+    prediction_paths: Sequence,
+    correct_flags: Sequence[bool],
+    *,
+    tile_height: int = 160,
+    border: int = 6,
+    scores: Sequence[float] | None = None,
+    spacing: int | None = None,
+) -> Image.Image:
     """One row: the query, then its ranked predictions framed green (correct) / red (wrong).
 
     Every picture is resized to ``tile_height`` pixels high (aspect kept) and framed by
@@ -435,28 +466,25 @@ def prediction_row(query_path, prediction_paths: Sequence, correct_flags: Sequen
         ``sum(tile widths) + spacing * N``.
     """
     if tile_height < 1 or border < 0:
-        raise ValueError(f"tile_height must be >= 1 and border >= 0, got {tile_height} and "
-                         f"{border}")
+        raise ValueError(f"tile_height must be >= 1 and border >= 0, got {tile_height} and {border}")
     paths = list(prediction_paths)
     flags = [bool(f) for f in correct_flags]
     if len(paths) != len(flags):
-        raise ValueError(f"prediction_paths ({len(paths)}) and correct_flags ({len(flags)}) "
-                         "must have the same length")
+        raise ValueError(f"prediction_paths ({len(paths)}) and correct_flags ({len(flags)}) must have the same length")
     score_list = None if scores is None else [float(s) for s in scores]
     if score_list is not None and len(score_list) != len(paths):
-        raise ValueError(f"scores ({len(score_list)}) and prediction_paths ({len(paths)}) "
-                         "must have the same length")
+        raise ValueError(f"scores ({len(score_list)}) and prediction_paths ({len(paths)}) must have the same length")
     gap = border if spacing is None else int(spacing)
     if gap < 0:
         raise ValueError(f"spacing: must be >= 0, got {spacing}")
 
-    tiles = [_framed_tile(_open_rgb(query_path, name="query_path"), tile_height, border,
-                          QUERY_FRAME_COLOUR, "query")]
+    tiles = [_framed_tile(_open_rgb(query_path, name="query_path"), tile_height, border, QUERY_FRAME_COLOUR, "query")]
     for rank, (path, correct) in enumerate(zip(paths, flags), start=1):
         label = f"#{rank}" if score_list is None else f"#{rank}: {score_list[rank - 1]:.4g}"
         colour = CORRECT_FRAME_COLOUR if correct else WRONG_FRAME_COLOUR
-        tiles.append(_framed_tile(_open_rgb(path, name=f"prediction_paths[{rank - 1}]"),
-                                  tile_height, border, colour, label))
+        tiles.append(
+            _framed_tile(_open_rgb(path, name=f"prediction_paths[{rank - 1}]"), tile_height, border, colour, label)
+        )
     width = sum(t.width for t in tiles) + gap * (len(tiles) - 1)
     row = Image.new("RGB", (width, tile_height + 2 * border), (255, 255, 255))
     x = 0
@@ -477,13 +505,13 @@ def image_format_for(path) -> str:
     """
     destination = Path(path)
     if destination.is_dir():
-        raise ValueError(f"output {str(destination)!r} is a folder; give a file name such as "
-                         "out.jpg")
+        raise ValueError(f"output {str(destination)!r} is a folder; give a file name such as out.jpg")
     extension = destination.suffix.lower()
     image_format = Image.registered_extensions().get(extension)
     if image_format is None:
-        raise ValueError(f"output {str(destination)!r}: unknown image extension "
-                         f"{extension or '(none)'}; use .jpg or .png")
+        raise ValueError(
+            f"output {str(destination)!r}: unknown image extension {extension or '(none)'}; use .jpg or .png"
+        )
     return image_format
 
 
@@ -506,8 +534,10 @@ def save_image_atomic(image: Image.Image, path, *, quality: int = 95) -> Path:
     if image_format == "JPEG":
         image = image if image.mode in ("RGB", "L") else image.convert("RGB")
         options["quality"] = int(quality)
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as stream:
             image.save(stream, format=image_format, **options)
+
     atomic_files.atomic_write(str(destination), write)
     return destination

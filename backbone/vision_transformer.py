@@ -1,4 +1,5 @@
 """The DINOv2 vision transformer with SelaVPR adapters in every block."""
+
 import math
 from typing import Dict
 
@@ -25,9 +26,20 @@ class DinoVisionTransformer(nn.Module):
     (518 -> 37x37 patches + class token) and interpolated to other grids.
     """
 
-    def __init__(self, *, img_size: int = 518, patch_size: int = 14, embed_dim: int = 1024, depth: int = 24,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, ffn: str = "mlp", num_register_tokens: int = 0,
-                 layerscale_init: float = 1.0, adapter_ratio: float = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        img_size: int = 518,
+        patch_size: int = 14,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        ffn: str = "mlp",
+        num_register_tokens: int = 0,
+        layerscale_init: float = 1.0,
+        adapter_ratio: float = 0.5,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = embed_dim
@@ -41,9 +53,16 @@ class DinoVisionTransformer(nn.Module):
         # Unused at inference; kept so that the public weight files load with every key used.
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, ffn=ffn,
-                  layerscale_init=layerscale_init, adapter_ratio=adapter_ratio)
-            for _ in range(depth))
+            Block(
+                embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                ffn=ffn,
+                layerscale_init=layerscale_init,
+                adapter_ratio=adapter_ratio,
+            )
+            for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()
 
@@ -74,8 +93,9 @@ class DinoVisionTransformer(nn.Module):
         scale = ((grid_h + POS_EMBED_INTERPOLATE_OFFSET) / side, (grid_w + POS_EMBED_INTERPOLATE_OFFSET) / side)
         table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
         if table.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"positional table interpolated to {tuple(table.shape[-2:])}, "
-                               f"expected {(grid_h, grid_w)}")
+            raise RuntimeError(
+                f"positional table interpolated to {tuple(table.shape[-2:])}, expected {(grid_h, grid_w)}"
+            )
         patch_pos = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1).to(self.pos_embed.dtype)
 
@@ -98,8 +118,12 @@ class DinoVisionTransformer(nn.Module):
             x = blk(x)
         x_norm = self.norm(x)
         r = 1 + self.num_register_tokens
-        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_regtokens": x_norm[:, 1:r],
-                "x_norm_patchtokens": x_norm[:, r:], "x_prenorm": x}
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1:r],
+            "x_norm_patchtokens": x_norm[:, r:],
+            "x_prenorm": x,
+        }
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised patch tokens (B, h*w, D)."""
@@ -144,4 +168,10 @@ def vit_tiny(*, registers: bool = False, **kwargs) -> DinoVisionTransformer:
     return _factory("vit_tiny", registers=registers, **kwargs)
 
 
-FACTORIES = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large, "vit_giant2": vit_giant2}
+FACTORIES = {
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+    "vit_base": vit_base,
+    "vit_large": vit_large,
+    "vit_giant2": vit_giant2,
+}

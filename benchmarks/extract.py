@@ -22,6 +22,7 @@ with ``num_workers`` 0 and 2, next to the rate of the loader alone (no model).
 Prints e.g. ``extract: project 0.52 img/s, reference 0.50 img/s, 1.04x, max |diff| 2.1e-06`` and the
 peak RSS of the process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,10 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import network  # noqa: E402
+import network
 
-# The reference states the model from the paper's definition (ViT block with adapters, heads), not from the project's code:
-# the parallel adapter's weight and DINOv2's positional-table interpolation offset.
+# The reference states the model from the paper's definition (ViT block with adapters, heads), not from the
+# project's code: the parallel adapter's weight and DINOv2's positional-table interpolation offset.
 PARALLEL_ADAPTER_WEIGHT = 0.2
 POS_OFFSET = 0.1
 
@@ -51,6 +52,7 @@ POS_OFFSET = 0.1
 # ------------------------------------------------------------------------------------------------
 # The reference forward
 # ------------------------------------------------------------------------------------------------
+
 
 def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v written out; q, k, v (B, heads, N, d) -> (B, heads, N, d)."""
@@ -87,8 +89,12 @@ def _positional_table(vit: torch.nn.Module, grid_h: int, grid_w: int) -> torch.T
     if (grid_h, grid_w) == (side, side):
         return pos
     table = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    table = F.interpolate(table, scale_factor=((grid_h + POS_OFFSET) / side, (grid_w + POS_OFFSET) / side),
-                          mode="bicubic", antialias=False)
+    table = F.interpolate(
+        table,
+        scale_factor=((grid_h + POS_OFFSET) / side, (grid_w + POS_OFFSET) / side),
+        mode="bicubic",
+        antialias=False,
+    )
     table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
     return torch.cat([pos[:, :1], table], dim=1)
 
@@ -123,7 +129,7 @@ def reference_forward(model: network.GeoLocalizationNet, images: torch.Tensor) -
         x = torch.cat([x[:, :1], vit.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
     for block in vit.blocks:
         x = _block(block, x)
-    tokens = _layer_norm(vit.norm, x)[:, 1 + registers:]
+    tokens = _layer_norm(vit.norm, x)[:, 1 + registers :]
     fmap = tokens.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, D, h, w)
 
     gem = model.aggregation[1]
@@ -140,6 +146,7 @@ def reference_forward(model: network.GeoLocalizationNet, images: torch.Tensor) -
 # ------------------------------------------------------------------------------------------------
 # Measurements
 # ------------------------------------------------------------------------------------------------
+
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process (getrusage; Linux reports KiB)."""
@@ -170,8 +177,9 @@ def randomize_adapters(model: torch.nn.Module, *, std: float = 0.02, seed: int =
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def time_forwards(model: network.GeoLocalizationNet, batches: Sequence[torch.Tensor], *,
-                  device: torch.device, warmup_images: int = 1) -> Dict[str, float]:
+def time_forwards(
+    model: network.GeoLocalizationNet, batches: Sequence[torch.Tensor], *, device: torch.device, warmup_images: int = 1
+) -> Dict[str, float]:
     """Time project and reference on every batch (B, 3, H, W), interleaved (ABBA order), after an
     untimed warm-up on the first `warmup_images` images of the first batch (0: none). Returns images/s
     of both sides and the max |diff| of local and global features over all timed batches."""
@@ -198,7 +206,7 @@ def time_forwards(model: network.GeoLocalizationNet, batches: Sequence[torch.Ten
     for i, batch in enumerate(batches):
         batch = batch.to(device)
         outputs = {}
-        for name in (("project", "reference") if i % 2 == 0 else ("reference", "project")):
+        for name in ("project", "reference") if i % 2 == 0 else ("reference", "project"):
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             outputs[name] = sides[name](batch)
@@ -213,30 +221,46 @@ def time_forwards(model: network.GeoLocalizationNet, batches: Sequence[torch.Ten
         images += batch.shape[0]
     # Best-batch rates lead: on a shared machine, load from other processes only ever slows a batch
     # down, so the fastest batch is the least disturbed estimate (as timeit's min); the means are kept.
-    return {"project_ips": 1.0 / best["project"], "reference_ips": 1.0 / best["reference"],
-            "project_mean_ips": images / elapsed["project"], "reference_mean_ips": images / elapsed["reference"],
-            "project_cpu_s_per_image": cpu["project"] / images, "reference_cpu_s_per_image": cpu["reference"] / images,
-            "max_diff_local": diff_local, "max_diff_global": diff_global, "images": images,
-            "batches": len(batches)}
+    return {
+        "project_ips": 1.0 / best["project"],
+        "reference_ips": 1.0 / best["reference"],
+        "project_mean_ips": images / elapsed["project"],
+        "reference_mean_ips": images / elapsed["reference"],
+        "project_cpu_s_per_image": cpu["project"] / images,
+        "reference_cpu_s_per_image": cpu["reference"] / images,
+        "max_diff_local": diff_local,
+        "max_diff_global": diff_global,
+        "images": images,
+        "batches": len(batches),
+    }
 
 
-def loader_throughput(model: torch.nn.Module, dataset, indexes: Sequence[int], *, batch_size: int,
-                      num_workers: int, device: str) -> Dict[str, float]:
+def loader_throughput(
+    model: torch.nn.Module, dataset, indexes: Sequence[int], *, batch_size: int, num_workers: int, device: str
+) -> Dict[str, float]:
     """images/s of retrieval.extract_features (model included) and of its DataLoader alone."""
-    import retrieval  # noqa: PLC0415 - imported here: the forward comparison above does not need it
-    from torch.utils.data import DataLoader  # noqa: PLC0415
-    from datasets_ws import ImagesSubset  # noqa: PLC0415
+    from torch.utils.data import DataLoader
+
+    import retrieval
+    from datasets_ws import ImagesSubset
 
     start = time.perf_counter()
-    for _ in DataLoader(ImagesSubset(dataset, indexes, "hard_resize"), batch_size=batch_size,
-                        num_workers=num_workers):
+    for _ in DataLoader(ImagesSubset(dataset, indexes, "hard_resize"), batch_size=batch_size, num_workers=num_workers):
         pass
     loader_alone = len(indexes) / (time.perf_counter() - start)
     store = retrieval.DenseStore()  # in RAM: a few images only
     _sync(torch.device(device))
     start = time.perf_counter()
-    retrieval.extract_features(model, dataset, indexes, method="hard_resize", batch_size=batch_size,
-                               num_workers=num_workers, device=device, local_store=store)
+    retrieval.extract_features(
+        model,
+        dataset,
+        indexes,
+        method="hard_resize",
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        local_store=store,
+    )
     _sync(torch.device(device))
     with_model = len(indexes) / (time.perf_counter() - start)
     store.close()
@@ -247,32 +271,58 @@ def loader_throughput(model: torch.nn.Module, dataset, indexes: Sequence[int], *
 # Command line
 # ------------------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--backbone", default="vit_large", help="backbone of network.GeoLocalizationNet")
     parser.add_argument("--backbone_depth", type=int, default=None, help="fewer blocks (smoke runs)")
     parser.add_argument("--registers", action="store_true", help="the DINOv2 variant with 4 registers")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--images", type=int, default=8, help="images timed per side")
-    parser.add_argument("--batch_size", type=int, default=2,
-                        help="images per forward (4 batches per side by default: best-of-4 and ABBA order)")
-    parser.add_argument("--warmup_images", type=int, default=1,
-                        help="untimed images per side before timing (raise it for CUDA runs)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=2,
+        help="images per forward (4 batches per side by default: best-of-4 and ABBA order)",
+    )
+    parser.add_argument(
+        "--warmup_images", type=int, default=1, help="untimed images per side before timing (raise it for CUDA runs)"
+    )
     parser.add_argument("--resize", type=int, nargs=2, default=[224, 224], metavar=("H", "W"))
-    parser.add_argument("--loader_images", type=int, default=4,
-                        help="images of the synthetic folder per DataLoader measurement (0: skip it)")
-    parser.add_argument("--loader_batch_size", type=int, default=2,
-                        help="batch size of the DataLoader measurement (small: every worker gets a batch)")
+    parser.add_argument(
+        "--loader_images",
+        type=int,
+        default=4,
+        help="images of the synthetic folder per DataLoader measurement (0: skip it)",
+    )
+    parser.add_argument(
+        "--loader_batch_size",
+        type=int,
+        default=2,
+        help="batch size of the DataLoader measurement (small: every worker gets a batch)",
+    )
     parser.add_argument("--loader_workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def run(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, registers: bool = False,
-        device: str = "cpu", images: int = 8, batch_size: int = 2, warmup_images: int = 1,
-        resize: Sequence[int] = (224, 224), loader_images: int = 4, loader_batch_size: int = 2,
-        loader_workers: Sequence[int] = (0, 2), seed: int = 0) -> Dict[str, float]:
+def run(
+    *,
+    backbone: str = "vit_large",
+    backbone_depth: Optional[int] = None,
+    registers: bool = False,
+    device: str = "cpu",
+    images: int = 8,
+    batch_size: int = 2,
+    warmup_images: int = 1,
+    resize: Sequence[int] = (224, 224),
+    loader_images: int = 4,
+    loader_batch_size: int = 2,
+    loader_workers: Sequence[int] = (0, 2),
+    seed: int = 0,
+) -> Dict[str, float]:
     """Run every measurement, print the report, return the numbers (images/s, max |diff|, peak RSS)."""
     for flag, value in (("images", images), ("batch_size", batch_size), ("loader_batch_size", loader_batch_size)):
         if value < 1:
@@ -286,14 +336,16 @@ def run(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, re
     torch_device = torch.device(device)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    model = network.GeoLocalizationNet(backbone=backbone, registers=registers,
-                                       backbone_depth=backbone_depth)
+    model = network.GeoLocalizationNet(backbone=backbone, registers=registers, backbone_depth=backbone_depth)
     randomize_adapters(model, seed=seed)
     model = model.to(torch_device).eval()
-    print(f"model: {backbone}{'' if backbone_depth is None else f' depth {backbone_depth}'}"
-          f"{' +registers' if registers else ''}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, fp32, {torch_device}, {torch.get_num_threads()} threads, built in "
-          f"{time.perf_counter() - start:.1f} s; load average {_load_average()}", flush=True)
+    print(
+        f"model: {backbone}{'' if backbone_depth is None else f' depth {backbone_depth}'}"
+        f"{' +registers' if registers else ''}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters, fp32, {torch_device}, {torch.get_num_threads()} threads, built in "
+        f"{time.perf_counter() - start:.1f} s; load average {_load_average()}",
+        flush=True,
+    )
 
     gen = torch.Generator().manual_seed(seed)
     sizes = [min(batch_size, images - i) for i in range(0, images, batch_size)]
@@ -302,18 +354,21 @@ def run(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, re
     ratio = result["project_ips"] / result["reference_ips"]
     max_diff = max(result["max_diff_local"], result["max_diff_global"])
     result["speedup"] = ratio
-    print(f"extract: project {result['project_ips']:.3g} img/s, reference {result['reference_ips']:.3g} img/s, "
-          f"{ratio:.2f}x, max |diff| {max_diff:.1e} (local {result['max_diff_local']:.1e}, global "
-          f"{result['max_diff_global']:.1e}); best of {result['batches']} batches of {batch_size}, "
-          f"{resize[0]}x{resize[1]}; means over all {result['images']} images: project "
-          f"{result['project_mean_ips']:.3g}, reference {result['reference_mean_ips']:.3g} img/s "
-          f"({result['project_mean_ips'] / result['reference_mean_ips']:.2f}x); CPU time per image: project "
-          f"{result['project_cpu_s_per_image']:.3g} s, reference {result['reference_cpu_s_per_image']:.3g} s",
-          flush=True)
+    print(
+        f"extract: project {result['project_ips']:.3g} img/s, reference {result['reference_ips']:.3g} img/s, "
+        f"{ratio:.2f}x, max |diff| {max_diff:.1e} (local {result['max_diff_local']:.1e}, global "
+        f"{result['max_diff_global']:.1e}); best of {result['batches']} batches of {batch_size}, "
+        f"{resize[0]}x{resize[1]}; means over all {result['images']} images: project "
+        f"{result['project_mean_ips']:.3g}, reference {result['reference_mean_ips']:.3g} img/s "
+        f"({result['project_mean_ips'] / result['reference_mean_ips']:.2f}x); CPU time per image: project "
+        f"{result['project_cpu_s_per_image']:.3g} s, reference {result['reference_cpu_s_per_image']:.3g} s",
+        flush=True,
+    )
 
     if loader_images:
-        import synthetic_dataset  # noqa: PLC0415
-        from datasets_ws import BaseDataset  # noqa: PLC0415
+        import synthetic_dataset
+        from datasets_ws import BaseDataset
+
         with tempfile.TemporaryDirectory(prefix="selavpr_extract_bench_") as folder:
             synthetic_dataset.generate(folder, "synthetic", preset="tiny")
             dataset = BaseDataset(folder, "synthetic", "test", resize=resize)
@@ -321,14 +376,18 @@ def run(*, backbone: str = "vit_large", backbone_depth: Optional[int] = None, re
             dataset.load(indexes[0], "hard_resize")  # untimed: first-call set-up of decoding and resizing
             parts = []
             for workers in loader_workers:
-                r = loader_throughput(model, dataset, indexes, batch_size=loader_batch_size, num_workers=workers,
-                                      device=device)
+                r = loader_throughput(
+                    model, dataset, indexes, batch_size=loader_batch_size, num_workers=workers, device=device
+                )
                 result[f"extract_ips_workers{workers}"] = r["extract_ips"]
                 result[f"loader_ips_workers{workers}"] = r["loader_ips"]
-                parts.append(f"num_workers {workers}: {r['extract_ips']:.3g} img/s "
-                             f"(loader alone {r['loader_ips']:.3g} img/s)")
-        print(f"extract_features over {len(indexes)} synthetic images, batch {loader_batch_size}: "
-              + " | ".join(parts), flush=True)
+                parts.append(
+                    f"num_workers {workers}: {r['extract_ips']:.3g} img/s (loader alone {r['loader_ips']:.3g} img/s)"
+                )
+        print(
+            f"extract_features over {len(indexes)} synthetic images, batch {loader_batch_size}: " + " | ".join(parts),
+            flush=True,
+        )
 
     result["peak_rss_bytes"] = peak_rss_bytes()
     line = f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB"

@@ -23,6 +23,7 @@ queries ends up doing) and includes that pass in the peak: the store reads with 
 pages read do not stay resident as they would through a memory map.
 Exit status: 0 PASS, 1 FAIL, 2 bad options / no space.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import local_matching  # noqa: E402
-import retrieval  # noqa: E402
+import local_matching
+import retrieval
 
 PITTS30K_DATABASE = 10_000
 PITTS30K_QUERIES = 6_816
@@ -66,9 +67,11 @@ def check_free_space(folder: str, needed_bytes: int, *, reserve_bytes: int = DIS
     """Raise ValueError naming --folder unless it has needed + reserve bytes free; returns the free bytes."""
     free = shutil.disk_usage(folder).free
     if free < needed_bytes + reserve_bytes:
-        raise ValueError(f"--folder {folder}: {free / 1e9:.1f} GB free, but the dense store needs "
-                         f"{needed_bytes / 1e9:.1f} GB (+{reserve_bytes / 1e9:.1f} GB head room). Pass --folder on a "
-                         f"disk with more space, or lower --database_num / --dense_size.")
+        raise ValueError(
+            f"--folder {folder}: {free / 1e9:.1f} GB free, but the dense store needs "
+            f"{needed_bytes / 1e9:.1f} GB (+{reserve_bytes / 1e9:.1f} GB head room). Pass --folder on a "
+            f"disk with more space, or lower --database_num / --dense_size."
+        )
     return free
 
 
@@ -105,11 +108,21 @@ def disk_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = PITTS30K_QUERIES,
-                  rerank_queries: int = 5, rerank_num: int = 100, folder: Optional[str] = None,
-                  dense_size: Sequence[int] = (61, 61, 128), global_dim: int = 1024, batch_size: int = 16,
-                  chunk_size: int = 16, touch_database: bool = False, seed: int = 0,
-                  progress: bool = True) -> Dict[str, float]:
+def run_benchmark(
+    *,
+    database_num: int = PITTS30K_DATABASE,
+    queries_num: int = PITTS30K_QUERIES,
+    rerank_queries: int = 5,
+    rerank_num: int = 100,
+    folder: Optional[str] = None,
+    dense_size: Sequence[int] = (61, 61, 128),
+    global_dim: int = 1024,
+    batch_size: int = 16,
+    chunk_size: int = 16,
+    touch_database: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, float]:
     """Simulate the evaluation (see the module doc) and return its measurements.
 
     Keys: peak_rss_bytes (including the --touch_database pass), store_bytes (apparent size), disk_bytes
@@ -118,8 +131,14 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
     touched_rss_anon_bytes,
     touched_rss_file_bytes (through the map).
     """
-    for flag, value in (("database_num", database_num), ("queries_num", queries_num), ("rerank_num", rerank_num),
-                        ("batch_size", batch_size), ("chunk_size", chunk_size), ("global_dim", global_dim)):
+    for flag, value in (
+        ("database_num", database_num),
+        ("queries_num", queries_num),
+        ("rerank_num", rerank_num),
+        ("batch_size", batch_size),
+        ("chunk_size", chunk_size),
+        ("global_dim", global_dim),
+    ):
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1 (got {value})")
     if len(dense_size) != 3 or min(dense_size) < 1:
@@ -152,10 +171,17 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
             db_store.append(random_unit(gen, min(batch_size, database_num - first), *dense_size))
             if progress and (b + 1) % report_every == 0:
                 done = min(first + batch_size, database_num)
-                print(f"  wrote {done}/{database_num} database images ({db_store.nbytes() / 1e9:.1f} GB, "
-                      f"{time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
-        rerank_ids = np.linspace(0, queries_num - 1, rerank_queries).round().astype(np.int64) \
-            if rerank_queries else np.zeros(0, dtype=np.int64)
+                print(
+                    f"  wrote {done}/{database_num} database images ({db_store.nbytes() / 1e9:.1f} GB, "
+                    f"{time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        rerank_ids = (
+            np.linspace(0, queries_num - 1, rerank_queries).round().astype(np.int64)
+            if rerank_queries
+            else np.zeros(0, dtype=np.int64)
+        )
         for first in range(0, len(rerank_ids), batch_size):
             q_store.append(random_unit(gen, min(batch_size, len(rerank_ids) - first), *dense_size))
         db_store.finish()
@@ -210,57 +236,90 @@ def run_benchmark(*, database_num: int = PITTS30K_DATABASE, queries_num: int = P
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--database_num", type=int, default=PITTS30K_DATABASE)
     parser.add_argument("--queries_num", type=int, default=PITTS30K_QUERIES)
     parser.add_argument("--rerank_queries", type=int, default=5, help="queries re-ranked (all are searched)")
     parser.add_argument("--rerank_num", type=int, default=100, help="candidates per query (k of the search)")
-    parser.add_argument("--folder", default=None,
-                        help="where the store goes (default: a new temp folder under $TMPDIR or /tmp, removed)")
+    parser.add_argument(
+        "--folder",
+        default=None,
+        help="where the store goes (default: a new temp folder under $TMPDIR or /tmp, removed)",
+    )
     parser.add_argument("--dense_size", type=int, nargs=3, default=[61, 61, 128], metavar=("H", "W", "C"))
     parser.add_argument("--global_dim", type=int, default=1024)
     parser.add_argument("--batch_size", type=int, default=16, help="images per store write, as extraction")
     parser.add_argument("--chunk_size", type=int, default=16, help="candidates per mutual_nn_scores chunk")
     parser.add_argument("--rss_limit_gb", type=float, default=4.0, help="PASS when peak RSS <= this (1 GB = 1e9 B)")
-    parser.add_argument("--touch_database", action="store_true",
-                        help="afterwards read every database entry through the map and report the RSS split")
+    parser.add_argument(
+        "--touch_database",
+        action="store_true",
+        help="afterwards read every database entry through the map and report the RSS split",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    print(f"memory_pitts30k: {args.database_num} database, {args.queries_num} queries, dense "
-          f"{'x'.join(map(str, args.dense_size))} fp32, global {args.global_dim}, k {args.rerank_num}, "
-          f"re-ranking {args.rerank_queries} queries", flush=True)
+    print(
+        f"memory_pitts30k: {args.database_num} database, {args.queries_num} queries, dense "
+        f"{'x'.join(map(str, args.dense_size))} fp32, global {args.global_dim}, k {args.rerank_num}, "
+        f"re-ranking {args.rerank_queries} queries",
+        flush=True,
+    )
     try:
-        r = run_benchmark(database_num=args.database_num, queries_num=args.queries_num,
-                          rerank_queries=args.rerank_queries, rerank_num=args.rerank_num, folder=args.folder,
-                          dense_size=args.dense_size, global_dim=args.global_dim, batch_size=args.batch_size,
-                          chunk_size=args.chunk_size, touch_database=args.touch_database, seed=args.seed)
+        r = run_benchmark(
+            database_num=args.database_num,
+            queries_num=args.queries_num,
+            rerank_queries=args.rerank_queries,
+            rerank_num=args.rerank_num,
+            folder=args.folder,
+            dense_size=args.dense_size,
+            global_dim=args.global_dim,
+            batch_size=args.batch_size,
+            chunk_size=args.chunk_size,
+            touch_database=args.touch_database,
+            seed=args.seed,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gb = 1e9
     full_eval = (args.database_num + args.queries_num) * dense_bytes_per_image(args.dense_size)
-    print(f"store: {r['store_bytes']:,} bytes ({r['store_bytes'] / gb:.2f} GB; "
-          f"expected {r['expected_store_bytes']:,}), "
-          f"on disk {r['disk_bytes']:,} bytes; written in {r['write_s']:.0f} s ({r['write_mb_s']:.0f} MB/s); "
-          f"removed afterwards", flush=True)
-    print(f"(a full evaluate also stores every query's dense features: {full_eval / gb:.1f} GB for "
-          f"{args.database_num} + {args.queries_num} images)")
-    print(f"search: {args.queries_num} queries x {args.database_num} in {r['search_s']:.1f} s; re-rank: "
-          f"{args.rerank_queries} queries in {r['rerank_s']:.1f} s ({r['rerank_s_per_query']:.2f} s/query)")
-    print(f"resident after re-ranking: anonymous {r['rss_anon_bytes'] / gb:.2f} GB, mapped file pages "
-          f"{r['rss_file_bytes'] / gb:.2f} GB; RSS at start {r['start_rss_bytes'] / gb:.2f} GB")
+    print(
+        f"store: {r['store_bytes']:,} bytes ({r['store_bytes'] / gb:.2f} GB; "
+        f"expected {r['expected_store_bytes']:,}), "
+        f"on disk {r['disk_bytes']:,} bytes; written in {r['write_s']:.0f} s ({r['write_mb_s']:.0f} MB/s); "
+        f"removed afterwards",
+        flush=True,
+    )
+    print(
+        f"(a full evaluate also stores every query's dense features: {full_eval / gb:.1f} GB for "
+        f"{args.database_num} + {args.queries_num} images)"
+    )
+    print(
+        f"search: {args.queries_num} queries x {args.database_num} in {r['search_s']:.1f} s; re-rank: "
+        f"{args.rerank_queries} queries in {r['rerank_s']:.1f} s ({r['rerank_s_per_query']:.2f} s/query)"
+    )
+    print(
+        f"resident after re-ranking: anonymous {r['rss_anon_bytes'] / gb:.2f} GB, mapped file pages "
+        f"{r['rss_file_bytes'] / gb:.2f} GB; RSS at start {r['start_rss_bytes'] / gb:.2f} GB"
+    )
     if args.touch_database:
-        print(f"after reading every database entry through the store ({r['touch_s']:.0f} s): peak RSS "
-              f"{r['touched_peak_rss_bytes'] / gb:.2f} GB = anonymous {r['touched_rss_anon_bytes'] / gb:.2f} GB + "
-              f"mapped file pages {r['touched_rss_file_bytes'] / gb:.2f} GB")
+        print(
+            f"after reading every database entry through the store ({r['touch_s']:.0f} s): peak RSS "
+            f"{r['touched_peak_rss_bytes'] / gb:.2f} GB = anonymous {r['touched_rss_anon_bytes'] / gb:.2f} GB + "
+            f"mapped file pages {r['touched_rss_file_bytes'] / gb:.2f} GB"
+        )
     passed = r["peak_rss_bytes"] <= args.rss_limit_gb * gb
-    print(f"memory_pitts30k: peak RSS {r['peak_rss_bytes'] / gb:.2f} GB (limit {args.rss_limit_gb:.2f} GB) "
-          f"{'PASS' if passed else 'FAIL'}; disk {r['disk_bytes'] / gb:.2f} GB; wall {r['wall_s']:.0f} s", flush=True)
+    print(
+        f"memory_pitts30k: peak RSS {r['peak_rss_bytes'] / gb:.2f} GB (limit {args.rss_limit_gb:.2f} GB) "
+        f"{'PASS' if passed else 'FAIL'}; disk {r['disk_bytes'] / gb:.2f} GB; wall {r['wall_s']:.0f} s",
+        flush=True,
+    )
     return 0 if passed else 1
 
 

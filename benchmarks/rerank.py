@@ -22,6 +22,7 @@ Prints, per k:
     k=100: peak RSS project 0.45 GB, reference 6.02 GB
 and exits with status 1 (printing "scores DIFFER") if any score differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,17 +66,19 @@ def make_data(folder: str, queries: int, k: int, seed: int) -> None:
     are rows q*k .. q*k+k-1."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    q_out = np.lib.format.open_memmap(os.path.join(folder, "queries.npy"), mode="w+", dtype=np.float32,
-                                      shape=(queries, GRID, GRID, CHANNELS))
-    db_out = np.lib.format.open_memmap(os.path.join(folder, "database.npy"), mode="w+", dtype=np.float32,
-                                       shape=(queries * k, GRID, GRID, CHANNELS))
+    q_out = np.lib.format.open_memmap(
+        os.path.join(folder, "queries.npy"), mode="w+", dtype=np.float32, shape=(queries, GRID, GRID, CHANNELS)
+    )
+    db_out = np.lib.format.open_memmap(
+        os.path.join(folder, "database.npy"), mode="w+", dtype=np.float32, shape=(queries * k, GRID, GRID, CHANNELS)
+    )
     for q in range(queries):
         scene = _scene(gen)
         q_out[q] = _unit(scene + 0.3 * torch.randn(scene.shape, generator=gen))
         for c in range(k):
-            share = float(rng.uniform(0.0, 1.0))       # how much of the query's scene it shows
+            share = float(rng.uniform(0.0, 1.0))  # how much of the query's scene it shows
             shift = tuple(int(s) for s in rng.integers(-3, 4, size=2))
-            mixed = share * torch.roll(scene, shift, dims=(1, 2)) + (1.0 - share ** 2) ** 0.5 * _scene(gen)
+            mixed = share * torch.roll(scene, shift, dims=(1, 2)) + (1.0 - share**2) ** 0.5 * _scene(gen)
             noise = float(rng.uniform(0.3, 0.8))
             db_out[q * k + c] = _unit(mixed + noise * torch.randn(scene.shape, generator=gen))
     q_out.flush()
@@ -86,20 +89,22 @@ def make_data(folder: str, queries: int, k: int, seed: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The two sides
 # ----------------------------------------------------------------------------------------------
-def reference_scores(query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray,
-                     device: torch.device) -> torch.Tensor:
+def reference_scores(
+    query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray, device: torch.device
+) -> torch.Tensor:
     """The public algorithm: (k, L, L) similarity in one batched matmul, max both ways, count."""
     query = torch.from_numpy(np.array(query_local)).to(device).view(1, -1, CHANNELS)
     cands = torch.from_numpy(np.array(database[candidates])).to(device).view(len(candidates), -1, CHANNELS)
-    sim = torch.matmul(cands, query.transpose(1, 2))          # (k, Lc, Lq)
-    nn12 = torch.max(sim, dim=2).indices                       # (k, Lc)
-    nn21 = torch.max(sim, dim=1).indices                       # (k, Lq)
+    sim = torch.matmul(cands, query.transpose(1, 2))  # (k, Lc, Lq)
+    nn12 = torch.max(sim, dim=2).indices  # (k, Lc)
+    nn21 = torch.max(sim, dim=1).indices  # (k, Lq)
     rows = torch.arange(sim.shape[1], device=device)
     return (torch.gather(nn21, 1, nn12) == rows).sum(dim=1).float()
 
 
-def project_scores(query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray,
-                   device: torch.device) -> torch.Tensor:
+def project_scores(
+    query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray, device: torch.device
+) -> torch.Tensor:
     import local_matching
 
     query = torch.from_numpy(np.array(query_local)).to(device)
@@ -124,12 +129,24 @@ def run_child(side: str, folder: str, k: int, queries: int, device: str) -> None
         times.append(time.perf_counter() - start)
         scores.append(s.tolist())
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"times": times, "scores": scores, "peak_rss_gb": peak_kb / 1024 ** 2}))
+    print(json.dumps({"times": times, "scores": scores, "peak_rss_gb": peak_kb / 1024**2}))
 
 
 def _spawn(side: str, folder: str, k: int, queries: int, device: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", side, "--_data", folder,
-           "--k", str(k), "--queries", str(queries), "--device", device]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_child",
+        side,
+        "--_data",
+        folder,
+        "--k",
+        str(k),
+        "--queries",
+        str(queries),
+        "--device",
+        device,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks/rerank.py: the {side} run failed (k={k}):\n{proc.stderr.strip()}")
@@ -140,12 +157,17 @@ def _spawn(side: str, folder: str, k: int, queries: int, device: str) -> dict:
 # Main
 # ----------------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--queries", type=int, default=2, help="queries timed for the project (default 2)")
-    p.add_argument("--reference_queries", type=int, default=None,
-                   help="queries timed for the reference (default: all for k <= 20, else 1: it takes "
-                        "~10 s and 5.5 GB per query at k = 100); scores are compared on these")
+    p.add_argument(
+        "--reference_queries",
+        type=int,
+        default=None,
+        help="queries timed for the reference (default: all for k <= 20, else 1: it takes "
+        "~10 s and 5.5 GB per query at k = 100); scores are compared on these",
+    )
     p.add_argument("--k", type=int, nargs="+", default=[20, 100], help="candidates per query (default 20 100)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -177,10 +199,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             identical &= same
             t_proj = float(np.mean(proj["times"]))
             t_ref = float(np.mean(ref["times"]))
-            print(f"k={k}: project {t_proj:.2f} s/query, reference {t_ref:.2f} s/query, "
-                  f"{t_ref / t_proj:.1f}x, scores {'identical' if same else 'DIFFER'}", flush=True)
-            print(f"k={k}: peak RSS project {proj['peak_rss_gb']:.2f} GB, "
-                  f"reference {ref['peak_rss_gb']:.2f} GB", flush=True)
+            print(
+                f"k={k}: project {t_proj:.2f} s/query, reference {t_ref:.2f} s/query, "
+                f"{t_ref / t_proj:.1f}x, scores {'identical' if same else 'DIFFER'}",
+                flush=True,
+            )
+            print(
+                f"k={k}: peak RSS project {proj['peak_rss_gb']:.2f} GB, reference {ref['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
     return 0 if identical else 1
 
 

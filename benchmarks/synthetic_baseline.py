@@ -11,6 +11,7 @@ disk. The data set is meant to sit between the two: clearly above chance, clearl
     python3 benchmarks/synthetic_baseline.py --preset tiny --split val
     python3 benchmarks/synthetic_baseline.py --datasets_folder DIR --dataset_name NAME   # reuse/keep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import synthetic_dataset  # noqa: E402
+import synthetic_dataset
 
 
 def list_images(folder: str) -> list[str]:
@@ -89,8 +90,17 @@ def folder_size(root: str) -> tuple[int, int]:
     return count, total
 
 
-def run(*, datasets_folder: Optional[str], dataset_name: str, seed: int, preset: str, split: str,
-        thumb_size: tuple[int, int], radius_m: float, recall_values: Sequence[int]) -> dict:
+def run(
+    *,
+    datasets_folder: Optional[str],
+    dataset_name: str,
+    seed: int,
+    preset: str,
+    split: str,
+    thumb_size: tuple[int, int],
+    radius_m: float,
+    recall_values: Sequence[int],
+) -> dict:
     """Generate (timed) or reuse the set, then measure the baseline; returns the numbers printed."""
     with tempfile.TemporaryDirectory(prefix="synthetic_baseline-") as temp:
         folder = datasets_folder or temp
@@ -113,20 +123,35 @@ def run(*, datasets_folder: Optional[str], dataset_name: str, seed: int, preset:
         groups = {"all": np.ones(len(queries), dtype=bool)}
         for note in sorted(set(notes)):
             groups[note] = notes == note
-        by_group = {name: (int(mask.sum()), recalls_at(predictions[mask], [positives[i] for i in np.flatnonzero(mask)],
-                                                          recall_values))
-                    for name, mask in groups.items()}
-        return dict(root=str(root), generation_s=gen_s, images=count, bytes=size, database_num=len(database),
-                    queries_num=len(queries), mean_positives=float(np.mean([len(p) for p in positives])),
-                    queries_without_positive=int(sum(len(p) == 0 for p in positives)),
-                    chance=chance_recalls(positives, len(database), recall_values), by_group=by_group,
-                    baseline_s=baseline_s)
+        by_group = {
+            name: (
+                int(mask.sum()),
+                recalls_at(predictions[mask], [positives[i] for i in np.flatnonzero(mask)], recall_values),
+            )
+            for name, mask in groups.items()
+        }
+        return dict(
+            root=str(root),
+            generation_s=gen_s,
+            images=count,
+            bytes=size,
+            database_num=len(database),
+            queries_num=len(queries),
+            mean_positives=float(np.mean([len(p) for p in positives])),
+            queries_without_positive=int(sum(len(p) == 0 for p in positives)),
+            chance=chance_recalls(positives, len(database), recall_values),
+            by_group=by_group,
+            baseline_s=baseline_s,
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets_folder", default=None,
-                        help="keep/reuse the set here (default: a temporary folder, deleted afterwards)")
+    parser.add_argument(
+        "--datasets_folder",
+        default=None,
+        help="keep/reuse the set here (default: a temporary folder, deleted afterwards)",
+    )
     parser.add_argument("--dataset_name", default="synthetic")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="default", choices=sorted(synthetic_dataset.PRESETS))
@@ -142,29 +167,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.recall_values) < 1:
         parser.error(f"--recall_values must be positive, got {args.recall_values}")
     try:
-        out = run(datasets_folder=args.datasets_folder, dataset_name=args.dataset_name, seed=args.seed,
-                  preset=args.preset, split=args.split, thumb_size=tuple(args.thumb_size),
-                  radius_m=args.val_positive_dist_threshold, recall_values=args.recall_values)
+        out = run(
+            datasets_folder=args.datasets_folder,
+            dataset_name=args.dataset_name,
+            seed=args.seed,
+            preset=args.preset,
+            split=args.split,
+            thumb_size=tuple(args.thumb_size),
+            radius_m=args.val_positive_dist_threshold,
+            recall_values=args.recall_values,
+        )
     except (synthetic_dataset.OptionError, FileNotFoundError) as err:
         parser.error(str(err))
     gen = "reused (not timed)" if out["generation_s"] is None else f"{out['generation_s']:.1f} s"
     print(f"data set      : {out['root']} (preset {args.preset}, seed {args.seed})")
-    print(f"generation    : {gen}; {out['images']} images, {out['bytes'] / 2 ** 20:.1f} MiB on disk")
-    print(f"{args.split} split    : {out['database_num']} database, {out['queries_num']} queries, "
-          f"{out['mean_positives']:.1f} positives per query within {args.val_positive_dist_threshold:g} m "
-          f"({out['queries_without_positive']} queries without any)")
+    print(f"generation    : {gen}; {out['images']} images, {out['bytes'] / 2**20:.1f} MiB on disk")
+    print(
+        f"{args.split} split    : {out['database_num']} database, {out['queries_num']} queries, "
+        f"{out['mean_positives']:.1f} positives per query within {args.val_positive_dist_threshold:g} m "
+        f"({out['queries_without_positive']} queries without any)"
+    )
     w, h = args.thumb_size
     header = "".join(f"{'R@' + str(n):>8s}" for n in args.recall_values)
     print(f"\n{'method':<34s}{'queries':>8s}{header}")
-    print(f"{'chance (random ranking)':<34s}{out['queries_num']:>8d}"
-          + "".join(f"  {v:6.1f}" for v in out["chance"]))
+    print(f"{'chance (random ranking)':<34s}{out['queries_num']:>8d}" + "".join(f"  {v:6.1f}" for v in out["chance"]))
     for name, (n, rec) in out["by_group"].items():
         label = f"thumbnail {w}x{h} L2" + ("" if name == "all" else f" [{name}]")
         print(f"{label:<34s}{n:>8d}" + "".join(f"  {v:6.1f}" for v in rec))
     r1 = out["by_group"]["all"][1][0]
     verdict = "inside" if 15.0 <= r1 <= 70.0 else "OUTSIDE"
-    print(f"\nR@1 {r1:.1f} % is {verdict} the target band 15-70 %; "
-          f"ratio to chance: {r1 / max(out['chance'][0], 1e-9):.1f}x (baseline took {out['baseline_s']:.1f} s)")
+    print(
+        f"\nR@1 {r1:.1f} % is {verdict} the target band 15-70 %; "
+        f"ratio to chance: {r1 / max(out['chance'][0], 1e-9):.1f}x (baseline took {out['baseline_s']:.1f} s)"
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ included, in memory that does not grow with the number of candidates. How: engin
 screening.py (bfloat16 screen and error bound), exact.py (float32 products on parts of S),
 self_check.py (the run-time check of what exact.py relies on, and engine_paths()).
 """
+
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -32,13 +33,29 @@ from .engine import check_sizes, matches
 from .reference import reference_scores
 from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
 
-__all__ = ["mutual_nn_scores", "rerank", "mutual_nn_pairs", "mutual_nn_similarity", "reference_scores",
-           "tile_self_check", "engine_paths", "PATH_SCREENED", "PATH_TILED", "PATH_PLAIN"]
+__all__ = [
+    "mutual_nn_scores",
+    "rerank",
+    "mutual_nn_pairs",
+    "mutual_nn_similarity",
+    "reference_scores",
+    "tile_self_check",
+    "engine_paths",
+    "PATH_SCREENED",
+    "PATH_TILED",
+    "PATH_PLAIN",
+]
 
 
-def mutual_nn_scores(query_local: Any, database_store: Any, candidate_indices: Any, *,
-                     chunk_size: int = 4, row_tile: int = 512,
-                     fast_path: Optional[bool] = None) -> torch.Tensor:
+def mutual_nn_scores(
+    query_local: Any,
+    database_store: Any,
+    candidate_indices: Any,
+    *,
+    chunk_size: int = 4,
+    row_tile: int = 512,
+    fast_path: Optional[bool] = None,
+) -> torch.Tensor:
     """Re-rank scores: the number of mutual nearest neighbours between the query and each candidate.
 
     Args:
@@ -58,14 +75,17 @@ def mutual_nn_scores(query_local: Any, database_store: Any, candidate_indices: A
     """
     check_sizes(chunk_size, row_tile)
     query = _as_feature_matrix(query_local, "query_local")
-    indices = np.asarray(candidate_indices.cpu() if isinstance(candidate_indices, torch.Tensor)
-                         else candidate_indices)
+    indices = np.asarray(candidate_indices.cpu() if isinstance(candidate_indices, torch.Tensor) else candidate_indices)
     if indices.ndim != 1 or (indices.size and not np.issubdtype(indices.dtype, np.integer)):
-        raise ValueError(f"candidate_indices must be a 1-D array of int database indices, got shape "
-                         f"{indices.shape} and dtype {indices.dtype}.")
+        raise ValueError(
+            f"candidate_indices must be a 1-D array of int database indices, got shape "
+            f"{indices.shape} and dtype {indices.dtype}."
+        )
     if indices.size and indices.min() < 0:
-        raise ValueError(f"candidate_indices contains the negative index {indices.min()} (faiss pads "
-                         f"missing results with -1): search at most the database size.")
+        raise ValueError(
+            f"candidate_indices contains the negative index {indices.min()} (faiss pads "
+            f"missing results with -1): search at most the database size."
+        )
     with torch.no_grad():
         query = query.detach()
 
@@ -74,12 +94,16 @@ def mutual_nn_scores(query_local: Any, database_store: Any, candidate_indices: A
                 try:
                     feats = database_store[int(db_index)]
                 except (IndexError, KeyError) as err:
-                    raise ValueError(f"candidate_indices[{k}] = {db_index} is not in the database "
-                                     f"store ({err}); check the retrieval step.") from err
+                    raise ValueError(
+                        f"candidate_indices[{k}] = {db_index} is not in the database "
+                        f"store ({err}); check the retrieval step."
+                    ) from err
                 yield _as_feature_matrix(feats, f"database_store[{db_index}]", query.device).detach()
 
-        counts = [mutual.sum() for _, mutual in matches(query, load(), chunk_size=chunk_size,
-                                                         row_tile=row_tile, fast_path=fast_path)]
+        counts = [
+            mutual.sum()
+            for _, mutual in matches(query, load(), chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path)
+        ]
     if not counts:
         return torch.zeros(0, dtype=torch.float32, device=query.device)
     return torch.stack(counts).to(device=query.device, dtype=torch.float32)
@@ -97,8 +121,9 @@ def rerank(scores: Any) -> np.ndarray:
     return np.argsort(scores.astype(np.float32))[::-1]
 
 
-def mutual_nn_pairs(a_local: Any, b_local: Any, *,
-                    fast_path: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def mutual_nn_pairs(
+    a_local: Any, b_local: Any, *, fast_path: Optional[bool] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mutual nearest neighbour pairs of ONE pair of dense feature maps.
 
     a_local (La, C) or (h, w, C), b_local (Lb, C) or (h', w', C); S = a @ b.T. Returns LongTensors
@@ -108,8 +133,9 @@ def mutual_nn_pairs(a_local: Any, b_local: Any, *,
     a = _as_feature_matrix(a_local, "a_local")
     b = _as_feature_matrix(b_local, "b_local", a.device)
     with torch.no_grad():
-        (nn12, mutual), = list(matches(b.detach(), [a.detach()], chunk_size=1, row_tile=512,
-                                       fast_path=fast_path, workers=False))
+        ((nn12, mutual),) = list(
+            matches(b.detach(), [a.detach()], chunk_size=1, row_tile=512, fast_path=fast_path, workers=False)
+        )
     idx_a = mutual.nonzero().flatten().to(a.device)
     return idx_a, nn12.to(a.device)[idx_a]
 
@@ -129,14 +155,24 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
     q = _as_batch(query_local, "query_local")
     x = _as_batch(cand_local, "cand_local")
     if q.shape[0] != x.shape[0] or q.shape[2] != x.shape[2]:
-        raise ValueError(f"mutual_nn_similarity: query {tuple(query_local.shape)} and candidates "
-                         f"{tuple(cand_local.shape)} must have the same batch size and channels.")
+        raise ValueError(
+            f"mutual_nn_similarity: query {tuple(query_local.shape)} and candidates "
+            f"{tuple(cand_local.shape)} must have the same batch size and channels."
+        )
     sims = []
     for b in range(q.shape[0]):
         qb, xb = q[b], x[b]
         with torch.no_grad():
-            (nn12, mutual), = list(matches(qb.detach().float().contiguous(), [xb.detach().float().contiguous()],
-                                           chunk_size=1, row_tile=512, fast_path=None, workers=False))
+            ((nn12, mutual),) = list(
+                matches(
+                    qb.detach().float().contiguous(),
+                    [xb.detach().float().contiguous()],
+                    chunk_size=1,
+                    row_tile=512,
+                    fast_path=None,
+                    workers=False,
+                )
+            )
         rows = mutual.nonzero().flatten()
         if rows.numel():
             vals = (xb[rows] * qb[nn12[rows]]).sum(dim=-1)
@@ -165,11 +201,14 @@ def _as_feature_matrix(features: Any, name: str, device: Optional[torch.device] 
     if t.dim() == 3:
         t = t.reshape(-1, t.shape[-1])
     if t.dim() != 2:
-        raise ValueError(f"{name}: dense local features must be (L, C) or (h, w, C), got shape "
-                         f"{tuple(t.shape)}; pass one image's features.")
+        raise ValueError(
+            f"{name}: dense local features must be (L, C) or (h, w, C), got shape "
+            f"{tuple(t.shape)}; pass one image's features."
+        )
     if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name}: dense local features are empty (shape {tuple(t.shape)}); "
-                         f"check the feature extraction.")
+        raise ValueError(
+            f"{name}: dense local features are empty (shape {tuple(t.shape)}); check the feature extraction."
+        )
     if device is not None and t.device != device:
         if device.type == "cuda" and t.device.type == "cpu":
             # Page-locked host memory makes the copy asynchronous (no host synchronisation per
@@ -183,11 +222,14 @@ def _as_feature_matrix(features: Any, name: str, device: Optional[torch.device] 
 def _as_batch(features: torch.Tensor, name: str) -> torch.Tensor:
     """(B, L, C) or (B, h, w, C) tensor -> (B, L, C) (a view where possible, float kept)."""
     if not isinstance(features, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor of dense features (B, h, w, C) or (B, L, C), "
-                         f"got {type(features).__name__}.")
+        raise ValueError(
+            f"{name}: expected a torch.Tensor of dense features (B, h, w, C) or (B, L, C), "
+            f"got {type(features).__name__}."
+        )
     if features.dim() == 4:
         features = features.reshape(features.shape[0], -1, features.shape[-1])
     if features.dim() != 3 or features.shape[1] == 0:
-        raise ValueError(f"{name}: dense features must be (B, L, C) or (B, h, w, C), got shape "
-                         f"{tuple(features.shape)}.")
+        raise ValueError(
+            f"{name}: dense features must be (B, L, C) or (B, h, w, C), got shape {tuple(features.shape)}."
+        )
     return features

@@ -14,6 +14,7 @@ fewer than MIN_TILED_SIDE positions, non-finite or huge values) the plain comput
 engine_paths() tells which path served each shape. Chunks of candidates run on worker threads
 (_CpuWorkers).
 """
+
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,7 @@ from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_s
 MIN_TILED_SIDE = 64
 # Inputs with entries above this magnitude (or non-finite) use the plain path: below it no product
 # or sum of the screen can overflow, so the error analysis holds.
-MAX_SAFE_ABS = 2.0 ** 40
+MAX_SAFE_ABS = 2.0**40
 # Candidates screened together on the CPU (one job of a worker thread): small enough for the tiles
 # to stay in cache and to share the work evenly between the workers.
 CPU_BATCH = 4
@@ -64,20 +65,26 @@ def _nn_tiled(xs: List[torch.Tensor], plan: QueryPlan, row_tile: int) -> List[Tu
         if out is not None:
             note_path(xs[0].device, lc, plan.lq, c, f"{PATH_SCREENED} (tile self-check passed)")
             return out
-        note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} (tile self-check passed; the bfloat16 "
-                                                 f"kernel failed its soundness check)")
+        note_path(
+            xs[0].device,
+            lc,
+            plan.lq,
+            c,
+            f"{PATH_TILED} (tile self-check passed; the bfloat16 kernel failed its soundness check)",
+        )
     else:
         note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} (tile self-check passed)")
     res = []
     for x in xs:
         nn12, nn21 = nn_tiled_exact(pad_rows(x, BLOCK), plan.qp, row_tile)
-        nn12, nn21 = nn12[:lc], nn21[:plan.lq]
+        nn12, nn21 = nn12[:lc], nn21[: plan.lq]
         res.append((nn12, mutual_rows(nn12, nn21)))
     return res
 
 
-def _process_chunk(query: torch.Tensor, plan: Optional[QueryPlan], chunk: List[torch.Tensor],
-                   row_tile: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+def _process_chunk(
+    query: torch.Tensor, plan: Optional[QueryPlan], chunk: List[torch.Tensor], row_tile: int
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """(nn12, mutual) for a chunk of candidates, in order. Consecutive candidates of one shape and
     one path are processed together: the tiled engine screens them as one batch, the plain path
     multiplies them in one batched matmul like the public release."""
@@ -91,17 +98,25 @@ def _process_chunk(query: torch.Tensor, plan: Optional[QueryPlan], chunk: List[t
         group = chunk[start:end]
         lc = group[0].shape[0]
         if paths[start]:
-            exact_tiles, _ = tile_self_check(candidate_positions=lc, query_positions=plan.lq, channels=plan.c,
-                                             device=query.device, row_tile=row_tile,
-                                             screen=plan.screen is not None)
+            exact_tiles, _ = tile_self_check(
+                candidate_positions=lc,
+                query_positions=plan.lq,
+                channels=plan.c,
+                device=query.device,
+                row_tile=row_tile,
+                screen=plan.screen is not None,
+            )
             if exact_tiles:
                 out.extend(_nn_tiled(group, plan, row_tile))
                 start = end
                 continue
             reason = "tile self-check failed"
         elif plan is None:
-            reason = ("the tiled engine runs on the CPU only" if query.device.type != "cpu" else
-                      f"query with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values")
+            reason = (
+                "the tiled engine runs on the CPU only"
+                if query.device.type != "cpu"
+                else f"query with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
+            )
         else:
             reason = f"candidate with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
         note_path(query.device, lc, query.shape[0], query.shape[1], f"{PATH_PLAIN} ({reason})")
@@ -134,7 +149,7 @@ class _CpuWorkers:
 
         def single_threaded():
             torch.set_num_threads(1)
-            ready.wait()      # every worker is up (and configured) before any work starts
+            ready.wait()  # every worker is up (and configured) before any work starts
 
         for future in [self.pool.submit(single_threaded) for _ in range(self.workers)]:
             future.result()
@@ -145,8 +160,15 @@ class _CpuWorkers:
         torch.set_num_threads(self.restore)
 
 
-def matches(query: torch.Tensor, candidates: Iterable[torch.Tensor], *, chunk_size: int, row_tile: int,
-             fast_path: Optional[bool], workers: bool = True) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+def matches(
+    query: torch.Tensor,
+    candidates: Iterable[torch.Tensor],
+    *,
+    chunk_size: int,
+    row_tile: int,
+    fast_path: Optional[bool],
+    workers: bool = True,
+) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
     """Yield (nn12 (Lc,), mutual (Lc,) bool) for each candidate (L, C) float32 tensor, on the query's
     device, in order. Candidates arrive as an iterable and are taken `chunk_size` at a time, so
     that at most a few chunks (and their similarity matrices on the plain path) are held at once.
@@ -165,8 +187,10 @@ def matches(query: torch.Tensor, candidates: Iterable[torch.Tensor], *, chunk_si
         chunk: List[torch.Tensor] = []
         for x in candidates:
             if x.shape[1] != query.shape[1]:
-                raise ValueError(f"candidate dense features have {x.shape[1]} channels but the query has "
-                                 f"{query.shape[1]}; both must come from the same model.")
+                raise ValueError(
+                    f"candidate dense features have {x.shape[1]} channels but the query has "
+                    f"{query.shape[1]}; both must come from the same model."
+                )
             chunk.append(x)
             if len(chunk) >= job_size:
                 yield chunk
@@ -181,7 +205,7 @@ def matches(query: torch.Tensor, candidates: Iterable[torch.Tensor], *, chunk_si
             yield from _process_chunk(query, plan, chunk, row_tile)
         return
     with _CpuWorkers(n_workers) as pool:
-        plan = pool.submit(make_plan).result()      # single-threaded too
+        plan = pool.submit(make_plan).result()  # single-threaded too
         in_flight: Deque = deque()
         for chunk in chunks():
             in_flight.append(pool.submit(_process_chunk, query, plan, chunk, row_tile))

@@ -1,6 +1,7 @@
 """The definition in code: the whole similarity matrix, arg-max both ways, mutual rows, as the
 public release computes them. This is also the engine's plain path (where the tiled engine does not
 apply); the tests hold the engine to the same computation, ties and near-ties included."""
+
 from typing import Tuple
 
 import torch

@@ -13,15 +13,24 @@ Operands are the inputs rounded once to bfloat16 (inner size C): the bound is ~3
 vectors, wide enough that the exact recomputations stay a small share of the work and narrow
 enough that most decisions are proven.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .exact import (BLOCK, BLOCK_FALLBACK_SHARE, exact_columns, exact_columns_in_groups, exact_in_group,
-                    exact_rows, exact_rows_in_blocks, pad_rows)
+from .exact import (
+    BLOCK,
+    BLOCK_FALLBACK_SHARE,
+    exact_columns,
+    exact_columns_in_groups,
+    exact_in_group,
+    exact_rows,
+    exact_rows_in_blocks,
+    pad_rows,
+)
 
-_U32 = 2.0 ** -24   # unit roundoff of float32
-_UBF = 2.0 ** -8    # unit roundoff of bfloat16 (8 significant bits)
+_U32 = 2.0**-24  # unit roundoff of float32
+_UBF = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 # Output rounding: |bf16(y) - y| <= 2^-8 |y| and |y| <= |bf16(y)| / (1 - 2^-8) (round to nearest).
 RHO = _UBF / (1.0 - _UBF)
 _INT16_MIN = -32768
@@ -44,7 +53,7 @@ def _norm_up(v: torch.Tensor) -> torch.Tensor:
     """Row norms (float32 in, float64 out) rounded UP: float32 accumulation of C squares is within
     a relative (C + 4) 2^-23 of the exact norm; underflowing squares cost < 2^-60 absolute."""
     c = v.shape[1]
-    return torch.linalg.vector_norm(v, dim=1).double() * (1.0 + (c + 4) * 2.0 ** -23) + 2.0 ** -60
+    return torch.linalg.vector_norm(v, dim=1).double() * (1.0 + (c + 4) * 2.0**-23) + 2.0**-60
 
 
 class Bf16Side:
@@ -99,7 +108,7 @@ def eta(x_worst: Bf16Side, q_worst: Bf16Side, channels: int) -> float:
     gradually. 3C + 2 such terms are counted, a generous count: the slack is ~1e-30 for unit
     vectors either way, but it keeps the bound rigorous."""
     scale = 1.0 + x_worst.n + q_worst.n
-    return 2.0 ** -110 * (3 * channels + 2) * scale * scale
+    return 2.0**-110 * (3 * channels + 2) * scale * scale
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ def bf16_kernel_is_sound(rows: int, k: int, cols: int) -> bool:
         gen = torch.Generator().manual_seed(12345)
         a = torch.randint(-15, 16, (rows, k), generator=gen).bfloat16()
         b = torch.randint(-15, 16, (cols, k), generator=gen).bfloat16()
-        got = a @ b.t().contiguous()          # the shape under test
+        got = a @ b.t().contiguous()  # the shape under test
         # Exact reference on a sample of rows: |sum| <= k * 225 < 2^24, exact in float32.
         sample = torch.randperm(rows, generator=gen)[:64]
         exact = a[sample].float() @ b.float().t()
@@ -193,21 +202,22 @@ def _screen_batch(a: torch.Tensor, sq: ScreenQuery, row_tile: int) -> Optional[D
     not sound for these shapes."""
     n, lcp, k_width = a.shape
     width, w = sq.lqp, sq.width
-    parts: Dict[str, List[torch.Tensor]] = {name: [] for name in (
-        "r_top", "r_bidx", "r_inside", "r_bmax", "c_gmax", "c_top")}
+    parts: Dict[str, List[torch.Tensor]] = {
+        name: [] for name in ("r_top", "r_bidx", "r_inside", "r_bmax", "c_gmax", "c_top")
+    }
     # One buffer for every tile of the batch: a fresh multi-MB tensor per tile would be page-faulted
     # in again each time, which costs several times the product itself.
     buffer = torch.empty(n * min(row_tile, lcp), width, dtype=torch.bfloat16)
     for s in range(0, lcp, row_tile):
-        at = a[:, s:s + row_tile]
+        at = a[:, s : s + row_tile]
         r = at.shape[1]
         if not bf16_kernel_is_sound(n * r, k_width, width):
             return None
-        tile = buffer[:n * r]
+        tile = buffer[: n * r]
         torch.mm(at.reshape(n * r, k_width), sq.b, out=tile)
-        keys = tile.view(torch.int16).view(n, r, width)                      # the tile
+        keys = tile.view(torch.int16).view(n, r, width)  # the tile
         blocks = keys.view(n, r, width // w, w)
-        bmax = blocks.amax(dim=3)                                             # (n, r, Lqp / w)
+        bmax = blocks.amax(dim=3)  # (n, r, Lqp / w)
         top, bidx = torch.max(bmax, dim=2)
         # The best block's keys: a row gather (index_select of contiguous blocks), ~10x faster
         # than an elementwise torch.gather.
@@ -217,16 +227,17 @@ def _screen_batch(a: torch.Tensor, sq: ScreenQuery, row_tile: int) -> Optional[D
         parts["r_top"].append(top)
         parts["r_bidx"].append(bidx)
         parts["r_bmax"].append(bmax)
-        gmax = keys.view(n, r // BLOCK, BLOCK, width).amax(dim=2)             # (n, r / B, Lqp)
+        gmax = keys.view(n, r // BLOCK, BLOCK, width).amax(dim=2)  # (n, r / B, Lqp)
         parts["c_gmax"].append(gmax)
         parts["c_top"].append(gmax.amax(dim=1))
     out = {name: torch.cat(parts[name], dim=1) for name in ("r_top", "r_bidx", "r_inside", "r_bmax", "c_gmax")}
-    out["c_top"] = torch.stack(parts["c_top"], dim=1)                         # (n, T, Lqp)
+    out["c_top"] = torch.stack(parts["c_top"], dim=1)  # (n, T, Lqp)
     return out
 
 
-def nn_screened(xs: List[torch.Tensor], sq: ScreenQuery,
-                row_tile: int) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+def nn_screened(
+    xs: List[torch.Tensor], sq: ScreenQuery, row_tile: int
+) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
     """Screened engine for candidates of one shape (Lc, C): [(nn12 (Lc,), mutual (Lc,) bool)], exact.
     Returns None if the bf16 kernel is not sound on this machine (caller: the exact tiled engine)."""
     c = xs[0].shape[1]
@@ -237,8 +248,10 @@ def nn_screened(xs: List[torch.Tensor], sq: ScreenQuery,
     if st is None:
         return None
     del a
-    return [_finish_screened(xs[k], xps[k], sides[k], {name: v[k] for name, v in st.items()}, sq, row_tile)
-            for k in range(len(xs))]
+    return [
+        _finish_screened(xs[k], xps[k], sides[k], {name: v[k] for name, v in st.items()}, sq, row_tile)
+        for k in range(len(xs))
+    ]
 
 
 def _first_equal(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,8 +259,9 @@ def _first_equal(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (values == target.unsqueeze(1)).to(torch.uint8).argmax(dim=1)
 
 
-def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[str, torch.Tensor],
-                     sq: ScreenQuery, row_tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _finish_screened(
+    x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[str, torch.Tensor], sq: ScreenQuery, row_tile: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Decisions for one screened candidate: (nn12 (Lc,), mutual (Lc,) bool), exact.
 
     Every decision taken from the screen is proven: a screen value o lies within
@@ -263,7 +277,7 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     # ---- rows: top key, its column (best block -> best 32-column sub-block -> first position),
     # and the runner-up key (best other block, other sub-block, other position).
     top, bidx, bmax, inside = st["r_top"], st["r_bidx"], st["r_bmax"], st["r_inside"]
-    sub = inside.view(lcp, w // BLOCK, BLOCK).amax(dim=2)                      # (Lcp, w / B)
+    sub = inside.view(lcp, w // BLOCK, BLOCK).amax(dim=2)  # (Lcp, w / B)
     sidx = _first_equal(sub, top)
     n_sub = w // BLOCK
     fine = inside.reshape(lcp * n_sub, BLOCK).index_select(0, torch.arange(lcp) * n_sub + sidx)  # (Lcp, B)
@@ -274,7 +288,7 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     o1, ok1 = _decode(top[:lc])
     o2, _ = _decode(second[:lc])
     row_base = base_bound(xs.part(slice(None, lc)), sq.worst, c)
-    row_lo = o1 - rho * o1.abs() - row_base - slack             # lower bound of the top entry
+    row_lo = o1 - rho * o1.abs() - row_base - slack  # lower bound of the top entry
     row_ok = ok1 & (row_lo > o2 + rho * o2.abs() + row_base + slack)
     nn12 = (bidx * w + sidx * BLOCK + pos)[:lc].clone()
     # Upper bound of the reference value S[i, nn12[i]] (proven rows; exact for recomputed ones).
@@ -301,10 +315,10 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     # nn12 < Lq everywhere.)
 
     # ---- columns. Bounds of the column maximum from the group maxima of each tile:
-    col_base = base_bound(xw, sq.side, c)                                      # (Lqp,)
-    t_top, t_ok = _decode(st["c_top"])                                         # (T, Lqp)
+    col_base = base_bound(xw, sq.side, c)  # (Lqp,)
+    t_top, t_ok = _decode(st["c_top"])  # (T, Lqp)
     col_lo = torch.where(t_ok, t_top - rho * t_top.abs(), -float("inf")).amax(dim=0) - col_base - slack
-    t_hi = t_top + rho * t_top.abs()                                           # per tile, + col_base + slack
+    t_hi = t_top + rho * t_top.abs()  # per tile, + col_base + slack
     # Proven not mutual: the column's maximum is surely above S[i, j].
     j = nn12
     mutual = torch.zeros(lc, dtype=torch.bool)
@@ -318,13 +332,16 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     val, first_row = exact_in_group(xp, g, jm, sq.q)
     wins_group = first_row == maybe
     tile = maybe // row_tile
-    other_tiles = t_hi[:, jm].scatter(0, tile.unsqueeze(0), -float("inf")).amax(dim=0) \
-        if t_hi.shape[0] > 1 else torch.full((maybe.numel(),), -float("inf"), dtype=torch.float64)
+    other_tiles = (
+        t_hi[:, jm].scatter(0, tile.unsqueeze(0), -float("inf")).amax(dim=0)
+        if t_hi.shape[0] > 1
+        else torch.full((maybe.numel(),), -float("inf"), dtype=torch.float64)
+    )
     # Other groups of row i's own tile.
     per_tile = row_tile // BLOCK
     g0 = tile * per_tile
     n_groups = lcp // BLOCK
-    g_idx = (g0.unsqueeze(1) + torch.arange(per_tile).unsqueeze(0)).clamp(max=n_groups - 1)   # (P, per_tile)
+    g_idx = (g0.unsqueeze(1) + torch.arange(per_tile).unsqueeze(0)).clamp(max=n_groups - 1)  # (P, per_tile)
     keys = st["c_gmax"][g_idx, jm.unsqueeze(1)]
     keys = torch.where(g_idx == g.unsqueeze(1), torch.full_like(keys, _INT16_MIN), keys).amax(dim=1)
     o_in, _ = _decode(keys)
@@ -336,7 +353,7 @@ def _finish_screened(x: torch.Tensor, xp: torch.Tensor, xs: Bf16Side, st: Dict[s
     if bool(unknown.any()):
         ui = maybe[unknown]
         cols = torch.unique(j[ui])
-        g_val, _ = _decode(st["c_gmax"][:, cols])                             # (G, m)
+        g_val, _ = _decode(st["c_gmax"][:, cols])  # (G, m)
         candidate = g_val + rho * g_val.abs() + col_base[cols] + slack >= col_lo[cols]
         lookup = torch.full((sq.lqp,), -1, dtype=torch.long)
         if int(candidate.sum()) <= BLOCK_FALLBACK_SHARE * candidate.numel():

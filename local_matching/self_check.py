@@ -11,6 +11,7 @@ bit for bit, once per process, device, matmul setting, thread count and shape; w
 fails, those candidates take the plain path (the whole product, as the reference), whose equality
 does not depend on any tiling. The path taken is logged once per shape.
 """
+
 import logging
 import threading
 from typing import Any, Dict, List, Optional, Tuple
@@ -26,7 +27,7 @@ PATH_PLAIN = "plain-fp32"
 
 _TILE_CHECK: Dict[tuple, Tuple[bool, str]] = {}
 _TILE_CHECK_LOCK = threading.Lock()
-_PATHS: Dict[tuple, str] = {}            # (device, Lc, Lq, C) -> "path (reason)" last taken
+_PATHS: Dict[tuple, str] = {}  # (device, Lc, Lq, C) -> "path (reason)" last taken
 _PATHS_LOGGED: set = set()
 
 
@@ -38,13 +39,21 @@ def _matmul_setting() -> str:
 def _check_sizes_for(limit: int, largest: int) -> List[int]:
     """Row / column counts the self-check tries: the smallest the engine uses (1, padded to
     MIN_EXACT_SIDE), counts around BLOCK and SEG multiples, odd counts, and the largest."""
-    sizes = {1, MIN_EXACT_SIDE - 1, MIN_EXACT_SIDE, MIN_EXACT_SIDE + 1, 2 * SEG - 1, 97,
-             largest // 2 + 1, largest - 1, largest}
+    sizes = {
+        1,
+        MIN_EXACT_SIDE - 1,
+        MIN_EXACT_SIDE,
+        MIN_EXACT_SIDE + 1,
+        2 * SEG - 1,
+        97,
+        largest // 2 + 1,
+        largest - 1,
+        largest,
+    }
     return sorted(s for s in sizes if 1 <= s <= min(limit, largest))
 
 
-def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int,
-                      device: torch.device) -> Tuple[bool, str]:
+def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int, device: torch.device) -> Tuple[bool, str]:
     """Compare, bit for bit, every kind of float32 product the tiled engine computes for candidates
     (lc, c) against query (lq, c) - row tiles, padded row sets against all columns and against one
     column block, column sets against all rows, batched (BLOCK x SEG) segments - with the
@@ -54,7 +63,7 @@ def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int,
     gen = torch.Generator().manual_seed(20240613)
     x = torch.randn(2, lc, c, generator=gen).to(device)
     q = torch.randn(lq, c, generator=gen).to(device)
-    ref = _tile_check_matmul(x, q.unsqueeze(0).transpose(1, 2))[1]          # (lc, lq), the reference
+    ref = _tile_check_matmul(x, q.unsqueeze(0).transpose(1, 2))[1]  # (lc, lq), the reference
     xp, qp = pad_rows(x[1].contiguous(), BLOCK), pad_rows(q, width)
     lcp, lqp = xp.shape[0], qp.shape[0]
     # The reference extended to the padded shape: padding repeats the last row / column.
@@ -77,32 +86,41 @@ def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int,
         return torch.randint(0, high, (n,), generator=gen).to(device)
 
     problems: List[Optional[str]] = []
-    for s in range(0, lcp, row_tile):                                        # exact.nn_tiled_exact
-        problems.append(same(_tile_check_matmul(xp[s:s + row_tile], qp.t()), ref_p[s:s + row_tile],
-                             f"row tile {s}:{min(s + row_tile, lcp)} x {lqp}"))
+    for s in range(0, lcp, row_tile):  # exact.nn_tiled_exact
+        problems.append(
+            same(
+                _tile_check_matmul(xp[s : s + row_tile], qp.t()),
+                ref_p[s : s + row_tile],
+                f"row tile {s}:{min(s + row_tile, lcp)} x {lqp}",
+            )
+        )
     n_blocks = lqp // width
     row_sizes = _check_sizes_for(lcp, row_tile)
     for n in sorted(set(row_sizes) | set(_check_sizes_for(lcp, lcp))):
         rows = pick(n, lc)
-        if n in row_sizes:                     # exact_rows: at most row_tile rows a product
+        if n in row_sizes:  # exact_rows: at most row_tile rows a product
             full = _tile_check_matmul(xp[pad_index(rows, MIN_EXACT_SIDE)], qp.t())[:n]
             problems.append(same(full, ref_p[rows], f"{n} rows x {lqp} columns"))
-        for b in sorted({0, n_blocks - 1}):    # exact_rows_in_blocks: any number of rows
-            part = _tile_check_matmul(xp[pad_index(rows, MIN_EXACT_SIDE)], qp[b * width:(b + 1) * width].t())[:n]
-            problems.append(same(part, ref_p[:, b * width:(b + 1) * width][rows],
-                                 f"{n} rows x column block {b} ({width} columns)"))
-    for m in _check_sizes_for(lq, 512):                                      # exact_columns
+        for b in sorted({0, n_blocks - 1}):  # exact_rows_in_blocks: any number of rows
+            part = _tile_check_matmul(xp[pad_index(rows, MIN_EXACT_SIDE)], qp[b * width : (b + 1) * width].t())[:n]
+            problems.append(
+                same(
+                    part, ref_p[:, b * width : (b + 1) * width][rows], f"{n} rows x column block {b} ({width} columns)"
+                )
+            )
+    for m in _check_sizes_for(lq, 512):  # exact_columns
         cols = pick(m, lq)
         block = _tile_check_matmul(xp, q[pad_index(cols, MIN_EXACT_SIDE)].t())[:, :m]
         problems.append(same(block, ref_p[:, cols], f"{lcp} rows x {m} columns"))
     n_groups = lcp // BLOCK
-    for n_seg in sorted({1, 3, 37, 4 * n_groups}):                           # exact_in_group, exact_columns_in_groups
+    for n_seg in sorted({1, 3, 37, 4 * n_groups}):  # exact_in_group, exact_columns_in_groups
         groups = torch.randint(0, n_groups, (n_seg,), generator=gen).to(device)
         members = torch.randint(0, lq, (n_seg, SEG), generator=gen).to(device)
         seg = torch.bmm(xp.view(-1, BLOCK, c)[groups], q[members].transpose(1, 2))
         rows = groups.unsqueeze(1) * BLOCK + torch.arange(BLOCK, device=device)
-        problems.append(same(seg, ref_p[rows.unsqueeze(2), members.unsqueeze(1)],
-                             f"{n_seg} batched segments ({BLOCK} x {SEG})"))
+        problems.append(
+            same(seg, ref_p[rows.unsqueeze(2), members.unsqueeze(1)], f"{n_seg} batched segments ({BLOCK} x {SEG})")
+        )
     first = next((p for p in problems if p is not None), None)
     if first is not None:
         return False, first
@@ -115,8 +133,15 @@ def _tile_check_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a, b)
 
 
-def tile_self_check(*, candidate_positions: int, query_positions: int, channels: int,
-                    device: Any = "cpu", row_tile: int = 512, screen: bool = False) -> Tuple[bool, str]:
+def tile_self_check(
+    *,
+    candidate_positions: int,
+    query_positions: int,
+    channels: int,
+    device: Any = "cpu",
+    row_tile: int = 512,
+    screen: bool = False,
+) -> Tuple[bool, str]:
     """Run (or return the cached result of) the exactness self-check of the tiled engine for
     candidates (candidate_positions, channels) against a query (query_positions, channels) on
     `device`: (passed, description). `screen` selects the column-block width the screen uses."""
@@ -124,19 +149,39 @@ def tile_self_check(*, candidate_positions: int, query_positions: int, channels:
     width = row_block_width(query_positions) if screen else BLOCK
     # The calling thread's intra-op thread count is part of the key: a BLAS may split a product
     # differently between threads (the engine's workers run single-threaded).
-    key = (str(device), _matmul_setting(), torch.get_num_threads(), candidate_positions, query_positions,
-           channels, width, row_tile)
+    key = (
+        str(device),
+        _matmul_setting(),
+        torch.get_num_threads(),
+        candidate_positions,
+        query_positions,
+        channels,
+        width,
+        row_tile,
+    )
     with _TILE_CHECK_LOCK:
         if key not in _TILE_CHECK:
             with torch.no_grad():
-                ok, detail = _self_check_tiles(lc=candidate_positions, lq=query_positions, c=channels,
-                                               width=width, row_tile=row_tile, device=device)
+                ok, detail = _self_check_tiles(
+                    lc=candidate_positions,
+                    lq=query_positions,
+                    c=channels,
+                    width=width,
+                    row_tile=row_tile,
+                    device=device,
+                )
             _TILE_CHECK[key] = (ok, detail)
             log = logging.info if ok else logging.warning
-            log(f"re-rank engine self-check on {device} (float32 matmul precision '{key[1]}'), candidates "
+            log(
+                f"re-rank engine self-check on {device} (float32 matmul precision '{key[1]}'), candidates "
                 f"{candidate_positions}x{channels} vs query {query_positions}x{channels}: "
-                + (f"passed, {detail}" if ok else f"FAILED, {detail}; these candidates use the plain "
-                                                   f"full-product path ({PATH_PLAIN}), exact by construction"))
+                + (
+                    f"passed, {detail}"
+                    if ok
+                    else f"FAILED, {detail}; these candidates use the plain "
+                    f"full-product path ({PATH_PLAIN}), exact by construction"
+                )
+            )
         return _TILE_CHECK[key]
 
 

@@ -40,9 +40,19 @@ The modules, each importing only those above it in this list:
 * ``options``: presets and option checks (the manifest's ``params``);
 * ``writer``: generation of the splits, the manifest, atomic publishing, reuse.
 """
+
 from .options import GENERATOR_VERSION, PRESETS, OptionError, resolve_options
 from .plan import SPLITS
 from .writer import MANIFEST_NAME, ensure_dataset, generate, read_manifest
 
-__all__ = ["GENERATOR_VERSION", "MANIFEST_NAME", "PRESETS", "SPLITS", "OptionError", "ensure_dataset",
-           "generate", "read_manifest", "resolve_options"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "MANIFEST_NAME",
+    "PRESETS",
+    "SPLITS",
+    "OptionError",
+    "ensure_dataset",
+    "generate",
+    "read_manifest",
+    "resolve_options",
+]

@@ -7,6 +7,7 @@ copied, with small changes of colour, height and details, over buildings at leas
 ``LOOKALIKE_MIN_DIST_M`` away on the map, without moving anything else on the route. ``scene``
 draws the buildings; the look-alike runs go into the manifest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,36 +18,54 @@ from .geometry import route_position
 from .plan import split_rng
 
 LOOKALIKE_MIN_DIST_M = 150.0
-LOOKALIKE_RUN = 3            # buildings copied per look-alike
+LOOKALIKE_RUN = 3  # buildings copied per look-alike
 
 
 @dataclasses.dataclass
 class Building:
     """One facade. ``structure_seed`` fixes its layout (windows, roof, texture, shop front);
     ``detail_seed`` fixes small things (which windows are lit, sign colour and lettering)."""
+
     width_m: float
-    height_frac: float       # of the image height
+    height_frac: float  # of the image height
     wall: tuple
     structure_seed: int
     detail_seed: int
     gap_after_m: float
-    group: int = -1          # look-alike group id, -1 when unique
-    x0_m: float = 0.0        # strip position (metres), set by _place_buildings
+    group: int = -1  # look-alike group id, -1 when unique
+    x0_m: float = 0.0  # strip position (metres), set by _place_buildings
 
 
 def _random_wall(rng: np.random.Generator) -> tuple:
-    palettes = [(180, 80, 60), (200, 170, 130), (150, 150, 155), (90, 110, 140), (210, 200, 180),
-                (120, 70, 50), (230, 220, 200), (170, 120, 80), (100, 130, 100), (60, 60, 70),
-                (190, 150, 110), (140, 40, 40), (220, 180, 90), (80, 90, 110)]
+    palettes = [
+        (180, 80, 60),
+        (200, 170, 130),
+        (150, 150, 155),
+        (90, 110, 140),
+        (210, 200, 180),
+        (120, 70, 50),
+        (230, 220, 200),
+        (170, 120, 80),
+        (100, 130, 100),
+        (60, 60, 70),
+        (190, 150, 110),
+        (140, 40, 40),
+        (220, 180, 90),
+        (80, 90, 110),
+    ]
     base = np.array(palettes[int(rng.integers(len(palettes)))], dtype=float)
     return tuple(int(v) for v in np.clip(base + rng.uniform(-25, 25, size=3), 0, 255))
 
 
 def _new_building(rng: np.random.Generator) -> Building:
-    return Building(width_m=float(rng.uniform(7.0, 20.0)), height_frac=float(rng.uniform(0.28, 0.70)),
-                    wall=_random_wall(rng), structure_seed=int(rng.integers(2 ** 62)),
-                    detail_seed=int(rng.integers(2 ** 62)),
-                    gap_after_m=float(rng.uniform(1.0, 4.0)) if rng.random() < 0.25 else 0.0)
+    return Building(
+        width_m=float(rng.uniform(7.0, 20.0)),
+        height_frac=float(rng.uniform(0.28, 0.70)),
+        wall=_random_wall(rng),
+        structure_seed=int(rng.integers(2**62)),
+        detail_seed=int(rng.integers(2**62)),
+        gap_after_m=float(rng.uniform(1.0, 4.0)) if rng.random() < 0.25 else 0.0,
+    )
 
 
 def _place_buildings(buildings: list, start_m: float) -> None:
@@ -58,13 +77,20 @@ def _place_buildings(buildings: list, start_m: float) -> None:
 
 def _perturbed_copy(b: Building, rng: np.random.Generator, group: int) -> Building:
     wall = tuple(int(v) for v in np.clip(np.array(b.wall) + rng.uniform(-12, 12, size=3), 0, 255))
-    return Building(width_m=b.width_m, height_frac=float(np.clip(b.height_frac * rng.uniform(0.95, 1.05), 0.2, 0.75)),
-                    wall=wall, structure_seed=b.structure_seed, detail_seed=int(rng.integers(2 ** 62)),
-                    gap_after_m=b.gap_after_m, group=group)
+    return Building(
+        width_m=b.width_m,
+        height_frac=float(np.clip(b.height_frac * rng.uniform(0.95, 1.05), 0.2, 0.75)),
+        wall=wall,
+        structure_seed=b.structure_seed,
+        detail_seed=int(rng.integers(2**62)),
+        gap_after_m=b.gap_after_m,
+        group=group,
+    )
 
 
-def plan_buildings(*, seed: int, split: str, routes: list, margin_m: float,
-                   lookalikes_per_km: float) -> tuple[list, list]:
+def plan_buildings(
+    *, seed: int, split: str, routes: list, margin_m: float, lookalikes_per_km: float
+) -> tuple[list, list]:
     """Buildings of every route of a split and the look-alike runs.
 
     Returns ``(buildings_per_route, lookalikes)``; ``lookalikes`` lists dicts with the group id and
@@ -94,8 +120,8 @@ def plan_buildings(*, seed: int, split: str, routes: list, margin_m: float,
             span_i, span_j = set(range(i, i + LOOKALIKE_RUN)), set(range(j, j + LOOKALIKE_RUN))
             if span_i & used[r1] or span_j & used[r2] or (r1 == r2 and span_i & span_j):
                 continue
-            source = per_route[r1][i:i + LOOKALIKE_RUN]
-            replaced = per_route[r2][j:j + LOOKALIKE_RUN]
+            source = per_route[r1][i : i + LOOKALIKE_RUN]
+            replaced = per_route[r2][j : j + LOOKALIKE_RUN]
             content = source[-1].x0_m + source[-1].width_m - source[0].x0_m
             room = replaced[-1].x0_m + replaced[-1].width_m + replaced[-1].gap_after_m - replaced[0].x0_m
             # The copy must fit in the place of the buildings it replaces, leaving at most an 8 m
@@ -128,8 +154,16 @@ def plan_buildings(*, seed: int, split: str, routes: list, margin_m: float,
         c1, c2 = _run_centre(per_route[r1], i), _run_centre(per_route[r2], j)
         p1 = np.array(route_position(routes[r1], np.array([c1]))[:2]).ravel()
         p2 = np.array(route_position(routes[r2], np.array([c2]))[:2]).ravel()
-        lookalikes.append(dict(group=group, source_route=r1, source_s=round(c1, 2), copy_route=r2,
-                               copy_s=round(c2, 2), distance_m=round(float(np.linalg.norm(p1 - p2)), 2)))
+        lookalikes.append(
+            dict(
+                group=group,
+                source_route=r1,
+                source_s=round(c1, 2),
+                copy_route=r2,
+                copy_s=round(c2, 2),
+                distance_m=round(float(np.linalg.norm(p1 - p2)), 2),
+            )
+        )
     return per_route, lookalikes
 
 

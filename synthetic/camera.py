@@ -7,14 +7,15 @@ seeing ``VIEW_WIDTH_M`` of street across the image. A query camera may stand nea
 offset and the yaw), the views (which turn them into a source quad) and ``make_geometry``, which
 sizes the canvas margins so that even the most extreme view stays inside what was drawn.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 
-VIEW_WIDTH_M = 24.0          # metres of facade seen across a database image
-CAMERA_DISTANCE_M = 12.0     # camera to facade; a lateral offset d zooms by D / (D - d)
-MAX_LATERAL_M = 3.0          # query lateral offset bound (metres)
+VIEW_WIDTH_M = 24.0  # metres of facade seen across a database image
+CAMERA_DISTANCE_M = 12.0  # camera to facade; a lateral offset d zooms by D / (D - d)
+MAX_LATERAL_M = 3.0  # query lateral offset bound (metres)
 # Query viewpoint ranges: zoom (clipped), pan and tilt (fractions of W and H), roll, and the oblique
 # factor of "forward" views (per degree of yaw towards the travel direction, up to the maximum yaw).
 QUERY_ZOOM_RANGE = (0.85, 1.4)
@@ -28,6 +29,7 @@ OBLIQUE_PER_DEGREE = 1.0 / 125.0
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Pixel geometry shared by all layers: output (H, W), canvas margins, pixels per metre."""
+
     height: int
     width: int
     mx: int
@@ -40,7 +42,7 @@ class Geometry:
         return self.height + 2 * self.my, self.width + 2 * self.mx
 
     @property
-    def y_base(self) -> int:   # canvas row of the facades' foot
+    def y_base(self) -> int:  # canvas row of the facades' foot
         return int(self.my + 0.74 * self.height)
 
 

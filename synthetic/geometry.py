@@ -10,6 +10,7 @@
 Randomness only comes in through a generator the caller passes, so the results are pure functions
 of their arguments.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,9 @@ UTM_ZONE_NUMBER = 17
 UTM_ZONE_LETTER = "T"
 
 
-def utm_to_latlon(east: float, north: float, zone_number: int = UTM_ZONE_NUMBER,
-                  northern: bool = True) -> tuple[float, float]:
+def utm_to_latlon(
+    east: float, north: float, zone_number: int = UTM_ZONE_NUMBER, northern: bool = True
+) -> tuple[float, float]:
     """WGS84 (lat, lon) in degrees of a UTM position (metres), by the USGS series (Snyder 1987).
 
     Accurate to well below a centimetre within a zone, far more than the 2-decimal file names need.
@@ -38,24 +40,29 @@ def utm_to_latlon(east: float, north: float, zone_number: int = UTM_ZONE_NUMBER,
     x = east - 500000.0
     y = north if northern else north - 10_000_000.0
     m = y / k0
-    mu = m / (a * (1 - e2 / 4 - 3 * e2 ** 2 / 64 - 5 * e2 ** 3 / 256))
+    mu = m / (a * (1 - e2 / 4 - 3 * e2**2 / 64 - 5 * e2**3 / 256))
     e1 = (1 - math.sqrt(1 - e2)) / (1 + math.sqrt(1 - e2))
-    phi1 = (mu + (3 * e1 / 2 - 27 * e1 ** 3 / 32) * math.sin(2 * mu)
-            + (21 * e1 ** 2 / 16 - 55 * e1 ** 4 / 32) * math.sin(4 * mu)
-            + (151 * e1 ** 3 / 96) * math.sin(6 * mu)
-            + (1097 * e1 ** 4 / 512) * math.sin(8 * mu))
+    phi1 = (
+        mu
+        + (3 * e1 / 2 - 27 * e1**3 / 32) * math.sin(2 * mu)
+        + (21 * e1**2 / 16 - 55 * e1**4 / 32) * math.sin(4 * mu)
+        + (151 * e1**3 / 96) * math.sin(6 * mu)
+        + (1097 * e1**4 / 512) * math.sin(8 * mu)
+    )
     sin1, cos1, tan1 = math.sin(phi1), math.cos(phi1), math.tan(phi1)
-    c1 = ep2 * cos1 ** 2
-    t1 = tan1 ** 2
-    n1 = a / math.sqrt(1 - e2 * sin1 ** 2)
-    r1 = a * (1 - e2) / (1 - e2 * sin1 ** 2) ** 1.5
+    c1 = ep2 * cos1**2
+    t1 = tan1**2
+    n1 = a / math.sqrt(1 - e2 * sin1**2)
+    r1 = a * (1 - e2) / (1 - e2 * sin1**2) ** 1.5
     d = x / (n1 * k0)
-    lat = phi1 - (n1 * tan1 / r1) * (d ** 2 / 2
-                                     - (5 + 3 * t1 + 10 * c1 - 4 * c1 ** 2 - 9 * ep2) * d ** 4 / 24
-                                     + (61 + 90 * t1 + 298 * c1 + 45 * t1 ** 2 - 252 * ep2 - 3 * c1 ** 2)
-                                     * d ** 6 / 720)
-    lon = (d - (1 + 2 * t1 + c1) * d ** 3 / 6
-           + (5 - 2 * c1 + 28 * t1 - 3 * c1 ** 2 + 8 * ep2 + 24 * t1 ** 2) * d ** 5 / 120) / cos1
+    lat = phi1 - (n1 * tan1 / r1) * (
+        d**2 / 2
+        - (5 + 3 * t1 + 10 * c1 - 4 * c1**2 - 9 * ep2) * d**4 / 24
+        + (61 + 90 * t1 + 298 * c1 + 45 * t1**2 - 252 * ep2 - 3 * c1**2) * d**6 / 720
+    )
+    lon = (
+        d - (1 + 2 * t1 + c1) * d**3 / 6 + (5 - 2 * c1 + 28 * t1 - 3 * c1**2 + 8 * ep2 + 24 * t1**2) * d**5 / 120
+    ) / cos1
     lon0 = zone_number * 6 - 183
     return math.degrees(lat), lon0 + math.degrees(lon)
 
@@ -66,16 +73,41 @@ def pano_id(seed: int, split: str, kind: str, index: int) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii")[:22]
 
 
-def format_image_name(*, east: float, north: float, lat: float, lon: float, key: str, tile: str,
-                      heading: float, pitch: float, roll: float, height: float, timestamp: int,
-                      note: str) -> str:
+def format_image_name(
+    *,
+    east: float,
+    north: float,
+    lat: float,
+    lon: float,
+    key: str,
+    tile: str,
+    heading: float,
+    pitch: float,
+    roll: float,
+    height: float,
+    timestamp: int,
+    note: str,
+) -> str:
     """``@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg``.
 
     UTM in metres with 2 decimals; ``name.split('@')`` gives '' + 14 fields + '.jpg'.
     """
-    fields = [f"{east:.2f}", f"{north:.2f}", str(UTM_ZONE_NUMBER), UTM_ZONE_LETTER, f"{lat:.6f}",
-              f"{lon:.6f}", key, tile, f"{round(heading % 360.0, 2) % 360.0:.2f}", f"{pitch:.2f}", f"{roll:.2f}",
-              f"{height:.2f}", str(int(timestamp)), note]
+    fields = [
+        f"{east:.2f}",
+        f"{north:.2f}",
+        str(UTM_ZONE_NUMBER),
+        UTM_ZONE_LETTER,
+        f"{lat:.6f}",
+        f"{lon:.6f}",
+        key,
+        tile,
+        f"{round(heading % 360.0, 2) % 360.0:.2f}",
+        f"{pitch:.2f}",
+        f"{roll:.2f}",
+        f"{height:.2f}",
+        str(int(timestamp)),
+        note,
+    ]
     for value in fields:
         if "@" in value or "/" in value or os.sep in value:
             raise ValueError(f"file-name field {value!r} contains '@' or a path separator")
@@ -85,6 +117,7 @@ def format_image_name(*, east: float, north: float, lat: float, lon: float, key:
 @dataclasses.dataclass(frozen=True)
 class Route:
     """A polyline: ``vertices`` (V, 2) east/north metres, ``cum`` (V,) arc length at each vertex."""
+
     vertices: np.ndarray
     cum: np.ndarray
 
@@ -139,8 +172,8 @@ def route_position(route: Route, s: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 def min_distances(query_utms: np.ndarray, database_utms: np.ndarray) -> np.ndarray:
     """Distance (Q,) in metres from every query (Q, 2) to its nearest database image (D, 2)."""
     out = np.empty(len(query_utms))
-    for start in range(0, len(query_utms), 512):   # chunks bound the (chunk, D) matrix
-        chunk = query_utms[start:start + 512]
+    for start in range(0, len(query_utms), 512):  # chunks bound the (chunk, D) matrix
+        chunk = query_utms[start : start + 512]
         d2 = ((chunk[:, None, :] - database_utms[None, :, :]) ** 2).sum(-1)
-        out[start:start + 512] = np.sqrt(d2.min(1))
+        out[start : start + 512] = np.sqrt(d2.min(1))
     return out

@@ -4,6 +4,7 @@
 and fills the sizes a preset leaves open. Its result is what ``ensure_dataset`` compares with an
 existing set's manifest to decide whether that set may be reused.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -18,10 +19,13 @@ GENERATOR_VERSION = 1
 
 PRESETS = {
     # (database, queries) per split and routes per split.
-    "default": {"train": (600, 300), "val": (200, 100), "test": (300, 150),
-                "routes": {"train": 4, "val": 2, "test": 3}},
-    "tiny": {"train": (40, 15), "val": (40, 15), "test": (40, 15),
-             "routes": {"train": 2, "val": 2, "test": 2}},
+    "default": {
+        "train": (600, 300),
+        "val": (200, 100),
+        "test": (300, 150),
+        "routes": {"train": 4, "val": 2, "test": 3},
+    },
+    "tiny": {"train": (40, 15), "val": (40, 15), "test": (40, 15), "routes": {"train": 2, "val": 2, "test": 2}},
 }
 
 
@@ -29,17 +33,29 @@ class OptionError(ValueError):
     """A bad option or a data set folder that does not match the options; the message names the flag."""
 
 
-def resolve_options(*, seed: int = 0, preset: str = "default",
-                    train_database_num: Optional[int] = None, train_queries_num: Optional[int] = None,
-                    val_database_num: Optional[int] = None, val_queries_num: Optional[int] = None,
-                    test_database_num: Optional[int] = None, test_queries_num: Optional[int] = None,
-                    routes_per_split: Optional[int] = None, image_size: Sequence[int] = (192, 256),
-                    db_spacing_m: float = 6.0, night_fraction: float = 0.25, sideways_fraction: float = 0.4,
-                    lookalikes_per_km: float = 2.0, jpeg_quality: int = 90) -> dict:
+def resolve_options(
+    *,
+    seed: int = 0,
+    preset: str = "default",
+    train_database_num: Optional[int] = None,
+    train_queries_num: Optional[int] = None,
+    val_database_num: Optional[int] = None,
+    val_queries_num: Optional[int] = None,
+    test_database_num: Optional[int] = None,
+    test_queries_num: Optional[int] = None,
+    routes_per_split: Optional[int] = None,
+    image_size: Sequence[int] = (192, 256),
+    db_spacing_m: float = 6.0,
+    night_fraction: float = 0.25,
+    sideways_fraction: float = 0.4,
+    lookalikes_per_km: float = 2.0,
+    jpeg_quality: int = 90,
+) -> dict:
     """Validate the options and fill the preset's sizes: a JSON-able dict (the manifest's ``params``).
 
     Raises ValueError naming the flag (``--name`` = keyword ``name``) and the accepted range.
     """
+
     def bad(flag: str, msg: str) -> OptionError:
         return OptionError(f"--{flag} {msg}")
 
@@ -48,9 +64,14 @@ def resolve_options(*, seed: int = 0, preset: str = "default",
     if preset not in PRESETS:
         raise bad("preset", f"must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    given = dict(train_database_num=train_database_num, train_queries_num=train_queries_num,
-                 val_database_num=val_database_num, val_queries_num=val_queries_num,
-                 test_database_num=test_database_num, test_queries_num=test_queries_num)
+    given = dict(
+        train_database_num=train_database_num,
+        train_queries_num=train_queries_num,
+        val_database_num=val_database_num,
+        val_queries_num=val_queries_num,
+        test_database_num=test_database_num,
+        test_queries_num=test_queries_num,
+    )
     sizes, routes = {}, {}
     for split in SPLITS:
         r = p["routes"][split] if routes_per_split is None else routes_per_split
@@ -64,29 +85,46 @@ def resolve_options(*, seed: int = 0, preset: str = "default",
                 raise bad(flag, f"must be an integer, got {n!r}")
             low = 5 * routes[split] if what == "database" else 2
             if not low <= n <= 200_000:
-                hint = (f" (5 per route, {routes[split]} route(s); lower --routes_per_split)"
-                        if what == "database" else "")
+                hint = (
+                    f" (5 per route, {routes[split]} route(s); lower --routes_per_split)" if what == "database" else ""
+                )
                 raise bad(flag, f"must be in [{low}, 200000]{hint}, got {n}")
             sizes[flag] = int(n)
-    if (not isinstance(image_size, (tuple, list)) or len(image_size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
-            or not all(32 <= v <= 4096 for v in image_size)):
+    if (
+        not isinstance(image_size, (tuple, list))
+        or len(image_size) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in image_size)
+        or not all(32 <= v <= 4096 for v in image_size)
+    ):
         raise bad("image_size", f"must be two integers H W, each in [32, 4096], got {image_size!r}")
     # Spacing bound: with +-15 % jitter, +-3 m lateral offset and <= 1.4 m GPS noise, a query lies
     # within 0.575 * spacing + 3 + 2.8 m of a database image; 12 m keeps that under 10 m (hard positives).
     if not isinstance(db_spacing_m, (int, float)) or not 1.0 <= db_spacing_m <= 12.0:
-        raise bad("db_spacing_m", f"must be in [1, 12] metres (every query needs a database image within 10 m), "
-                                  f"got {db_spacing_m!r}")
+        raise bad(
+            "db_spacing_m",
+            f"must be in [1, 12] metres (every query needs a database image within 10 m), got {db_spacing_m!r}",
+        )
     for flag, v in (("night_fraction", night_fraction), ("sideways_fraction", sideways_fraction)):
         if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise bad(flag, f"must be in [0, 1], got {v!r}")
     if not isinstance(lookalikes_per_km, (int, float)) or not 0.0 <= lookalikes_per_km <= 20.0:
         raise bad("lookalikes_per_km", f"must be in [0, 20], got {lookalikes_per_km!r}")
-    if (isinstance(jpeg_quality, bool) or not isinstance(jpeg_quality, (int, np.integer))
-            or not 10 <= jpeg_quality <= 100):
+    if (
+        isinstance(jpeg_quality, bool)
+        or not isinstance(jpeg_quality, (int, np.integer))
+        or not 10 <= jpeg_quality <= 100
+    ):
         raise bad("jpeg_quality", f"must be an integer in [10, 100], got {jpeg_quality!r}")
-    return dict(generator_version=GENERATOR_VERSION, seed=int(seed), preset=preset, **sizes,
-                routes_per_split=routes, image_size=[int(image_size[0]), int(image_size[1])],
-                db_spacing_m=float(db_spacing_m), night_fraction=float(night_fraction),
-                sideways_fraction=float(sideways_fraction), lookalikes_per_km=float(lookalikes_per_km),
-                jpeg_quality=int(jpeg_quality))
+    return dict(
+        generator_version=GENERATOR_VERSION,
+        seed=int(seed),
+        preset=preset,
+        **sizes,
+        routes_per_split=routes,
+        image_size=[int(image_size[0]), int(image_size[1])],
+        db_spacing_m=float(db_spacing_m),
+        night_fraction=float(night_fraction),
+        sideways_fraction=float(sideways_fraction),
+        lookalikes_per_km=float(lookalikes_per_km),
+        jpeg_quality=int(jpeg_quality),
+    )

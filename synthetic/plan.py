@@ -7,6 +7,7 @@ at random positions along the same routes, with a lateral offset, a yaw, day or 
 timestamp. Labels carry a little clipped GPS noise. Every random choice comes from ``split_rng``,
 one independent stream per (seed, split, purpose), which the scene and the views use too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,11 +20,10 @@ from .geometry import format_image_name, make_route, make_route_shape, pano_id, 
 
 SPLITS = ("train", "val", "test")
 # Split areas: far apart (tens of km) so no positive can cross splits. Zone 17T ~ southern Ontario.
-SPLIT_ORIGINS = {"train": (610_000.0, 4_825_000.0), "val": (640_000.0, 4_845_000.0),
-                 "test": (670_000.0, 4_865_000.0)}
+SPLIT_ORIGINS = {"train": (610_000.0, 4_825_000.0), "val": (640_000.0, 4_845_000.0), "test": (670_000.0, 4_865_000.0)}
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-GPS_NOISE_M = 0.7            # std of label noise, clipped at 2 sigma
-ROUTE_GAP_M = 200.0          # gap between the bounding boxes of two routes of a split
+GPS_NOISE_M = 0.7  # std of label noise, clipped at 2 sigma
+ROUTE_GAP_M = 200.0  # gap between the bounding boxes of two routes of a split
 # Every query is planned within this distance of a database image (spacing, lateral offset and GPS
 # noise are bounded so that it holds), so each has a positive within training's default 10 m.
 HARD_POSITIVE_RADIUS_M = 10.0
@@ -32,15 +32,16 @@ HARD_POSITIVE_RADIUS_M = 10.0
 @dataclasses.dataclass(frozen=True)
 class Shot:
     """One image to render: where the camera really is (route, s, lateral) and its label."""
-    kind: str            # "database" or "queries"
+
+    kind: str  # "database" or "queries"
     index: int
     route: int
-    s: float             # arc length along the route (metres)
-    lateral: float       # offset towards the facade (metres, + = closer)
-    east: float          # labelled UTM (with GPS noise)
+    s: float  # arc length along the route (metres)
+    lateral: float  # offset towards the facade (metres, + = closer)
+    east: float  # labelled UTM (with GPS noise)
     north: float
     heading: float
-    yaw: float           # camera turned this many degrees from the facade normal towards the travel direction
+    yaw: float  # camera turned this many degrees from the facade normal towards the travel direction
     night: bool
     sideways: bool
     timestamp: int
@@ -52,8 +53,8 @@ class Shot:
 class SplitPlan:
     split: str
     routes: list
-    database: list       # [Shot]
-    queries: list        # [Shot]
+    database: list  # [Shot]
+    queries: list  # [Shot]
 
 
 def split_rng(seed: int, split: str, *stream: int) -> np.random.Generator:
@@ -68,8 +69,17 @@ def split_rng(seed: int, split: str, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], *stream])
 
 
-def plan_split(*, seed: int, split: str, database_num: int, queries_num: int, routes_num: int,
-               db_spacing_m: float, night_fraction: float, sideways_fraction: float) -> SplitPlan:
+def plan_split(
+    *,
+    seed: int,
+    split: str,
+    database_num: int,
+    queries_num: int,
+    routes_num: int,
+    db_spacing_m: float,
+    night_fraction: float,
+    sideways_fraction: float,
+) -> SplitPlan:
     """Routes, database shots and query shots of one split (pure: no images are drawn).
 
     Database images: ``database_num`` shared between ``routes_num`` routes, one every
@@ -78,12 +88,11 @@ def plan_split(*, seed: int, split: str, database_num: int, queries_num: int, ro
     +-3 m. At least one query is night and at least one is sideways when ``queries_num`` >= 2.
     """
     rng = split_rng(seed, split, 0)
-    per_route = [database_num // routes_num + (1 if r < database_num % routes_num else 0)
-                 for r in range(routes_num)]
+    per_route = [database_num // routes_num + (1 if r < database_num % routes_num else 0) for r in range(routes_num)]
     origin_e, origin_n = SPLIT_ORIGINS[split]
     routes, db_s = [], []
     cursor = origin_e
-    for r, n in enumerate(per_route):
+    for n in per_route:
         steps = db_spacing_m * (1.0 + rng.uniform(-0.15, 0.15, size=n - 1))
         s = np.concatenate([[0.0], np.cumsum(steps)])
         shape = make_route_shape(rng, float(s[-1]))
@@ -116,12 +125,28 @@ def plan_split(*, seed: int, split: str, database_num: int, queries_num: int, ro
         for i in range(len(s)):
             index = len(database)
             # Database: daytime in the summer of 2019 (local time = UTC-5).
-            ts = 1559347200 + int(rng.integers(0, 90)) * 86400 + int(rng.integers(9 + 5, 17 + 5)) * 3600 \
+            ts = (
+                1559347200
+                + int(rng.integers(0, 90)) * 86400
+                + int(rng.integers(9 + 5, 17 + 5)) * 3600
                 + int(rng.integers(0, 3600))
-            database.append(dict(kind="database", index=index, route=r, s=float(s[i]), lateral=0.0,
-                                 east=float(east[i] + gps[i, 0]), north=float(north[i] + gps[i, 1]),
-                                 heading=float(bearing[i] + 90.0), yaw=0.0, night=False, sideways=True,
-                                 timestamp=ts))
+            )
+            database.append(
+                dict(
+                    kind="database",
+                    index=index,
+                    route=r,
+                    s=float(s[i]),
+                    lateral=0.0,
+                    east=float(east[i] + gps[i, 0]),
+                    north=float(north[i] + gps[i, 1]),
+                    heading=float(bearing[i] + 90.0),
+                    yaw=0.0,
+                    night=False,
+                    sideways=True,
+                    timestamp=ts,
+                )
+            )
     queries = []
     gps = noise(queries_num)
     for i in range(queries_num):
@@ -134,22 +159,46 @@ def plan_split(*, seed: int, split: str, database_num: int, queries_num: int, ro
         yaw = 0.0 if q_side[i] else float(rng.uniform(20.0, QUERY_MAX_YAW_DEG))
         hour = int(rng.choice([21, 22, 23, 24, 25, 26])) if q_night[i] else int(rng.integers(8, 18))
         ts = 1577836800 + int(rng.integers(0, 730)) * 86400 + (hour + 5) * 3600 + int(rng.integers(0, 3600))
-        queries.append(dict(kind="queries", index=i, route=r, s=float(q_s[i]), lateral=float(q_lateral[i]),
-                            east=float(true_e + gps[i, 0]), north=float(true_n + gps[i, 1]),
-                            heading=float(bearing[0] + 90.0 - yaw), yaw=yaw, night=bool(q_night[i]),
-                            sideways=bool(q_side[i]), timestamp=ts))
+        queries.append(
+            dict(
+                kind="queries",
+                index=i,
+                route=r,
+                s=float(q_s[i]),
+                lateral=float(q_lateral[i]),
+                east=float(true_e + gps[i, 0]),
+                north=float(true_n + gps[i, 1]),
+                heading=float(bearing[0] + 90.0 - yaw),
+                yaw=yaw,
+                night=bool(q_night[i]),
+                sideways=bool(q_side[i]),
+                timestamp=ts,
+            )
+        )
 
     def finish(rec: dict) -> Shot:
         key = pano_id(seed, split, rec["kind"], rec["index"])
         lat, lon = utm_to_latlon(rec["east"], rec["north"])
         note = ("night" if rec["night"] else "day") + "_" + ("sideways" if rec["sideways"] else "forward")
-        name = format_image_name(east=rec["east"], north=rec["north"], lat=lat, lon=lon, key=key,
-                                 tile=f"r{rec['route']}", heading=rec["heading"], pitch=0.0, roll=0.0,
-                                 height=2.5, timestamp=rec["timestamp"], note=note)
+        name = format_image_name(
+            east=rec["east"],
+            north=rec["north"],
+            lat=lat,
+            lon=lon,
+            key=key,
+            tile=f"r{rec['route']}",
+            heading=rec["heading"],
+            pitch=0.0,
+            roll=0.0,
+            height=2.5,
+            timestamp=rec["timestamp"],
+            note=note,
+        )
         return Shot(key=key, name=name, **rec)
 
-    plan = SplitPlan(split=split, routes=routes, database=[finish(r) for r in database],
-                     queries=[finish(r) for r in queries])
+    plan = SplitPlan(
+        split=split, routes=routes, database=[finish(r) for r in database], queries=[finish(r) for r in queries]
+    )
     names = [shot.name for shot in plan.database + plan.queries]
     if len(set(names)) != len(names) or len({shot.key for shot in plan.database + plan.queries}) != len(names):
         raise RuntimeError(f"internal error: duplicate image names in split {split!r}")

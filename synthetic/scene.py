@@ -13,6 +13,7 @@ from a nearby position is not a mere shift of another. Night strips (darker, blu
 windows glowing warm) and the lamps' glow are derived from the day strips. ``rect`` and ``shade``
 are the drawing helpers shared with ``views``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ def shade(rgb: Sequence[int], factor: float) -> tuple:
     return tuple(int(np.clip(v * factor, 0, 255)) for v in rgb)
 
 
-def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Building, g: Geometry,
-                   x_offset_px: float) -> None:
+def _draw_building(
+    draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Building, g: Geometry, x_offset_px: float
+) -> None:
     rs = np.random.default_rng(b.structure_seed)
     rd = np.random.default_rng(b.detail_seed)
     H = g.height
@@ -58,21 +60,21 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
     rect(draw.rectangle, [left, top, right, base], fill=wall + (255,))
 
     texture = int(rs.integers(4))
-    if texture == 1:      # brick courses
+    if texture == 1:  # brick courses
         step = max(2.0, H * rs.uniform(0.012, 0.02))
         col = shade(wall, 0.85) + (255,)
         y = top + step
         while y < base:
             draw.line([left, y, right, y], fill=col, width=1)
             y += step
-    elif texture == 2:    # vertical siding
+    elif texture == 2:  # vertical siding
         step = max(3.0, g.ppm * rs.uniform(0.4, 0.9))
         col = shade(wall, 0.88) + (255,)
         x = left + step
         while x < right:
             draw.line([x, top, x, base], fill=col, width=1)
             x += step
-    elif texture == 3:    # concrete panels
+    elif texture == 3:  # concrete panels
         col = shade(wall, 0.8) + (255,)
         ph, pw = H * rs.uniform(0.08, 0.14), g.ppm * rs.uniform(2.0, 4.0)
         y = top + ph
@@ -87,15 +89,15 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
     # Roof.
     roof = int(rs.integers(4))
     roof_col = shade(wall, rs.uniform(0.45, 0.75)) + (255,)
-    if roof == 0:         # cornice band
+    if roof == 0:  # cornice band
         rect(draw.rectangle, [left - 1, top, right + 1, top + H * 0.025], fill=roof_col)
-    elif roof == 1:       # gable
+    elif roof == 1:  # gable
         peak = top - H * rs.uniform(0.06, 0.14)
         draw.polygon([(left, top), ((left + right) / 2, peak), (right, top)], fill=roof_col)
-    elif roof == 2:       # stepped penthouse
+    elif roof == 2:  # stepped penthouse
         inset = (right - left) * rs.uniform(0.15, 0.35)
         rect(draw.rectangle, [left + inset, top - H * rs.uniform(0.05, 0.12), right - inset, top], fill=roof_col)
-    else:                 # parapet with a water tank
+    else:  # parapet with a water tank
         rect(draw.rectangle, [left, top - H * 0.015, right, top], fill=roof_col)
         tx = left + (right - left) * rs.uniform(0.2, 0.7)
         rect(draw.rectangle, [tx, top - H * 0.08, tx + g.ppm * 1.5, top], fill=shade(roof_col[:3], 0.7) + (255,))
@@ -114,12 +116,12 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
     win_w = pitch_px * rs.uniform(0.4, 0.7)
     win_h = floor_px * rs.uniform(0.45, 0.7)
     y_floor = base - ground_px
-    if style == 3:        # glass curtain wall over the upper floors
+    if style == 3:  # glass curtain wall over the upper floors
         rect(draw.rectangle, [left + 2, top + H * 0.03, right - 2, y_floor - 2], fill=glass + (255,))
     while y_floor - floor_px > top + H * 0.02:
         y0 = y_floor - floor_px + (floor_px - win_h) / 2
         y1 = y0 + win_h
-        if style == 1:    # ribbon windows
+        if style == 1:  # ribbon windows
             rect(draw.rectangle, [left + pitch_px * 0.2, y0, right - pitch_px * 0.2, y1], fill=glass + (255,))
             for c in range(1, n_cols):
                 x = left + c * pitch_px
@@ -131,8 +133,13 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
                 rect(draw.rectangle, [x0 - 1, y0 - 1, x1 + 1, y1 + 1], fill=frame + (255,))
                 rect(draw.rectangle, [x0, y0, x1, y1], fill=glass + (255,))
             elif style == 2:  # tall rounded windows
-                rect(draw.rounded_rectangle, [x0, y0 - win_h * 0.15, x1, y1], radius=win_w / 2.5, fill=glass + (255,),
-                     outline=frame + (255,))
+                rect(
+                    draw.rounded_rectangle,
+                    [x0, y0 - win_h * 0.15, x1, y1],
+                    radius=win_w / 2.5,
+                    fill=glass + (255,),
+                    outline=frame + (255,),
+                )
             elif style == 3:
                 draw.line([x0, y0 - 2, x0, y1 + 2], fill=frame + (255,), width=1)
             if rd.random() < lit_p:
@@ -153,8 +160,11 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
         k = 0
         awn_b = shop_t + ground_px * 0.12
         while x < shop_r:
-            rect(draw.rectangle, [x, shop_t - 2, min(x + stripe, shop_r), awn_b],
-                 fill=(awn if k % 2 == 0 else awn2) + (255,))
+            rect(
+                draw.rectangle,
+                [x, shop_t - 2, min(x + stripe, shop_r), awn_b],
+                fill=(awn if k % 2 == 0 else awn2) + (255,),
+            )
             x += stripe
             k += 1
         sign = tuple(int(v) for v in rd.integers(20, 240, size=3))
@@ -165,22 +175,29 @@ def _draw_building(draw: ImageDraw.ImageDraw, lit: ImageDraw.ImageDraw, b: Build
         rect(draw.rectangle, [sx0, sign_t, sx1, shop_t - 3], fill=sign + (255,))
         letter = (255, 255, 255) if sum(sign) < 380 else (20, 20, 20)
         x = sx0 + 3
-        while x < sx1 - 4:   # lettering: bars of random widths
+        while x < sx1 - 4:  # lettering: bars of random widths
             w = rd.uniform(2, 6)
-            rect(draw.rectangle, [x, sign_t + sign_h * 0.25, min(x + w, sx1 - 3), sign_t + sign_h * 0.75],
-                 fill=letter + (255,))
+            rect(
+                draw.rectangle,
+                [x, sign_t + sign_h * 0.25, min(x + w, sx1 - 3), sign_t + sign_h * 0.75],
+                fill=letter + (255,),
+            )
             x += w + rd.uniform(2, 4)
     else:
         door_x = left + (right - left) * rs.uniform(0.2, 0.7)
-        rect(draw.rectangle, [door_x, base - ground_px * 0.8, door_x + g.ppm * 1.4, base],
-             fill=shade(wall, 0.35) + (255,))
+        rect(
+            draw.rectangle,
+            [door_x, base - ground_px * 0.8, door_x + g.ppm * 1.4, base],
+            fill=shade(wall, 0.35) + (255,),
+        )
         for c in range(n_cols):
             x0 = left + c * pitch_px + (pitch_px - win_w) / 2
             if abs(x0 - door_x) < pitch_px * 0.8:
                 continue
             y0 = base - ground_px * 0.8
-            rect(draw.rectangle, [x0, y0, x0 + win_w, y0 + ground_px * 0.5], fill=glass + (255,),
-                 outline=frame + (255,))
+            rect(
+                draw.rectangle, [x0, y0, x0 + win_w, y0 + ground_px * 0.5], fill=glass + (255,), outline=frame + (255,)
+            )
 
 
 def _draw_skyline(draw, lit, rng: np.random.Generator, g: Geometry, length_px: int) -> None:
@@ -192,7 +209,7 @@ def _draw_skyline(draw, lit, rng: np.random.Generator, g: Geometry, length_px: i
         col = np.clip(0.72 * haze + 0.28 * rng.integers(40, 200, size=3), 0, 255).astype(int)
         top = g.y_base - h
         rect(draw.rectangle, [x, top, x + w, g.y_base], fill=tuple(int(v) for v in col) + (255,))
-        if rng.random() < 0.3:   # antenna
+        if rng.random() < 0.3:  # antenna
             ax = x + w * rng.uniform(0.3, 0.7)
             draw.line([ax, top, ax, top - g.height * 0.08], fill=tuple(int(v) for v in col * 0.9) + (255,), width=1)
         # Sparse lit windows, visible only at night.
@@ -209,7 +226,7 @@ def _draw_street_furniture(draw, lamps, rng: np.random.Generator, g: Geometry, l
     x = rng.uniform(0, 8) * g.ppm
     while x < length_px:
         kind = int(rng.choice(5, p=[0.3, 0.2, 0.3, 0.1, 0.1]))
-        if kind == 0:     # street lamp
+        if kind == 0:  # street lamp
             top = foot - H * rng.uniform(0.6, 0.8)
             col = tuple(int(v) for v in rng.integers(30, 80, size=3)) + (255,)
             rect(draw.rectangle, [x, top, x + 3, foot], fill=col)
@@ -219,7 +236,7 @@ def _draw_street_furniture(draw, lamps, rng: np.random.Generator, g: Geometry, l
             head = [hx - 5, top, hx + 5, top + 5]
             rect(draw.rectangle, head, fill=(200, 200, 180, 255))
             rect(lamps.ellipse, [hx - 4, top + 1, hx + 4, top + 6], fill=255)
-        elif kind == 1:   # traffic sign on a pole
+        elif kind == 1:  # traffic sign on a pole
             top = foot - H * rng.uniform(0.35, 0.5)
             rect(draw.rectangle, [x, top, x + 2, foot], fill=(120, 120, 125, 255))
             r = H * rng.uniform(0.04, 0.07)
@@ -229,11 +246,14 @@ def _draw_street_furniture(draw, lamps, rng: np.random.Generator, g: Geometry, l
             if shape == 0:
                 rect(draw.ellipse, box, fill=colour + (255,), outline=(240, 240, 240, 255), width=2)
             elif shape == 1:
-                draw.polygon([(x + 1, top - r), (x + 1 + r, top + r), (x + 1 - r, top + r)], fill=colour + (255,),
-                             outline=(240, 240, 240, 255))
+                draw.polygon(
+                    [(x + 1, top - r), (x + 1 + r, top + r), (x + 1 - r, top + r)],
+                    fill=colour + (255,),
+                    outline=(240, 240, 240, 255),
+                )
             else:
                 rect(draw.rectangle, box, fill=colour + (255,), outline=(240, 240, 240, 255), width=2)
-        elif kind == 2:   # tree
+        elif kind == 2:  # tree
             trunk_h = H * rng.uniform(0.15, 0.3)
             rect(draw.rectangle, [x, foot - trunk_h, x + g.ppm * 0.35, foot], fill=(90, 60, 35, 255))
             cr = H * rng.uniform(0.12, 0.22)
@@ -243,14 +263,17 @@ def _draw_street_furniture(draw, lamps, rng: np.random.Generator, g: Geometry, l
                 ox, oy = rng.uniform(-0.5, 0.5) * cr, rng.uniform(-0.5, 0.3) * cr
                 rr = cr * rng.uniform(0.55, 0.9)
                 leaves = np.clip(green * rng.uniform(0.8, 1.2), 0, 255).astype(int)
-                rect(draw.ellipse, [cx + ox - rr, cy + oy - rr, cx + ox + rr, cy + oy + rr],
-                     fill=tuple(int(v) for v in leaves) + (255,))
-        elif kind == 3:   # bus shelter
+                rect(
+                    draw.ellipse,
+                    [cx + ox - rr, cy + oy - rr, cx + ox + rr, cy + oy + rr],
+                    fill=tuple(int(v) for v in leaves) + (255,),
+                )
+        elif kind == 3:  # bus shelter
             w = g.ppm * rng.uniform(3, 5)
             top = foot - H * 0.28
             rect(draw.rectangle, [x, top, x + w, foot], fill=(150, 180, 190, 150), outline=(60, 60, 60, 255), width=2)
             rect(draw.rectangle, [x, top, x + w, top + H * 0.03], fill=(60, 60, 60, 255))
-        else:             # bin / hydrant / bollard
+        else:  # bin / hydrant / bollard
             w = g.ppm * rng.uniform(0.5, 0.9)
             h = H * rng.uniform(0.06, 0.1)
             colour = tuple(int(v) for v in rng.integers(20, 220, size=3))
@@ -261,11 +284,12 @@ def _draw_street_furniture(draw, lamps, rng: np.random.Generator, g: Geometry, l
 @dataclasses.dataclass
 class SceneLayer:
     """One pre-rendered strip: day RGBA (Lpx x Hc), lit-window mask, parallax, night darkening."""
+
     day: Image.Image
     lit: Image.Image
     parallax: float
     darkness: float
-    night: Optional[Image.Image] = None   # made on first use: only routes with night queries pay for it
+    night: Optional[Image.Image] = None  # made on first use: only routes with night queries pay for it
 
     def night_strip(self) -> Image.Image:
         if self.night is None:
@@ -285,6 +309,7 @@ class SceneLayer:
 @dataclasses.dataclass
 class RouteScene:
     """The three strips of one route (skyline, facades, street furniture) and the lamp glow (RGB)."""
+
     layers: list
     glow: Image.Image
 
@@ -292,8 +317,9 @@ class RouteScene:
 PARALLAX = {"skyline": 0.4, "facade": 1.0, "furniture": 1.45}
 
 
-def render_route_scene(*, seed: int, split: str, route_index: int, route: Route, buildings: list,
-                       g: Geometry) -> RouteScene:
+def render_route_scene(
+    *, seed: int, split: str, route_index: int, route: Route, buildings: list, g: Geometry
+) -> RouteScene:
     """Draw the three layers of a route once; views are crops of them."""
     hc, _wc = g.canvas
     layers = []
@@ -305,7 +331,7 @@ def render_route_scene(*, seed: int, split: str, route_index: int, route: Route,
         lit = Image.new("L", (length_px, hc), 0)
         draw, lit_draw = ImageDraw.Draw(rgba), ImageDraw.Draw(lit)
         if name == "facade":
-            offset_px = -g.margin_m * g.ppm   # strip x = (s + margin) * ppm
+            offset_px = -g.margin_m * g.ppm  # strip x = (s + margin) * ppm
             for b in buildings:
                 if b.x0_m + b.width_m < -g.margin_m or b.x0_m > route.length + g.margin_m:
                     continue
@@ -317,8 +343,10 @@ def render_route_scene(*, seed: int, split: str, route_index: int, route: Route,
         else:
             _draw_street_furniture(draw, lit_draw, split_rng(seed, split, 5, route_index), g, length_px)
             darkness = 0.12
-            blurred = np.asarray(lit.filter(ImageFilter.GaussianBlur(radius=max(2.0, g.height * 0.05))),
-                                 dtype=np.float32) / 255.0
+            blurred = (
+                np.asarray(lit.filter(ImageFilter.GaussianBlur(radius=max(2.0, g.height * 0.05))), dtype=np.float32)
+                / 255.0
+            )
             glow_rgb = np.clip(blurred[..., None] * np.array([360, 300, 180], dtype=np.float32), 0, 255)
             glow = Image.fromarray(np.rint(glow_rgb).astype(np.uint8), "RGB")
         layers.append(SceneLayer(day=rgba, lit=lit, parallax=par, darkness=darkness))

@@ -12,6 +12,7 @@
 * light and sensor (``_finish``): contrast, brightness, colour cast, gamma, Gaussian noise taken
   from a per-split noise bank, and blur.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,15 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
-from .camera import (CAMERA_DISTANCE_M, OBLIQUE_PER_DEGREE, QUERY_PAN, QUERY_ROLL_DEG, QUERY_TILT,
-                     QUERY_ZOOM_RANGE, Geometry)
+from .camera import (
+    CAMERA_DISTANCE_M,
+    OBLIQUE_PER_DEGREE,
+    QUERY_PAN,
+    QUERY_ROLL_DEG,
+    QUERY_TILT,
+    QUERY_ZOOM_RANGE,
+    Geometry,
+)
 from .plan import Shot
 from .scene import RouteScene, rect, shade
 
@@ -41,8 +49,9 @@ def perspective_coefficients(size: tuple[int, int], quad: np.ndarray) -> tuple:
     return tuple(float(c) for c in np.linalg.solve(np.array(a), np.array(rhs)))
 
 
-def view_quad(g: Geometry, *, zoom: float, pan_px: float, tilt_px: float, roll_deg: float,
-              oblique: float) -> np.ndarray:
+def view_quad(
+    g: Geometry, *, zoom: float, pan_px: float, tilt_px: float, roll_deg: float, oblique: float
+) -> np.ndarray:
     """Source quad (4, 2) in canvas pixels of a view: zoom > 1 magnifies; ``oblique`` in [-0.4, 0.4]
     makes one side of the facade nearer (a camera turned towards the direction of travel)."""
     hc, wc = g.canvas
@@ -50,7 +59,7 @@ def view_quad(g: Geometry, *, zoom: float, pan_px: float, tilt_px: float, roll_d
     corners = np.array([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]], dtype=np.float64)
     corners /= zoom
     if oblique:
-        side = np.sign(corners[:, 0])   # -1 left, +1 right
+        side = np.sign(corners[:, 0])  # -1 left, +1 right
         corners[:, 1] *= 1.0 + oblique * side
         corners[:, 0] *= 1.0 + abs(oblique)
     t = math.radians(roll_deg)
@@ -59,8 +68,9 @@ def view_quad(g: Geometry, *, zoom: float, pan_px: float, tilt_px: float, roll_d
     return corners + np.array([wc / 2 + pan_px, hc / 2 + tilt_px])
 
 
-def _background(g: Geometry, s: float, rng: np.random.Generator, night: bool,
-                box: tuple[int, int, int, int]) -> np.ndarray:
+def _background(
+    g: Geometry, s: float, rng: np.random.Generator, night: bool, box: tuple[int, int, int, int]
+) -> np.ndarray:
     """Sky gradient, sidewalk, kerb, asphalt and lane dashes of the canvas region ``box`` = (x0, y0,
     x1, y1): (y1 - y0, x1 - x0, 3) uint8."""
     hc, wc = g.canvas
@@ -69,22 +79,22 @@ def _background(g: Geometry, s: float, rng: np.random.Generator, night: bool,
         top, bottom = np.array([5, 7, 20]), np.array([30, 32, 55]) + rng.integers(0, 15, size=3)
     else:
         kind = int(rng.integers(3))
-        if kind == 0:     # clear
+        if kind == 0:  # clear
             top, bottom = np.array([70, 125, 205]), np.array([175, 205, 235])
-        elif kind == 1:   # overcast
+        elif kind == 1:  # overcast
             top, bottom = np.array([150, 155, 165]), np.array([205, 205, 210])
-        else:             # warm evening
+        else:  # warm evening
             top, bottom = np.array([100, 120, 180]), np.array([235, 190, 150])
         top = top + rng.integers(-15, 15, size=3)
         bottom = bottom + rng.integers(-15, 15, size=3)
     t = np.linspace(0.0, 1.0, hc)[:, None]
-    rows = top[None, :] * (1 - t) + bottom[None, :] * t          # (Hc, 3)
+    rows = top[None, :] * (1 - t) + bottom[None, :] * t  # (Hc, 3)
     k = 0.25 if night else 1.0
     y0 = g.y_base
     kerb = int(y0 + 0.06 * g.height)
     rows[y0:kerb] = np.array([160, 158, 150]) * k
-    rows[kerb:kerb + 2] = 110 * k
-    rows[kerb + 2:] = rng.uniform(70, 95) * k
+    rows[kerb : kerb + 2] = 110 * k
+    rows[kerb + 2 :] = rng.uniform(70, 95) * k
     lane_y = int(y0 + 0.2 * g.height)
     rows = np.clip(np.rint(rows), 0, 255).astype(np.uint8)
     out = np.repeat(rows[by0:by1, None, :], bx1 - bx0, axis=1)
@@ -98,8 +108,15 @@ def _background(g: Geometry, s: float, rng: np.random.Generator, night: bool,
     return out
 
 
-def compose_view(scene: RouteScene, g: Geometry, s: float, *, night: bool, rng: np.random.Generator,
-                 box: Optional[tuple[int, int, int, int]] = None) -> Image.Image:
+def compose_view(
+    scene: RouteScene,
+    g: Geometry,
+    s: float,
+    *,
+    night: bool,
+    rng: np.random.Generator,
+    box: Optional[tuple[int, int, int, int]] = None,
+) -> Image.Image:
     """RGB image of the canvas region ``box`` = (x0, y0, x1, y1) (default: the whole (Hc, Wc) canvas)
     seen from arc length ``s``, before any viewpoint change."""
     hc, wc = g.canvas
@@ -147,8 +164,12 @@ def _draw_pedestrian(draw: ImageDraw.ImageDraw, rng: np.random.Generator, w: int
     skin = shade((int(rng.integers(90, 230)), int(rng.integers(70, 190)), int(rng.integers(50, 160))), k)
     head = ph * 0.13
     rect(draw.ellipse, [x - head / 2, foot - ph, x + head / 2, foot - ph + head], fill=skin)
-    rect(draw.rounded_rectangle, [x - ph * 0.13, foot - ph + head, x + ph * 0.13, foot - ph * 0.45], radius=3,
-         fill=clothes)
+    rect(
+        draw.rounded_rectangle,
+        [x - ph * 0.13, foot - ph + head, x + ph * 0.13, foot - ph * 0.45],
+        radius=3,
+        fill=clothes,
+    )
     legs = shade(clothes, 0.6)
     draw.line([x - ph * 0.06, foot - ph * 0.45, x - ph * 0.08, foot], fill=legs, width=max(2, int(ph * 0.07)))
     draw.line([x + ph * 0.06, foot - ph * 0.45, x + ph * 0.09, foot], fill=legs, width=max(2, int(ph * 0.07)))
@@ -167,8 +188,18 @@ def make_noise_bank(rng: np.random.Generator, image_size: tuple[int, int]) -> np
     return rng.standard_normal(size=(2 * h, 2 * w, 3), dtype=np.float32)
 
 
-def _finish(image: Image.Image, rng: np.random.Generator, *, brightness: float, contrast: float,
-            gains: np.ndarray, gamma: float, noise: float, blur: float, noise_bank: np.ndarray) -> Image.Image:
+def _finish(
+    image: Image.Image,
+    rng: np.random.Generator,
+    *,
+    brightness: float,
+    contrast: float,
+    gains: np.ndarray,
+    gamma: float,
+    noise: float,
+    blur: float,
+    noise_bank: np.ndarray,
+) -> Image.Image:
     """Light and sensor: contrast about the image mean, brightness, per-channel gains and gamma (as
     one lookup table per channel), then Gaussian noise of std ``noise`` and an optional blur."""
     mean = float(np.asarray(image.convert("L"), dtype=np.float32).mean())
@@ -187,7 +218,7 @@ def _finish(image: Image.Image, rng: np.random.Generator, *, brightness: float, 
             raise ValueError(f"internal error: noise bank {noise_bank.shape} smaller than the image {x.shape}")
         oy = int(rng.integers(noise_bank.shape[0] - h + 1))
         ox = int(rng.integers(noise_bank.shape[1] - w + 1))
-        x += noise * noise_bank[oy:oy + h, ox:ox + w]
+        x += noise * noise_bank[oy : oy + h, ox : ox + w]
         np.rint(x, out=x)
         np.clip(x, 0, 255, out=x)
         image = Image.fromarray(x.astype(np.uint8), "RGB")
@@ -196,8 +227,9 @@ def _finish(image: Image.Image, rng: np.random.Generator, *, brightness: float, 
     return image
 
 
-def render_shot(scene: RouteScene, g: Geometry, shot: Shot, rng: np.random.Generator,
-                noise_bank: np.ndarray) -> Image.Image:
+def render_shot(
+    scene: RouteScene, g: Geometry, shot: Shot, rng: np.random.Generator, noise_bank: np.ndarray
+) -> Image.Image:
     """The (H, W) RGB image of one database or query shot."""
     w, h = g.width, g.height
     night = shot.night
@@ -208,19 +240,33 @@ def render_shot(scene: RouteScene, g: Geometry, shot: Shot, rng: np.random.Gener
             _draw_car(draw, rng, w, h, False)
         if rng.random() < 0.2:
             _draw_pedestrian(draw, rng, w, h, False)
-        return _finish(image, rng, brightness=rng.uniform(0.92, 1.08), contrast=rng.uniform(0.95, 1.05),
-                       gains=rng.uniform(0.97, 1.03, size=3), gamma=1.0, noise=1.5, blur=0.0,
-                       noise_bank=noise_bank)
+        return _finish(
+            image,
+            rng,
+            brightness=rng.uniform(0.92, 1.08),
+            contrast=rng.uniform(0.95, 1.05),
+            gains=rng.uniform(0.97, 1.03, size=3),
+            gamma=1.0,
+            noise=1.5,
+            blur=0.0,
+            noise_bank=noise_bank,
+        )
     zoom = CAMERA_DISTANCE_M / (CAMERA_DISTANCE_M - shot.lateral) * rng.uniform(0.92, 1.1)
     zoom = float(np.clip(zoom, *QUERY_ZOOM_RANGE))
     # Turned towards the travel direction, the camera sees the facade ahead (image left) farther away.
     oblique = -shot.yaw * OBLIQUE_PER_DEGREE
-    quad = view_quad(g, zoom=zoom, pan_px=rng.uniform(-QUERY_PAN, QUERY_PAN) * w,
-                     tilt_px=rng.uniform(-QUERY_TILT, QUERY_TILT) * h,
-                     roll_deg=rng.uniform(-QUERY_ROLL_DEG, QUERY_ROLL_DEG), oblique=oblique)
+    quad = view_quad(
+        g,
+        zoom=zoom,
+        pan_px=rng.uniform(-QUERY_PAN, QUERY_PAN) * w,
+        tilt_px=rng.uniform(-QUERY_TILT, QUERY_TILT) * h,
+        roll_deg=rng.uniform(-QUERY_ROLL_DEG, QUERY_ROLL_DEG),
+        oblique=oblique,
+    )
     source = compose_view(scene, g, shot.s, night=night, rng=rng)
-    image = source.transform((w, h), Image.Transform.PERSPECTIVE, perspective_coefficients((w, h), quad),
-                             resample=Image.Resampling.BILINEAR)
+    image = source.transform(
+        (w, h), Image.Transform.PERSPECTIVE, perspective_coefficients((w, h), quad), resample=Image.Resampling.BILINEAR
+    )
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.poisson(0.9))):
         _draw_car(draw, rng, w, h, night)
@@ -230,9 +276,25 @@ def render_shot(scene: RouteScene, g: Geometry, shot: Shot, rng: np.random.Gener
         _draw_blob(draw, rng, w, h, night)
     if night:
         cast = np.array([1.0, 1.0, 1.0]) + rng.uniform(-0.15, 0.15, size=3)
-        return _finish(image, rng, brightness=rng.uniform(0.8, 1.3), contrast=rng.uniform(0.8, 1.2), gains=cast,
-                       gamma=rng.uniform(0.85, 1.15), noise=rng.uniform(5.0, 12.0),
-                       blur=rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 0.0, noise_bank=noise_bank)
-    return _finish(image, rng, brightness=rng.uniform(0.6, 1.45), contrast=rng.uniform(0.7, 1.3),
-                   gains=rng.uniform(0.85, 1.15, size=3), gamma=rng.uniform(0.8, 1.25), noise=rng.uniform(2.0, 7.0),
-                   blur=rng.uniform(0.5, 1.5) if rng.random() < 0.3 else 0.0, noise_bank=noise_bank)
+        return _finish(
+            image,
+            rng,
+            brightness=rng.uniform(0.8, 1.3),
+            contrast=rng.uniform(0.8, 1.2),
+            gains=cast,
+            gamma=rng.uniform(0.85, 1.15),
+            noise=rng.uniform(5.0, 12.0),
+            blur=rng.uniform(0.5, 1.5) if rng.random() < 0.5 else 0.0,
+            noise_bank=noise_bank,
+        )
+    return _finish(
+        image,
+        rng,
+        brightness=rng.uniform(0.6, 1.45),
+        contrast=rng.uniform(0.7, 1.3),
+        gains=rng.uniform(0.85, 1.15, size=3),
+        gamma=rng.uniform(0.8, 1.25),
+        noise=rng.uniform(2.0, 7.0),
+        blur=rng.uniform(0.5, 1.5) if rng.random() < 0.3 else 0.0,
+        noise_bank=noise_bank,
+    )

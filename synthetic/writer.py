@@ -7,6 +7,7 @@ beside the target and renamed into place only when complete, so an interrupted r
 half data set behind. ``ensure_dataset`` reuses an existing set only when its manifest records the
 same options, and is safe when several processes call it at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,17 @@ MANIFEST_NAME = "synthetic_dataset.json"
 
 def _check_name(datasets_folder: str, dataset_name: str) -> Path:
     """The target ``<datasets_folder>/<dataset_name>``, once both are known to be usable names."""
-    if not isinstance(dataset_name, str) or not dataset_name or dataset_name.startswith(".") \
-            or "/" in dataset_name or os.sep in dataset_name or dataset_name in ("..",):
-        raise OptionError(f"--dataset_name must be a plain folder name (no '/', not starting with '.'), "
-                          f"got {dataset_name!r}")
+    if (
+        not isinstance(dataset_name, str)
+        or not dataset_name
+        or dataset_name.startswith(".")
+        or "/" in dataset_name
+        or os.sep in dataset_name
+        or dataset_name in ("..",)
+    ):
+        raise OptionError(
+            f"--dataset_name must be a plain folder name (no '/', not starting with '.'), got {dataset_name!r}"
+        )
     if not datasets_folder:
         raise OptionError("--datasets_folder is empty: give the folder that holds the data sets")
     folder = Path(datasets_folder)
@@ -47,18 +55,25 @@ def _write_split(root: Path, params: dict, split: str) -> dict:
     """Render one split into ``root``; returns its manifest entry."""
     seed = params["seed"]
     g = make_geometry(tuple(params["image_size"]))
-    plan = plan_split(seed=seed, split=split, database_num=params[f"{split}_database_num"],
-                      queries_num=params[f"{split}_queries_num"], routes_num=params["routes_per_split"][split],
-                      db_spacing_m=params["db_spacing_m"], night_fraction=params["night_fraction"],
-                      sideways_fraction=params["sideways_fraction"])
+    plan = plan_split(
+        seed=seed,
+        split=split,
+        database_num=params[f"{split}_database_num"],
+        queries_num=params[f"{split}_queries_num"],
+        routes_num=params["routes_per_split"][split],
+        db_spacing_m=params["db_spacing_m"],
+        night_fraction=params["night_fraction"],
+        sideways_fraction=params["sideways_fraction"],
+    )
     # The generator guarantees what the training code relies on; fail loudly if it ever does not.
     q = np.array([[s.east, s.north] for s in plan.queries])
     d = np.array([[s.east, s.north] for s in plan.database])
     nearest = min_distances(q, d)
     if nearest.max() > HARD_POSITIVE_RADIUS_M:
         raise RuntimeError(f"internal error: a {split} query is {nearest.max():.1f} m from the database")
-    buildings, lookalikes = plan_buildings(seed=seed, split=split, routes=plan.routes, margin_m=g.margin_m,
-                                           lookalikes_per_km=params["lookalikes_per_km"])
+    buildings, lookalikes = plan_buildings(
+        seed=seed, split=split, routes=plan.routes, margin_m=g.margin_m, lookalikes_per_km=params["lookalikes_per_km"]
+    )
     for kind in ("database", "queries"):
         (root / "images" / split / kind).mkdir(parents=True, exist_ok=True)
     noise_bank = make_noise_bank(split_rng(seed, split, 7), (g.height, g.width))
@@ -68,13 +83,18 @@ def _write_split(root: Path, params: dict, split: str) -> dict:
             rng = split_rng(seed, split, 6, 0 if shot.kind == "database" else 1, shot.index)
             image = render_shot(scene, g, shot, rng, noise_bank)
             image.save(root / "images" / split / shot.kind / shot.name, format="JPEG", quality=params["jpeg_quality"])
-    return dict(database_num=len(plan.database), queries_num=len(plan.queries),
-                night_queries=sum(s.night for s in plan.queries),
-                sideways_queries=sum(s.sideways for s in plan.queries),
-                max_query_to_database_m=round(float(nearest.max()), 2),
-                routes=[dict(length_m=round(r.length, 2), start_utm=[round(float(v), 2) for v in r.vertices[0]])
-                        for r in plan.routes],
-                lookalikes=lookalikes)
+    return dict(
+        database_num=len(plan.database),
+        queries_num=len(plan.queries),
+        night_queries=sum(s.night for s in plan.queries),
+        sideways_queries=sum(s.sideways for s in plan.queries),
+        max_query_to_database_m=round(float(nearest.max()), 2),
+        routes=[
+            dict(length_m=round(r.length, 2), start_utm=[round(float(v), 2) for v in r.vertices[0]])
+            for r in plan.routes
+        ],
+        lookalikes=lookalikes,
+    )
 
 
 def _build_into(temp_root: Path, params: dict) -> None:
@@ -94,16 +114,30 @@ def _publish(temp_root: Path, target: Path, overwrite: bool) -> None:
         os.rename(temp_root, target)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        os.rename(temp_root, target)   # fails if another process published first
+        os.rename(temp_root, target)  # fails if another process published first
 
 
-def generate(datasets_folder: str, dataset_name: str = "synthetic", *, seed: int = 0, preset: str = "default",
-             train_database_num: Optional[int] = None, train_queries_num: Optional[int] = None,
-             val_database_num: Optional[int] = None, val_queries_num: Optional[int] = None,
-             test_database_num: Optional[int] = None, test_queries_num: Optional[int] = None,
-             routes_per_split: Optional[int] = None, image_size: Sequence[int] = (192, 256),
-             db_spacing_m: float = 6.0, night_fraction: float = 0.25, sideways_fraction: float = 0.4,
-             lookalikes_per_km: float = 2.0, jpeg_quality: int = 90, overwrite: bool = False) -> Path:
+def generate(
+    datasets_folder: str,
+    dataset_name: str = "synthetic",
+    *,
+    seed: int = 0,
+    preset: str = "default",
+    train_database_num: Optional[int] = None,
+    train_queries_num: Optional[int] = None,
+    val_database_num: Optional[int] = None,
+    val_queries_num: Optional[int] = None,
+    test_database_num: Optional[int] = None,
+    test_queries_num: Optional[int] = None,
+    routes_per_split: Optional[int] = None,
+    image_size: Sequence[int] = (192, 256),
+    db_spacing_m: float = 6.0,
+    night_fraction: float = 0.25,
+    sideways_fraction: float = 0.4,
+    lookalikes_per_km: float = 2.0,
+    jpeg_quality: int = 90,
+    overwrite: bool = False,
+) -> Path:
     """Generate the data set and return its root ``<datasets_folder>/<dataset_name>``.
 
     Sizes default to the preset ("default": train 600/300, val 200/100, test 300/150 database/queries;
@@ -111,24 +145,36 @@ def generate(datasets_folder: str, dataset_name: str = "synthetic", *, seed: int
     folder beside the target and renamed into place when complete. An existing target is an error
     unless ``overwrite`` (then it is replaced only once the new set is complete).
     """
-    params = resolve_options(seed=seed, preset=preset, train_database_num=train_database_num,
-                             train_queries_num=train_queries_num, val_database_num=val_database_num,
-                             val_queries_num=val_queries_num, test_database_num=test_database_num,
-                             test_queries_num=test_queries_num, routes_per_split=routes_per_split,
-                             image_size=image_size, db_spacing_m=db_spacing_m, night_fraction=night_fraction,
-                             sideways_fraction=sideways_fraction, lookalikes_per_km=lookalikes_per_km,
-                             jpeg_quality=jpeg_quality)
+    params = resolve_options(
+        seed=seed,
+        preset=preset,
+        train_database_num=train_database_num,
+        train_queries_num=train_queries_num,
+        val_database_num=val_database_num,
+        val_queries_num=val_queries_num,
+        test_database_num=test_database_num,
+        test_queries_num=test_queries_num,
+        routes_per_split=routes_per_split,
+        image_size=image_size,
+        db_spacing_m=db_spacing_m,
+        night_fraction=night_fraction,
+        sideways_fraction=sideways_fraction,
+        lookalikes_per_km=lookalikes_per_km,
+        jpeg_quality=jpeg_quality,
+    )
     target = _check_name(datasets_folder, dataset_name)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists: pass --overwrite (overwrite=True) to replace it, "
-                              f"choose another --dataset_name, or use --if_missing (ensure_dataset) to reuse it")
+        raise FileExistsError(
+            f"{target} already exists: pass --overwrite (overwrite=True) to replace it, "
+            f"choose another --dataset_name, or use --if_missing (ensure_dataset) to reuse it"
+        )
     return _generate_params(target, params, overwrite=overwrite)
 
 
 def _generate_params(target: Path, params: dict, *, overwrite: bool) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     temp_root = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(temp_root, 0o755)   # mkdtemp makes it private; the published data set should not be
+    os.chmod(temp_root, 0o755)  # mkdtemp makes it private; the published data set should not be
     try:
         _build_into(temp_root, params)
         _publish(temp_root, target, overwrite)
@@ -142,20 +188,34 @@ def read_manifest(root: str | os.PathLike) -> dict:
     """The manifest (``params``, ``splits``) of a generated data set root."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {root} was not made by synthetic_dataset.py "
-                                f"(or is incomplete); delete it or choose another --dataset_name")
+        raise FileNotFoundError(
+            f"{path} not found: {root} was not made by synthetic_dataset.py "
+            f"(or is incomplete); delete it or choose another --dataset_name"
+        )
     with open(path) as f:
         return json.load(f)
 
 
-def ensure_dataset(datasets_folder: str, dataset_name: str = "synthetic", *, seed: int = 0,
-                   preset: str = "default", train_database_num: Optional[int] = None,
-                   train_queries_num: Optional[int] = None, val_database_num: Optional[int] = None,
-                   val_queries_num: Optional[int] = None, test_database_num: Optional[int] = None,
-                   test_queries_num: Optional[int] = None, routes_per_split: Optional[int] = None,
-                   image_size: Sequence[int] = (192, 256), db_spacing_m: float = 6.0,
-                   night_fraction: float = 0.25, sideways_fraction: float = 0.4,
-                   lookalikes_per_km: float = 2.0, jpeg_quality: int = 90) -> Path:
+def ensure_dataset(
+    datasets_folder: str,
+    dataset_name: str = "synthetic",
+    *,
+    seed: int = 0,
+    preset: str = "default",
+    train_database_num: Optional[int] = None,
+    train_queries_num: Optional[int] = None,
+    val_database_num: Optional[int] = None,
+    val_queries_num: Optional[int] = None,
+    test_database_num: Optional[int] = None,
+    test_queries_num: Optional[int] = None,
+    routes_per_split: Optional[int] = None,
+    image_size: Sequence[int] = (192, 256),
+    db_spacing_m: float = 6.0,
+    night_fraction: float = 0.25,
+    sideways_fraction: float = 0.4,
+    lookalikes_per_km: float = 2.0,
+    jpeg_quality: int = 90,
+) -> Path:
     """Return the data set root, generating it first (as :func:`generate`) when it does not exist yet.
 
     An existing folder is reused only when its manifest records the same options; otherwise an
@@ -164,24 +224,37 @@ def ensure_dataset(datasets_folder: str, dataset_name: str = "synthetic", *, see
     interrupted run leaves nothing that this function would trust (at most a hidden ``.NAME.tmp-*``
     folder when the process was killed outright, which can be deleted).
     """
-    options = dict(seed=seed, preset=preset, train_database_num=train_database_num,
-                   train_queries_num=train_queries_num, val_database_num=val_database_num,
-                   val_queries_num=val_queries_num, test_database_num=test_database_num,
-                   test_queries_num=test_queries_num, routes_per_split=routes_per_split, image_size=image_size,
-                   db_spacing_m=db_spacing_m, night_fraction=night_fraction, sideways_fraction=sideways_fraction,
-                   lookalikes_per_km=lookalikes_per_km, jpeg_quality=jpeg_quality)
+    options = dict(
+        seed=seed,
+        preset=preset,
+        train_database_num=train_database_num,
+        train_queries_num=train_queries_num,
+        val_database_num=val_database_num,
+        val_queries_num=val_queries_num,
+        test_database_num=test_database_num,
+        test_queries_num=test_queries_num,
+        routes_per_split=routes_per_split,
+        image_size=image_size,
+        db_spacing_m=db_spacing_m,
+        night_fraction=night_fraction,
+        sideways_fraction=sideways_fraction,
+        lookalikes_per_km=lookalikes_per_km,
+        jpeg_quality=jpeg_quality,
+    )
     params = resolve_options(**options)
     target = _check_name(datasets_folder, dataset_name)
     if not target.exists():
         try:
             return _generate_params(target, params, overwrite=False)
         except OSError:
-            if not target.exists():   # not a lost race: a real error
+            if not target.exists():  # not a lost race: a real error
                 raise
     existing = read_manifest(target)["params"]
     if existing != params:
         diff = sorted(k for k in set(existing) | set(params) if existing.get(k) != params.get(k))
-        raise OptionError(f"{target} was generated with other options ({', '.join(diff)} differ: "
-                          f"{ {k: existing.get(k) for k in diff} } vs requested { {k: params.get(k) for k in diff} }); "
-                          "delete it, pass the same options, or choose another --dataset_name")
+        raise OptionError(
+            f"{target} was generated with other options ({', '.join(diff)} differ: "
+            f"{ {k: existing.get(k) for k in diff} } vs requested { {k: params.get(k) for k in diff} }); "
+            "delete it, pass the same options, or choose another --dataset_name"
+        )
     return target

@@ -1,4 +1,5 @@
 """Shared fixtures: a seeded tiny ViT and helpers; the repository root on sys.path."""
+
 import logging
 import os
 import subprocess
@@ -11,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import network  # noqa: E402
+import network
 
 # Tiny configuration used across the suite: vit_tiny width (192), 2 blocks.
 TINY = dict(backbone="vit_tiny", backbone_depth=2)
@@ -59,6 +60,7 @@ def kill_once_marker_appears(command, marker, *, cwd, env=None, timeout=300, wha
     fault tests). Returns (exit status, seconds from the signal to the exit)."""
     import signal
     import time
+
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
@@ -81,14 +83,16 @@ def run_script(args, *, cwd=None, env=None, timeout=600):
     args = list(args)
     if args and args[0].endswith(".py") and not os.path.isabs(args[0]):
         args[0] = os.path.join(ROOT, args[0])  # repository scripts, whatever the working directory
-    return subprocess.run([sys.executable] + args, cwd=cwd or ROOT, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable] + args, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """The tiny built-in synthetic data set, generated once per session: (datasets_folder, name)."""
     import synthetic_dataset
+
     folder = tmp_path_factory.mktemp("datasets")
     synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
     return str(folder), "synthetic"
@@ -96,5 +100,15 @@ def synthetic_root(tmp_path_factory):
 
 def tiny_eval_flags(synthetic_root, *extra):
     folder, name = synthetic_root
-    return ["--datasets_folder", folder, "--dataset_name", name, *TINY_FLAGS, "--resize", "112", "112",
-            "--allow_random_weights", *extra]
+    return [
+        "--datasets_folder",
+        folder,
+        "--dataset_name",
+        name,
+        *TINY_FLAGS,
+        "--resize",
+        "112",
+        "112",
+        "--allow_random_weights",
+        *extra,
+    ]

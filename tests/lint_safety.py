@@ -9,6 +9,7 @@ calls, and torch.hub.load of a non-local source. The one allowed exception is ne
 unpickler (torch.load(..., pickle_module=restricted_pickle, weights_only=False)), whose allow-list is
 tested in tests/test_network.py.
 """
+
 import ast
 import os
 import sys
@@ -17,10 +18,21 @@ from typing import List
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What may load a pickle: torch.load with weights_only=True only. Nothing may download.
-FORBIDDEN_CALLS = {"pickle.load", "cPickle.load", "dill.load", "dill.loads", "joblib.load",
-                   "torch.hub.load_state_dict_from_url", "torch.hub.download_url_to_file",
-                   "urllib.request.urlopen", "urllib.request.urlretrieve", "urlopen", "urlretrieve",
-                   "load_state_dict_from_url", "download_url_to_file"}
+FORBIDDEN_CALLS = {
+    "pickle.load",
+    "cPickle.load",
+    "dill.load",
+    "dill.loads",
+    "joblib.load",
+    "torch.hub.load_state_dict_from_url",
+    "torch.hub.download_url_to_file",
+    "urllib.request.urlopen",
+    "urllib.request.urlretrieve",
+    "urlopen",
+    "urlretrieve",
+    "load_state_dict_from_url",
+    "download_url_to_file",
+}
 FORBIDDEN_OUTSIDE_TESTS = {"pickle.loads", "requests.get", "requests.post", "eval", "exec"}
 
 
@@ -42,7 +54,10 @@ def unsafe_loads(source: str, *, is_test: bool) -> List[str]:
             continue
         name = _dotted(node.func)
         kwargs = {k.arg: k.value for k in node.keywords if k.arg}
-        const = lambda key: getattr(kwargs.get(key), "value", None)  # noqa: E731
+
+        def const(key, kwargs=kwargs):
+            return getattr(kwargs.get(key), "value", None)
+
         where = f"line {node.lineno}: {name}"
         # The one exception: network.py's restricted unpickler (torch < 2.6), whose allow-list is tested
         # in test_network.py; torch.load needs weights_only=False beside a pickle_module.

@@ -1,4 +1,5 @@
 """The DINOv2 ViT with adapters: equivalences, positional interpolation, factories."""
+
 import math
 
 import pytest
@@ -10,8 +11,12 @@ from backbone.layers import Adapter, Attention, Block
 
 
 def test_factories_have_dinov2_sizes():
-    expected = {"vit_small": (384, 12, 6), "vit_base": (768, 12, 12), "vit_large": (1024, 24, 16),
-                "vit_giant2": (1536, 40, 24)}
+    expected = {
+        "vit_small": (384, 12, 6),
+        "vit_base": (768, 12, 12),
+        "vit_large": (1024, 24, 16),
+        "vit_giant2": (1536, 40, 24),
+    }
     for name, (dim, depth, heads) in expected.items():
         assert vit.ARCHITECTURES[name][:3] == (dim, depth, heads)
     m = vit.vit_small(depth=1)
@@ -22,8 +27,12 @@ def test_factories_have_dinov2_sizes():
 def test_giant2_uses_swiglu_with_public_key_shapes():
     block = Block(1536, num_heads=24, ffn="swiglu")
     shapes = {k: tuple(v.shape) for k, v in block.state_dict().items() if k.startswith("mlp.")}
-    assert shapes == {"mlp.w12.weight": (8192, 1536), "mlp.w12.bias": (8192,), "mlp.w3.weight": (1536, 4096),
-                      "mlp.w3.bias": (1536,)}
+    assert shapes == {
+        "mlp.w12.weight": (8192, 1536),
+        "mlp.w12.bias": (8192,),
+        "mlp.w3.weight": (1536, 4096),
+        "mlp.w3.bias": (1536,),
+    }
 
 
 def test_adapter_starts_with_zero_output_and_parallel_has_no_skip():
@@ -62,7 +71,7 @@ def test_zero_adapters_equal_plain_backbone(registers):
         x = m.prepare_tokens(images)
         for blk in m.blocks:
             x = _plain_block_forward(blk, x)
-        plain = m.norm(x)[:, 1 + m.num_register_tokens:]
+        plain = m.norm(x)[:, 1 + m.num_register_tokens :]
     assert adapted.shape == (2, 8 * 7, 384)
     assert (adapted - plain).abs().max().item() <= 1e-6
 
@@ -81,8 +90,7 @@ def test_pos_embed_interpolation_uses_scale_factor_with_offset():
     m = vit.vit_small(depth=1)
     table = m.pos_embed[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
     out = m.interpolate_pos_encoding(20, 16)  # rows first: a 280 x 224 input
-    expected = F.interpolate(table, scale_factor=((20 + 0.1) / 37, (16 + 0.1) / 37), mode="bicubic",
-                             antialias=False)
+    expected = F.interpolate(table, scale_factor=((20 + 0.1) / 37, (16 + 0.1) / 37), mode="bicubic", antialias=False)
     assert out.shape == (1, 1 + 20 * 16, 384)
     assert torch.equal(out[:, 0], m.pos_embed[:, 0])
     assert torch.equal(out[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 320, -1))

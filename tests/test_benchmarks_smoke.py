@@ -1,5 +1,6 @@
 """Smoke runs of benchmarks/extract.py and benchmarks/memory_pitts30k.py at tiny sizes, plus their
 pure parts (the explicit-attention reference forward, the free-space check)."""
+
 import importlib.util
 import os
 import re
@@ -78,34 +79,79 @@ def test_randomize_adapters_makes_them_count(extract):
 
 def test_extract_script_smoke():
     # As a script (its own process: the DataLoader workers fork from it); 112x112 keeps it quick.
-    out = _run(["benchmarks/extract.py", "--backbone", "vit_tiny", "--backbone_depth", "2", "--images", "2",
-                "--batch_size", "1", "--resize", "112", "112", "--loader_images", "2", "--loader_batch_size", "1"])
+    out = _run(
+        [
+            "benchmarks/extract.py",
+            "--backbone",
+            "vit_tiny",
+            "--backbone_depth",
+            "2",
+            "--images",
+            "2",
+            "--batch_size",
+            "1",
+            "--resize",
+            "112",
+            "112",
+            "--loader_images",
+            "2",
+            "--loader_batch_size",
+            "1",
+        ]
+    )
     assert out.returncode == 0, out.stderr
-    match = re.search(rf"extract: project {FLOAT} img/s, reference {FLOAT} img/s, {FLOAT}x, max \|diff\| {FLOAT}",
-                      out.stdout)
+    match = re.search(
+        rf"extract: project {FLOAT} img/s, reference {FLOAT} img/s, {FLOAT}x, max \|diff\| {FLOAT}", out.stdout
+    )
     assert match, out.stdout
     project, reference, ratio, diff = map(float, match.groups())
     assert project > 0 and reference > 0
     assert ratio == pytest.approx(project / reference, rel=0.02)
     assert diff < 1e-4
-    loader = re.search(rf"num_workers 0: {FLOAT} img/s \(loader alone {FLOAT} img/s\) \| "
-                       rf"num_workers 2: {FLOAT} img/s \(loader alone {FLOAT} img/s\)", out.stdout)
+    loader = re.search(
+        rf"num_workers 0: {FLOAT} img/s \(loader alone {FLOAT} img/s\) \| "
+        rf"num_workers 2: {FLOAT} img/s \(loader alone {FLOAT} img/s\)",
+        out.stdout,
+    )
     assert loader, out.stdout
     assert all(float(v) > 0 for v in loader.groups())
     assert re.search(rf"peak RSS {FLOAT} GiB", out.stdout)
 
 
 def test_extract_rejects_bad_size(extract, capsys):
-    assert extract.main(["--backbone", "vit_tiny", "--backbone_depth", "1", "--resize", "50", "56",
-                         "--loader_images", "0"]) == 2
+    assert (
+        extract.main(
+            ["--backbone", "vit_tiny", "--backbone_depth", "1", "--resize", "50", "56", "--loader_images", "0"]
+        )
+        == 2
+    )
     assert "--resize 50 56" in capsys.readouterr().err
 
 
 def test_memory_script_smoke(memory, tmp_path, capsys):
     folder = tmp_path / "store"
     # In this process (the imports are already paid); the entry point is main(argv) alone.
-    assert memory.main(["--database_num", "30", "--queries_num", "12", "--rerank_queries", "2", "--rerank_num",
-                        "10", "--dense_size", "13", "13", "16", "--folder", str(folder)]) == 0
+    assert (
+        memory.main(
+            [
+                "--database_num",
+                "30",
+                "--queries_num",
+                "12",
+                "--rerank_queries",
+                "2",
+                "--rerank_num",
+                "10",
+                "--dense_size",
+                "13",
+                "13",
+                "16",
+                "--folder",
+                str(folder),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     expected = (30 + 2) * 13 * 13 * 16 * 4
     match = re.search(r"store: ([0-9,]+) bytes", out)
@@ -117,22 +163,52 @@ def test_memory_script_smoke(memory, tmp_path, capsys):
 
 
 def test_memory_run_benchmark_numbers_and_fail_line(memory, capsys):
-    r = memory.run_benchmark(database_num=20, queries_num=9, rerank_queries=3, rerank_num=8, dense_size=(9, 9, 8),
-                             global_dim=16, batch_size=7, touch_database=True, progress=False)
+    r = memory.run_benchmark(
+        database_num=20,
+        queries_num=9,
+        rerank_queries=3,
+        rerank_num=8,
+        dense_size=(9, 9, 8),
+        global_dim=16,
+        batch_size=7,
+        touch_database=True,
+        progress=False,
+    )
     assert r["store_bytes"] == r["expected_store_bytes"] == (20 + 3) * 9 * 9 * 8 * 4
     assert r["peak_rss_bytes"] >= r["start_rss_bytes"] > 0
     assert r["touched_peak_rss_bytes"] == r["peak_rss_bytes"]
     assert np.isfinite(r["touch_checksum"]) and r["touch_checksum"] != 0
     # A limit below any real process size must report FAIL with exit status 1.
-    assert memory.main(["--database_num", "5", "--queries_num", "4", "--rerank_queries", "1", "--rerank_num", "3",
-                        "--dense_size", "5", "5", "4", "--global_dim", "8", "--rss_limit_gb", "0.001"]) == 1
+    assert (
+        memory.main(
+            [
+                "--database_num",
+                "5",
+                "--queries_num",
+                "4",
+                "--rerank_queries",
+                "1",
+                "--rerank_num",
+                "3",
+                "--dense_size",
+                "5",
+                "5",
+                "4",
+                "--global_dim",
+                "8",
+                "--rss_limit_gb",
+                "0.001",
+            ]
+        )
+        == 1
+    )
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_memory_free_space_check(memory, tmp_path):
     assert memory.check_free_space(str(tmp_path), 1) > 0
     with pytest.raises(ValueError, match="--folder .* GB free"):
-        memory.check_free_space(str(tmp_path), 10 ** 18)
+        memory.check_free_space(str(tmp_path), 10**18)
     assert memory.store_bytes(database_num=10_000, rerank_queries=0, dense_size=(61, 61, 128)) == 19_051_520_000
 
 

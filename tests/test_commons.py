@@ -3,6 +3,7 @@
 The exit codes and error reporting are tested in test_robustness.py, the version check in
 test_versions.py, the start of a 2-process job in test_distributed.py (its collectives test).
 """
+
 import os
 from types import SimpleNamespace
 

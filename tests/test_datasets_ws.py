@@ -24,6 +24,7 @@ BASE_E, BASE_N = 551234.0, 4183456.0  # realistic UTM magnitudes: boundary tests
 # Helpers that build data sets
 # ----------------------------------------------------------------------------------------------
 
+
 def utm_name(east, north, key="", note=""):
     """Benchmark file name @east@north@zone@letter@lat@lon@key@tile@heading@pitch@roll@height@time@note@.jpg"""
     fields = ["", f"{east}", f"{north}", "10", "S", "", "", key, "", "", "", "", "", "", note, ".jpg"]
@@ -51,32 +52,37 @@ def make_dataset(root, name="toy", split="test", database=(), queries=(), size=(
         e, n = q[0], q[1]
         key = q[2] if len(q) > 2 else f"key{i}"
         note = q[3] if len(q) > 3 else ""
-        qs.append(write_jpg(os.path.join(folder, "queries", utm_name(BASE_E + e, BASE_N + n, key, note)), size,
-                            seed=1000 + i))
+        qs.append(
+            write_jpg(os.path.join(folder, "queries", utm_name(BASE_E + e, BASE_N + n, key, note)), size, seed=1000 + i)
+        )
     return db, qs
 
 
 def brute_positives(database_utms, queries_utms, radius):
     """Database indexes within radius (boundary included) by exact squared distances."""
     d2 = ((queries_utms[:, None, :] - database_utms[None, :, :]) ** 2).sum(-1)
-    return [set(np.flatnonzero(row <= radius ** 2).tolist()) for row in d2]
+    return [set(np.flatnonzero(row <= radius**2).tolist()) for row in d2]
 
 
 # ----------------------------------------------------------------------------------------------
 # File names and image files
 # ----------------------------------------------------------------------------------------------
 
+
 def test_read_utm_uses_the_basename(tmp_path):
     path = os.path.join(str(tmp_path), "folder@7@8", utm_name(123.5, 456.25))
     assert dw.read_utm(path) == (123.5, 456.25)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("no_fields.jpg", "does not carry UTM"),
-    ("@abc@12@.jpg", "non-numeric"),
-    ("@12@@.jpg", "non-numeric"),
-    ("@nan@12@.jpg", "non-finite"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("no_fields.jpg", "does not carry UTM"),
+        ("@abc@12@.jpg", "non-numeric"),
+        ("@12@@.jpg", "non-numeric"),
+        ("@nan@12@.jpg", "non-finite"),
+    ],
+)
 def test_read_utm_errors_name_the_file(tmp_path, name, message):
     with pytest.raises(ValueError, match=message) as err:
         dw.read_utm(os.path.join(str(tmp_path), name))
@@ -196,6 +202,7 @@ def test_batched_and_unknown_method():
 # BaseDataset
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("database_num", [8, 60])  # brute-force and kd-tree searches in scikit-learn
 def test_soft_positives_match_brute_force_boundary_included(tmp_path, database_num):
     rng = np.random.default_rng(database_num)
@@ -215,13 +222,19 @@ def test_soft_positives_match_brute_force_boundary_included(tmp_path, database_n
     for i in range(len(offsets)):
         q = ds.queries_paths.index(next(p for p in ds.queries_paths if f"@key{i}@" in p))
         db_index = ds.database_paths.index(
-            next(p for p in ds.database_paths if dw.read_utm(p) == (BASE_E + database[i][0], BASE_N + database[i][1])))
+            next(p for p in ds.database_paths if dw.read_utm(p) == (BASE_E + database[i][0], BASE_N + database[i][1]))
+        )
         assert db_index in got[q]
 
 
 def test_layout_attributes_sorting_and_repr(tmp_path):
-    db, qs = make_dataset(str(tmp_path / "data@9@9"), name="toy", split="val",
-                          database=[(10, 0), (9, 0), (100, 0)], queries=[(9, 3), (200, 0)])
+    db, qs = make_dataset(
+        str(tmp_path / "data@9@9"),
+        name="toy",
+        split="val",
+        database=[(10, 0), (9, 0), (100, 0)],
+        queries=[(9, 3), (200, 0)],
+    )
     ds = dw.BaseDataset(str(tmp_path / "data@9@9"), "toy", "val", resize=(8, 12))
     assert ds.database_paths == sorted(db) and ds.queries_paths == sorted(qs)
     assert ds.images_paths == sorted(db) + sorted(qs)
@@ -233,13 +246,18 @@ def test_layout_attributes_sorting_and_repr(tmp_path):
     assert repr(ds) == "< BaseDataset, toy - #database: 3; #queries: 2 >"
 
 
-@pytest.mark.parametrize("method, shape, resize", [
-    ("hard_resize", (3, 8, 12), (8, 12)), ("central_crop", (3, 8, 12), (8, 12)),
-    # single_query: shorter side 28, longer int(28 * 15 / 11) = 38, centre-cropped to a multiple of 14.
-    ("single_query", (3, 28, 28), (28, 42)),
-    ("five_crops", (5, 3, 8, 8), (8, 12)), ("nearest_crop", (5, 3, 8, 8), (8, 12)),
-    ("maj_voting", (5, 3, 8, 8), (8, 12)),
-])
+@pytest.mark.parametrize(
+    "method, shape, resize",
+    [
+        ("hard_resize", (3, 8, 12), (8, 12)),
+        ("central_crop", (3, 8, 12), (8, 12)),
+        # single_query: shorter side 28, longer int(28 * 15 / 11) = 38, centre-cropped to a multiple of 14.
+        ("single_query", (3, 28, 28), (28, 42)),
+        ("five_crops", (5, 3, 8, 8), (8, 12)),
+        ("nearest_crop", (5, 3, 8, 8), (8, 12)),
+        ("maj_voting", (5, 3, 8, 8), (8, 12)),
+    ],
+)
 def test_getitem_database_hard_resize_queries_test_method(tmp_path, method, shape, resize):
     make_dataset(str(tmp_path), database=[(0, 0), (5, 5)], queries=[(1, 1)], size=(15, 11))
     ds = dw.BaseDataset(str(tmp_path), "toy", "test", resize=resize, test_method=method)
@@ -311,14 +329,15 @@ def test_error_messages(tmp_path):
 # TripletsDataset
 # ----------------------------------------------------------------------------------------------
 
+
 def _training_set(root, **kwargs):
     database = [(0, 0), (8, 0), (20, 0), (100, 0), (107, 0), (300, 0)]
     queries = [
-        (1, 0, "a", "day_sideways"),     # hard: 0, 8   soft: 0, 8, 20
-        (50, 0, "b", "night_front"),     # no hard positive -> dropped
+        (1, 0, "a", "day_sideways"),  # hard: 0, 8   soft: 0, 8, 20
+        (50, 0, "b", "night_front"),  # no hard positive -> dropped
         (103, 0, "c", "night_sideways"),  # hard: 100, 107
-        (200, 0, "d", "night"),          # no hard positive -> dropped
-        (300, 5, "e", "day"),            # hard: 300
+        (200, 0, "d", "night"),  # no hard positive -> dropped
+        (300, 5, "e", "day"),  # hard: 300
     ]
     make_dataset(root, name="toy", split="train", database=database, queries=queries, size=(17, 13))
     return dw.TripletsDataset(root, "toy", "train", resize=(8, 12), **kwargs)
@@ -370,11 +389,23 @@ def test_triplets_getitem_pil_resize_path_and_collate(tmp_path):
 
 
 def test_query_augmentations_in_order(tmp_path):
-    ds = _training_set(str(tmp_path), brightness=0.1, contrast=0.2, saturation=0.3, hue=0.1,
-                       rand_perspective=0.4, random_resized_crop=0.5, random_rotation=7)
+    ds = _training_set(
+        str(tmp_path),
+        brightness=0.1,
+        contrast=0.2,
+        saturation=0.3,
+        hue=0.1,
+        rand_perspective=0.4,
+        random_resized_crop=0.5,
+        random_rotation=7,
+    )
     steps = ds.query_transform.transforms
     assert [type(t).__name__ for t in steps] == ["ColorJitter"] * 4 + [
-        "RandomPerspective", "RandomResizedCrop", "RandomRotation", "Compose"]
+        "RandomPerspective",
+        "RandomResizedCrop",
+        "RandomRotation",
+        "Compose",
+    ]
     assert steps[0].brightness is not None and steps[0].contrast is None
     assert steps[1].contrast is not None and steps[1].saturation is None
     assert steps[2].saturation is not None and steps[3].hue is not None

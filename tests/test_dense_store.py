@@ -1,4 +1,5 @@
 """dense_store.py: dense features in RAM or on disk, ragged shapes, saving and loading."""
+
 import os
 
 import numpy as np

@@ -1,5 +1,6 @@
 """benchmarks/device_report.py --quick: the GPU report's every row runs (on the CPU, small sizes), so
 the prepared GPU command cannot rot; plus its re-rank data really holds the hard cases."""
+
 import importlib.util
 import json
 import os
@@ -7,7 +8,6 @@ import re
 
 import numpy as np
 import torch
-
 from conftest import ROOT, run_script
 
 ROWS = ["rerank_exactness", "rerank_speed", "training_step", "extraction", "end_to_end", "torchrun"]
@@ -23,10 +23,21 @@ def _load():
 def test_quick_report_runs_every_row(tmp_path):
     out_json = tmp_path / "report.json"
     # Generous limits: a busy CI machine must not turn slowness into a failure (speed is not the point).
-    result = run_script(["benchmarks/device_report.py", "--quick", "--json", str(out_json), "--row_limit_s", "900",
-                         "--budget_s", "5000"], timeout=3000)
+    result = run_script(
+        [
+            "benchmarks/device_report.py",
+            "--quick",
+            "--json",
+            str(out_json),
+            "--row_limit_s",
+            "900",
+            "--budget_s",
+            "5000",
+        ],
+        timeout=3000,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    table = result.stdout[result.stdout.rindex("\nrow "):]
+    table = result.stdout[result.stdout.rindex("\nrow ") :]
     for name in ROWS:
         assert re.search(rf"^{name}\s+ok\s", table, re.M), table
     report = json.loads(out_json.read_text())
@@ -42,7 +53,7 @@ def test_quick_report_runs_every_row(tmp_path):
     assert speed["engine_ms_per_query"] > 0 and speed["plain_ms_per_query"] > 0
     train = rows["training_step"]
     assert train["fp32"]["s_per_step"] > 0 and train["bf16"]["s_per_step"] > 0
-    assert train["first_losses_fp32"]["max_relative_difference"] == 0.0      # CPU vs CPU here
+    assert train["first_losses_fp32"]["max_relative_difference"] == 0.0  # CPU vs CPU here
     extraction = rows["extraction"]
     assert 0 < extraction["max_abs_deviation_bf16"]["local"] < 0.1
     assert extraction["bf16_vs_fp32_orders"]["queries"] == 8
@@ -56,13 +67,13 @@ def test_rerank_data_has_ties_and_one_ulp_near_ties():
     report = _load()
     q, x = report.rerank_query_data(3, k=8, grid=12, channels=16, device=torch.device("cpu"))
     assert q.shape == (144, 16) and x.shape == (8, 144, 16)
-    assert torch.equal(x[1], x[0])                                           # tied candidates
-    assert torch.equal(x[2, 36:72], x[2, 0:36])                              # tied rows inside one
+    assert torch.equal(x[1], x[0])  # tied candidates
+    assert torch.equal(x[2, 36:72], x[2, 0:36])  # tied rows inside one
     near = x[3, ::2] != q[::2]
     assert near.any()
     ulps = (x[3, ::2].view(torch.int32) - q[::2].view(torch.int32)).abs()
-    assert int(ulps.max()) == 1                                              # one float32 ulp apart
-    assert torch.equal(q[72:72 + 9], q[:9])                                  # tied query vectors
+    assert int(ulps.max()) == 1  # one float32 ulp apart
+    assert torch.equal(q[72 : 72 + 9], q[:9])  # tied query vectors
     # The public algorithm and the engine agree on them (scores and orders).
     want = report.public_scores(q, x)
     got = report.engine_scores(q, x)

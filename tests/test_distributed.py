@@ -2,6 +2,7 @@
 
 The process group itself is commons.start_run's (the pure parts are tested in test_commons.py).
 """
+
 import glob
 import json
 import os
@@ -14,15 +15,37 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, run_script, tiny_eval_flags
 
 import commons
 import distributed
-from conftest import ROOT, run_script, tiny_eval_flags
 
 # Global batch 3 over 2 processes: uneven shares (2 + 1 queries), and whole-batch flips.
-TRAIN_FLAGS = ["--cache_refresh_rate", "6", "--queries_per_epoch", "6", "--neg_samples_num", "12",
-               "--train_batch_size", "3", "--infer_batch_size", "8", "--rerank_num", "10", "--lr", "1e-4",
-               "--mining", "full", "--horizontal_flip", "--seed", "3", "--epochs_num", "2", "--patience", "5"]
+TRAIN_FLAGS = [
+    "--cache_refresh_rate",
+    "6",
+    "--queries_per_epoch",
+    "6",
+    "--neg_samples_num",
+    "12",
+    "--train_batch_size",
+    "3",
+    "--infer_batch_size",
+    "8",
+    "--rerank_num",
+    "10",
+    "--lr",
+    "1e-4",
+    "--mining",
+    "full",
+    "--horizontal_flip",
+    "--seed",
+    "3",
+    "--epochs_num",
+    "2",
+    "--patience",
+    "5",
+]
 # The same thread count everywhere (torchrun sets 1 per process), so runs differ only by the split.
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -37,8 +60,15 @@ def _torchrun(script_and_args, *, cwd, env=None, timeout=300, nproc=2):
     full_env = dict(os.environ, **ENV, **(env or {}))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *script_and_args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        *script_and_args,
+    ]
     return subprocess.run(command, cwd=str(cwd), env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -51,6 +81,7 @@ def _only_folder(pattern):
 # ------------------------------------------------------------------------------------------------
 # Pure helpers
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("items_num,world_size", [(0, 2), (1, 2), (7, 2), (7, 3), (9, 3), (3, 5)])
 def test_shards_cover_every_item_once_in_order(items_num, world_size):
@@ -74,8 +105,7 @@ def test_chunk_plan_groups_consecutive_items_under_the_limit():
 
 def test_batch_shard_sampler_splits_each_global_batch():
     single = [list(range(b * 3, b * 3 + 3)) for b in range(7 // 3)]  # drop_last, no shuffling
-    ranks = [list(distributed.BatchShardSampler(samples_num=7, batch_size=3, rank=r, world_size=2))
-             for r in range(2)]
+    ranks = [list(distributed.BatchShardSampler(samples_num=7, batch_size=3, rank=r, world_size=2)) for r in range(2)]
     assert ranks[0] == [[0, 1], [3, 4]] and ranks[1] == [[2], [5]]
     assert [a + b for a, b in zip(*ranks)] == single
     assert len(distributed.BatchShardSampler(samples_num=7, batch_size=3, rank=1, world_size=2)) == 2
@@ -96,8 +126,9 @@ def test_single_process_context_changes_nothing(tiny_model):
     assert ctx.broadcast_object({"a": 1}, long_wait=True) == {"a": 1}
     assert ctx.sum_over_ranks([1.5, 2]) == [1.5, 2.0]
     seen = []
-    result = distributed.extract_sharded(ctx, lambda idx, store: seen.append((idx, store)) or np.ones((3, 2)),
-                                         range(5, 8), store="the store")
+    result = distributed.extract_sharded(
+        ctx, lambda idx, store: seen.append((idx, store)) or np.ones((3, 2)), range(5, 8), store="the store"
+    )
     assert seen == [(range(5, 8), "the store")] and result.shape == (3, 2)  # the caller's indexes, as given
     state = np.random.get_state()
     ctx.sync_numpy_rng()
@@ -127,10 +158,18 @@ def test_single_process_training_loader_is_the_plain_loader(num_workers):
     ctx = distributed.Context(device="cpu")
     dataset = _DrawingDataset()
     runs = []
-    for make in (lambda: torch.utils.data.DataLoader(dataset, batch_size=3, shuffle=False, drop_last=True,
-                                                     num_workers=num_workers),
-                 lambda: ctx.training_loader(dataset, batch_size=3, num_workers=num_workers,
-                                             collate_fn=torch.utils.data.default_collate, pin_memory=False)):
+    for make in (
+        lambda: torch.utils.data.DataLoader(
+            dataset, batch_size=3, shuffle=False, drop_last=True, num_workers=num_workers
+        ),
+        lambda: ctx.training_loader(
+            dataset,
+            batch_size=3,
+            num_workers=num_workers,
+            collate_fn=torch.utils.data.default_collate,
+            pin_memory=False,
+        ),
+    ):
         torch.manual_seed(5)
         loader = make()
         batches = [(indexes.flatten().tolist(), draws) for indexes, draws in loader]
@@ -146,6 +185,7 @@ def test_single_process_flip_draws_as_torchvision():
     """flip_together of one process is torchvision's RandomHorizontalFlip() (train.py's flip of one
     process before), draw for draw."""
     import torchvision.transforms as T
+
     ctx = distributed.Context(device="cpu")
     images = torch.arange(2 * 3 * 2 * 5, dtype=torch.float32).reshape(2, 3, 2, 5)
     flipped = []
@@ -250,10 +290,13 @@ def test_collectives_shard_and_gather_in_rank_order(tmp_path):
 # Whole jobs: train.py and eval.py
 # ------------------------------------------------------------------------------------------------
 
+
 def _log_numbers(folder):
     log = open(os.path.join(folder, "info.log")).read()
-    losses = [tuple(map(float, m)) for m in
-              re.findall(r"Finished epoch \d+ in .*?triplet loss = ([\d.]+), local loss = ([\d.]+)", log)]
+    losses = [
+        tuple(map(float, m))
+        for m in re.findall(r"Finished epoch \d+ in .*?triplet loss = ([\d.]+), local loss = ([\d.]+)", log)
+    ]
     val = re.findall(r"Reranking recalls on val set .*?>: (.*)", log)
     final = re.findall(r"Recalls on < BaseDataset.*?>: (.*)", log)
     return losses, val, final, log
@@ -305,8 +348,11 @@ def test_two_process_eval_equals_one_process_and_loads_the_ddp_checkpoint(traine
     flags.remove("--allow_random_weights")
     one = run_script(["eval.py", *flags, "--save_dir", "eval_one"], cwd=str(cwd), env=ENV)
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    job = _torchrun([os.path.join(ROOT, "eval.py"), *flags, "--save_dir", "eval_two", "--efficient_ram_testing"],
-                    cwd=cwd, timeout=300)
+    job = _torchrun(
+        [os.path.join(ROOT, "eval.py"), *flags, "--save_dir", "eval_two", "--efficient_ram_testing"],
+        cwd=cwd,
+        timeout=300,
+    )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     folders = {name: _only_folder(str(cwd / "test" / name / "*")) for name in ("eval_one", "eval_two")}
     outputs = {}

@@ -1,4 +1,5 @@
 """eval.py end to end (subprocesses) and test.evaluate on the synthetic set."""
+
 import glob
 import json
 import os
@@ -6,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, run_script, tiny_eval_flags
 
 import datasets_ws
 import network
 import test
-from conftest import TINY, run_script, tiny_eval_flags
 
 
 def _output_folder(cwd, save_dir):
@@ -27,9 +28,16 @@ def _read_predictions(folder):
 def test_eval_cli_normal_and_efficient_ram_give_identical_results(synthetic_root, tmp_path):
     outputs = {}
     for mode, extra in (("normal", []), ("efficient", ["--efficient_ram_testing"])):
-        result = run_script(["eval.py", *tiny_eval_flags(synthetic_root, "--save_dir", mode, "--num_preds_to_save", "3",
-                                                         "--save_only_wrong_preds"), *extra],
-                            cwd=str(tmp_path))
+        result = run_script(
+            [
+                "eval.py",
+                *tiny_eval_flags(
+                    synthetic_root, "--save_dir", mode, "--num_preds_to_save", "3", "--save_only_wrong_preds"
+                ),
+                *extra,
+            ],
+            cwd=str(tmp_path),
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         folder = _output_folder(str(tmp_path), mode)
         log = open(os.path.join(folder, "info.log")).read()
@@ -61,8 +69,9 @@ def tiny_net():
     return network.GeoLocalizationNet(**TINY).eval()
 
 
-@pytest.mark.parametrize("method", ["hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop",
-                                    "maj_voting"])
+@pytest.mark.parametrize(
+    "method", ["hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting"]
+)
 def test_every_test_method_runs_end_to_end(synthetic_root, tiny_net, method):
     folder, name = synthetic_root
     ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112), test_method=method)
@@ -77,9 +86,21 @@ def test_every_test_method_runs_end_to_end(synthetic_root, tiny_net, method):
 
 def test_pca_runs_end_to_end(synthetic_root, tmp_path):
     folder, name = synthetic_root
-    result = run_script(["eval.py", *tiny_eval_flags(synthetic_root, "--save_dir", "pca", "--pca_dim", "16",
-                                                     "--pca_dataset_folder", f"{name}/images/train/database")],
-                        cwd=str(tmp_path))
+    result = run_script(
+        [
+            "eval.py",
+            *tiny_eval_flags(
+                synthetic_root,
+                "--save_dir",
+                "pca",
+                "--pca_dim",
+                "16",
+                "--pca_dataset_folder",
+                f"{name}/images/train/database",
+            ),
+        ],
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Recalls on <" in result.stdout
 

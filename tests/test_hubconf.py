@@ -1,4 +1,5 @@
 """hubconf.py: the torch.hub entry point loads local weight files, never downloads."""
+
 import importlib
 import importlib.util
 import os
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 
 import network
-from conftest import ROOT, TINY
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +32,16 @@ def saved(tmp_path_factory):
 def no_downloads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the hub entry point tried to download something")
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
 
 
 def test_torch_hub_load_local_checkpoint(saved, no_downloads):
     reference, checkpoint, _ = saved
-    model = torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint, backbone="vit_tiny",
-                           backbone_depth=2)
+    model = torch.hub.load(
+        ROOT, "selavpr", source="local", checkpoint=checkpoint, backbone="vit_tiny", backbone_depth=2
+    )
     assert type(model) is network.GeoLocalizationNet and not model.training
     assert all(t.device.type == "cpu" for t in model.state_dict().values())
     expected = reference.state_dict()
@@ -54,8 +57,9 @@ def test_torch_hub_load_local_checkpoint(saved, no_downloads):
 
 def test_foundation_weights_alone_load_the_backbone(saved, no_downloads):
     reference, _, foundation = saved
-    model = torch.hub.load(ROOT, "selavpr", source="local", foundation_model_path=foundation, backbone="vit_tiny",
-                           backbone_depth=2)
+    model = torch.hub.load(
+        ROOT, "selavpr", source="local", foundation_model_path=foundation, backbone="vit_tiny", backbone_depth=2
+    )
     own = model.backbone.state_dict()
     for key, value in reference.backbone.state_dict().items():
         if ".adapter" not in key:
@@ -97,8 +101,13 @@ def test_hub_load_neither_clobbers_nor_is_clobbered_by_user_modules(tmp_path, sc
     user.mkdir()
     for name in ("network", "parser"):
         (user / f"{name}.py").write_text('OWNER = "user"\n')
-    result = subprocess.run([sys.executable, "-c", script.format(root=ROOT, user=str(user))], cwd=str(tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script.format(root=ROOT, user=str(user))],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
 
 

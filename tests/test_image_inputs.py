@@ -4,6 +4,7 @@ EXIF orientation, high-bit-depth grayscale, photos above Pillow's pixel limit, d
 folder links (loops, links into the other part of a split, data on another drive), broken links and
 the counts of skipped files.
 """
+
 import logging
 import os
 import shutil
@@ -13,6 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image, ImageOps
 
 import datasets_ws
@@ -22,7 +24,6 @@ import network
 import retrieval
 import synthetic_dataset
 import visualizations
-from conftest import TINY
 
 RESIZE = (112, 112)
 
@@ -33,8 +34,12 @@ def synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("datasets")
     synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
     split = os.path.join(folder, "synthetic", "images", "test")
-    return (str(folder), "synthetic", datasets_ws.collect_jpgs(os.path.join(split, "database")),
-            datasets_ws.collect_jpgs(os.path.join(split, "queries")))
+    return (
+        str(folder),
+        "synthetic",
+        datasets_ws.collect_jpgs(os.path.join(split, "database")),
+        datasets_ws.collect_jpgs(os.path.join(split, "queries")),
+    )
 
 
 def _copy_dataset(synthetic, destination):
@@ -52,9 +57,15 @@ def _exif(orientation):
 
 def _stored_for(upright: Image.Image, orientation: int) -> Image.Image:
     """The pixels a camera stores so that a viewer applying `orientation` shows `upright`."""
-    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-               6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+    inverse = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT,
+        3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_90,
+        7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_270,
+    }
     return upright.copy() if orientation == 1 else upright.transpose(inverse[orientation])
 
 
@@ -65,6 +76,7 @@ def _array(image):
 # ------------------------------------------------------------------------------------------------
 # Reading one image
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_is_applied_as_a_viewer_does(tmp_path, orientation):
@@ -82,8 +94,8 @@ def test_exif_orientation_is_applied_as_a_viewer_does(tmp_path, orientation):
 def test_16_bit_grayscale_png_reads_as_its_8_bit_copy(tmp_path):
     gray8 = np.random.default_rng(0).integers(0, 256, (24, 32), dtype=np.uint8)
     Image.fromarray(gray8).save(tmp_path / "gray8.png")
-    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")         # the usual widening
-    Image.fromarray(gray8.astype(np.uint16) << 8).save(tmp_path / "gray16_shift.png")    # zero-filled low byte
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # the usual widening
+    Image.fromarray(gray8.astype(np.uint16) << 8).save(tmp_path / "gray16_shift.png")  # zero-filled low byte
     with Image.open(tmp_path / "gray16.png") as check:
         assert check.mode == "I;16"  # what this Pillow makes of it (and what convert("RGB") clipped to white)
     reference = _array(datasets_ws.open_image(str(tmp_path / "gray8.png")))
@@ -97,7 +109,7 @@ def test_16_bit_big_endian_32_bit_integer_and_float_tiffs_read_as_their_8_bit_co
     reference = np.repeat(gray8[..., None], 3, axis=2).astype(np.int16)
     files = {
         "be16.tif": Image.fromarray((gray8.astype(np.uint16) * 257).astype(">u2")),
-        "int32.tif": Image.fromarray(np.rint(gray8.astype(np.float64) * ((2 ** 31 - 1) / 255)).astype(np.int32)),
+        "int32.tif": Image.fromarray(np.rint(gray8.astype(np.float64) * ((2**31 - 1) / 255)).astype(np.int32)),
         "float.tif": Image.fromarray((gray8.astype(np.float32) / 255)),
     }
     for name, image in files.items():
@@ -130,7 +142,7 @@ def _jpeg_with_size(path, width, height, source):
     """A valid small JPEG whose frame header declares width x height (what a decompression bomb does)."""
     data = bytearray(open(source, "rb").read())
     sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     open(path, "wb").write(bytes(data))
 
 
@@ -141,8 +153,8 @@ def _png_with_size(path, width, height):
     data = bytearray(open(buffer, "rb").read())
     os.remove(buffer)
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF)
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF)
     open(path, "wb").write(bytes(data))
 
 
@@ -159,8 +171,7 @@ def test_what_cannot_be_a_photo_is_refused_with_the_file_named(synthetic, tmp_pa
     assert huge_png in str(error.value)
 
 
-def test_above_the_pixel_limit_jpegs_are_draft_decoded_below_it_pixels_are_unchanged(synthetic, tmp_path,
-                                                                                      monkeypatch):
+def test_above_the_pixel_limit_jpegs_are_draft_decoded_below_it_pixels_are_unchanged(synthetic, tmp_path, monkeypatch):
     """With a small limit (read per call: nothing global is changed by the code), a 256x192 JPEG is
     below it and a 1024x768 JPEG above twice it: the latter is read at a reduced size, never under
     min_side, close to its full decode shrunk the same way."""
@@ -212,6 +223,7 @@ def test_a_195_megapixel_photo_is_read_at_a_fraction_of_its_size(huge_query):
 # End to end through localize: the query finds its own place as its upright 8-bit copy does
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def odd_queries(synthetic, tmp_path_factory):
     """Database: 20 synthetic images. Queries, for database images 0, 5, 10, 15: an upright JPEG copy,
@@ -241,18 +253,20 @@ def odd_database(odd_queries):
     model = network.GeoLocalizationNet(**TINY).eval()
     paths = localize.collect_images(odd_queries[0])
     with retrieval.Retrieval(model, batch_size=4, num_workers=0, device="cpu") as engine:
-        yield engine, engine.build_database(localize.FolderImages(paths, resize=RESIZE), range(len(paths)),
-                                            paths=paths)
+        yield engine, engine.build_database(localize.FolderImages(paths, resize=RESIZE), range(len(paths)), paths=paths)
 
 
 def _localize(odd_database, queries):
     """{query file name: (first-stage list, re-ranked list)} of localize's two stages."""
     engine, database = odd_database
-    extracted = engine.extract_queries(localize.FolderImages(queries, resize=RESIZE), range(len(queries)),
-                                       method="hard_resize")
+    extracted = engine.extract_queries(
+        localize.FolderImages(queries, resize=RESIZE), range(len(queries)), method="hard_resize"
+    )
     ranking = engine.rank(database, extracted, rerank_num=5)
-    return {os.path.basename(p): (ranking.first_predictions[k].tolist(), ranking.predictions[k].tolist())
-            for k, p in enumerate(queries)}
+    return {
+        os.path.basename(p): (ranking.first_predictions[k].tolist(), ranking.predictions[k].tolist())
+        for k, p in enumerate(queries)
+    }
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +282,9 @@ def test_queries_stored_rotated_with_exif_find_their_place_as_the_upright_copy(o
         first, reranked = odd_localized[f"{i:02d}_tag{tag}.jpg"]
         assert first[0] == i and reranked[0] == i, tag
     # What the model sees: the upright picture (up to the JPEG noise of the two encodings).
-    images = localize.FolderImages([os.path.join(odd_queries[1], f"{i:02d}_{kind}.jpg")
-                                    for kind in ("upright", "tag6", "tag8")], resize=RESIZE)
+    images = localize.FolderImages(
+        [os.path.join(odd_queries[1], f"{i:02d}_{kind}.jpg") for kind in ("upright", "tag6", "tag8")], resize=RESIZE
+    )
     upright_tensor = images.load(0, "hard_resize")
     for k in (1, 2):
         assert (images.load(k, "hard_resize") - upright_tensor).abs().mean() < 0.05
@@ -287,9 +302,16 @@ def test_a_195_megapixel_query_finds_its_place(odd_database, huge_query):
 
 def test_picture_rows_show_exif_rotated_and_16_bit_queries_as_a_viewer(odd_queries):
     q = odd_queries[1]
-    rows = {kind: visualizations.prediction_row(os.path.join(q, name), [], [], border=0)
-            for kind, name in (("upright", "05_upright.jpg"), ("tag6", "05_tag6.jpg"), ("tag8", "05_tag8.jpg"),
-                               ("gray8", "05_gray8.png"), ("gray16", "05_gray16.png"))}
+    rows = {
+        kind: visualizations.prediction_row(os.path.join(q, name), [], [], border=0)
+        for kind, name in (
+            ("upright", "05_upright.jpg"),
+            ("tag6", "05_tag6.jpg"),
+            ("tag8", "05_tag8.jpg"),
+            ("gray8", "05_gray8.png"),
+            ("gray16", "05_gray16.png"),
+        )
+    }
     assert rows["upright"].size == (213, 160)  # 256 x 192 shown 160 high
     for kind in ("tag6", "tag8"):
         assert rows[kind].size == rows["upright"].size
@@ -301,6 +323,7 @@ def test_picture_rows_show_exif_rotated_and_16_bit_queries_as_a_viewer(odd_queri
 # ------------------------------------------------------------------------------------------------
 # Folders: links, broken links, skipped files
 # ------------------------------------------------------------------------------------------------
+
 
 def _split(datasets, part=""):
     return os.path.join(datasets, "synthetic", "images", "test", part)
@@ -383,10 +406,12 @@ def test_links_to_image_files_are_read(synthetic, tmp_path):
 
 def test_link_free_tree_lists_the_same_files_in_the_same_order_as_before(synthetic):
     import glob
+
     for part in ("database", "queries"):
         folder = _split(synthetic[0], part)
-        assert datasets_ws.collect_jpgs(folder) == sorted(glob.glob(os.path.join(folder, "**", "*.jpg"),
-                                                                     recursive=True))
+        assert datasets_ws.collect_jpgs(folder) == sorted(
+            glob.glob(os.path.join(folder, "**", "*.jpg"), recursive=True)
+        )
 
 
 def test_broken_links(synthetic, tmp_path, caplog):
@@ -435,8 +460,11 @@ def test_skipped_files_are_counted_by_suffix_and_image_formats_warned(synthetic,
     messages = [(r.levelno, r.getMessage()) for r in caplog.records]
     infos = [m for level, m in messages if level == logging.INFO]
     warnings = [m for level, m in messages if level == logging.WARNING]
-    assert any("skipped 6 files by their name (1 .HEIC, 1 .JPG, 1 .heic, 1 .tiff, 1 .txt, 1 .webp" in m
-               and "lower-case .jpg" in m for m in infos)
+    assert any(
+        "skipped 6 files by their name (1 .HEIC, 1 .JPG, 1 .heic, 1 .tiff, 1 .txt, 1 .webp" in m
+        and "lower-case .jpg" in m
+        for m in infos
+    )
     assert any("skipped 1 hidden entries" in m for m in infos)
     assert any("5 image files were skipped" in m for m in warnings)
     assert any("4 image files were skipped (1 .HEIC, 1 .heic, 1 .tiff, 1 .webp)" in m for m in warnings)

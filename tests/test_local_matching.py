@@ -1,5 +1,6 @@
 """local_matching: exactness of the re-rank engine against the plain public computation (full
 similarity matrix, max both ways), ties and near-ties, stores, order, pairs, training similarity."""
+
 import os
 import sys
 
@@ -12,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import local_matching as lm  # noqa: E402
-from local_matching import engine, exact, screening, self_check  # noqa: E402
+import local_matching as lm
+from local_matching import engine, exact, screening, self_check
 
 C = 128
 
@@ -70,9 +71,9 @@ def scene_and_candidates(seed, hq, wq, hc, wc, k):
     q = unit(scene[:, :hq, :wq] + 0.3 * torch.randn(C, hq, wq, generator=gen))
     cands = []
     for i in range(k):
-        share = 0.0 if i == k - 1 else 1.0 - i / k          # candidate 0: a noisy copy
+        share = 0.0 if i == k - 1 else 1.0 - i / k  # candidate 0: a noisy copy
         other = field(gen, max(hq, hc), max(wq, wc))
-        mix = share * torch.roll(scene, (i % 3, i % 2), (1, 2)) + (1 - share ** 2) ** 0.5 * other
+        mix = share * torch.roll(scene, (i % 3, i % 2), (1, 2)) + (1 - share**2) ** 0.5 * other
         noise = 0.15 if i == 0 else 0.4
         cands.append(unit(mix[:, :hc, :wc] + noise * torch.randn(C, hc, wc, generator=gen)))
     return q, torch.stack(cands)
@@ -115,7 +116,7 @@ def test_scores_equal_reference(hq, wq, hc, wc, k, fast_path):
     want = ref_scores(q, x)
     assert got.dtype == torch.float32 and got.shape == (k,)
     assert torch.equal(got, want)
-    assert want.max() > 1.5 * want.min() and want.min() >= 1      # a spread of scores
+    assert want.max() > 1.5 * want.min() and want.min() >= 1  # a spread of scores
 
 
 def test_reference_scores_are_the_definition():
@@ -164,9 +165,9 @@ def test_exact_ties_duplicated_vectors(fast_path):
     q, x = scene_and_candidates(4, 20, 20, 20, 20, 3)
     q = q.clone()
     x = x.clone()
-    q[200:260] = q[100:160]                 # duplicated query vectors -> exact ties in rows of S
+    q[200:260] = q[100:160]  # duplicated query vectors -> exact ties in rows of S
     q[399] = q[0]
-    x[:, 300:380] = x[:, 10:90]             # duplicated candidate vectors -> ties in columns
+    x[:, 300:380] = x[:, 10:90]  # duplicated candidate vectors -> ties in columns
     x[1, 399] = x[1, 398]
     x[2, ::2] = x[2, 1::2]
     got = lm.mutual_nn_scores(q, x, np.arange(3), fast_path=fast_path)
@@ -193,7 +194,7 @@ def _near_tie_data(seed):
     q, x = q.clone(), x.clone()
     src = torch.randperm(324, generator=gen)[:120]
     dst = torch.randperm(324, generator=gen)[:120]
-    q[dst] = torch.nextafter(q[src], torch.full_like(q[src], 2.0))          # each entry moved by 1 ulp
+    q[dst] = torch.nextafter(q[src], torch.full_like(q[src], 2.0))  # each entry moved by 1 ulp
     x[:, dst[:60]] = torch.nextafter(x[:, src[:60]], torch.full_like(x[:, src[:60]], -2.0))
     return q, x
 
@@ -241,8 +242,8 @@ def test_error_bound_of_the_screen_holds(scale):
     base = screening.base_bound(_col(xs), _row(qs, 320), C)
     bound = base + screening.RHO * o.abs() + screening.eta(xs.worst(), qs.worst(), C)
     assert (err <= bound).all()
-    assert err.max() > 0      # the screen is not exact: the bound is doing work
-    assert (err > 0.25 * bound).any()   # and it is not loose by orders of magnitude
+    assert err.max() > 0  # the screen is not exact: the bound is doing work
+    assert (err > 0.25 * bound).any()  # and it is not loose by orders of magnitude
 
 
 def _col(s):
@@ -319,7 +320,7 @@ def test_bad_inputs_raise_clear_errors():
 # ------------------------------------------------------------------------------------------------
 def test_rerank_is_numpy_argsort_reversed_on_float32():
     rng = np.random.default_rng(0)
-    scores = rng.integers(0, 6, size=40).astype(np.float64)      # many ties
+    scores = rng.integers(0, 6, size=40).astype(np.float64)  # many ties
     want = np.argsort(scores.astype(np.float32))[::-1]
     assert np.array_equal(lm.rerank(scores), want)
     assert np.array_equal(lm.rerank(torch.tensor(scores, dtype=torch.float32)), want)
@@ -402,6 +403,7 @@ def _one_ulp_off_on_tiles():
             out = out.clone()
             out[0, 0] = torch.nextafter(out[0, 0], torch.tensor(float("inf")))
         return out
+
     return matmul
 
 
@@ -439,11 +441,12 @@ def test_failed_self_check_falls_back_to_the_full_product(fresh_self_check, monk
 
     def tiled_must_not_run(*args, **kwargs):
         raise AssertionError("the tiled engine ran although its self-check failed")
+
     monkeypatch.setattr(engine, "_nn_tiled", tiled_must_not_run)
     q, x = scene_and_candidates(22, 61, 61, 61, 61, 3)
     q, x = q.clone(), x.clone()
-    x[1, 500:600] = torch.nextafter(x[1, 0:100], torch.full_like(x[1, 0:100], 2.0))   # one-ulp near-ties
-    x[2, 1000:1100] = x[2, 0:100]                                                     # exact ties
+    x[1, 500:600] = torch.nextafter(x[1, 0:100], torch.full_like(x[1, 0:100], 2.0))  # one-ulp near-ties
+    x[2, 1000:1100] = x[2, 0:100]  # exact ties
     with caplog.at_level("INFO"):
         got = lm.mutual_nn_scores(q, x, np.arange(3), chunk_size=2, fast_path=fast_path)
     assert torch.equal(got, ref_scores(q, x))

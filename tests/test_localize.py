@@ -1,4 +1,5 @@
 """localize.py: folder-vs-folder localisation, saved databases with their checks."""
+
 import json
 import os
 import shutil
@@ -6,9 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, TINY, TINY_FLAGS, run_script
 from PIL import Image
-
-from dense_store import DenseStore
 
 import commons
 import datasets_ws
@@ -18,7 +18,7 @@ import network
 import retrieval
 import synthetic_dataset
 import test
-from conftest import ROOT, TINY, TINY_FLAGS, run_script
+from dense_store import DenseStore
 
 FLAGS = TINY_FLAGS + ["--resize", "112", "112", "--allow_random_weights"]
 SCRIPT = os.path.join(ROOT, "localize.py")
@@ -31,8 +31,9 @@ def synthetic(tmp_path_factory):
     folder = tmp_path_factory.mktemp("datasets")
     synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
     split = os.path.join(folder, "synthetic", "images", "test")
-    return datasets_ws.collect_jpgs(os.path.join(split, "database")), \
-        datasets_ws.collect_jpgs(os.path.join(split, "queries"))
+    return datasets_ws.collect_jpgs(os.path.join(split, "database")), datasets_ws.collect_jpgs(
+        os.path.join(split, "queries")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,25 @@ def fresh_run(plain_folders, tmp_path_factory):
     work = tmp_path_factory.mktemp("run")
     db, q = plain_folders
     out, saved = str(work / "out"), str(work / "database")
-    result = run_script([SCRIPT, "--database_folder", db, "--queries_folder", q, *FLAGS, "--rerank_num", "4",
-                         "--num_preds_to_save", "2", "--output_folder", out, "--save_database", saved], cwd=str(work))
+    result = run_script(
+        [
+            SCRIPT,
+            "--database_folder",
+            db,
+            "--queries_folder",
+            q,
+            *FLAGS,
+            "--rerank_num",
+            "4",
+            "--num_preds_to_save",
+            "2",
+            "--output_folder",
+            out,
+            "--save_database",
+            saved,
+        ],
+        cwd=str(work),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return out, saved, work
 
@@ -77,6 +95,7 @@ def fresh_run(plain_folders, tmp_path_factory):
 # ------------------------------------------------------------------------------------------------
 # Pure pieces
 # ------------------------------------------------------------------------------------------------
+
 
 def test_collect_images_is_recursive_sorted_and_skips_hidden_and_other_files(plain_folders, tmp_path):
     db, q = plain_folders
@@ -104,8 +123,16 @@ def test_weights_fingerprint_follows_the_weights_only():
 
 
 def test_settings_mismatches_names_every_difference():
-    saved = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=192, resize=[112, 112], precision="fp32",
-                 database_method="hard_resize", weights_sha256="a" * 64)
+    saved = dict(
+        backbone="vit_tiny",
+        registers=False,
+        depth=2,
+        embed_dim=192,
+        resize=[112, 112],
+        precision="fp32",
+        database_method="hard_resize",
+        weights_sha256="a" * 64,
+    )
     assert localize.settings_mismatches(saved, dict(saved)) == []
     now = dict(saved, resize=[224, 224], weights_sha256="b" * 64)
     problems = localize.settings_mismatches(saved, now)
@@ -113,8 +140,16 @@ def test_settings_mismatches_names_every_difference():
     assert "resize: [112, 112] saved, [224, 224] now" in problems[0] and "weights differ" in problems[1]
 
 
-TINY_SETTINGS = dict(backbone="vit_tiny", registers=False, depth=2, embed_dim=4, resize=[28, 28], precision="fp32",
-                     database_method="hard_resize", weights_sha256="0" * 64)
+TINY_SETTINGS = dict(
+    backbone="vit_tiny",
+    registers=False,
+    depth=2,
+    embed_dim=4,
+    resize=[28, 28],
+    precision="fp32",
+    database_method="hard_resize",
+    weights_sha256="0" * 64,
+)
 
 
 def _tiny_database(folder, n=3, dim=4):
@@ -144,8 +179,9 @@ def _load(target, *, settings=TINY_SETTINGS, database_folder=None):
         dense = DenseStore(None)
         for i in range(len(loaded)):
             dense.append(np.array(loaded.dense[i])[None])
-        return retrieval.Database(global_descriptors=np.array(loaded.global_descriptors), dense=dense.finish(),
-                                  paths=loaded.paths)
+        return retrieval.Database(
+            global_descriptors=np.array(loaded.global_descriptors), dense=dense.finish(), paths=loaded.paths
+        )
 
 
 def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
@@ -156,6 +192,7 @@ def test_interrupted_save_leaves_nothing_that_loads(tmp_path, monkeypatch):
         os.makedirs(folder)
         open(os.path.join(folder, DenseStore.FEATURES_FILE), "wb").close()
         raise KeyboardInterrupt  # e.g. Ctrl-C in the middle of the dense features
+
     monkeypatch.setattr(DenseStore, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         _save(database, str(target))
@@ -176,8 +213,9 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
     database = _tiny_database(str(tmp_path / "images"))
     _save(database, str(tmp_path / "db"))
     other = dict(TINY_SETTINGS, weights_sha256="1" * 64, precision="bf16")
-    with pytest.raises(ValueError, match="another model or other flags: precision: 'fp32' saved, 'bf16' now; "
-                                         "the model weights differ"):
+    with pytest.raises(
+        ValueError, match="another model or other flags: precision: 'fp32' saved, 'bf16' now; the model weights differ"
+    ):
         _load(tmp_path / "db", settings=other)
     moved = tmp_path / "moved"  # the images may move: --database_folder points at the new place
     shutil.copytree(tmp_path / "images", moved)
@@ -195,6 +233,7 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
+
 
 def test_cli_writes_ranked_matches_and_pictures_for_every_query(fresh_run, plain_folders):
     out, saved, _ = fresh_run
@@ -235,8 +274,21 @@ def test_reusing_a_saved_database_gives_identical_predictions(fresh_run, plain_f
     assert manifest["global_shape"] == [20, 192] and manifest["dense_shape_first"] == [29, 29, 128]
     out2 = str(work / "out_reused")
     # In-process main (the CLI path itself is covered by fresh_run): no new interpreter, no torch import.
-    localize.main(localize.parse_localize_arguments(["--load_database", saved, "--queries_folder", plain_folders[1],
-                                                     *FLAGS, "--rerank_num", "4", "--output_folder", out2]))
+    localize.main(
+        localize.parse_localize_arguments(
+            [
+                "--load_database",
+                saved,
+                "--queries_folder",
+                plain_folders[1],
+                *FLAGS,
+                "--rerank_num",
+                "4",
+                "--output_folder",
+                out2,
+            ]
+        )
+    )
     log = open(os.path.join(out2, "info.log")).read()
     assert "no database extraction" in log
     assert _records(out2) == _records(out)
@@ -244,9 +296,21 @@ def test_reusing_a_saved_database_gives_identical_predictions(fresh_run, plain_f
 
 def test_a_database_saved_with_other_settings_is_refused(fresh_run, plain_folders, restore_logging, capsys):
     _, saved, work = fresh_run
-    args = localize.parse_localize_arguments(["--load_database", saved, "--queries_folder", plain_folders[1],
-                                              *TINY_FLAGS, "--resize", "140", "140", "--allow_random_weights",
-                                              "--output_folder", str(work / "out_refused")])
+    args = localize.parse_localize_arguments(
+        [
+            "--load_database",
+            saved,
+            "--queries_folder",
+            plain_folders[1],
+            *TINY_FLAGS,
+            "--resize",
+            "140",
+            "140",
+            "--allow_random_weights",
+            "--output_folder",
+            str(work / "out_refused"),
+        ]
+    )
     with pytest.raises(SystemExit) as exit_info:
         commons.run_main(localize.main, args)  # what `python3 localize.py ...` does
     assert exit_info.value.code == 2
@@ -268,10 +332,26 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
         for src in sources:
             shutil.copy(src, split / kind)
     out = str(tmp_path / "out")
-    args = localize.parse_localize_arguments(["--database_folder", str(split / "database"), "--queries_folder",
-                                              str(split / "queries"), *FLAGS, "--rerank_num", "4",
-                                              "--recall_values", "1", "2", "--output_folder", out,
-                                              "--test_method", method, "--majority_weight", "0.3"])
+    args = localize.parse_localize_arguments(
+        [
+            "--database_folder",
+            str(split / "database"),
+            "--queries_folder",
+            str(split / "queries"),
+            *FLAGS,
+            "--rerank_num",
+            "4",
+            "--recall_values",
+            "1",
+            "2",
+            "--output_folder",
+            out,
+            "--test_method",
+            method,
+            "--majority_weight",
+            "0.3",
+        ]
+    )
     localize.main(args)
     log = open(os.path.join(out, "info.log")).read()
     records = _records(out)
@@ -291,7 +371,7 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
             assert all("l2_distance" not in c for c in r["first_stage"] + r["reranked"])
         else:  # l2_distance is the distance itself, not faiss's square of it.
             assert np.allclose([c["l2_distance"] for c in r["first_stage"]], np.sqrt(expected.first_distances[q]))
-            assert any(d > 1e-3 and not np.isclose(d ** 2, d) for d in (c["l2_distance"] for c in r["first_stage"]))
+            assert any(d > 1e-3 and not np.isclose(d**2, d) for d in (c["l2_distance"] for c in r["first_stage"]))
         assert [c["index"] for c in r["reranked"]] == expected.predictions[q].tolist()
         assert [c["mutual_nn"] for c in r["reranked"]] == expected.scores[q].tolist()
         assert all(c["correct"] == (c["index"] in r["positives"]) for c in r["reranked"])
@@ -301,15 +381,16 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
 # Own outputs, changed folders, outputs checked up front (issue: no silent wrong answer)
 # ------------------------------------------------------------------------------------------------
 
-def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, tmp_path, monkeypatch,
-                                                                 restore_logging):
+
+def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, tmp_path, monkeypatch, restore_logging):
     db, q_src = plain_folders
     q = tmp_path / "queries"
     shutil.copytree(q_src, q)
     common = ["--database_folder", db, *FLAGS, "--rerank_num", "2", "--num_preds_to_save", "1"]
     # 1. --output_folder under the queries folder.
-    localize.main(localize.parse_localize_arguments(["--queries_folder", str(q), *common,
-                                                     "--output_folder", str(q / "run1")]))
+    localize.main(
+        localize.parse_localize_arguments(["--queries_folder", str(q), *common, "--output_folder", str(q / "run1")])
+    )
     assert len(os.listdir(q / "run1" / "preds")) == 4
     # 2. Run from inside the queries folder (default output folder localize/<save_dir>/<time> there).
     monkeypatch.chdir(q)
@@ -322,8 +403,11 @@ def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, t
     log = open(q / "run1" / "info.log").read()
     assert f"the output folder {q / 'run1'} is inside --queries_folder" in log
     # 3. A third run still sees 4 queries, with two earlier output folders below the queries folder.
-    localize.main(localize.parse_localize_arguments(["--queries_folder", ".", *common, "--save_dir", "third",
-                                                     "--num_preds_to_save", "0"]))
+    localize.main(
+        localize.parse_localize_arguments(
+            ["--queries_folder", ".", *common, "--save_dir", "third", "--num_preds_to_save", "0"]
+        )
+    )
     (third,) = [os.path.join("localize", "third", d) for d in os.listdir(q / "localize" / "third")]
     assert len(_records(third)) == 4
 
@@ -331,12 +415,26 @@ def test_a_runs_own_pictures_never_become_the_next_runs_queries(plain_folders, t
 def test_queries_inside_the_database_folder_are_warned_about(plain_folders, tmp_path, restore_logging):
     db, _ = plain_folders
     out = tmp_path / "out"
-    localize.main(localize.parse_localize_arguments(["--database_folder", db, "--queries_folder",
-                                                     os.path.join(db, "street_a"), *FLAGS, "--rerank_num", "2",
-                                                     "--output_folder", str(out)]))
+    localize.main(
+        localize.parse_localize_arguments(
+            [
+                "--database_folder",
+                db,
+                "--queries_folder",
+                os.path.join(db, "street_a"),
+                *FLAGS,
+                "--rerank_num",
+                "2",
+                "--output_folder",
+                str(out),
+            ]
+        )
+    )
     log = open(out / "info.log").read()
-    assert f"--queries_folder {os.path.join(db, 'street_a')} is inside --database_folder {db}: every query is " \
-           "also a database image, and will be its own best match" in log
+    assert (
+        f"--queries_folder {os.path.join(db, 'street_a')} is inside --database_folder {db}: every query is "
+        "also a database image, and will be its own best match" in log
+    )
 
 
 def test_load_database_notices_a_changed_folder_without_database_folder(tmp_path):
@@ -346,8 +444,11 @@ def test_load_database_notices_a_changed_folder_without_database_folder(tmp_path
     assert _load(tmp_path / "db").paths == database.paths
     os.remove(images / "0.jpg")
     (images / "new.jpg").write_bytes(b"a new photo")
-    with pytest.raises(ValueError, match=r"the image folder .*images changed since --load_database .*: "
-                                         r"1 added \(new.jpg\); 1 deleted \(0.jpg\)\. .*save the database again"):
+    with pytest.raises(
+        ValueError,
+        match=r"the image folder .*images changed since --load_database .*: "
+        r"1 added \(new.jpg\); 1 deleted \(0.jpg\)\. .*save the database again",
+    ):
         _load(tmp_path / "db")
     # A folder that is gone cannot be checked: the saved list is used, with a warning.
     shutil.rmtree(images)
@@ -359,28 +460,34 @@ def test_outputs_are_checked_before_any_work(plain_folders, tmp_path, monkeypatc
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     base = ["--database_folder", db, "--queries_folder", q, *FLAGS]
-    for extra, message in ((["--save_database", str(blocker / "db")], f"--save_database {blocker / 'db'}: {blocker} "
-                                                                      "is a file"),
-                           (["--output_folder", str(blocker / "out")], f"--output_folder {blocker / 'out'}: "),
-                           (["--save_database", str(tmp_path / "db"), "--output_folder", str(tmp_path / "db" / "o")],
-                            "is (inside) --save_database")):
+    for extra, message in (
+        (["--save_database", str(blocker / "db")], f"--save_database {blocker / 'db'}: {blocker} is a file"),
+        (["--output_folder", str(blocker / "out")], f"--output_folder {blocker / 'out'}: "),
+        (
+            ["--save_database", str(tmp_path / "db"), "--output_folder", str(tmp_path / "db" / "o")],
+            "is (inside) --save_database",
+        ),
+    ):
         with pytest.raises(SystemExit):
             localize.parse_localize_arguments(base + extra)
         assert message in capsys.readouterr().err
 
     def no_model(args):
         raise AssertionError("the model was built before the inputs were checked")
+
     monkeypatch.setattr(network, "build_model", no_model)
     out = tmp_path / "out"
     # No UTM coordinates in the names: --save_only_wrong_preds is refused before the extraction.
-    args = localize.parse_localize_arguments(base + ["--num_preds_to_save", "2", "--save_only_wrong_preds",
-                                                     "--output_folder", str(out)])
+    args = localize.parse_localize_arguments(
+        base + ["--num_preds_to_save", "2", "--save_only_wrong_preds", "--output_folder", str(out)]
+    )
     with pytest.raises(ValueError, match="--save_only_wrong_preds needs ground truth"):
         localize.main(args)
     assert not out.exists()  # the corrected command may use the same --output_folder
     # A typo in --load_database (a folder that holds no saved database): same, no folder left behind.
-    args = localize.parse_localize_arguments(["--load_database", q, "--queries_folder", q, *FLAGS,
-                                              "--output_folder", str(out)])
+    args = localize.parse_localize_arguments(
+        ["--load_database", q, "--queries_folder", q, *FLAGS, "--output_folder", str(out)]
+    )
     with pytest.raises(ValueError, match="has no manifest.json"):
         localize.main(args)
     assert not out.exists()
@@ -391,14 +498,24 @@ def test_tilde_in_path_flags_is_expanded(plain_folders, tmp_path, monkeypatch):
     (home / "photos").mkdir(parents=True)
     monkeypatch.setenv("HOME", str(home))
     db, _ = plain_folders
-    args = localize.parse_localize_arguments(["--database_folder", db, "--queries_folder=~/photos", *FLAGS,
-                                              "--output_folder=~/out", "--save_database=~/db",
-                                              "--resume=~/ckpt.pth"])
+    args = localize.parse_localize_arguments(
+        [
+            "--database_folder",
+            db,
+            "--queries_folder=~/photos",
+            *FLAGS,
+            "--output_folder=~/out",
+            "--save_database=~/db",
+            "--resume=~/ckpt.pth",
+        ]
+    )
     assert args.queries_folder == str(home / "photos") and args.output_folder == str(home / "out")
     assert args.save_database == str(home / "db") and args.resume == str(home / "ckpt.pth")
     import reproduce
-    args = reproduce.parse_arguments(["--datasets_folder=~/data", "--device", "cpu", "--output=~/results",
-                                      "--dataset_folders", "msls=~/msls_vg"])
+
+    args = reproduce.parse_arguments(
+        ["--datasets_folder=~/data", "--device", "cpu", "--output=~/results", "--dataset_folders", "msls=~/msls_vg"]
+    )
     assert args.output == str(home / "results") and args.dataset_folders == {"msls": str(home / "msls_vg")}
     assert args.datasets_folder == str(home / "data")
 
@@ -416,7 +533,7 @@ def test_saved_database_honours_the_umask(tmp_path, on_disk):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "db").st_mode & 0o777 == 0o750
-    for root, dirs, files in os.walk(tmp_path / "db"):
+    for root, _dirs, files in os.walk(tmp_path / "db"):
         for name in files:
             assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o640, name
     database.close()

@@ -1,11 +1,12 @@
 """The training losses: local mutual-NN loss properties and where its gradient goes."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY
 
 import loss
 import network
-from conftest import TINY
 
 
 def _unit(*shape, seed=0):
@@ -20,7 +21,7 @@ def test_local_loss_is_zero_when_positive_and_negative_coincide():
 
 def test_local_loss_is_positive_when_the_negative_matches_better():
     q, p = _unit(2, 6, 6, 16, seed=2), _unit(2, 6, 6, 16, seed=3)
-    n = (q + 0.01 * _unit(2, 6, 6, 16, seed=4))  # nearly the query itself
+    n = q + 0.01 * _unit(2, 6, 6, 16, seed=4)  # nearly the query itself
     value = loss.local_triplet_loss(q, p, F.normalize(n, dim=-1))
     assert value.item() > 0.1
     assert loss.local_triplet_loss(q, F.normalize(n, dim=-1), p).item() == 0.0  # and zero the other way round
@@ -34,14 +35,16 @@ def test_triplet_losses_normalisation_and_global_part():
     g, l = loss.triplet_losses(local, glob, triplets, margin=0.1, normaliser=8)
     expected = torch.nn.TripletMarginLoss(margin=0.1, p=2, reduction="sum")(glob[[0, 0]], glob[[1, 1]], glob[[2, 3]])
     assert torch.isclose(g, expected / 8)
+
     # The local part from the definition, written out: mutual nearest neighbours of the flattened maps
     # (argmax both ways), mean dot product over them, hinge, summed over triplets, divided by 8.
     def sim(a, b):
         a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-        s = b @ a.T                                          # (L_b, L_a)
-        best_a, best_b = s.argmax(dim=1), s.argmax(dim=0)    # per b location / per a location
+        s = b @ a.T  # (L_b, L_a)
+        best_a, best_b = s.argmax(dim=1), s.argmax(dim=0)  # per b location / per a location
         pairs = [(j, int(best_a[j])) for j in range(s.shape[0]) if int(best_b[best_a[j]]) == j]
         return sum(float(s[j, i]) for j, i in pairs) / len(pairs)
+
     hinge = [max(0.0, sim(local[0], local[n]) - sim(local[0], local[1])) for n in (2, 3)]
     assert abs(l.item() - sum(hinge) / 8) < 1e-6
     assert l.item() > 0  # these random features give a non-trivial hinge (else the check above is weak)
@@ -95,8 +98,9 @@ def _one_training_step(precision):
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
     images = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     local, glob = loss.forward_features(model, images, precision=precision)
-    g, l = loss.triplet_losses(local, glob, torch.tensor([[0, 1, 2], [0, 1, 3], [4, 5, 6], [4, 5, 4]]),
-                               margin=0.5, normaliser=4)
+    g, l = loss.triplet_losses(
+        local, glob, torch.tensor([[0, 1, 2], [0, 1, 3], [4, 5, 6], [4, 5, 4]]), margin=0.5, normaliser=4
+    )
     optimizer.zero_grad(set_to_none=True)
     (g + l).backward()
     optimizer.step()

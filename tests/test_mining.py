@@ -23,23 +23,30 @@ def fake_dataset(seed=0, negs=2, night=None, sideways=None):
     # Every query close to some database image, so each has a hard positive (10 m).
     q_utms = db_utms[rng.choice(DB_NUM, Q_NUM, replace=False)] + rng.uniform(-4, 4, size=(Q_NUM, 2))
     d2 = ((q_utms[:, None] - db_utms[None]) ** 2).sum(-1)
-    hard = [np.flatnonzero(row <= 10 ** 2) for row in d2]
-    soft = [np.flatnonzero(row <= 25 ** 2) for row in d2]
+    hard = [np.flatnonzero(row <= 10**2) for row in d2]
+    soft = [np.flatnonzero(row <= 25**2) for row in d2]
     assert all(len(h) for h in hard)
     return SimpleNamespace(
-        database_num=DB_NUM, queries_num=Q_NUM, negs_num_per_query=negs,
-        hard_positives_per_query=hard, soft_positives_per_query=soft,
+        database_num=DB_NUM,
+        queries_num=Q_NUM,
+        negs_num_per_query=negs,
+        hard_positives_per_query=hard,
+        soft_positives_per_query=soft,
         is_night=np.zeros(Q_NUM, bool) if night is None else np.asarray(night),
         is_sideways=np.zeros(Q_NUM, bool) if sideways is None else np.asarray(sideways),
-        triplets_global_indexes=np.empty((0, 2 + negs), dtype=np.int64))
+        triplets_global_indexes=np.empty((0, 2 + negs), dtype=np.int64),
+    )
 
 
 class RecordingDescriptors:
     """descriptors_fn over a fixed random table, recording the indexes it is asked for."""
 
     def __init__(self, seed=1, table=None):
-        self.table = np.random.default_rng(seed).normal(size=(DB_NUM + Q_NUM, DIM)).astype(np.float32) \
-            if table is None else table
+        self.table = (
+            np.random.default_rng(seed).normal(size=(DB_NUM + Q_NUM, DIM)).astype(np.float32)
+            if table is None
+            else table
+        )
         self.calls = []
 
     def __call__(self, global_indexes):
@@ -79,6 +86,7 @@ def check_common(ds, triplets, desc, cache_refresh_rate, negs):
 # Pure functions
 # ----------------------------------------------------------------------------------------------
 
+
 def test_pure_selection_functions():
     rng = np.random.default_rng(3)
     table = rng.normal(size=(30, 6)).astype(np.float32)
@@ -110,14 +118,16 @@ def test_msls_weights():
 # The four modes
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mode", ["partial", "msls_weighted"])
 def test_partial_and_msls_weighted(mode):
     night = np.arange(Q_NUM) % 4 == 0
     side = np.arange(Q_NUM) % 3 == 0
     ds, desc = fake_dataset(night=night, sideways=side), RecordingDescriptors()
     np.random.seed(5)
-    triplets = mining.mine_triplets(ds, mode=mode, descriptors_fn=desc, cache_refresh_rate=6,
-                                    neg_samples_num=15, negs_num_per_query=2)
+    triplets = mining.mine_triplets(
+        ds, mode=mode, descriptors_fn=desc, cache_refresh_rate=6, neg_samples_num=15, negs_num_per_query=2
+    )
     queries, asked = check_common(ds, triplets, desc, 6, 2)
     # Replay the draws in the public release's order: queries (weighted for msls), then the database sample.
     np.random.seed(5)
@@ -140,8 +150,14 @@ def test_msls_weighted_prefers_rare_queries():
     counts = np.zeros(Q_NUM)
     np.random.seed(0)
     for _ in range(30):
-        t = mining.mine_triplets(ds, mode="msls_weighted", descriptors_fn=RecordingDescriptors(),
-                                 cache_refresh_rate=1, neg_samples_num=DB_NUM, negs_num_per_query=2)
+        t = mining.mine_triplets(
+            ds,
+            mode="msls_weighted",
+            descriptors_fn=RecordingDescriptors(),
+            cache_refresh_rate=1,
+            neg_samples_num=DB_NUM,
+            negs_num_per_query=2,
+        )
         counts[t[0, 0] - DB_NUM] += 1
     # Weight of queries 0 and 1: 1 + 12 = 13 each, others 1: they are drawn about 13x more often.
     assert counts[0] + counts[1] > counts[2:].sum()
@@ -151,8 +167,15 @@ def test_full_mining_and_negative_cache():
     ds, desc = fake_dataset(), RecordingDescriptors()
     state = mining.MiningState(Q_NUM)
     np.random.seed(11)
-    triplets = mining.mine_triplets(ds, mode="full", descriptors_fn=desc, cache_refresh_rate=5,
-                                    neg_samples_num=10, negs_num_per_query=2, state=state)
+    triplets = mining.mine_triplets(
+        ds,
+        mode="full",
+        descriptors_fn=desc,
+        cache_refresh_rate=5,
+        neg_samples_num=10,
+        negs_num_per_query=2,
+        state=state,
+    )
     queries, asked = check_common(ds, triplets, desc, 5, 2)
     assert sorted(asked.tolist()) == list(range(DB_NUM)) + sorted((queries + DB_NUM).tolist())
     np.random.seed(11)
@@ -183,25 +206,39 @@ def test_full_mining_carries_previous_hardest_negatives():
             table[d] = table[DB_NUM + q] + 0.01 * (j + 1)
     desc = RecordingDescriptors(table=table)
     np.random.seed(0)
-    triplets = mining.mine_triplets(ds, mode="full", descriptors_fn=desc, cache_refresh_rate=Q_NUM,
-                                    neg_samples_num=3, negs_num_per_query=2, state=state)
+    triplets = mining.mine_triplets(
+        ds,
+        mode="full",
+        descriptors_fn=desc,
+        cache_refresh_rate=Q_NUM,
+        neg_samples_num=3,
+        negs_num_per_query=2,
+        state=state,
+    )
     check_common(ds, triplets, desc, Q_NUM, 2)
     for row in triplets:
         q = row[0] - DB_NUM
         assert sorted(row[2:].tolist()) == sorted(planted[q])
     # Without the cache the small fresh draws (3 images) would rarely contain both planted images.
     np.random.seed(0)
-    fresh_only = mining.mine_triplets(ds, mode="full", descriptors_fn=RecordingDescriptors(table=table),
-                                      cache_refresh_rate=Q_NUM, neg_samples_num=3, negs_num_per_query=2,
-                                      state=mining.MiningState(Q_NUM))
+    fresh_only = mining.mine_triplets(
+        ds,
+        mode="full",
+        descriptors_fn=RecordingDescriptors(table=table),
+        cache_refresh_rate=Q_NUM,
+        neg_samples_num=3,
+        negs_num_per_query=2,
+        state=mining.MiningState(Q_NUM),
+    )
     assert sum(sorted(r[2:].tolist()) != sorted(planted[r[0] - DB_NUM]) for r in fresh_only) > Q_NUM // 2
 
 
 def test_random_mining():
     ds, desc = fake_dataset(negs=3), RecordingDescriptors()
     np.random.seed(4)
-    triplets = mining.mine_triplets(ds, mode="random", descriptors_fn=desc, cache_refresh_rate=7,
-                                    neg_samples_num=10 ** 6, negs_num_per_query=3)  # unused by random
+    triplets = mining.mine_triplets(
+        ds, mode="random", descriptors_fn=desc, cache_refresh_rate=7, neg_samples_num=10**6, negs_num_per_query=3
+    )  # unused by random
     queries, asked = check_common(ds, triplets, desc, 7, 3)
     positives = np.concatenate([ds.hard_positives_per_query[q] for q in queries])
     assert set(asked.tolist()) == set(positives.tolist()) | set((queries + DB_NUM).tolist())
@@ -218,6 +255,7 @@ def test_random_mining():
 # Errors and state
 # ----------------------------------------------------------------------------------------------
 
+
 def test_errors_leave_rng_untouched():
     ds = fake_dataset()
     np.random.seed(9)
@@ -228,15 +266,17 @@ def test_errors_leave_rng_untouched():
     with pytest.raises(ValueError, match=rf"--neg_samples_num=41 .* {DB_NUM} database images"):
         mining.mine_triplets(ds, mode="partial", cache_refresh_rate=2, neg_samples_num=41, **kwargs)
     with pytest.raises(ValueError, match=r"--neg_samples_num=41"):
-        mining.mine_triplets(ds, mode="full", cache_refresh_rate=2, neg_samples_num=41,
-                             state=mining.MiningState(Q_NUM), **kwargs)
+        mining.mine_triplets(
+            ds, mode="full", cache_refresh_rate=2, neg_samples_num=41, state=mining.MiningState(Q_NUM), **kwargs
+        )
     with pytest.raises(ValueError, match="msls_weighted needs night and sideways"):
         mining.mine_triplets(ds, mode="msls_weighted", cache_refresh_rate=2, neg_samples_num=5, **kwargs)
     with pytest.raises(ValueError, match="state=MiningState"):
         mining.mine_triplets(ds, mode="full", cache_refresh_rate=2, neg_samples_num=5, **kwargs)
     with pytest.raises(ValueError, match="another data set"):
-        mining.mine_triplets(ds, mode="full", cache_refresh_rate=2, neg_samples_num=5,
-                             state=mining.MiningState(Q_NUM + 1), **kwargs)
+        mining.mine_triplets(
+            ds, mode="full", cache_refresh_rate=2, neg_samples_num=5, state=mining.MiningState(Q_NUM + 1), **kwargs
+        )
     with pytest.raises(ValueError, match="--mining 'hard'"):
         mining.mine_triplets(ds, mode="hard", cache_refresh_rate=2, neg_samples_num=5, **kwargs)
     assert np.array_equal(np.random.get_state()[1], before)
@@ -249,21 +289,46 @@ def test_too_few_negative_candidates():
     ds.soft_positives_per_query = [np.arange(DB_NUM) for _ in range(Q_NUM)]
     for mode, state in (("partial", None), ("full", mining.MiningState(Q_NUM))):
         with pytest.raises(ValueError, match="raise --neg_samples_num"):
-            mining.mine_triplets(ds, mode=mode, descriptors_fn=RecordingDescriptors(), cache_refresh_rate=2,
-                                 neg_samples_num=5, negs_num_per_query=2, state=state)
+            mining.mine_triplets(
+                ds,
+                mode=mode,
+                descriptors_fn=RecordingDescriptors(),
+                cache_refresh_rate=2,
+                neg_samples_num=5,
+                negs_num_per_query=2,
+                state=state,
+            )
     with pytest.raises(ValueError, match="lower --negs_num_per_query"):
-        mining.mine_triplets(ds, mode="random", descriptors_fn=RecordingDescriptors(), cache_refresh_rate=2,
-                             neg_samples_num=5, negs_num_per_query=2)
+        mining.mine_triplets(
+            ds,
+            mode="random",
+            descriptors_fn=RecordingDescriptors(),
+            cache_refresh_rate=2,
+            neg_samples_num=5,
+            negs_num_per_query=2,
+        )
 
 
 def test_bad_descriptors():
     ds = fake_dataset()
     with pytest.raises(ValueError, match="descriptors_fn returned shape"):
-        mining.mine_triplets(ds, mode="partial", descriptors_fn=lambda idx: np.zeros((len(idx) - 1, 4), np.float32),
-                             cache_refresh_rate=2, neg_samples_num=5, negs_num_per_query=2)
+        mining.mine_triplets(
+            ds,
+            mode="partial",
+            descriptors_fn=lambda idx: np.zeros((len(idx) - 1, 4), np.float32),
+            cache_refresh_rate=2,
+            neg_samples_num=5,
+            negs_num_per_query=2,
+        )
     with pytest.raises(ValueError, match="NaN"):
-        mining.mine_triplets(ds, mode="partial", descriptors_fn=lambda idx: np.full((len(idx), 4), np.nan, np.float32),
-                             cache_refresh_rate=2, neg_samples_num=5, negs_num_per_query=2)
+        mining.mine_triplets(
+            ds,
+            mode="partial",
+            descriptors_fn=lambda idx: np.full((len(idx), 4), np.nan, np.float32),
+            cache_refresh_rate=2,
+            neg_samples_num=5,
+            negs_num_per_query=2,
+        )
 
 
 def test_mining_state_roundtrip(tmp_path):
@@ -282,6 +347,7 @@ def test_mining_state_roundtrip(tmp_path):
 # With a real TripletsDataset on disk
 # ----------------------------------------------------------------------------------------------
 
+
 def test_mining_on_a_real_triplets_dataset(tmp_path):
     from PIL import Image
 
@@ -289,8 +355,10 @@ def test_mining_on_a_real_triplets_dataset(tmp_path):
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "toy" / "images" / "train"
-    for split, coords in (("database", [(i * 30.0, 0.0) for i in range(8)]),
-                          ("queries", [(i * 30.0 + 2.0, 0.0) for i in range(0, 8, 2)])):
+    for split, coords in (
+        ("database", [(i * 30.0, 0.0) for i in range(8)]),
+        ("queries", [(i * 30.0 + 2.0, 0.0) for i in range(0, 8, 2)]),
+    ):
         os.makedirs(folder / split)
         for e, n in coords:
             name = f"@{500000 + e}@{4000000 + n}@10@S@@@@@@@@@@@.jpg"
@@ -302,8 +370,9 @@ def test_mining_on_a_real_triplets_dataset(tmp_path):
         return np.stack([subset[k][0].mean(dim=(1, 2)).numpy() for k in range(len(subset))]).astype(np.float32)
 
     np.random.seed(0)
-    triplets = mining.mine_triplets(ds, mode="partial", descriptors_fn=descriptors_fn, cache_refresh_rate=4,
-                                    neg_samples_num=6, negs_num_per_query=2)
+    triplets = mining.mine_triplets(
+        ds, mode="partial", descriptors_fn=descriptors_fn, cache_refresh_rate=4, neg_samples_num=6, negs_num_per_query=2
+    )
     assert len(ds) == 4 and triplets[:, 0].min() >= ds.database_num
     images, local, global_ = ds[0]
     assert images.shape == (4, 3, 8, 8) and global_.tolist() == triplets[0].tolist()

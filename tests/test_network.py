@@ -1,4 +1,5 @@
 """GeoLocalizationNet, build_model and the weight files (public layouts, safe loading)."""
+
 import logging
 import os
 import zipfile
@@ -7,14 +8,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, read_manifest
 
 import network
-from conftest import TINY, read_manifest
 
 
 def _args(**kw):
-    base = dict(backbone="vit_tiny", backbone_depth=2, registers=False, foundation_model_path=None, resume=None,
-                load_weights=None, allow_random_weights=False, device="cpu")
+    base = dict(
+        backbone="vit_tiny",
+        backbone_depth=2,
+        registers=False,
+        foundation_model_path=None,
+        resume=None,
+        load_weights=None,
+        allow_random_weights=False,
+        device="cpu",
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -99,8 +108,7 @@ def test_register_file_without_registers_flag_is_explained(tmp_path):
         network.load_foundation_weights(network.GeoLocalizationNet(**TINY), str(tmp_path / "reg.pth"))
     torch.save(_tiny_foundation_state(registers=False), tmp_path / "plain.pth")
     with pytest.raises(ValueError, match="--registers"):
-        network.load_foundation_weights(network.GeoLocalizationNet(**TINY, registers=True),
-                                        str(tmp_path / "plain.pth"))
+        network.load_foundation_weights(network.GeoLocalizationNet(**TINY, registers=True), str(tmp_path / "plain.pth"))
 
 
 def _perturbed(model):
@@ -114,11 +122,25 @@ def test_checkpoint_public_layout_round_trip_bit_identical(tmp_path, tiny_model)
     model = _perturbed(tiny_model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     path = tmp_path / "last_model.pth"
-    network.save_checkpoint(str(path), model=model, optimizer=optimizer, epoch_num=3,
-                            recalls=np.array([50.0, 70.0, 80.0, 90.0]), best_r5=70.0, not_improved_num=1)
+    network.save_checkpoint(
+        str(path),
+        model=model,
+        optimizer=optimizer,
+        epoch_num=3,
+        recalls=np.array([50.0, 70.0, 80.0, 90.0]),
+        best_r5=70.0,
+        not_improved_num=1,
+    )
     raw = torch.load(path, weights_only=False)  # inspect the layout the public release would read
-    assert set(raw) == {"epoch_num", "model_state_dict", "optimizer_state_dict", "recalls", "best_r5",
-                        "not_improved_num", "model_settings"}  # ours: the public release ignores it
+    assert set(raw) == {
+        "epoch_num",
+        "model_state_dict",
+        "optimizer_state_dict",
+        "recalls",
+        "best_r5",
+        "not_improved_num",
+        "model_settings",
+    }  # ours: the public release ignores it
     assert raw["model_settings"] == {"backbone": "vit_tiny", "backbone_depth": 2, "registers": False}
     assert all(k.startswith("module.") for k in raw["model_state_dict"])
     assert isinstance(raw["recalls"], np.ndarray) and isinstance(raw["best_r5"], np.float64)
@@ -167,8 +189,15 @@ def _public_layout_checkpoint(path, model):
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     model(torch.randn(1, 3, 28, 28))[1].sum().backward()
     optimizer.step()
-    network.save_checkpoint(str(path), model=model, optimizer=optimizer, epoch_num=4,
-                            recalls=np.array([50.0, 70.0, 80.0, 90.0]), best_r5=70.0, not_improved_num=1)
+    network.save_checkpoint(
+        str(path),
+        model=model,
+        optimizer=optimizer,
+        epoch_num=4,
+        recalls=np.array([50.0, 70.0, 80.0, 90.0]),
+        best_r5=70.0,
+        not_improved_num=1,
+    )
     return optimizer
 
 
@@ -193,8 +222,9 @@ def _assert_same(a, b):
 
 @pytest.mark.parametrize("numpy_names", ["numpy.core", "numpy._core"])
 @pytest.mark.parametrize("restricted", LOADERS)
-def test_public_checkpoint_with_numpy_objects_loads_under_either_numpy_naming(tmp_path, tiny_model, numpy_names,
-                                                                              restricted):
+def test_public_checkpoint_with_numpy_objects_loads_under_either_numpy_naming(
+    tmp_path, tiny_model, numpy_names, restricted
+):
     """Public checkpoints were pickled by numpy 1.x (numpy.core...), ours by numpy 2 (numpy._core...): both
     load, whichever numpy is installed, with either loader."""
     path = tmp_path / "ckpt.pth"
@@ -215,10 +245,17 @@ def test_restricted_unpickler_gives_what_torch_load_gives(tmp_path, tiny_model):
     """The restricted unpickler (the loader of torch < 2.6) reads a training checkpoint (Adam state, random
     states, empty and full numpy arrays, bf16 tensors) exactly as an unrestricted torch.load does."""
     import commons
+
     path = tmp_path / "ckpt.pth"
     optimizer = _public_layout_checkpoint(path, tiny_model)
-    network.save_checkpoint(str(path), model=tiny_model, optimizer=optimizer, epoch_num=1, recalls=None,
-                            extra={"rng_states": commons.get_rng_states(), "bf16": torch.ones(3, dtype=torch.bfloat16)})
+    network.save_checkpoint(
+        str(path),
+        model=tiny_model,
+        optimizer=optimizer,
+        epoch_num=1,
+        recalls=None,
+        extra={"rng_states": commons.get_rng_states(), "bf16": torch.ones(3, dtype=torch.bfloat16)},
+    )
     reference = torch.load(path, map_location="cpu", weights_only=False)  # our own file: the reference reading
     restricted = network.load_weights_file(str(path), what="--resume", restricted=True)
     _assert_same(reference, restricted)
@@ -246,17 +283,25 @@ def test_pickle_that_would_run_code_is_refused_naming_the_object(tmp_path, tiny_
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
     torch.save({"model_state_dict": tiny_model.state_dict(), "payload": _Evil(marker)}, path)
-    with pytest.raises(ValueError, match=r"evil\.pth refused: it would run code when unpickled \(it pickles "
-                                         r"posix\.system.*Nothing in it was run") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"evil\.pth refused: it would run code when unpickled \(it pickles "
+        r"posix\.system.*Nothing in it was run",
+    ) as info:
         network.load_weights_file(str(path), what="--resume", restricted=restricted)
     assert "truncated" not in str(info.value)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("payload", [b"cbuiltins\neval\n(X\x0b\x00\x00\x00print('hi')tR.",
-                                     b"c_codecs\nencode\n(X\x02\x00\x00\x00hiX\x04\x00\x00\x00zlibtR.",
-                                     b"c__builtin__\nbytes\n(J\x00\x00\x00\x40tR."],
-                         ids=["builtins.eval", "codecs_other_than_latin1", "bytes_of_a_size"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"cbuiltins\neval\n(X\x0b\x00\x00\x00print('hi')tR.",
+        b"c_codecs\nencode\n(X\x02\x00\x00\x00hiX\x04\x00\x00\x00zlibtR.",
+        b"c__builtin__\nbytes\n(J\x00\x00\x00\x40tR.",
+    ],
+    ids=["builtins.eval", "codecs_other_than_latin1", "bytes_of_a_size"],
+)
 def test_restricted_unpickler_refuses_anything_off_its_allow_list(tmp_path, tiny_model, payload):
     """The restricted unpickler's allow-list is exact: other globals, and the two harmless-looking helpers
     protocol 2 needs (_codecs.encode, bytes) with other arguments, are refused."""
@@ -284,6 +329,7 @@ def test_a_bug_or_broken_install_is_not_blamed_on_the_file(tmp_path, tiny_model,
 
     def broken_load(*args, **kwargs):
         raise ImportError("cannot import name 'x' from 'torch._utils'")
+
     monkeypatch.setattr(torch, "load", broken_load)
     with pytest.raises(ImportError):
         network.load_weights_file(str(path), what="--resume")
@@ -296,8 +342,11 @@ def test_truncated_or_foreign_file_is_called_so(tmp_path, tiny_model, restricted
     (tmp_path / "trunc.pth").write_bytes(good.read_bytes()[:1000])
     (tmp_path / "notes.pth").write_text("these are not weights\n")
     for name in ("trunc.pth", "notes.pth"):
-        with pytest.raises(ValueError, match=name + r" could not be loaded \(.+\): it is truncated or not a PyTorch "
-                                                    "weights file. Download or copy it again"):
+        with pytest.raises(
+            ValueError,
+            match=name + r" could not be loaded \(.+\): it is truncated or not a PyTorch "
+            "weights file. Download or copy it again",
+        ):
             network.load_weights_file(str(tmp_path / name), what="--resume", restricted=restricted)
 
 
@@ -325,8 +374,7 @@ def test_build_model_requires_weights_or_explicit_opt_in(caplog):
         model = network.build_model(_args(allow_random_weights=True))
     assert "RANDOM WEIGHTS" in caplog.text
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in dict(model.named_parameters())
-                         if ".adapter" in n or not n.startswith("backbone.")}
+    assert trainable == {n for n in dict(model.named_parameters()) if ".adapter" in n or not n.startswith("backbone.")}
     # train.py's --train_backbone, passed as a keyword (the other commands have no training flags).
     model = network.build_model(_args(allow_random_weights=True), train_backbone=True)
     assert all(p.requires_grad for p in model.parameters())

@@ -1,16 +1,17 @@
 """reproduce.py: the paper's data sets evaluated with the paper's checkpoints, the table, the resume cache."""
+
 import os
 import shutil
 
 import pytest
 import torch
+from conftest import TINY, TINY_FLAGS
 
 import commons
 import network
 import reproduce
 import synthetic_dataset
 import test
-from conftest import TINY, TINY_FLAGS
 
 QUERIES = 3  # per split: the re-rank engine is the slow part on a CPU
 RERANK = "2"
@@ -22,8 +23,15 @@ def world(tmp_path_factory):
     differently, reached through --dataset_folders), and random checkpoints in the public layout."""
     root = tmp_path_factory.mktemp("reproduce")
     data = root / "data"
-    sizes = dict(preset="tiny", train_database_num=10, train_queries_num=2, val_database_num=12,
-                 val_queries_num=QUERIES, test_database_num=12, test_queries_num=QUERIES)
+    sizes = dict(
+        preset="tiny",
+        train_database_num=10,
+        train_queries_num=2,
+        val_database_num=12,
+        val_queries_num=QUERIES,
+        test_database_num=12,
+        test_queries_num=QUERIES,
+    )
     synthetic_dataset.generate(str(data), "pitts30k", seed=0, **sizes)
     synthetic_dataset.generate(str(data), "stlucia_synth", seed=1, **sizes)
     checkpoints = {}
@@ -42,8 +50,20 @@ def _restore_logging(restore_logging):
 
 
 def flags(world, output, *extra, msls=True, pitts=True):
-    argv = ["--datasets_folder", world["data"], "--output", str(output), *TINY_FLAGS, "--resize", "112", "112",
-            "--rerank_num", RERANK, "--dataset_folders", "st_lucia=stlucia_synth"]
+    argv = [
+        "--datasets_folder",
+        world["data"],
+        "--output",
+        str(output),
+        *TINY_FLAGS,
+        "--resize",
+        "112",
+        "112",
+        "--rerank_num",
+        RERANK,
+        "--dataset_folders",
+        "st_lucia=stlucia_synth",
+    ]
     if msls:
         argv += ["--msls_checkpoint", world["ckpt"]["msls"]]
     if pitts:
@@ -79,9 +99,17 @@ class EvaluateSpy:
 
     def __call__(self, model, dataset, **kw):
         result = self.real(model, dataset, **kw)
-        self.calls.append({"folder": dataset.dataset_name, "split": dataset.split, "weights": first_param(model),
-                           "queries": dataset.queries_num, "rerank_num": kw["rerank_num"],
-                           "recalls": dict(zip(kw["recall_values"], result.recalls)), "times": result.times})
+        self.calls.append(
+            {
+                "folder": dataset.dataset_name,
+                "split": dataset.split,
+                "weights": first_param(model),
+                "queries": dataset.queries_num,
+                "rerank_num": kw["rerank_num"],
+                "recalls": dict(zip(kw["recall_values"], result.recalls)),
+                "times": result.times,
+            }
+        )
         return result
 
 
@@ -104,14 +132,17 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
 
     table = read_table(out)
     assert list(table) == [e.title for e in reproduce.PAPER_ENTRIES]
-    for title, folder, paper in (("St Lucia", "stlucia_synth", (99.8, 100.0, 100.0)),
-                                 ("Pitts30k-test", "pitts30k", (92.8, 96.8, 97.7))):
+    for title, folder, paper in (
+        ("St Lucia", "stlucia_synth", (99.8, 100.0, 100.0)),
+        ("Pitts30k-test", "pitts30k", (92.8, 96.8, 97.7)),
+    ):
         row, recalls = table[title], by_folder[folder]["recalls"]
         assert row["Status"] == "evaluated" and row["Queries"] == str(QUERIES)
         assert row["Ours R@1/5/10"] == ours(recalls)
         assert row["Paper R@1/5/10"] == " / ".join(f"{p:.1f}" for p in paper)
         assert row["Δ R@1/5/10"] == " / ".join(
-            f"{round(round(recalls[n], 1) - p, 1) + 0.0:+.1f}" for n, p in zip((1, 5, 10), paper))
+            f"{round(round(recalls[n], 1) - p, 1) + 0.0:+.1f}" for n, p in zip((1, 5, 10), paper)
+        )
         assert row["Protocol"].startswith("non-paper protocol") and "rerank_num 2 (paper: 100)" in row["Protocol"]
         # The timings are the retrieval engine's stage times of that evaluation.
         times = by_folder[folder]["times"]
@@ -119,8 +150,12 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
         assert row["Query extraction (ms/query)"] == f"{times.query_extraction_s / QUERIES * 1000:.1f}"
         assert row["Re-rank (ms/query)"] == f"{times.rerank_s / QUERIES * 1000:.1f}"
         assert float(row["Peak RAM (GiB)"]) > 0 and row["Peak GPU (GiB)"] == "–"
-    for title, name in (("MSLS-val", "msls/images/val"), ("Nordland-test", "nordland/images/test"),
-                        ("Tokyo24/7", "tokyo247/images/test"), ("Pitts250k-test", "pitts250k/images/test")):
+    for title, name in (
+        ("MSLS-val", "msls/images/val"),
+        ("Nordland-test", "nordland/images/test"),
+        ("Tokyo24/7", "tokyo247/images/test"),
+        ("Pitts250k-test", "pitts250k/images/test"),
+    ):
         assert table[title]["Status"].startswith("skipped: data set not found") and name in table[title]["Status"]
         assert table[title]["Ours R@1/5/10"] == "–"
     first_table = table
@@ -128,6 +163,7 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
     # A second run reuses both results: no evaluation, not even a model load.
     def forbidden(*a, **k):
         raise AssertionError("a finished evaluation was redone")
+
     monkeypatch.setattr(test, "evaluate", forbidden)
     monkeypatch.setattr(network, "load_model_weights", forbidden)
     reproduce.main(flags(world, out))
@@ -144,7 +180,7 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
     # Results are keyed by the checkpoint's contents: a touched file (same weights) keeps its results, other
     # weights in the same file invalidate only the results made with it.
     st = os.stat(world["ckpt"]["pitts30k"])
-    os.utime(world["ckpt"]["pitts30k"], ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    os.utime(world["ckpt"]["pitts30k"], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     reproduce.main(flags(world, out))
     assert all(read_table(out)[t]["Status"].startswith("reused") for t in ("St Lucia", "Pitts30k-test"))
     monkeypatch.undo()
@@ -238,12 +274,19 @@ def test_flag_parsing():
         with pytest.raises(ValueError, match="--rerank_num"):
             reproduce.parse_rerank_nums(bad)
     assert reproduce.parse_dataset_folders(["msls=msls_vg", "tokyo247=/abs/tokyo"]) == {
-        "msls": "msls_vg", "tokyo247": "/abs/tokyo"}
+        "msls": "msls_vg",
+        "tokyo247": "/abs/tokyo",
+    }
     for bad in (["msls"], ["kitti=x"], ["msls=a", "msls=b"], ["msls="]):
         with pytest.raises(ValueError, match="--dataset_folders"):
             reproduce.parse_dataset_folders(bad)
-    for argv in (["--rerank_num", "many"], ["--resume", "x.pth"], ["--query_keys_file", "k.txt"],
-                 ["--msls_val_keys", "/no/such/file"], ["--only", "kitti"]):
+    for argv in (
+        ["--rerank_num", "many"],
+        ["--resume", "x.pth"],
+        ["--query_keys_file", "k.txt"],
+        ["--msls_val_keys", "/no/such/file"],
+        ["--only", "kitti"],
+    ):
         with pytest.raises(SystemExit):
             reproduce.parse_arguments(["--datasets_folder", "/tmp", "--device", "cpu"] + argv)
 
@@ -253,23 +296,40 @@ def test_protocol_text_and_row_format():
     settings = reproduce.model_settings(args)
     assert settings["recall_values"] == [1, 5, 10, 20]
     pitts, msls = reproduce.PAPER_ENTRIES[4], reproduce.PAPER_ENTRIES[0]
-    assert reproduce.protocol_text(entry=pitts, rerank_num=100, settings=settings, queries_num=6816,
-                                   keys_file=None) == "paper protocol"
-    assert reproduce.protocol_text(entry=msls, rerank_num=100, settings=settings, queries_num=740,
-                                   keys_file="/x/keys.txt") == "paper protocol (official MSLS-val: 740 queries listed in keys.txt)"
+    assert (
+        reproduce.protocol_text(entry=pitts, rerank_num=100, settings=settings, queries_num=6816, keys_file=None)
+        == "paper protocol"
+    )
+    assert (
+        reproduce.protocol_text(entry=msls, rerank_num=100, settings=settings, queries_num=740, keys_file="/x/keys.txt")
+        == "paper protocol (official MSLS-val: 740 queries listed in keys.txt)"
+    )
     text = reproduce.protocol_text(entry=msls, rerank_num=20, settings=settings, queries_num=11084, keys_file=None)
     assert text.startswith("non-paper protocol (all 11084 val queries") and "rerank_num 20 (paper: 100)" in text
 
-    record = {"queries_num": 6816, "recall_values": [1, 5, 10, 20], "recalls": [92.84, 96.8, 97.66, 98.0],
-              "recalls_first": [80.0, 90.0, 95.0, 97.0], "device": "NVIDIA H100",
-              "timing": {"query_extraction_s_per_query": 0.0123, "rerank_s_per_query": 0.09, "total_s": 61.34},
-              "peak_rss_bytes": 3 * 2 ** 30, "peak_gpu_bytes": None}
-    row = {"entry": pitts, "status": "evaluated", "record": record, "protocol": "paper protocol",
-           "checkpoint_name": "SelaVPR_pitts30k.pth"}
+    record = {
+        "queries_num": 6816,
+        "recall_values": [1, 5, 10, 20],
+        "recalls": [92.84, 96.8, 97.66, 98.0],
+        "recalls_first": [80.0, 90.0, 95.0, 97.0],
+        "device": "NVIDIA H100",
+        "timing": {"query_extraction_s_per_query": 0.0123, "rerank_s_per_query": 0.09, "total_s": 61.34},
+        "peak_rss_bytes": 3 * 2**30,
+        "peak_gpu_bytes": None,
+    }
+    row = {
+        "entry": pitts,
+        "status": "evaluated",
+        "record": record,
+        "protocol": "paper protocol",
+        "checkpoint_name": "SelaVPR_pitts30k.pth",
+    }
     line = reproduce.format_row(row)
-    assert line == ("| Pitts30k-test | SelaVPR_pitts30k.pth | paper protocol | 6816 | 92.8 / 96.8 / 97.7 | "
-                    "92.8 / 96.8 / 97.7 | +0.0 / +0.0 / +0.0 | 80.0 / 90.0 / 95.0 | 12.3 | 90.0 | 61.3 | 3.00 | – "
-                    "| evaluated |")
+    assert line == (
+        "| Pitts30k-test | SelaVPR_pitts30k.pth | paper protocol | 6816 | 92.8 / 96.8 / 97.7 | "
+        "92.8 / 96.8 / 97.7 | +0.0 / +0.0 / +0.0 | 80.0 / 90.0 / 95.0 | 12.3 | 90.0 | 61.3 | 3.00 | – "
+        "| evaluated |"
+    )
     skipped = {"entry": msls, "status": "skipped", "reason": "data set not found (a|b)", "record": None}
     assert reproduce.format_row(skipped).endswith("| skipped: data set not found (a\\|b) |")
     assert "Device: NVIDIA H100." in reproduce.format_table([row, skipped])
@@ -278,7 +338,7 @@ def test_protocol_text_and_row_format():
 def test_entry_point_refuses_a_foreign_results_file_cleanly(world, tmp_path, capsys):
     out = tmp_path / "results"
     out.mkdir()
-    (out / reproduce.CACHE_NAME).write_text("{\"something\": 1}")
+    (out / reproduce.CACHE_NAME).write_text('{"something": 1}')
     args = reproduce.parse_arguments(["--datasets_folder", world["data"], "--output", str(out), *TINY_FLAGS])
     with pytest.raises(SystemExit) as exit_info:
         commons.run_main(reproduce.main, args)  # what `python3 reproduce.py ...` runs

@@ -1,15 +1,16 @@
 """retrieval.py: extraction, the first stage (exact L2, crop merging), the engine (stores, timings,
 saved databases)."""
+
 import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 
 import datasets_ws
 import network
 import retrieval
-from conftest import TINY
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def tiny_net():
 # Extraction
 # ------------------------------------------------------------------------------------------------
 
+
 def test_single_query_reranks_with_features_at_the_query_size(synthetic_root, tiny_net, tmp_path):
     """A query of another aspect ratio keeps its own grid: mutual NN between grids of different sizes."""
     folder, name = synthetic_root
@@ -29,8 +31,16 @@ def test_single_query_reranks_with_features_at_the_query_size(synthetic_root, ti
     img = ds.load(ds.database_num, "single_query")
     assert img.shape[-2] == 112 or img.shape[-1] == 112
     store = retrieval.DenseStore()
-    retrieval.extract_features(tiny_net, ds, [ds.database_num], method="single_query", batch_size=4, num_workers=0,
-                               device="cpu", local_store=store)
+    retrieval.extract_features(
+        tiny_net,
+        ds,
+        [ds.database_num],
+        method="single_query",
+        batch_size=4,
+        num_workers=0,
+        device="cpu",
+        local_store=store,
+    )
     h, w = img.shape[-2] // 14, img.shape[-1] // 14
     assert store[0].shape == (4 * h - 3, 4 * w - 3, 128)
 
@@ -41,8 +51,17 @@ def test_bf16_extraction_is_close_to_fp32(synthetic_root, tiny_net):
     outs = {}
     for precision in ("fp32", "bf16"):
         store = retrieval.DenseStore()
-        glob = retrieval.extract_features(tiny_net, ds, range(4), method="hard_resize", batch_size=4, num_workers=0,
-                                          device="cpu", local_store=store, precision=precision)
+        glob = retrieval.extract_features(
+            tiny_net,
+            ds,
+            range(4),
+            method="hard_resize",
+            batch_size=4,
+            num_workers=0,
+            device="cpu",
+            local_store=store,
+            precision=precision,
+        )
         outs[precision] = (glob, np.stack([store[i] for i in range(4)]))
         assert glob.dtype == np.float32 and store[0].dtype == np.float32
     (g32, l32), (g16, l16) = outs["fp32"], outs["bf16"]
@@ -53,6 +72,7 @@ def test_bf16_extraction_is_close_to_fp32(synthetic_root, tiny_net):
 # ------------------------------------------------------------------------------------------------
 # First stage
 # ------------------------------------------------------------------------------------------------
+
 
 def test_merge_crop_candidates_keeps_nearest_occurrence_once():
     distances = np.array([[0.5, 0.9], [0.1, 0.7], [0.3, 0.4], [0.2, 0.95], [0.6, 0.8]])
@@ -107,6 +127,7 @@ def test_search_of_each_query_method_against_brute_force():
 # The engine
 # ------------------------------------------------------------------------------------------------
 
+
 def _engine(model, **kwargs):
     return retrieval.Retrieval(model, batch_size=8, num_workers=0, device="cpu", **kwargs)
 
@@ -122,8 +143,9 @@ def test_ram_and_disk_stores_give_the_same_ranking_and_the_disk_files_go(test_sp
     for where, folder in (("ram", None), ("disk", str(tmp_path / "run" / "dense_features"))):
         with _engine(tiny_net, store_folder=folder) as engine:
             database = engine.build_database(ds, range(ds.database_num))
-            queries = engine.extract_queries(ds, range(ds.database_num, ds.database_num + ds.queries_num),
-                                             method="hard_resize")
+            queries = engine.extract_queries(
+                ds, range(ds.database_num, ds.database_num + ds.queries_num), method="hard_resize"
+            )
             if folder is not None:  # the two stores' files, in the folder given
                 assert database.dense.on_disk and len(os.listdir(folder)) == 2
             rankings[where] = engine.rank(database, queries, rerank_num=5)
@@ -142,6 +164,7 @@ def test_a_failing_rank_still_removes_the_store_files(test_split, tiny_net, tmp_
 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. Ctrl-C during the re-ranking
+
     monkeypatch.setattr(retrieval, "rerank_predictions", broken)
     with pytest.raises(KeyboardInterrupt):
         with _engine(tiny_net, store_folder=str(folder)) as engine:

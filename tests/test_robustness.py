@@ -29,6 +29,7 @@ Cost: most cases stop at parse time or before the model is built, and run in for
 imported the project once (see RUNNER); a few run in a fresh interpreter. Two processes at a time (the
 machine has 2 cores).
 """
+
 import glob
 import importlib.util
 import json
@@ -46,12 +47,12 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
+from conftest import ROOT, TINY, TINY_FLAGS, kill_once_marker_appears, tiny_eval_flags
 from PIL import Image
+from test_train import TRAIN_FLAGS, _train
 
 import datasets_ws
 import network
-from conftest import ROOT, TINY, TINY_FLAGS, kill_once_marker_appears, tiny_eval_flags
-from test_train import TRAIN_FLAGS, _train
 
 PARALLEL = 2
 FAST = ["--rerank_num", "2", "--recall_values", "1", "2"]  # re-ranking is not what these tests are about
@@ -63,6 +64,7 @@ ERROR_LINE = re.compile(r"(^|\s|: )error: ")
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
+
 
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "DATASETS_FOLDER"}
@@ -76,8 +78,9 @@ def _run(argv: List[str], cwd: str, *, timeout: int = 300, env: Optional[dict] =
     argv = list(argv)
     if argv and argv[0].endswith(".py") and not os.path.isabs(argv[0]):
         argv[0] = os.path.join(ROOT, argv[0])
-    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env or _env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *argv], cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def snapshot(folder: str) -> Dict[str, tuple]:
@@ -95,8 +98,9 @@ def snapshot(folder: str) -> Dict[str, tuple]:
 def copy_splits(source_root: str, dest_folder: str, splits=("test",), name: str = "synthetic") -> str:
     """Copy some splits of the synthetic data set (dest_folder/name/images/<split>); returns dest_folder."""
     for split in splits:
-        shutil.copytree(os.path.join(source_root, name, "images", split),
-                        os.path.join(dest_folder, name, "images", split))
+        shutil.copytree(
+            os.path.join(source_root, name, "images", split), os.path.join(dest_folder, name, "images", split)
+        )
     return dest_folder
 
 
@@ -125,6 +129,7 @@ class Evil:
 # Inputs shared by the cases
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, synthetic_root):
     """Weight files (good, wrong, broken, malicious) and a few images, made once."""
@@ -142,13 +147,19 @@ def world(tmp_path_factory, synthetic_root):
     w["other"] = os.path.join(folder, "vit_small.pth")
     network.save_checkpoint(w["other"], model=network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1))
     w["other_public"] = os.path.join(folder, "vit_small_public.pth")  # the public layout: no model_settings
-    torch.save({"model_state_dict": network.public_state_dict(network.GeoLocalizationNet(backbone="vit_small",
-                                                                                         backbone_depth=1))},
-               w["other_public"])
+    torch.save(
+        {
+            "model_state_dict": network.public_state_dict(
+                network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1)
+            )
+        },
+        w["other_public"],
+    )
     backbone_state = {k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}
     w["evil"] = os.path.join(folder, "evil.pth")
-    torch.save({"model_state_dict": network.public_state_dict(model), "epoch_num": 0, "x": Evil(w["marker"])},
-               w["evil"])
+    torch.save(
+        {"model_state_dict": network.public_state_dict(model), "epoch_num": 0, "x": Evil(w["marker"])}, w["evil"]
+    )
     w["evil_foundation"] = os.path.join(folder, "evil_dinov2.pth")
     torch.save({**backbone_state, "x": Evil(w["marker"])}, w["evil_foundation"])
     w["weights_dir"] = os.path.join(folder, "a_folder.pth")
@@ -170,6 +181,7 @@ def world(tmp_path_factory, synthetic_root):
 # ------------------------------------------------------------------------------------------------
 # The matrix
 # ------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Case:
@@ -202,10 +214,12 @@ def Dw(w, *extra):
 
 def on_copy(mutate, splits=("test",)):
     """prepare(): copy splits of the synthetic set into case_dir/data, then mutate(data folder)."""
+
     def prepare(w, case_dir):
         data = copy_splits(w["ds"], os.path.join(case_dir, "data"), splits)
         mutate(data)
         return data
+
     return prepare
 
 
@@ -242,6 +256,7 @@ def _pre_create(root, save_dir):
     def prepare(w, case_dir):
         timestamp_folders(os.path.join(case_dir, root, save_dir))
         return None
+
     return prepare
 
 
@@ -253,180 +268,357 @@ def _existing_folder(w, case_dir):
 
 CASES = [
     # ---- train.py -----------------------------------------------------------------------------
-    Case("train_missing_datasets_folder",
-         lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "nope"))],
-         [r"Datasets folder '.*nope' does not exist", r"set --datasets_folder"]),
-    Case("train_datasets_folder_not_given",
-         lambda w, d: ["train.py", *TINY_FLAGS, "--allow_random_weights"],
-         [r"--datasets_folder is required", r"DATASETS_FOLDER"]),
-    Case("train_queries_per_epoch_not_a_multiple",
-         lambda w, d: ["train.py", *D(w, "--queries_per_epoch", "7", "--cache_refresh_rate", "3")],
-         [r"--queries_per_epoch \(7\) must be a multiple of --cache_refresh_rate \(3\)"]),
-    Case("train_sare_criterion",
-         lambda w, d: ["train.py", *D(w, "--criterion", "sare_joint")],
-         [r"--criterion sare_joint is not implemented", r"use --criterion triplet"]),
-    Case("train_file_name_without_utm",
-         lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
-         [r"no_utm_here\.jpg' does not carry UTM coordinates", r"Rename the image or remove it"],
-         prepare=on_copy(_rename_to_no_utm, splits=("train",))),
-    Case("train_queries_folder_without_jpg",
-         lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
-         [r"Folder '.*train/queries' contains no \.jpg image", r"case-sensitive"],
-         prepare=on_copy(_empty_queries, splits=("train",))),
-    Case("train_output_folder_exists",
-         lambda w, d: ["train.py", *D(w, "--save_dir", "taken")],
-         [r"output folder logs/taken/.* already exists", r"choose another --save_dir"],
-         prepare=_pre_create("logs", "taken"), fresh=True),
-    Case("train_no_weights",
-         lambda w, d: ["train.py", *Dw(w)],
-         [r"no weights given", r"--foundation_model_path", r"--allow_random_weights"]),
+    Case(
+        "train_missing_datasets_folder",
+        lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "nope"))],
+        [r"Datasets folder '.*nope' does not exist", r"set --datasets_folder"],
+    ),
+    Case(
+        "train_datasets_folder_not_given",
+        lambda w, d: ["train.py", *TINY_FLAGS, "--allow_random_weights"],
+        [r"--datasets_folder is required", r"DATASETS_FOLDER"],
+    ),
+    Case(
+        "train_queries_per_epoch_not_a_multiple",
+        lambda w, d: ["train.py", *D(w, "--queries_per_epoch", "7", "--cache_refresh_rate", "3")],
+        [r"--queries_per_epoch \(7\) must be a multiple of --cache_refresh_rate \(3\)"],
+    ),
+    Case(
+        "train_sare_criterion",
+        lambda w, d: ["train.py", *D(w, "--criterion", "sare_joint")],
+        [r"--criterion sare_joint is not implemented", r"use --criterion triplet"],
+    ),
+    Case(
+        "train_file_name_without_utm",
+        lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
+        [r"no_utm_here\.jpg' does not carry UTM coordinates", r"Rename the image or remove it"],
+        prepare=on_copy(_rename_to_no_utm, splits=("train",)),
+    ),
+    Case(
+        "train_queries_folder_without_jpg",
+        lambda w, d: ["train.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
+        [r"Folder '.*train/queries' contains no \.jpg image", r"case-sensitive"],
+        prepare=on_copy(_empty_queries, splits=("train",)),
+    ),
+    Case(
+        "train_output_folder_exists",
+        lambda w, d: ["train.py", *D(w, "--save_dir", "taken")],
+        [r"output folder logs/taken/.* already exists", r"choose another --save_dir"],
+        prepare=_pre_create("logs", "taken"),
+        fresh=True,
+    ),
+    Case(
+        "train_no_weights",
+        lambda w, d: ["train.py", *Dw(w)],
+        [r"no weights given", r"--foundation_model_path", r"--allow_random_weights"],
+    ),
     # ---- eval.py: flags ------------------------------------------------------------------------
-    Case("eval_rerank_num_zero",
-         lambda w, d: ["eval.py", *D(w, "--rerank_num", "0")],
-         [r"--rerank_num: must be a positive integer, got 0"]),
-    Case("eval_resize_not_multiple_of_14",
-         lambda w, d: ["eval.py", *D(w, "--resize", "100", "100")],
-         [r"--resize 100 100: both sides must be positive multiples of the patch size 14"]),
-    Case("eval_unknown_test_method",
-         lambda w, d: ["eval.py", *D(w, "--test_method", "ten_crops")],
-         [r"--test_method: invalid choice: 'ten_crops'", r"hard_resize"]),
-    Case("eval_dense_feature_map_size_mismatch",
-         lambda w, d: ["eval.py", *D(w, "--dense_feature_map_size", "61", "61", "128")],
-         [r"--dense_feature_map_size 61 61 128 does not match --resize 112 112, which gives 29 29 128"]),
-    Case("eval_recall_values_not_increasing",
-         lambda w, d: ["eval.py", *D(w, "--recall_values", "5", "1")],
-         [r"--recall_values must be increasing and distinct"]),
-    Case("eval_pca_dim_without_folder",
-         lambda w, d: ["eval.py", *D(w, "--pca_dim", "8")],
-         [r"--pca_dim needs --pca_dataset_folder"]),
-    Case("eval_query_keys_file_missing",
-         lambda w, d: ["eval.py", *D(w, "--query_keys_file", os.path.join(d, "keys.txt"))],
-         [r"--query_keys_file '.*keys\.txt' does not exist"]),
-    Case("eval_output_folder_exists",
-         lambda w, d: ["eval.py", *D(w, "--save_dir", "taken")],
-         [r"output folder test/taken/.* already exists", r"choose another --save_dir"],
-         prepare=_pre_create("test", "taken")),
+    Case(
+        "eval_rerank_num_zero",
+        lambda w, d: ["eval.py", *D(w, "--rerank_num", "0")],
+        [r"--rerank_num: must be a positive integer, got 0"],
+    ),
+    Case(
+        "eval_resize_not_multiple_of_14",
+        lambda w, d: ["eval.py", *D(w, "--resize", "100", "100")],
+        [r"--resize 100 100: both sides must be positive multiples of the patch size 14"],
+    ),
+    Case(
+        "eval_unknown_test_method",
+        lambda w, d: ["eval.py", *D(w, "--test_method", "ten_crops")],
+        [r"--test_method: invalid choice: 'ten_crops'", r"hard_resize"],
+    ),
+    Case(
+        "eval_dense_feature_map_size_mismatch",
+        lambda w, d: ["eval.py", *D(w, "--dense_feature_map_size", "61", "61", "128")],
+        [r"--dense_feature_map_size 61 61 128 does not match --resize 112 112, which gives 29 29 128"],
+    ),
+    Case(
+        "eval_recall_values_not_increasing",
+        lambda w, d: ["eval.py", *D(w, "--recall_values", "5", "1")],
+        [r"--recall_values must be increasing and distinct"],
+    ),
+    Case(
+        "eval_pca_dim_without_folder",
+        lambda w, d: ["eval.py", *D(w, "--pca_dim", "8")],
+        [r"--pca_dim needs --pca_dataset_folder"],
+    ),
+    Case(
+        "eval_query_keys_file_missing",
+        lambda w, d: ["eval.py", *D(w, "--query_keys_file", os.path.join(d, "keys.txt"))],
+        [r"--query_keys_file '.*keys\.txt' does not exist"],
+    ),
+    Case(
+        "eval_output_folder_exists",
+        lambda w, d: ["eval.py", *D(w, "--save_dir", "taken")],
+        [r"output folder test/taken/.* already exists", r"choose another --save_dir"],
+        prepare=_pre_create("test", "taken"),
+    ),
     # ---- eval.py: weight files -----------------------------------------------------------------
-    Case("eval_registers_with_plain_checkpoint",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["good"], "--registers")],
-         [r"--resume .*good\.pth was trained with another model", r"--registers True \(given\) but False in the file"]),
-    Case("eval_checkpoint_of_another_model",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["other"])],
-         [r"--resume .*vit_small\.pth was trained with another model: --backbone vit_tiny \(given\) but vit_small "
-          r"in the file"]),
-    Case("eval_public_checkpoint_of_another_model",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["other_public"])],
-         [r"--resume .*vit_small_public\.pth is not a SelaVPR checkpoint of this model \(check --backbone"]),
-    Case("eval_truncated_checkpoint",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["truncated"])],
-         [r"--resume .*truncated\.pth could not be loaded", r"truncated or not a PyTorch weights file"]),
-    Case("eval_zero_byte_checkpoint",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["zero"])],
-         [r"--resume .*zero\.pth is empty \(0 bytes\)"]),
-    Case("eval_checkpoint_is_a_folder",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["weights_dir"])],
-         [r"--resume .*a_folder\.pth is a directory", r"Give the path of a weights file"]),
-    Case("eval_checkpoint_missing",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", os.path.join(d, "nope.pth"))],
-         [r"--resume .*nope\.pth: no such file"]),
-    Case("eval_crafted_pickle_resume",
-         lambda w, d: ["eval.py", *Dw(w, "--resume", w["evil"])],
-         [r"--resume .*evil\.pth refused: it would run code when unpickled \(it pickles posix\.system",
-          r"Nothing in it was run"], fresh=True),
-    Case("eval_crafted_pickle_foundation",
-         lambda w, d: ["eval.py", *Dw(w, "--foundation_model_path", w["evil_foundation"])],
-         [r"--foundation_model_path .*evil_dinov2\.pth refused: it would run code .*posix\.system"]),
-    Case("eval_checkpoint_given_as_foundation",
-         lambda w, d: ["eval.py", *Dw(w, "--foundation_model_path", w["good"])],
-         [r"--foundation_model_path .*good\.pth does not match --backbone vit_tiny \(2 blocks\)",
-          r"give it with --resume or --load_weights"]),
+    Case(
+        "eval_registers_with_plain_checkpoint",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["good"], "--registers")],
+        [r"--resume .*good\.pth was trained with another model", r"--registers True \(given\) but False in the file"],
+    ),
+    Case(
+        "eval_checkpoint_of_another_model",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["other"])],
+        [
+            r"--resume .*vit_small\.pth was trained with another model: --backbone vit_tiny \(given\) but vit_small "
+            r"in the file"
+        ],
+    ),
+    Case(
+        "eval_public_checkpoint_of_another_model",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["other_public"])],
+        [r"--resume .*vit_small_public\.pth is not a SelaVPR checkpoint of this model \(check --backbone"],
+    ),
+    Case(
+        "eval_truncated_checkpoint",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["truncated"])],
+        [r"--resume .*truncated\.pth could not be loaded", r"truncated or not a PyTorch weights file"],
+    ),
+    Case(
+        "eval_zero_byte_checkpoint",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["zero"])],
+        [r"--resume .*zero\.pth is empty \(0 bytes\)"],
+    ),
+    Case(
+        "eval_checkpoint_is_a_folder",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["weights_dir"])],
+        [r"--resume .*a_folder\.pth is a directory", r"Give the path of a weights file"],
+    ),
+    Case(
+        "eval_checkpoint_missing",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", os.path.join(d, "nope.pth"))],
+        [r"--resume .*nope\.pth: no such file"],
+    ),
+    Case(
+        "eval_crafted_pickle_resume",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["evil"])],
+        [
+            r"--resume .*evil\.pth refused: it would run code when unpickled \(it pickles posix\.system",
+            r"Nothing in it was run",
+        ],
+        fresh=True,
+    ),
+    Case(
+        "eval_crafted_pickle_foundation",
+        lambda w, d: ["eval.py", *Dw(w, "--foundation_model_path", w["evil_foundation"])],
+        [r"--foundation_model_path .*evil_dinov2\.pth refused: it would run code .*posix\.system"],
+    ),
+    Case(
+        "eval_checkpoint_given_as_foundation",
+        lambda w, d: ["eval.py", *Dw(w, "--foundation_model_path", w["good"])],
+        [
+            r"--foundation_model_path .*good\.pth does not match --backbone vit_tiny \(2 blocks\)",
+            r"give it with --resume or --load_weights",
+        ],
+    ),
     # ---- eval.py: data -------------------------------------------------------------------------
-    Case("eval_no_data_set_in_folder",
-         lambda w, d: ["eval.py", *D(w, "--datasets_folder", w["no_images"])],
-         [r"Data set folder '.*no_images/synthetic' does not exist", r"check --dataset_name"]),
-    Case("eval_corrupt_query_image_workers_0",
-         lambda w, d: ["eval.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
-         [r"Cannot read image '.*test/queries/@.*\.jpg'", r"Replace it with a valid image or delete it"],
-         prepare=on_copy(_garbage_query)),
-    Case("eval_truncated_database_image_workers_2",
-         lambda w, d: ["eval.py", *D(w, "--datasets_folder", os.path.join(d, "data"), "--num_workers", "2",
-                                      "--infer_batch_size", "4")],
-         [r"Cannot read image '.*test/database/@.*\.jpg' \(OSError: image file is truncated",
-          r"Replace it with a valid image"],
-         prepare=on_copy(_truncate_database_image), fresh=True),
-    Case("eval_zero_byte_image_workers_2",
-         lambda w, d: ["eval.py", *D(w, "--datasets_folder", os.path.join(d, "data"), "--num_workers", "2",
-                                      "--efficient_ram_testing")],
-         [r"Cannot read image '.*test/database/@.*\.jpg'", r"empty, truncated or not an image"],
-         prepare=on_copy(_empty_database_image)),
+    Case(
+        "eval_no_data_set_in_folder",
+        lambda w, d: ["eval.py", *D(w, "--datasets_folder", w["no_images"])],
+        [r"Data set folder '.*no_images/synthetic' does not exist", r"check --dataset_name"],
+    ),
+    Case(
+        "eval_corrupt_query_image_workers_0",
+        lambda w, d: ["eval.py", *D(w, "--datasets_folder", os.path.join(d, "data"))],
+        [r"Cannot read image '.*test/queries/@.*\.jpg'", r"Replace it with a valid image or delete it"],
+        prepare=on_copy(_garbage_query),
+    ),
+    Case(
+        "eval_truncated_database_image_workers_2",
+        lambda w, d: [
+            "eval.py",
+            *D(w, "--datasets_folder", os.path.join(d, "data"), "--num_workers", "2", "--infer_batch_size", "4"),
+        ],
+        [
+            r"Cannot read image '.*test/database/@.*\.jpg' \(OSError: image file is truncated",
+            r"Replace it with a valid image",
+        ],
+        prepare=on_copy(_truncate_database_image),
+        fresh=True,
+    ),
+    Case(
+        "eval_zero_byte_image_workers_2",
+        lambda w, d: [
+            "eval.py",
+            *D(w, "--datasets_folder", os.path.join(d, "data"), "--num_workers", "2", "--efficient_ram_testing"),
+        ],
+        [r"Cannot read image '.*test/database/@.*\.jpg'", r"empty, truncated or not an image"],
+        prepare=on_copy(_empty_database_image),
+    ),
     # ---- localize.py ---------------------------------------------------------------------------
-    Case("localize_missing_queries_folder",
-         lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder",
-                       os.path.join(d, "nope"), "--database_folder", os.path.dirname(w["image"])],
-         [r"--queries_folder .*nope: no such folder"]),
-    Case("localize_output_folder_exists",
-         lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder",
-                       os.path.dirname(w["image"]), "--database_folder", os.path.dirname(w["image"]),
-                       "--output_folder", "out"],
-         [r"--output_folder out already exists: choose a new folder"], prepare=_existing_folder),
-    Case("localize_load_database_not_a_database",
-         lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder",
-                       os.path.dirname(w["image"]), "--load_database", w["no_images"]],
-         [r"--load_database .*no_images has no manifest\.json", r"Save the database again"]),
-    Case("localize_database_folder_without_images",
-         lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder",
-                       os.path.dirname(w["image"]), "--database_folder", w["no_images"]],
-         [r"--database_folder .*no_images contains no image"]),
-    Case("localize_unknown_test_method",
-         lambda w, d: ["localize.py", *TINY_FLAGS, "--allow_random_weights", "--queries_folder", d,
-                       "--database_folder", d, "--test_method", "ten_crops"],
-         [r"--test_method: invalid choice: 'ten_crops'", r"five_crops"]),
+    Case(
+        "localize_missing_queries_folder",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            os.path.join(d, "nope"),
+            "--database_folder",
+            os.path.dirname(w["image"]),
+        ],
+        [r"--queries_folder .*nope: no such folder"],
+    ),
+    Case(
+        "localize_output_folder_exists",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            os.path.dirname(w["image"]),
+            "--database_folder",
+            os.path.dirname(w["image"]),
+            "--output_folder",
+            "out",
+        ],
+        [r"--output_folder out already exists: choose a new folder"],
+        prepare=_existing_folder,
+    ),
+    Case(
+        "localize_load_database_not_a_database",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            os.path.dirname(w["image"]),
+            "--load_database",
+            w["no_images"],
+        ],
+        [r"--load_database .*no_images has no manifest\.json", r"Save the database again"],
+    ),
+    Case(
+        "localize_database_folder_without_images",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            os.path.dirname(w["image"]),
+            "--database_folder",
+            w["no_images"],
+        ],
+        [r"--database_folder .*no_images contains no image"],
+    ),
+    Case(
+        "localize_unknown_test_method",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            d,
+            "--database_folder",
+            d,
+            "--test_method",
+            "ten_crops",
+        ],
+        [r"--test_method: invalid choice: 'ten_crops'", r"five_crops"],
+    ),
     # ---- tools ---------------------------------------------------------------------------------
-    Case("heatmap_zero_byte_image",
-         lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TOOL_FLAGS,
-                       "--allow_random_weights"],
-         [r"Cannot read image '.*empty\.jpg'", r"empty, truncated or not an image"], fresh=True),
-    Case("heatmap_alpha_out_of_range",
-         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.jpg", *TOOL_FLAGS, "--alpha", "2"],
-         [r"--alpha must lie in \[0, 1\], got 2\.0"]),
-    Case("heatmap_unknown_output_extension",
-         lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.txt", *TOOL_FLAGS,
-                       "--allow_random_weights"],
-         [r"output 'heat\.txt': unknown image extension \.txt", r"use \.jpg or \.png"]),
-    Case("draw_matches_folder_as_image",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["no_images"], "--output", "m.jpg", *TOOL_FLAGS,
-                       "--allow_random_weights"],
-         [r"Image '.*no_images' is a folder, not an image file"]),
-    Case("draw_matches_text_named_jpg",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["text_jpg"], "--output", "m.jpg", *TOOL_FLAGS,
-                       "--allow_random_weights"],
-         [r"Cannot read image '.*notes\.jpg'", r"not an image"]),
-    Case("draw_matches_negative_ransac_threshold",
-         lambda w, d: ["tools/draw_matches.py", w["image"], w["image"], "--output", "m.jpg", *TOOL_FLAGS,
-                       "--ransac_threshold", "-1"],
-         [r"--ransac_threshold must be a positive number of pixels, got -1\.0"]),
+    Case(
+        "heatmap_zero_byte_image",
+        lambda w, d: ["tools/heatmap.py", w["zero_jpg"], "--output", "heat.jpg", *TOOL_FLAGS, "--allow_random_weights"],
+        [r"Cannot read image '.*empty\.jpg'", r"empty, truncated or not an image"],
+        fresh=True,
+    ),
+    Case(
+        "heatmap_alpha_out_of_range",
+        lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.jpg", *TOOL_FLAGS, "--alpha", "2"],
+        [r"--alpha must lie in \[0, 1\], got 2\.0"],
+    ),
+    Case(
+        "heatmap_unknown_output_extension",
+        lambda w, d: ["tools/heatmap.py", w["image"], "--output", "heat.txt", *TOOL_FLAGS, "--allow_random_weights"],
+        [r"output 'heat\.txt': unknown image extension \.txt", r"use \.jpg or \.png"],
+    ),
+    Case(
+        "draw_matches_folder_as_image",
+        lambda w, d: [
+            "tools/draw_matches.py",
+            w["image"],
+            w["no_images"],
+            "--output",
+            "m.jpg",
+            *TOOL_FLAGS,
+            "--allow_random_weights",
+        ],
+        [r"Image '.*no_images' is a folder, not an image file"],
+    ),
+    Case(
+        "draw_matches_text_named_jpg",
+        lambda w, d: [
+            "tools/draw_matches.py",
+            w["image"],
+            w["text_jpg"],
+            "--output",
+            "m.jpg",
+            *TOOL_FLAGS,
+            "--allow_random_weights",
+        ],
+        [r"Cannot read image '.*notes\.jpg'", r"not an image"],
+    ),
+    Case(
+        "draw_matches_negative_ransac_threshold",
+        lambda w, d: [
+            "tools/draw_matches.py",
+            w["image"],
+            w["image"],
+            "--output",
+            "m.jpg",
+            *TOOL_FLAGS,
+            "--ransac_threshold",
+            "-1",
+        ],
+        [r"--ransac_threshold must be a positive number of pixels, got -1\.0"],
+    ),
     # ---- synthetic_dataset.py ------------------------------------------------------------------
-    Case("synthetic_existing_without_overwrite",
-         lambda w, d: ["synthetic_dataset.py", "--datasets_folder", w["ds"], "--preset", "tiny"],
-         [r"synthetic already exists: pass --overwrite", r"--if_missing"]),
-    Case("synthetic_jpeg_quality_out_of_range",
-         lambda w, d: ["synthetic_dataset.py", "--datasets_folder", d, "--jpeg_quality", "500"],
-         [r"--jpeg_quality must be an integer in \[10, 100\], got 500"]),
-    Case("synthetic_name_escaping_the_folder",
-         lambda w, d: ["synthetic_dataset.py", "--datasets_folder", d, "--dataset_name", "../escape"],
-         [r"--dataset_name must be a plain folder name", r"'\.\./escape'"]),
+    Case(
+        "synthetic_existing_without_overwrite",
+        lambda w, d: ["synthetic_dataset.py", "--datasets_folder", w["ds"], "--preset", "tiny"],
+        [r"synthetic already exists: pass --overwrite", r"--if_missing"],
+    ),
+    Case(
+        "synthetic_jpeg_quality_out_of_range",
+        lambda w, d: ["synthetic_dataset.py", "--datasets_folder", d, "--jpeg_quality", "500"],
+        [r"--jpeg_quality must be an integer in \[10, 100\], got 500"],
+    ),
+    Case(
+        "synthetic_name_escaping_the_folder",
+        lambda w, d: ["synthetic_dataset.py", "--datasets_folder", d, "--dataset_name", "../escape"],
+        [r"--dataset_name must be a plain folder name", r"'\.\./escape'"],
+    ),
     # ---- reproduce.py --------------------------------------------------------------------------
-    Case("reproduce_bad_rerank_num",
-         lambda w, d: ["reproduce.py", *R(w), "--rerank_num", "zero"],
-         [r"--rerank_num must be a positive integer or 'both', got 'zero'"], fresh=True),
-    Case("reproduce_crafted_pickle_checkpoint",
-         lambda w, d: ["reproduce.py", *R(w),
-                       "--msls_checkpoint", w["evil"], "--dataset_folders", "msls=synthetic", "--only", "msls",
-                       "--output", "rep"],
-         [r"1 evaluation\(s\) failed \(MSLS-val\)", r"results\.md"],
-         also=[r"Cannot load --msls_checkpoint .*evil\.pth: .*refused: it would run code .*posix\.system"],
-         # The table records the failed row and why: that is the report this tool exists to write.
-         allowed=[r"^rep/results\.md$", r"^rep/logs/[^/]+/(info|debug)\.log$"]),
+    Case(
+        "reproduce_bad_rerank_num",
+        lambda w, d: ["reproduce.py", *R(w), "--rerank_num", "zero"],
+        [r"--rerank_num must be a positive integer or 'both', got 'zero'"],
+        fresh=True,
+    ),
+    Case(
+        "reproduce_crafted_pickle_checkpoint",
+        lambda w, d: [
+            "reproduce.py",
+            *R(w),
+            "--msls_checkpoint",
+            w["evil"],
+            "--dataset_folders",
+            "msls=synthetic",
+            "--only",
+            "msls",
+            "--output",
+            "rep",
+        ],
+        [r"1 evaluation\(s\) failed \(MSLS-val\)", r"results\.md"],
+        also=[r"Cannot load --msls_checkpoint .*evil\.pth: .*refused: it would run code .*posix\.system"],
+        # The table records the failed row and why: that is the report this tool exists to write.
+        allowed=[r"^rep/results\.md$", r"^rep/logs/[^/]+/(info|debug)\.log$"],
+    ),
 ]
 
 
@@ -491,8 +683,14 @@ def _prepare_case(case: Case, world: dict, base: str) -> dict:
     argv = case.argv(world, case_dir)
     if argv[0].endswith(".py") and not os.path.isabs(argv[0]):
         argv[0] = os.path.join(ROOT, argv[0])
-    return {"case": case, "argv": argv, "case_dir": case_dir, "data": data,
-            "data_before": snapshot(data) if data else None, "cwd_before": snapshot(case_dir)}
+    return {
+        "case": case,
+        "argv": argv,
+        "case_dir": case_dir,
+        "data": data,
+        "data_before": snapshot(data) if data else None,
+        "cwd_before": snapshot(case_dir),
+    }
 
 
 def _run_forked(outcomes: List[dict], base: str) -> None:
@@ -500,18 +698,33 @@ def _run_forked(outcomes: List[dict], base: str) -> None:
     jobs = []
     for o in outcomes:
         stem = os.path.join(base, "streams", o["case"].id)
-        jobs.append({"id": o["case"].id, "argv": o["argv"], "cwd": o["case_dir"], "env": _env(**o["case"].env),
-                     "stdout": stem + ".out", "stderr": stem + ".err"})
+        jobs.append(
+            {
+                "id": o["case"].id,
+                "argv": o["argv"],
+                "cwd": o["case_dir"],
+                "env": _env(**o["case"].env),
+                "stdout": stem + ".out",
+                "stderr": stem + ".err",
+            }
+        )
     jobs_path, results_path = os.path.join(base, "jobs.json"), os.path.join(base, "results.json")
     with open(jobs_path, "w") as f:
         json.dump(jobs, f)
-    runner = subprocess.run([sys.executable, "-c", RUNNER, jobs_path, results_path, ROOT], cwd=base, env=_env(),
-                            capture_output=True, text=True, timeout=900)
+    runner = subprocess.run(
+        [sys.executable, "-c", RUNNER, jobs_path, results_path, ROOT],
+        cwd=base,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert runner.returncode == 0, runner.stdout[-3000:] + runner.stderr[-3000:]
     codes = json.load(open(results_path))
     for o, job in zip(outcomes, jobs):
-        o["result"] = subprocess.CompletedProcess(job["argv"], codes[job["id"]]["code"], open(job["stdout"]).read(),
-                                                  open(job["stderr"]).read())
+        o["result"] = subprocess.CompletedProcess(
+            job["argv"], codes[job["id"]]["code"], open(job["stdout"]).read(), open(job["stderr"]).read()
+        )
         o["seconds"] = codes[job["id"]]["seconds"]
 
 
@@ -535,8 +748,10 @@ def matrix(world, tmp_path_factory):
     fresh = [o for o in outcomes if not (use_fork and not o["case"].fresh)]
     with ThreadPoolExecutor(PARALLEL) as pool:
         done = [pool.submit(_run_forked, forked, base)] if forked else []
-        done += [pool.submit(_run_fresh, fresh[i::PARALLEL - 1 if forked else PARALLEL])
-                 for i in range(PARALLEL - 1 if forked else PARALLEL)]
+        done += [
+            pool.submit(_run_fresh, fresh[i :: PARALLEL - 1 if forked else PARALLEL])
+            for i in range(PARALLEL - 1 if forked else PARALLEL)
+        ]
         for future in done:
             future.result()
     by_id = {o["case"].id: o for o in outcomes}
@@ -546,11 +761,41 @@ def matrix(world, tmp_path_factory):
 
 def test_the_matrix_has_at_least_20_cases_over_every_script():
     assert len(CASES) >= 20 and len({c.id for c in CASES}) == len(CASES)
-    scripts = {c.argv({"ds": "", **{k: "x" for k in ("good", "other", "other_public", "truncated", "zero", "weights_dir", "evil",
-                                                      "evil_foundation", "image", "text_jpg", "zero_jpg",
-                                                      "no_images")}}, "d")[0] for c in CASES}
-    assert {"train.py", "eval.py", "localize.py", "tools/heatmap.py", "tools/draw_matches.py",
-            "synthetic_dataset.py", "reproduce.py"} <= scripts
+    scripts = {
+        c.argv(
+            {
+                "ds": "",
+                **{
+                    k: "x"
+                    for k in (
+                        "good",
+                        "other",
+                        "other_public",
+                        "truncated",
+                        "zero",
+                        "weights_dir",
+                        "evil",
+                        "evil_foundation",
+                        "image",
+                        "text_jpg",
+                        "zero_jpg",
+                        "no_images",
+                    )
+                },
+            },
+            "d",
+        )[0]
+        for c in CASES
+    }
+    assert {
+        "train.py",
+        "eval.py",
+        "localize.py",
+        "tools/heatmap.py",
+        "tools/draw_matches.py",
+        "synthetic_dataset.py",
+        "reproduce.py",
+    } <= scripts
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -594,6 +839,7 @@ def test_the_shared_data_set_was_not_touched(matrix):
 # ------------------------------------------------------------------------------------------------
 # Images that are accepted, and files in data folders that are never used
 # ------------------------------------------------------------------------------------------------
+
 
 def _odd_but_valid_images(folder: str) -> List[str]:
     """Grayscale, CMYK and PNG-content-named-.jpg versions of three images of `folder` (in place)."""
@@ -666,8 +912,14 @@ def test_odd_images_are_accepted_and_planted_files_never_used(tmp_path, syntheti
     before = snapshot(data)
     log = str(tmp_path / "audit.log")
     argv = [os.path.join(ROOT, "eval.py"), *tiny_eval_flags((data, "synthetic"), *FAST, "--save_dir", "planted")]
-    result = subprocess.run([sys.executable, "-c", AUDIT.format(), data, log, *argv], cwd=dataset_root, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", AUDIT.format(), data, log, *argv],
+        cwd=dataset_root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Recalls on < BaseDataset, synthetic - #database: 40; #queries: 15 >" in result.stdout
     assert not os.path.exists(marker)
@@ -705,10 +957,17 @@ runpy.run_path(os.path.join({root!r}, "train.py"), run_name="__main__")
 
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_training_resumes(synthetic_root, tmp_path):
-    argv = tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, *FAST, "--save_dir", "full", "--epochs_num", "3",
-                           "--patience", "5")
-    result = subprocess.run([sys.executable, "-c", DISK_FULL.format(root=ROOT, argv=argv)], cwd=str(tmp_path),
-                            env=_env(), capture_output=True, text=True, timeout=300)
+    argv = tiny_eval_flags(
+        synthetic_root, *TRAIN_FLAGS, *FAST, "--save_dir", "full", "--epochs_num", "3", "--patience", "5"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", DISK_FULL.format(root=ROOT, argv=argv)],
+        cwd=str(tmp_path),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "Traceback" not in output
@@ -717,13 +976,26 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_training_resum
     assert re.search(r"while writing logs/full/.*/last_model\.pth", errors[0]), errors[0]
     folder = glob.glob(str(tmp_path / "logs" / "full" / "*"))[0]
     names = set(os.listdir(folder))  # no temp file left; best_model.pth when epoch 0 improved on 0
-    assert {"last_model.pth", "info.log", "debug.log"} <= names <= {"last_model.pth", "best_model.pth", "info.log",
-                                                                   "debug.log"}, names
+    assert (
+        {"last_model.pth", "info.log", "debug.log"}
+        <= names
+        <= {"last_model.pth", "best_model.pth", "info.log", "debug.log"}
+    ), names
     checkpoint = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
     assert checkpoint["epoch_num"] == 0  # epoch 0's checkpoint, intact
     # ... and the run continues from it.
-    resumed, stdout = _train(synthetic_root, tmp_path, "resumed", *FAST, "--epochs_num", "2", "--patience", "5",
-                             "--resume", os.path.join(folder, "last_model.pth"))
+    resumed, stdout = _train(
+        synthetic_root,
+        tmp_path,
+        "resumed",
+        *FAST,
+        "--epochs_num",
+        "2",
+        "--patience",
+        "5",
+        "--resume",
+        os.path.join(folder, "last_model.pth"),
+    )
     assert "took epoch_num=0" in stdout and "training starts at epoch 1" in stdout
     assert "Start training epoch: 01" in stdout and "Start training epoch: 00" not in stdout
     assert network.load_weights_file(os.path.join(resumed, "last_model.pth"), what="--resume")["epoch_num"] == 1
@@ -748,11 +1020,17 @@ runpy.run_path(os.path.join({root!r}, "eval.py"), run_name="__main__")
 
 def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_root, tmp_path):
     marker = str(tmp_path / "extracting")
-    argv = tiny_eval_flags(synthetic_root, *FAST, "--efficient_ram_testing", "--infer_batch_size", "8",
-                           "--save_dir", "ram")
-    kill_once_marker_appears([sys.executable, "-c", SLOW_EXTRACTION.format(root=ROOT, marker=marker, argv=argv)],
-                             marker, cwd=str(tmp_path), env=_env(), timeout=240,
-                             what="the extraction never reached the disk store")
+    argv = tiny_eval_flags(
+        synthetic_root, *FAST, "--efficient_ram_testing", "--infer_batch_size", "8", "--save_dir", "ram"
+    )
+    kill_once_marker_appears(
+        [sys.executable, "-c", SLOW_EXTRACTION.format(root=ROOT, marker=marker, argv=argv)],
+        marker,
+        cwd=str(tmp_path),
+        env=_env(),
+        timeout=240,
+        what="the extraction never reached the disk store",
+    )
     (first,) = glob.glob(str(tmp_path / "test" / "ram" / "*"))
     leftovers = glob.glob(os.path.join(first, "dense_features", "*"))
     assert len(leftovers) >= 1 and all(os.path.basename(p).startswith("dense_") for p in leftovers)
@@ -761,9 +1039,14 @@ def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_ro
         time.sleep(0.1)  # the second run gets its own timestamped folder
 
     log = str(tmp_path / "audit.log")
-    result = subprocess.run([sys.executable, "-c", AUDIT.format(), str(tmp_path), log,
-                             os.path.join(ROOT, "eval.py"), *argv], cwd=str(tmp_path), env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", AUDIT.format(), str(tmp_path), log, os.path.join(ROOT, "eval.py"), *argv],
+        cwd=str(tmp_path),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folders = sorted(glob.glob(str(tmp_path / "test" / "ram" / "*")))
     assert len(folders) == 2 and folders[0] == first
@@ -775,8 +1058,9 @@ def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_ro
     assert not os.path.exists(os.path.join(second, "dense_features"))  # removed at the end, folder included
 
 
-SLOW_SCRIPT = SLOW_EXTRACTION.replace('["eval.py"]', '[{script!r}]').replace('"eval.py"), run_name',
-                                                                            '{script!r}), run_name')
+SLOW_SCRIPT = SLOW_EXTRACTION.replace('["eval.py"]', "[{script!r}]").replace(
+    '"eval.py"), run_name', "{script!r}), run_name"
+)
 
 
 @pytest.mark.parametrize("script", ["eval.py", "localize.py"])
@@ -788,13 +1072,29 @@ def test_sigterm_during_efficient_ram_run_removes_the_store_and_says_so(syntheti
         argv = tiny_eval_flags(synthetic_root, *common, "--save_dir", "term")
     else:
         split = os.path.join(*synthetic_root, "images", "test")
-        argv = [*TINY_FLAGS, "--resize", "112", "112", "--allow_random_weights", *common, "--output_folder", out,
-                "--database_folder", os.path.join(split, "database"), "--queries_folder",
-                os.path.join(split, "queries")]
+        argv = [
+            *TINY_FLAGS,
+            "--resize",
+            "112",
+            "112",
+            "--allow_random_weights",
+            *common,
+            "--output_folder",
+            out,
+            "--database_folder",
+            os.path.join(split, "database"),
+            "--queries_folder",
+            os.path.join(split, "queries"),
+        ]
     code, seconds = kill_once_marker_appears(
-        [sys.executable, "-c", SLOW_SCRIPT.format(root=ROOT, marker=marker, argv=argv, script=script)], marker,
-        cwd=str(tmp_path), env=_env(), timeout=240, what="the extraction never reached the disk store",
-        sig=signal.SIGTERM)
+        [sys.executable, "-c", SLOW_SCRIPT.format(root=ROOT, marker=marker, argv=argv, script=script)],
+        marker,
+        cwd=str(tmp_path),
+        env=_env(),
+        timeout=240,
+        what="the extraction never reached the disk store",
+        sig=signal.SIGTERM,
+    )
     print(f"{script}: exit {code} {seconds:.2f} s after SIGTERM")
     assert code == 143 and seconds < 10, (code, seconds)
     folder = out if script == "localize.py" else glob.glob(str(tmp_path / "test" / "term" / "*"))[0]
@@ -841,30 +1141,47 @@ def _lint_module():
 
 def test_the_scan_finds_unsafe_loads():
     unsafe_loads = _lint_module().unsafe_loads
-    bad = ("import torch, pickle, numpy as np\n"
-           "torch.load('a.pth')\ntorch.load('a.pth', weights_only=False)\nnp.load('a.npy', allow_pickle=True)\n"
-           "pickle.load(open('a', 'rb'))\ntorch.hub.load('repo', 'm')\n"
-           "torch.hub.load_state_dict_from_url('http://x')\n")
+    bad = (
+        "import torch, pickle, numpy as np\n"
+        "torch.load('a.pth')\ntorch.load('a.pth', weights_only=False)\nnp.load('a.npy', allow_pickle=True)\n"
+        "pickle.load(open('a', 'rb'))\ntorch.hub.load('repo', 'm')\n"
+        "torch.hub.load_state_dict_from_url('http://x')\n"
+    )
     assert len(unsafe_loads(bad, is_test=False)) == 6
     assert len(unsafe_loads(bad, is_test=True)) == 5  # a test may read its own file with weights_only=False
-    assert len(unsafe_loads("torch.load('a', pickle_module=pickle, weights_only=False)\n"
-                            "torch.load('a', pickle_module=restricted_pickle)\n", is_test=False)) == 2
-    good = "import torch\ntorch.load('a.pth', map_location='cpu', weights_only=True)\n" \
-           "torch.hub.load('.', 'selavpr', source='local')\n" \
-           "torch.load('a.pth', map_location='cpu', pickle_module=restricted_pickle, weights_only=False)\n"
+    assert (
+        len(
+            unsafe_loads(
+                "torch.load('a', pickle_module=pickle, weights_only=False)\n"
+                "torch.load('a', pickle_module=restricted_pickle)\n",
+                is_test=False,
+            )
+        )
+        == 2
+    )
+    good = (
+        "import torch\ntorch.load('a.pth', map_location='cpu', weights_only=True)\n"
+        "torch.hub.load('.', 'selavpr', source='local')\n"
+        "torch.load('a.pth', map_location='cpu', pickle_module=restricted_pickle, weights_only=False)\n"
+    )
     assert unsafe_loads(good, is_test=False) == []
 
 
 def test_the_safety_lint_scans_the_repository_and_reports_findings(tmp_path):
     """tests/lint_safety.py (run by CI before the tests) passes on the repository and fails, naming the
     file and line, on a tree with an unsafe load."""
-    clean = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lint_safety.py")], capture_output=True,
-                           text=True, timeout=120)
+    clean = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "lint_safety.py")], capture_output=True, text=True, timeout=120
+    )
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert re.search(r"lint_safety: \d+ Python files, no unsafe load", clean.stdout)
     (tmp_path / "bad.py").write_text("import torch\nstate = torch.load('x.pth')\n")
-    dirty = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "lint_safety.py"), str(tmp_path)],
-                           capture_output=True, text=True, timeout=120)
+    dirty = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "lint_safety.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dirty.returncode == 1 and "bad.py line 2: torch.load without weights_only=True" in dirty.stdout
 
 
@@ -874,9 +1191,11 @@ def test_sigterm_in_process_exits_143_and_the_previous_handler_comes_back(tmp_pa
 
     def previous(signum, frame):
         raise AssertionError("the previous handler ran during main")
+
     old = signal.signal(signal.SIGTERM, previous)
     cleaned = []
     try:
+
         def main(args):
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -884,6 +1203,7 @@ def test_sigterm_in_process_exits_143_and_the_previous_handler_comes_back(tmp_pa
                 raise AssertionError("SIGTERM did not interrupt main")
             finally:
                 cleaned.append(True)
+
         with pytest.raises(SystemExit) as exit_info:
             commons.run_main(main, None)
         assert exit_info.value.code == 143 and cleaned == [True]
@@ -897,11 +1217,15 @@ def test_atomic_writes_honour_the_umask(tmp_path):
     umask), not tempfile's owner-only 0o600: colleagues on a shared server can read them."""
     import atomic_files
     import predictions_io
+
     for mask, expected in ((0o022, 0o644), (0o027, 0o640), (0o077, 0o600)):
         old = os.umask(mask)
         try:
-            paths = [str(tmp_path / f"{mask:o}_results.json"), str(tmp_path / f"{mask:o}_ckpt.pth"),
-                     str(tmp_path / f"{mask:o}_predictions.jsonl")]
+            paths = [
+                str(tmp_path / f"{mask:o}_results.json"),
+                str(tmp_path / f"{mask:o}_ckpt.pth"),
+                str(tmp_path / f"{mask:o}_predictions.jsonl"),
+            ]
             atomic_files.atomic_write_text(paths[0], "{}\n")
             network.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
             predictions_io.write_predictions(paths[2], [{"query": "q.jpg"}])

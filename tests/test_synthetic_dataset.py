@@ -3,6 +3,7 @@
 Image-producing tests share three tiny sets built once per module (about a second each); the
 geometric guarantees of the default-size set are checked on its plan, which draws no pixels.
 """
+
 import hashlib
 import importlib.util
 import math
@@ -20,15 +21,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import synthetic_dataset as sd  # noqa: E402
-from synthetic import writer  # noqa: E402
-from synthetic.buildings import LOOKALIKE_MIN_DIST_M  # noqa: E402
-from synthetic.camera import (OBLIQUE_PER_DEGREE, QUERY_MAX_YAW_DEG, QUERY_PAN, QUERY_ROLL_DEG,  # noqa: E402
-                              QUERY_TILT, QUERY_ZOOM_RANGE, make_geometry)
-from synthetic.geometry import (format_image_name, make_route, make_route_shape, min_distances,  # noqa: E402
-                                pano_id, route_position, utm_to_latlon)
-from synthetic.plan import plan_split  # noqa: E402
-from synthetic.views import perspective_coefficients, view_quad  # noqa: E402
+import synthetic_dataset as sd
+from synthetic import writer
+from synthetic.buildings import LOOKALIKE_MIN_DIST_M
+from synthetic.camera import (
+    OBLIQUE_PER_DEGREE,
+    QUERY_MAX_YAW_DEG,
+    QUERY_PAN,
+    QUERY_ROLL_DEG,
+    QUERY_TILT,
+    QUERY_ZOOM_RANGE,
+    make_geometry,
+)
+from synthetic.geometry import (
+    format_image_name,
+    make_route,
+    make_route_shape,
+    min_distances,
+    pano_id,
+    route_position,
+    utm_to_latlon,
+)
+from synthetic.plan import plan_split
+from synthetic.views import perspective_coefficients, view_quad
 
 SCRIPT = os.path.join(ROOT, "synthetic_dataset.py")
 NOTES = {"day_forward", "day_sideways", "night_forward", "night_sideways"}
@@ -58,8 +73,9 @@ def _run_cli(args, env=None):
     full_env = dict(os.environ)
     full_env.pop("DATASETS_FOLDER", None)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=120,
-                          env=full_env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=120, env=full_env, cwd=ROOT
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +83,9 @@ def tiny_sets(tmp_path_factory):
     """Three tiny sets: seed 0 by the library, seed 0 again by the command, seed 1 by the library."""
     base = tmp_path_factory.mktemp("synthetic")
     a = sd.generate(str(base / "a"), "tiny", seed=0, preset="tiny")
-    result = _run_cli(["--datasets_folder", str(base / "b"), "--dataset_name", "tiny", "--preset", "tiny",
-                       "--seed", "0"])
+    result = _run_cli(
+        ["--datasets_folder", str(base / "b"), "--dataset_name", "tiny", "--preset", "tiny", "--seed", "0"]
+    )
     assert result.returncode == 0, result.stderr
     c = sd.generate(str(base / "c"), "tiny", seed=1, preset="tiny")
     return dict(a=str(a), b=str(base / "b" / "tiny"), c=str(c), base=base)
@@ -76,9 +93,10 @@ def tiny_sets(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ determinism
 
+
 def test_same_seed_gives_byte_identical_files(tiny_sets):
     first, second = _hashes(tiny_sets["a"]), _hashes(tiny_sets["b"])
-    assert len(first) == 3 * (40 + 15) + 1   # images + manifest
+    assert len(first) == 3 * (40 + 15) + 1  # images + manifest
     assert first == second
 
 
@@ -90,6 +108,7 @@ def test_different_seed_gives_different_files(tiny_sets):
 
 
 # ---------------------------------------------------------------------------------------- layout
+
 
 def test_layout_counts_and_image_size(tiny_sets):
     root = tiny_sets["a"]
@@ -106,17 +125,34 @@ def test_layout_counts_and_image_size(tiny_sets):
 
 
 def test_configurable_sizes(tmp_path):
-    root = sd.generate(str(tmp_path), "small", preset="tiny", image_size=(48, 64), train_database_num=12,
-                       train_queries_num=3, val_database_num=10, val_queries_num=2, test_database_num=11,
-                       test_queries_num=4, routes_per_split=1)
+    root = sd.generate(
+        str(tmp_path),
+        "small",
+        preset="tiny",
+        image_size=(48, 64),
+        train_database_num=12,
+        train_queries_num=3,
+        val_database_num=10,
+        val_queries_num=2,
+        test_database_num=11,
+        test_queries_num=4,
+        routes_per_split=1,
+    )
     counts = {(s, k): len(_images(root, s, k)) for s in sd.SPLITS for k in ("database", "queries")}
-    assert counts == {("train", "database"): 12, ("train", "queries"): 3, ("val", "database"): 10,
-                      ("val", "queries"): 2, ("test", "database"): 11, ("test", "queries"): 4}
+    assert counts == {
+        ("train", "database"): 12,
+        ("train", "queries"): 3,
+        ("val", "database"): 10,
+        ("val", "queries"): 2,
+        ("test", "database"): 11,
+        ("test", "queries"): 4,
+    }
     with Image.open(_images(root, "val", "database")[0]) as image:
         assert image.size == (64, 48)
 
 
 # ------------------------------------------------------------------------------------ file names
+
 
 def test_file_names_parse(tiny_sets):
     root = tiny_sets["a"]
@@ -132,7 +168,7 @@ def test_file_names_parse(tiny_sets):
                 assert 160_000 < float(east) < 840_000 and 0 < float(north) < 9_400_000
                 assert fields[3:5] == ["17", "T"]
                 lat, lon = float(fields[5]), float(fields[6])
-                assert 40 <= lat < 48 and -84 <= lon <= -78    # zone 17, band T
+                assert 40 <= lat < 48 and -84 <= lon <= -78  # zone 17, band T
                 assert re.fullmatch(r"[A-Za-z0-9_-]{22}", fields[7]), fields[7]
                 keys.append(fields[7])
                 assert 0 <= float(fields[9]) < 360
@@ -144,25 +180,54 @@ def test_file_names_parse(tiny_sets):
 
 
 def test_format_image_name_round_trip():
-    name = format_image_name(east=612345.678, north=4830000.0, lat=43.6, lon=-79.4, key="k" * 22, tile="r0",
-                             heading=-10.0, pitch=0.0, roll=0.0, height=2.5, timestamp=1600000000,
-                             note="night_sideways")
+    name = format_image_name(
+        east=612345.678,
+        north=4830000.0,
+        lat=43.6,
+        lon=-79.4,
+        key="k" * 22,
+        tile="r0",
+        heading=-10.0,
+        pitch=0.0,
+        roll=0.0,
+        height=2.5,
+        timestamp=1600000000,
+        note="night_sideways",
+    )
     fields = name.split("@")
     assert fields[1:3] == ["612345.68", "4830000.00"]
     assert fields[7] == "k" * 22 and fields[9] == "350.00" and fields[-2] == "night_sideways"
     with pytest.raises(ValueError, match="@"):
-        format_image_name(east=0, north=0, lat=0, lon=0, key="a@b", tile="", heading=0, pitch=0, roll=0,
-                          height=0, timestamp=0, note="day_forward")
+        format_image_name(
+            east=0,
+            north=0,
+            lat=0,
+            lon=0,
+            key="a@b",
+            tile="",
+            heading=0,
+            pitch=0,
+            roll=0,
+            height=0,
+            timestamp=0,
+            note="day_forward",
+        )
 
 
 def test_pano_id_is_a_pure_function():
     assert pano_id(0, "train", "queries", 3) == pano_id(0, "train", "queries", 3)
-    ids = {pano_id(s, split, kind, i) for s in (0, 1) for split in sd.SPLITS
-           for kind in ("database", "queries") for i in range(50)}
+    ids = {
+        pano_id(s, split, kind, i)
+        for s in (0, 1)
+        for split in sd.SPLITS
+        for kind in ("database", "queries")
+        for i in range(50)
+    }
     assert len(ids) == 2 * 3 * 2 * 50 and all(len(k) == 22 for k in ids)
 
 
 # ------------------------------------------------------------------------------- positives, notes
+
 
 def test_every_query_has_database_images_within_25_and_10_m(tiny_sets):
     root = tiny_sets["a"]
@@ -172,7 +237,7 @@ def test_every_query_has_database_images_within_25_and_10_m(tiny_sets):
         soft = knn.radius_neighbors(q, radius=25.0, return_distance=False)
         hard = knn.radius_neighbors(q, radius=10.0, return_distance=False)
         assert all(len(p) >= 1 for p in soft) and all(len(p) >= 1 for p in hard), split
-        assert np.mean([len(p) for p in soft]) > 2    # "1-several" positives, not a single one
+        assert np.mean([len(p) for p in soft]) > 2  # "1-several" positives, not a single one
 
 
 @pytest.mark.parametrize("spacing", [6.0, 12.0])
@@ -181,10 +246,16 @@ def test_default_size_plans_keep_queries_within_10_m(spacing):
     params = sd.resolve_options(preset="default", db_spacing_m=spacing)
     for seed in (0, 1):
         for split in sd.SPLITS:
-            plan = plan_split(seed=seed, split=split, database_num=params[f"{split}_database_num"],
-                              queries_num=params[f"{split}_queries_num"],
-                              routes_num=params["routes_per_split"][split], db_spacing_m=spacing,
-                              night_fraction=0.25, sideways_fraction=0.4)
+            plan = plan_split(
+                seed=seed,
+                split=split,
+                database_num=params[f"{split}_database_num"],
+                queries_num=params[f"{split}_queries_num"],
+                routes_num=params["routes_per_split"][split],
+                db_spacing_m=spacing,
+                night_fraction=0.25,
+                sideways_fraction=0.4,
+            )
             q = np.array([[s.east, s.north] for s in plan.queries])
             d = np.array([[s.east, s.north] for s in plan.database])
             assert min_distances(q, d).max() <= 10.0
@@ -204,7 +275,7 @@ def test_splits_lie_in_separate_areas(tiny_sets):
     root = tiny_sets["a"]
     utm = {s: _utms(_images(root, s, "database") + _images(root, s, "queries")) for s in sd.SPLITS}
     for i, a in enumerate(sd.SPLITS):
-        for b in sd.SPLITS[i + 1:]:
+        for b in sd.SPLITS[i + 1 :]:
             assert min_distances(utm[a], utm[b]).min() > 1000.0
 
 
@@ -215,17 +286,24 @@ def test_lookalikes_are_far_apart_and_look_alike(tiny_sets):
     for split in sd.SPLITS:
         runs = manifest["splits"][split]["lookalikes"]
         assert runs and all(r["distance_m"] >= LOOKALIKE_MIN_DIST_M for r in runs)
-        plan = plan_split(seed=0, split=split, database_num=40, queries_num=15,
-                          routes_num=p["routes_per_split"][split], db_spacing_m=p["db_spacing_m"],
-                          night_fraction=p["night_fraction"], sideways_fraction=p["sideways_fraction"])
+        plan = plan_split(
+            seed=0,
+            split=split,
+            database_num=40,
+            queries_num=15,
+            routes_num=p["routes_per_split"][split],
+            db_spacing_m=p["db_spacing_m"],
+            night_fraction=p["night_fraction"],
+            sideways_fraction=p["sideways_fraction"],
+        )
 
         def thumb(shot):
-            with Image.open(os.path.join(root, "images", split, "database", shot.name)) as image:
+            with Image.open(os.path.join(root, "images", split, "database", shot.name)) as image:  # noqa: B023
                 x = np.asarray(image.convert("L").resize((16, 12), Image.Resampling.BILINEAR), dtype=np.float64).ravel()
             return (x - x.mean()) / x.std()
 
         def nearest_shot(route, s):
-            return min((sh for sh in plan.database if sh.route == route), key=lambda sh: abs(sh.s - s))
+            return min((sh for sh in plan.database if sh.route == route), key=lambda sh: abs(sh.s - s))  # noqa: B023
 
         thumbs = np.stack([thumb(sh) for sh in plan.database])
         all_d = np.linalg.norm(thumbs[:, None] - thumbs[None], axis=-1)[np.triu_indices(len(thumbs), 1)]
@@ -237,6 +315,7 @@ def test_lookalikes_are_far_apart_and_look_alike(tiny_sets):
 
 
 # ------------------------------------------------------------------------- ensure / atomic writes
+
 
 def test_ensure_dataset_reuses_matching_set_and_rejects_other_options(tiny_sets):
     root = tiny_sets["a"]
@@ -250,17 +329,35 @@ def test_ensure_dataset_reuses_matching_set_and_rejects_other_options(tiny_sets)
 
 
 def test_ensure_dataset_generates_when_missing(tmp_path):
-    root = sd.ensure_dataset(str(tmp_path / "new"), "x", preset="tiny", image_size=(32, 48),
-                             routes_per_split=1, train_database_num=6, train_queries_num=2, val_database_num=6,
-                             val_queries_num=2, test_database_num=6, test_queries_num=2)
+    root = sd.ensure_dataset(
+        str(tmp_path / "new"),
+        "x",
+        preset="tiny",
+        image_size=(32, 48),
+        routes_per_split=1,
+        train_database_num=6,
+        train_queries_num=2,
+        val_database_num=6,
+        val_queries_num=2,
+        test_database_num=6,
+        test_queries_num=2,
+    )
     assert len(_images(root, "test", "database")) == 6
     assert sd.read_manifest(root)["params"]["image_size"] == [32, 48]
 
 
 def test_generate_refuses_existing_and_overwrite_replaces(tmp_path):
-    small = dict(preset="tiny", image_size=(32, 48), routes_per_split=1, train_database_num=6,
-                 train_queries_num=2, val_database_num=6, val_queries_num=2, test_database_num=6,
-                 test_queries_num=2)
+    small = dict(
+        preset="tiny",
+        image_size=(32, 48),
+        routes_per_split=1,
+        train_database_num=6,
+        train_queries_num=2,
+        val_database_num=6,
+        val_queries_num=2,
+        test_database_num=6,
+        test_queries_num=2,
+    )
     root = sd.generate(str(tmp_path), "s", seed=0, **small)
     with pytest.raises(FileExistsError, match="overwrite"):
         sd.generate(str(tmp_path), "s", seed=1, **small)
@@ -276,7 +373,7 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 20:
-            raise KeyboardInterrupt   # as if the user pressed Ctrl-C mid-way
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
         return real(*args, **kwargs)
 
     monkeypatch.setattr(writer, "render_shot", failing)
@@ -291,14 +388,18 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------- option errors
 
-@pytest.mark.parametrize("flags, named", [
-    (["--db_spacing_m", "50"], "--db_spacing_m"),
-    (["--train_database_num", "3"], "--train_database_num"),
-    (["--image_size", "10", "10"], "--image_size"),
-    (["--jpeg_quality", "0"], "--jpeg_quality"),
-    (["--night_fraction", "1.5"], "--night_fraction"),
-    (["--dataset_name", ".hidden"], "--dataset_name"),
-])
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--db_spacing_m", "50"], "--db_spacing_m"),
+        (["--train_database_num", "3"], "--train_database_num"),
+        (["--image_size", "10", "10"], "--image_size"),
+        (["--jpeg_quality", "0"], "--jpeg_quality"),
+        (["--night_fraction", "1.5"], "--night_fraction"),
+        (["--dataset_name", ".hidden"], "--dataset_name"),
+    ],
+)
 def test_command_rejects_bad_options_naming_the_flag(tmp_path, flags, named):
     result = _run_cli(["--datasets_folder", str(tmp_path), "--preset", "tiny"] + flags)
     assert result.returncode != 0
@@ -312,11 +413,21 @@ def test_command_needs_a_datasets_folder(tmp_path):
 
 
 def test_command_refuses_to_overwrite_without_flag(tiny_sets):
-    result = _run_cli(["--datasets_folder", os.path.dirname(tiny_sets["a"]), "--dataset_name", "tiny",
-                       "--preset", "tiny"])
+    result = _run_cli(
+        ["--datasets_folder", os.path.dirname(tiny_sets["a"]), "--dataset_name", "tiny", "--preset", "tiny"]
+    )
     assert result.returncode != 0 and "--overwrite" in result.stderr
-    result = _run_cli(["--datasets_folder", os.path.dirname(tiny_sets["a"]), "--dataset_name", "tiny",
-                       "--preset", "tiny", "--if_missing"])
+    result = _run_cli(
+        [
+            "--datasets_folder",
+            os.path.dirname(tiny_sets["a"]),
+            "--dataset_name",
+            "tiny",
+            "--preset",
+            "tiny",
+            "--if_missing",
+        ]
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -332,6 +443,7 @@ def test_library_errors_are_value_errors_naming_the_option(tmp_path):
 
 # --------------------------------------------------------------------------------- pure geometry
 
+
 def _latlon_to_utm(lat, lon, zone):
     """Forward transverse Mercator (USGS series), written independently for the round trip."""
     a, f, k0 = 6378137.0, 1 / 298.257223563, 0.9996
@@ -340,19 +452,29 @@ def _latlon_to_utm(lat, lon, zone):
     phi, lam = math.radians(lat), math.radians(lon - (zone * 6 - 183))
     n = a / math.sqrt(1 - e2 * math.sin(phi) ** 2)
     t, c, aa = math.tan(phi) ** 2, ep2 * math.cos(phi) ** 2, lam * math.cos(phi)
-    m = a * ((1 - e2 / 4 - 3 * e2 ** 2 / 64 - 5 * e2 ** 3 / 256) * phi
-             - (3 * e2 / 8 + 3 * e2 ** 2 / 32 + 45 * e2 ** 3 / 1024) * math.sin(2 * phi)
-             + (15 * e2 ** 2 / 256 + 45 * e2 ** 3 / 1024) * math.sin(4 * phi)
-             - (35 * e2 ** 3 / 3072) * math.sin(6 * phi))
-    x = k0 * n * (aa + (1 - t + c) * aa ** 3 / 6 + (5 - 18 * t + t ** 2 + 72 * c - 58 * ep2) * aa ** 5 / 120)
-    y = k0 * (m + n * math.tan(phi) * (aa ** 2 / 2 + (5 - t + 9 * c + 4 * c ** 2) * aa ** 4 / 24
-                                        + (61 - 58 * t + t ** 2 + 600 * c - 330 * ep2) * aa ** 6 / 720))
+    m = a * (
+        (1 - e2 / 4 - 3 * e2**2 / 64 - 5 * e2**3 / 256) * phi
+        - (3 * e2 / 8 + 3 * e2**2 / 32 + 45 * e2**3 / 1024) * math.sin(2 * phi)
+        + (15 * e2**2 / 256 + 45 * e2**3 / 1024) * math.sin(4 * phi)
+        - (35 * e2**3 / 3072) * math.sin(6 * phi)
+    )
+    x = k0 * n * (aa + (1 - t + c) * aa**3 / 6 + (5 - 18 * t + t**2 + 72 * c - 58 * ep2) * aa**5 / 120)
+    y = k0 * (
+        m
+        + n
+        * math.tan(phi)
+        * (
+            aa**2 / 2
+            + (5 - t + 9 * c + 4 * c**2) * aa**4 / 24
+            + (61 - 58 * t + t**2 + 600 * c - 330 * ep2) * aa**6 / 720
+        )
+    )
     return x + 500000.0, y
 
 
 def test_utm_to_latlon():
     lat, lon = utm_to_latlon(500000.0, 0.0, 17)
-    assert abs(lat) < 1e-9 and abs(lon + 81.0) < 1e-9            # equator on the central meridian
+    assert abs(lat) < 1e-9 and abs(lon + 81.0) < 1e-9  # equator on the central meridian
     for east, north in [(610000.0, 4825000.0), (670123.45, 4865432.1), (420000.0, 5200000.0)]:
         lat, lon = utm_to_latlon(east, north, 17)
         e2, n2 = _latlon_to_utm(lat, lon, 17)
@@ -389,8 +511,11 @@ def test_route_shapes_do_not_fold_back():
 
 
 def test_perspective_coefficients_identity_and_shift():
-    np.testing.assert_allclose(perspective_coefficients((40, 30), np.array([[0, 0], [40, 0], [40, 30], [0, 30]])),
-                               [1, 0, 0, 0, 1, 0, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(
+        perspective_coefficients((40, 30), np.array([[0, 0], [40, 0], [40, 30], [0, 30]])),
+        [1, 0, 0, 0, 1, 0, 0, 0],
+        atol=1e-9,
+    )
     coeffs = perspective_coefficients((40, 30), np.array([[5, 2], [45, 2], [45, 32], [5, 32]]))
     np.testing.assert_allclose(coeffs, [1, 0, 5, 0, 1, 2, 0, 0], atol=1e-9)
 
@@ -404,18 +529,25 @@ def test_extreme_query_views_stay_inside_the_rendered_canvas(image_size):
             for pan in (-1, 1):
                 for tilt in (-1, 1):
                     for roll in (-1, 1):
-                        quad = view_quad(g, zoom=zoom, pan_px=pan * QUERY_PAN * g.width,
-                                         tilt_px=tilt * QUERY_TILT * g.height,
-                                         roll_deg=roll * QUERY_ROLL_DEG, oblique=-oblique)
+                        quad = view_quad(
+                            g,
+                            zoom=zoom,
+                            pan_px=pan * QUERY_PAN * g.width,
+                            tilt_px=tilt * QUERY_TILT * g.height,
+                            roll_deg=roll * QUERY_ROLL_DEG,
+                            oblique=-oblique,
+                        )
                         assert quad[:, 0].min() >= 0 and quad[:, 0].max() <= wc, (zoom, oblique, pan, roll)
                         assert quad[:, 1].min() >= 0 and quad[:, 1].max() <= hc, (zoom, oblique, tilt, roll)
 
 
 # ------------------------------------------------------------------------------------- benchmark
 
+
 def _baseline_module():
-    spec = importlib.util.spec_from_file_location("synthetic_baseline",
-                                                  os.path.join(ROOT, "benchmarks", "synthetic_baseline.py"))
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_baseline", os.path.join(ROOT, "benchmarks", "synthetic_baseline.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -431,9 +563,22 @@ def test_baseline_recall_helpers():
 
 
 def test_baseline_script_runs_on_a_kept_set(tiny_sets):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "synthetic_baseline.py"),
-                             "--datasets_folder", os.path.dirname(tiny_sets["a"]), "--dataset_name", "tiny",
-                             "--preset", "tiny"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "synthetic_baseline.py"),
+            "--datasets_folder",
+            os.path.dirname(tiny_sets["a"]),
+            "--dataset_name",
+            "tiny",
+            "--preset",
+            "tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr
     assert "thumbnail 16x12 L2" in result.stdout and "chance" in result.stdout
     assert "reused" in result.stdout

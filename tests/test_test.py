@@ -1,4 +1,5 @@
 """test.py: recalls (pure functions) and the evaluation's result."""
+
 import numpy as np
 
 import predictions_io
@@ -21,8 +22,12 @@ def test_recall_values_above_the_list_are_capped():
 
 
 def test_ranking_recalls_warns_about_capped_recall_values(caplog):
-    ranking = retrieval.Ranking(first_predictions=np.array([[0, 1], [3, 2]]), first_distances=None,
-                                predictions=np.array([[1, 0], [2, 3]]), scores=np.zeros((2, 2), dtype=np.float32))
+    ranking = retrieval.Ranking(
+        first_predictions=np.array([[0, 1], [3, 2]]),
+        first_distances=None,
+        predictions=np.array([[1, 0], [2, 3]]),
+        scores=np.zeros((2, 2), dtype=np.float32),
+    )
     first, reranked = test.ranking_recalls(ranking, [np.array([1]), np.array([2])], [1, 2])
     assert first.tolist() == [0.0, 100.0] and reranked.tolist() == [100.0, 100.0] and "capped" not in caplog.text
     test.ranking_recalls(ranking, [np.array([1]), np.array([2])], [1, 5])
@@ -30,13 +35,24 @@ def test_ranking_recalls_warns_about_capped_recall_values(caplog):
 
 
 def test_an_evaluation_result_is_a_ranking_that_the_records_read():
-    result = test.EvalResult(first_predictions=np.array([[1, 0]]), first_distances=np.array([[4.0, 9.0]]),
-                             predictions=np.array([[0, 1]]), scores=np.array([[7.0, 2.0]], dtype=np.float32),
-                             recalls_first=np.array([0.0]), recalls=np.array([100.0]), positives=[np.array([0])])
+    result = test.EvalResult(
+        first_predictions=np.array([[1, 0]]),
+        first_distances=np.array([[4.0, 9.0]]),
+        predictions=np.array([[0, 1]]),
+        scores=np.array([[7.0, 2.0]], dtype=np.float32),
+        recalls_first=np.array([0.0]),
+        recalls=np.array([100.0]),
+        positives=[np.array([0])],
+    )
     assert isinstance(result, retrieval.Ranking) and result.summary([1]) == "R@1: 100.0"
-    record, = predictions_io.prediction_records(queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg"],
-                                                ranking=result, positives=result.positives)
-    assert record["first_stage"] == [{"path": "b.jpg", "index": 1, "correct": False, "l2_distance": 2.0},
-                                     {"path": "a.jpg", "index": 0, "correct": True, "l2_distance": 3.0}]
-    assert record["reranked"] == [{"path": "a.jpg", "index": 0, "mutual_nn": 7.0, "correct": True},
-                                  {"path": "b.jpg", "index": 1, "mutual_nn": 2.0, "correct": False}]
+    (record,) = predictions_io.prediction_records(
+        queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg"], ranking=result, positives=result.positives
+    )
+    assert record["first_stage"] == [
+        {"path": "b.jpg", "index": 1, "correct": False, "l2_distance": 2.0},
+        {"path": "a.jpg", "index": 0, "correct": True, "l2_distance": 3.0},
+    ]
+    assert record["reranked"] == [
+        {"path": "a.jpg", "index": 0, "mutual_nn": 7.0, "correct": True},
+        {"path": "b.jpg", "index": 1, "mutual_nn": 2.0, "correct": False},
+    ]

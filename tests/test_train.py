@@ -1,4 +1,5 @@
 """train.py end to end: exact resume, kill-safe checkpoints, non-finite loss, public checkpoints, ViT-L step."""
+
 import glob
 import os
 import re
@@ -8,18 +9,41 @@ import sys
 import numpy as np
 import pytest
 import torch
-
-import network
 from conftest import ROOT, TINY, kill_once_marker_appears, run_script, tiny_eval_flags
 
-TRAIN_FLAGS = ["--cache_refresh_rate", "6", "--queries_per_epoch", "6", "--neg_samples_num", "12",
-               "--train_batch_size", "2", "--infer_batch_size", "8", "--rerank_num", "10", "--lr", "1e-4",
-               "--mining", "full", "--brightness", "0.3", "--horizontal_flip", "--seed", "3"]
+import network
+
+TRAIN_FLAGS = [
+    "--cache_refresh_rate",
+    "6",
+    "--queries_per_epoch",
+    "6",
+    "--neg_samples_num",
+    "12",
+    "--train_batch_size",
+    "2",
+    "--infer_batch_size",
+    "8",
+    "--rerank_num",
+    "10",
+    "--lr",
+    "1e-4",
+    "--mining",
+    "full",
+    "--brightness",
+    "0.3",
+    "--horizontal_flip",
+    "--seed",
+    "3",
+]
 
 
 def _train(synthetic_root, cwd, save_dir, *extra, timeout=600):
-    result = run_script(["train.py", *tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", save_dir),
-                         *extra], cwd=str(cwd), timeout=timeout)
+    result = run_script(
+        ["train.py", *tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", save_dir), *extra],
+        cwd=str(cwd),
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folders = sorted(glob.glob(os.path.join(str(cwd), "logs", save_dir, "*")))
     return folders[-1], result.stdout
@@ -45,8 +69,17 @@ def _tensors(path):
 def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_root, tmp_path):
     full, _ = _train(synthetic_root, tmp_path, "full", "--epochs_num", "2", "--patience", "5")
     first, _ = _train(synthetic_root, tmp_path, "first", "--epochs_num", "1", "--patience", "5")
-    resumed, _ = _train(synthetic_root, tmp_path, "resumed", "--epochs_num", "2", "--patience", "5",
-                        "--resume", os.path.join(first, "last_model.pth"))
+    resumed, _ = _train(
+        synthetic_root,
+        tmp_path,
+        "resumed",
+        "--epochs_num",
+        "2",
+        "--patience",
+        "5",
+        "--resume",
+        os.path.join(first, "last_model.pth"),
+    )
     full_losses, full_val, full_final, _ = _epoch_lines(full)
     first_losses, first_val, _, _ = _epoch_lines(first)
     res_losses, res_val, res_final, res_log = _epoch_lines(resumed)
@@ -59,7 +92,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_root, tmp_pa
     assert ckpt_full["epoch_num"] == ckpt_res["epoch_num"] == 1
     assert np.array_equal(ckpt_full["recalls"], ckpt_res["recalls"]) and ckpt_full["best_r5"] == ckpt_res["best_r5"]
     assert t_full.keys() == t_res.keys()
-    assert all(torch.equal(t_full[k], t_res[k]) for k in t_full), [k for k in t_full if not torch.equal(t_full[k], t_res[k])][:5]
+    assert all(torch.equal(t_full[k], t_res[k]) for k in t_full), [
+        k for k in t_full if not torch.equal(t_full[k], t_res[k])
+    ][:5]
     assert full_final == res_final
 
 
@@ -89,8 +124,13 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
     marker = str(tmp_path / "half_written")
     argv = tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "kill", "--epochs_num", "3", "--patience", "5")
     code = SLOW_SAVE.format(root=ROOT, marker=marker, argv=argv)
-    kill_once_marker_appears([sys.executable, "-c", code], marker, cwd=str(tmp_path), timeout=300,
-                             what="the second checkpoint save never started")
+    kill_once_marker_appears(
+        [sys.executable, "-c", code],
+        marker,
+        cwd=str(tmp_path),
+        timeout=300,
+        what="the second checkpoint save never started",
+    )
     folder = glob.glob(str(tmp_path / "logs" / "kill" / "*"))[0]
     ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
     assert ckpt["epoch_num"] == 0  # the first epoch's checkpoint, intact
@@ -100,14 +140,19 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
     # With --train_backbone (only train.py has it, and hands it to build_model): every weight trains.
-    code = ("import sys, runpy, torch; sys.path.insert(0, %r); import loss\n"
-            "loss.triplet_losses = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))\n"
-            "sys.argv = ['train.py'] + %r\nrunpy.run_path(%r, run_name='__main__')\n"
-            % (ROOT, tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "nan", "--epochs_num", "1",
-                                     "--train_backbone"),
-               os.path.join(ROOT, "train.py")))
-    result = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        "import sys, runpy, torch; sys.path.insert(0, %r); import loss\n"
+        "loss.triplet_losses = lambda *a, **k: (torch.tensor(float('nan'), requires_grad=True), torch.tensor(0.0))\n"
+        "sys.argv = ['train.py'] + %r\nrunpy.run_path(%r, run_name='__main__')\n"
+        % (
+            ROOT,
+            tiny_eval_flags(synthetic_root, *TRAIN_FLAGS, "--save_dir", "nan", "--epochs_num", "1", "--train_backbone"),
+            os.path.join(ROOT, "train.py"),
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2
     assert "the training loss became nan" in result.stdout and "lower --lr" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -127,6 +172,7 @@ def test_resume_of_a_released_checkpoint_without_optimizer_state(synthetic_root,
 def test_one_vit_large_training_step_on_cpu():
     """The paper's configuration: ViT-L/14, 1 query + 1 positive + 2 negatives at 224x224."""
     import loss
+
     torch.manual_seed(0)
     model = network.GeoLocalizationNet()
     model.freeze()
@@ -145,6 +191,7 @@ def _public_train_py_checkpoint(path, *, epoch_num, best_r5, not_improved_num=0)
     frozen backbone, Adam over *all* parameters (only trainable ones get state after a step), one real
     step, numpy `recalls` and `best_r5`. Returns (number of model parameters, number of trainable ones)."""
     import loss
+
     torch.manual_seed(1)
     model = network.GeoLocalizationNet(**TINY)
     model.freeze()
@@ -159,9 +206,17 @@ def _public_train_py_checkpoint(path, *, epoch_num, best_r5, not_improved_num=0)
     trainable_num = sum(p.requires_grad for p in model.parameters())
     assert len(state["param_groups"]) == 1 and len(state["param_groups"][0]["params"]) == params_num
     assert len(state["state"]) == trainable_num < params_num  # as the public file: state only where trained
-    torch.save({"epoch_num": epoch_num, "model_state_dict": wrapped.state_dict(), "optimizer_state_dict": state,
-                "recalls": np.array([10.0, best_r5, 40.0, 60.0]), "best_r5": np.float64(best_r5),
-                "not_improved_num": not_improved_num}, path)
+    torch.save(
+        {
+            "epoch_num": epoch_num,
+            "model_state_dict": wrapped.state_dict(),
+            "optimizer_state_dict": state,
+            "recalls": np.array([10.0, best_r5, 40.0, 60.0]),
+            "best_r5": np.float64(best_r5),
+            "not_improved_num": not_improved_num,
+        },
+        path,
+    )
     return params_num, trainable_num
 
 
@@ -182,6 +237,7 @@ def test_resume_of_a_public_train_py_file_starts_a_fresh_optimizer(synthetic_roo
 def test_resume_refuses_an_optimizer_state_that_fits_neither_layout(tmp_path, tiny_model):
     import mining
     import train
+
     path = str(tmp_path / "odd.pth")
     odd = torch.optim.Adam([p for p in tiny_model.parameters()][:3], lr=1e-5)
     network.save_checkpoint(path, model=tiny_model, optimizer=odd, epoch_num=0)
@@ -206,8 +262,17 @@ def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic
     released = network.GeoLocalizationNet(**TINY)
     network.save_checkpoint(str(released_dir / "SelaVPR_x.pth"), model=released, epoch_num=0, best_r5=100.0)
     network.save_checkpoint(str(released_dir / "best_model.pth"), model=network.GeoLocalizationNet(**TINY))
-    run, _ = _train(synthetic_root, tmp_path, "keys", "--epochs_num", "2", "--query_keys_file", str(keys_file),
-                    "--resume", str(released_dir / "SelaVPR_x.pth"))
+    run, _ = _train(
+        synthetic_root,
+        tmp_path,
+        "keys",
+        "--epochs_num",
+        "2",
+        "--query_keys_file",
+        str(keys_file),
+        "--resume",
+        str(released_dir / "SelaVPR_x.pth"),
+    )
     log = open(os.path.join(run, "info.log")).read()
     assert re.search(r"Val set: < BaseDataset, synthetic - #database: \d+; #queries: 5 >", log)
     assert re.search(r"Recalls on < BaseDataset, synthetic - #database: \d+; #queries: 4 >", log)
@@ -218,8 +283,9 @@ def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic
     network.save_checkpoint(os.path.join(run, "last_model.pth.tmp"), model=released, epoch_num=1, best_r5=100.0)
     os.replace(os.path.join(run, "last_model.pth.tmp"), os.path.join(run, "last_model.pth"))
     network.save_checkpoint(os.path.join(run, "best_model.pth"), model=released, epoch_num=0, best_r5=100.0)
-    again, _ = _train(synthetic_root, tmp_path, "again", "--epochs_num", "3",
-                      "--resume", os.path.join(run, "last_model.pth"))
+    again, _ = _train(
+        synthetic_root, tmp_path, "again", "--epochs_num", "3", "--resume", os.path.join(run, "last_model.pth")
+    )
     log = open(os.path.join(again, "info.log")).read()
     assert f"Copied the resumed run's best model {os.path.join(run, 'best_model.pth')}" in log
     assert f"Testing the weights of {os.path.join('logs', 'again')}" in log

@@ -1,5 +1,6 @@
 """The supported range: too old a Python / torch / torchvision / numpy is refused at start in one line naming
 the minimum, and the declared floors agree everywhere (requirements.txt, requirements-floors.txt, commons)."""
+
 import os
 import re
 import sys
@@ -18,12 +19,15 @@ def test_the_installed_versions_are_supported():
     assert commons.unsupported_versions() is None
 
 
-@pytest.mark.parametrize("module,attribute,old,expected", [
-    (torch, "__version__", "1.13.1+cu117", "torch >= 2.0 (this is 1.13.1+cu117)"),
-    (torchvision, "__version__", "0.14.1", "torchvision >= 0.15 (this is 0.14.1)"),
-    (np, "__version__", "1.23.5", "numpy >= 1.24 (this is 1.23.5)"),
-    (sys, "version_info", (3, 9, 18, "final", 0), "Python >= 3.10 (this is 3.9.18)"),
-])
+@pytest.mark.parametrize(
+    "module,attribute,old,expected",
+    [
+        (torch, "__version__", "1.13.1+cu117", "torch >= 2.0 (this is 1.13.1+cu117)"),
+        (torchvision, "__version__", "0.14.1", "torchvision >= 0.15 (this is 0.14.1)"),
+        (np, "__version__", "1.23.5", "numpy >= 1.24 (this is 1.23.5)"),
+        (sys, "version_info", (3, 9, 18, "final", 0), "Python >= 3.10 (this is 3.9.18)"),
+    ],
+)
 def test_too_old_a_version_is_refused_at_start_in_one_line(monkeypatch, capsys, module, attribute, old, expected):
     monkeypatch.setattr(module, attribute, old)
     ran = []

@@ -21,15 +21,14 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run from any current directory
     sys.path.insert(0, str(_ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import commons  # noqa: E402
-import datasets_ws  # noqa: E402
-import network  # noqa: E402
-import parser as flags  # noqa: E402  (the project's parser.py)
-import visualizations as vis  # noqa: E402
-
+import commons
+import datasets_ws
+import network
+import parser as flags
+import visualizations as vis
 
 TOOL_GROUPS = (flags.WEIGHTS, flags.MODEL, flags.RUNTIME)
 
@@ -40,8 +39,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     tool = p.add_argument_group("heatmap")
     tool.add_argument("image", type=flags.path, metavar="IMAGE", help="image file")
     tool.add_argument("--output", required=True, type=flags.path, help="picture to write (.jpg or .png)")
-    tool.add_argument("--alpha", type=float, default=0.6,
-                      help="weight of the heat colours in the blend (the image gets 1 - alpha)")
+    tool.add_argument(
+        "--alpha", type=float, default=0.6, help="weight of the heat colours in the blend (the image gets 1 - alpha)"
+    )
     return p
 
 
@@ -56,23 +56,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.inference_mode()
 def patch_heat(model: network.GeoLocalizationNet, images: torch.Tensor) -> np.ndarray:
     """(1, 3, H, W) model input -> (H/14, W/14) heat in [0, 1]."""
-    tokens = model.patch_tokens(images)[0]                          # (h, w, D)
-    return vis.feature_heatmap(tokens.permute(2, 0, 1).float())     # channels first
+    tokens = model.patch_tokens(images)[0]  # (h, w, D)
+    return vis.feature_heatmap(tokens.permute(2, 0, 1).float())  # channels first
 
 
 def main(args: argparse.Namespace) -> Path:
     """Compute, colour, blend and save; returns the written path. Bad input raises
     ValueError / FileNotFoundError with a message naming the file or flag."""
-    vis.image_format_for(args.output)                               # fail before the model runs
-    commons.make_deterministic(args.seed)                          # same picture for the same flags
+    vis.image_format_for(args.output)  # fail before the model runs
+    commons.make_deterministic(args.seed)  # same picture for the same flags
     image = datasets_ws.open_image(args.image, min_side=datasets_ws.draft_min_side(args.resize))
     inputs = datasets_ws.hard_resize(datasets_ws.base_transform(image), args.resize)
     model = network.build_model(args).eval()
     heat = patch_heat(model, inputs.unsqueeze(0).to(args.device))
     picture = vis.overlay_heatmap(image, heat, alpha=args.alpha)
     written = vis.save_image_atomic(picture, args.output)
-    logging.info(f"heat map of {heat.shape[0]}x{heat.shape[1]} patches over {image.width}x"
-                 f"{image.height} pixels; saved {written}")
+    logging.info(
+        f"heat map of {heat.shape[0]}x{heat.shape[1]} patches over {image.width}x{image.height} pixels; saved {written}"
+    )
     return written
 
 

@@ -1,4 +1,5 @@
 """Building blocks of the DINOv2 vision transformer, one short module each."""
+
 from .adapter import Adapter
 from .attention import Attention
 from .block import Block

@@ -1,4 +1,5 @@
 """SelaVPR's bottleneck adapter (global adaptation)."""
+
 import torch
 from torch import nn
 

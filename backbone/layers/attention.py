@@ -1,4 +1,5 @@
 """Multi-head self-attention through PyTorch's fused scaled_dot_product_attention."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,5 @@
 """A transformer block with SelaVPR's two adapters."""
+
 import torch
 from torch import nn
 
@@ -14,12 +15,21 @@ PARALLEL_ADAPTER_SCALE = 0.2
 class Block(nn.Module):
     """Pre-norm ViT block; (B, N, dim) -> (B, N, dim).
 
-        x = x + ls1(adapter1(attn(norm1(x))))                         # serial adapter, with skip
-        x = x + ls2(mlp(norm2(x)) + 0.2 * adapter2(norm2(x)))         # parallel adapter, no skip
+    x = x + ls1(adapter1(attn(norm1(x))))                         # serial adapter, with skip
+    x = x + ls2(mlp(norm2(x)) + 0.2 * adapter2(norm2(x)))         # parallel adapter, no skip
     """
 
-    def __init__(self, dim: int, *, num_heads: int, mlp_ratio: float = 4.0, ffn: str = "mlp",
-                 layerscale_init: float = 1.0, norm_eps: float = 1e-6, adapter_ratio: float = 0.5) -> None:
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn: str = "mlp",
+        layerscale_init: float = 1.0,
+        norm_eps: float = 1e-6,
+        adapter_ratio: float = 0.5,
+    ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)

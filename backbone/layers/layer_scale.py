@@ -1,4 +1,5 @@
 """Per-channel learnable residual scaling (LayerScale)."""
+
 import torch
 from torch import nn
 

@@ -1,4 +1,5 @@
 """Feed-forward layers: the GELU MLP of ViT-S/B/L and the SwiGLU of the public ViT-g weights."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -1,4 +1,5 @@
 """Image to patch tokens."""
+
 import torch
 from torch import nn
 
