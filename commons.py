@@ -3,7 +3,7 @@ check, the start and end of a run (torchrun's process group or a single process:
 and the exit codes and error reporting (run_main).
 
 The collectives and sharding of a torchrun job are distributed.py's (the `Context` that start_run
-returns); atomic file writes are atomic_files.py's, checkpoint writing network.py's.
+returns); atomic file writes are atomic_files.py's, checkpoint writing checkpoints.py's.
 """
 
 import errno

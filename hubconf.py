@@ -71,6 +71,7 @@ def _import_network():
 
 
 network = _import_network()  # a module, not a callable: torch.hub does not list it as an entry point
+checkpoints = network.checkpoints  # its weight files, imported with it
 
 
 def selavpr(
@@ -127,11 +128,11 @@ def selavpr(
     }
     saved = None
     if checkpoint is not None:
-        saved = network.saved_model_settings(
-            network.load_weights_file(checkpoint, what="checkpoint"), path=checkpoint, what="checkpoint"
+        saved = checkpoints.saved_model_settings(
+            checkpoints.load_weights_file(checkpoint, what="checkpoint"), path=checkpoint, what="checkpoint"
         )
     defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
-    settings, _ = network.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
+    settings, _ = checkpoints.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
     model = network.load_model(
         backbone=settings["backbone"],
         registers=settings["registers"],

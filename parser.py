@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import checkpoints
 import network
 from backbone import FACTORIES
 from datasets_ws import PATCH_SIZE, TEST_METHODS
@@ -163,11 +164,11 @@ def _saved_model_settings(p: argparse.ArgumentParser, values: Values) -> Tuple[O
             try:
                 # Memory-mapped where torch can: only the small settings entry is read (the weights are
                 # loaded later, by network.build_model).
-                checkpoint = network.load_weights_file(file, what=f"--{flag}", mmap=True)
+                checkpoint = checkpoints.load_weights_file(file, what=f"--{flag}", mmap=True)
             except (ValueError, OSError):
                 return None, source  # a bad file: loading the weights reports it, in full, in its place
             try:
-                return network.saved_model_settings(checkpoint, path=file, what=f"--{flag}"), source
+                return checkpoints.saved_model_settings(checkpoint, path=file, what=f"--{flag}"), source
             except ValueError as e:
                 p.error(str(e))
     return None, None
@@ -178,11 +179,11 @@ def _finish_weights(p: argparse.ArgumentParser, values: Values) -> None:
     (files written by train.py), else the defaults. Runs before the model group's checks."""
     if values["resume"] and values["load_weights"]:
         p.error("give either --resume (continue a run) or --load_weights (weights only), not both")
-    given = {flag: values[flag] for flag in network.MODEL_FLAGS if values[flag] is not _UNSET}
-    defaults = {flag: p.get_default(flag) for flag in network.MODEL_FLAGS}
+    given = {flag: values[flag] for flag in checkpoints.MODEL_FLAGS if values[flag] is not _UNSET}
+    defaults = {flag: p.get_default(flag) for flag in checkpoints.MODEL_FLAGS}
     saved, source = _saved_model_settings(p, values)
     try:
-        settings, note = network.resolve_model_settings(given, saved, defaults, source=source or "the checkpoint")
+        settings, note = checkpoints.resolve_model_settings(given, saved, defaults, source=source or "the checkpoint")
     except ValueError as e:
         p.error(str(e))
     for flag, value in settings.items():
@@ -197,7 +198,7 @@ WEIGHTS = Group(
     "weights",
     _add_weights,
     _finish_weights,
-    presets=tuple((flag, _UNSET) for flag in network.MODEL_FLAGS),
+    presets=tuple((flag, _UNSET) for flag in checkpoints.MODEL_FLAGS),
     requires=("model",),
 )
 

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 import atomic_files
+import checkpoints
 import commons
 import datasets_ws
 import distributed
@@ -445,7 +446,7 @@ def save_epoch(
     """Rank 0 writes last_path (weights, optimizer, random and mining states: a resume continues exactly
     from here) and copies it to best_path when is_best; the other ranks wait for it."""
     if ctx.is_main:
-        network.save_checkpoint(
+        checkpoints.save_checkpoint(
             last_path,
             model=model,
             optimizer=optimizer,
@@ -477,7 +478,7 @@ def final_test(
     if ctx.broadcast_object(os.path.exists(best_path) if ctx.is_main else None):
         logging.info(f"Testing the weights of {best_path}")
         if ctx.is_main:
-            network.load_model_weights(model, best_path, what="best model")
+            checkpoints.load_model_weights(model, best_path, what="best model")
     else:
         logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
@@ -527,7 +528,7 @@ def resume_from(
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
     """
-    checkpoint = network.load_weights_file(path, what="--resume")
+    checkpoint = checkpoints.load_weights_file(path, what="--resume")
     epoch_num = int(checkpoint.get("epoch_num", -1))
     best_r5 = float(checkpoint.get("best_r5", 0.0))
     not_improved_num = int(checkpoint.get("not_improved_num", 0))

@@ -5,9 +5,9 @@
 Run by CI before the tests. What it refuses: torch.load without weights_only=True (tests must say
 weights_only explicitly: they may read back, unrestricted, a file they wrote themselves), any other
 weights_only than True outside tests, np.load(allow_pickle=True), pickle / joblib / dill loads, download
-calls, and torch.hub.load of a non-local source. The one allowed exception is network.py's restricted
+calls, and torch.hub.load of a non-local source. The one allowed exception is checkpoints.py's restricted
 unpickler (torch.load(..., pickle_module=restricted_pickle, weights_only=False)), whose allow-list is
-tested in tests/test_network.py.
+tested in tests/test_checkpoints.py.
 """
 
 import ast
@@ -59,8 +59,8 @@ def unsafe_loads(source: str, *, is_test: bool) -> List[str]:
             return getattr(kwargs.get(key), "value", None)
 
         where = f"line {node.lineno}: {name}"
-        # The one exception: network.py's restricted unpickler (torch < 2.6), whose allow-list is tested
-        # in test_network.py; torch.load needs weights_only=False beside a pickle_module.
+        # The one exception: checkpoints.py's restricted unpickler (torch < 2.6), whose allow-list is tested
+        # in test_checkpoints.py; torch.load needs weights_only=False beside a pickle_module.
         restricted = _dotted(kwargs.get("pickle_module")) == "restricted_pickle" and const("weights_only") is False
         if name in ("torch.load", "torch.serialization.load"):
             # Tests may read back, unrestricted, a file they wrote themselves (test_network checks that the

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY
 
+import checkpoints
 import network
 
 
@@ -22,7 +23,7 @@ def saved(tmp_path_factory):
     with torch.no_grad():  # non-default head values, so that a head left at its init would show
         model.aggregation[1].p.fill_(2.5)
     checkpoint = str(folder / "selavpr_tiny.pth")
-    network.save_checkpoint(checkpoint, model=model)
+    checkpoints.save_checkpoint(checkpoint, model=model)
     foundation = str(folder / "dinov2_tiny.pth")
     torch.save({k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}, foundation)
     return model, checkpoint, foundation
@@ -122,7 +123,7 @@ def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
     with pytest.raises(ValueError, match=r"trained with another model: --backbone_depth 3 \(given\) but 2"):
         hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file records 2 blocks
     public = str(tmp_path / "public_layout.pth")  # no recorded settings: the keys decide
-    checkpoint = network.load_weights_file(saved[1], what="test")
+    checkpoint = checkpoints.load_weights_file(saved[1], what="test")
     torch.save({"model_state_dict": checkpoint["model_state_dict"]}, public)
     with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
         hubconf.selavpr(public, backbone="vit_tiny", backbone_depth=3)
@@ -142,7 +143,7 @@ def test_hubconf_declares_dependencies_and_one_entry_point():
 
 
 def test_a_project_checkpoint_rebuilds_its_model_without_arguments(saved, no_downloads):
-    reference, checkpoint, _ = saved  # written by network.save_checkpoint: it records vit_tiny, 2 blocks
+    reference, checkpoint, _ = saved  # written by checkpoints.save_checkpoint: it records vit_tiny, 2 blocks
     model = torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint)
     assert model.backbone_name == "vit_tiny" and len(model.backbone.blocks) == 2
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())

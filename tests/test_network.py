@@ -1,15 +1,13 @@
-"""GeoLocalizationNet, build_model and the weight files (public layouts, safe loading)."""
+"""GeoLocalizationNet and build_model: the architecture, its public key layout, shapes from the input."""
 
 import logging
-import os
-import zipfile
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from conftest import TINY, read_manifest
+from conftest import read_manifest
 
+import checkpoints
 import network
 
 
@@ -42,7 +40,7 @@ def test_vit_large_trainable_parameters_and_public_key_layout(vit_large_model):
     assert sum(v for k, v in trainable.items() if ".adapter" in k) == 50_405_376
     assert sum(v for k, v in trainable.items() if k.startswith("LocalAdapt.")) == 2_654_592
     assert sum(v for k, v in trainable.items() if k.startswith("aggregation.")) == 1
-    ours = {k: list(v.shape) for k, v in network.public_state_dict(model).items()}
+    ours = {k: list(v.shape) for k, v in checkpoints.public_state_dict(model).items()}
     assert ours == read_manifest("selavpr_checkpoint")
 
 
@@ -67,304 +65,10 @@ def test_public_dinov2_layout_loads_with_every_key_used(vit_large_model, tmp_pat
     path = tmp_path / "dinov2_vitl14_pretrain.pth"
     torch.save(state, path)
     model = vit_large_model
-    network.load_foundation_weights(model, str(path))
+    checkpoints.load_foundation_weights(model, str(path))
     loaded = model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert torch.count_nonzero(loaded["blocks.0.adapter1.D_fc2.weight"]) == 0
-
-
-def _tiny_foundation_state(registers=False):
-    torch.manual_seed(3)
-    model = network.GeoLocalizationNet(**TINY, registers=registers)
-    return {k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}
-
-
-@pytest.mark.parametrize("registers", [False, True])
-def test_foundation_missing_or_extra_key_is_named(tmp_path, registers):
-    state = _tiny_foundation_state(registers)
-    model = network.GeoLocalizationNet(**TINY, registers=registers)
-    good = tmp_path / "good.pth"
-    torch.save(state, good)
-    network.load_foundation_weights(model, str(good))
-    assert torch.equal(model.backbone.pos_embed, state["pos_embed"])
-    if registers:
-        assert torch.equal(model.backbone.register_tokens, state["register_tokens"])
-
-    missing = dict(state)
-    del missing["blocks.1.attn.qkv.bias"]
-    torch.save(missing, tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.bias"):
-        network.load_foundation_weights(model, str(tmp_path / "missing.pth"))
-
-    extra = dict(state, **{"head.weight": torch.zeros(3)})
-    torch.save(extra, tmp_path / "extra.pth")
-    with pytest.raises(ValueError, match=r"unexpected keys: head\.weight"):
-        network.load_foundation_weights(model, str(tmp_path / "extra.pth"))
-
-
-def test_register_file_without_registers_flag_is_explained(tmp_path):
-    torch.save(_tiny_foundation_state(registers=True), tmp_path / "reg.pth")
-    with pytest.raises(ValueError, match=r"register_tokens.*|--registers"):
-        network.load_foundation_weights(network.GeoLocalizationNet(**TINY), str(tmp_path / "reg.pth"))
-    torch.save(_tiny_foundation_state(registers=False), tmp_path / "plain.pth")
-    with pytest.raises(ValueError, match="--registers"):
-        network.load_foundation_weights(network.GeoLocalizationNet(**TINY, registers=True), str(tmp_path / "plain.pth"))
-
-
-def _perturbed(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return model
-
-
-def test_checkpoint_public_layout_round_trip_bit_identical(tmp_path, tiny_model):
-    model = _perturbed(tiny_model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    path = tmp_path / "last_model.pth"
-    network.save_checkpoint(
-        str(path),
-        model=model,
-        optimizer=optimizer,
-        epoch_num=3,
-        recalls=np.array([50.0, 70.0, 80.0, 90.0]),
-        best_r5=70.0,
-        not_improved_num=1,
-    )
-    raw = torch.load(path, weights_only=False)  # inspect the layout the public release would read
-    assert set(raw) == {
-        "epoch_num",
-        "model_state_dict",
-        "optimizer_state_dict",
-        "recalls",
-        "best_r5",
-        "not_improved_num",
-        "model_settings",
-    }  # ours: the public release ignores it
-    assert raw["model_settings"] == {"backbone": "vit_tiny", "backbone_depth": 2, "registers": False}
-    assert all(k.startswith("module.") for k in raw["model_state_dict"])
-    assert isinstance(raw["recalls"], np.ndarray) and isinstance(raw["best_r5"], np.float64)
-    assert not [f for f in os.listdir(tmp_path) if f != "last_model.pth"]  # no temp file left
-
-    fresh = network.GeoLocalizationNet(**TINY).eval()
-    ckpt = network.load_model_weights(fresh, str(path))
-    assert ckpt["epoch_num"] == 3 and float(ckpt["best_r5"]) == 70.0
-    images = torch.randn(2, 3, 56, 84)
-    with torch.no_grad():
-        a, b = model(images), fresh(images)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_checkpoint_without_module_prefix_and_bare_state_dict(tmp_path, tiny_model):
-    model = _perturbed(tiny_model)
-    torch.save(model.state_dict(), tmp_path / "bare.pth")
-    torch.save({"model_state_dict": network.public_state_dict(model)}, tmp_path / "prefixed.pth")
-    for name in ("bare.pth", "prefixed.pth"):
-        fresh = network.GeoLocalizationNet(**TINY)
-        network.load_model_weights(fresh, str(tmp_path / name))
-        assert torch.equal(fresh.LocalAdapt.upconv1.weight, model.LocalAdapt.upconv1.weight)
-
-
-def _pickle_of(path) -> bytes:
-    with zipfile.ZipFile(path) as z:
-        return z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-
-
-def _rewrite_pickle(path, old: bytes, new: bytes):
-    """Rewrite the data.pkl of a torch zip file (protocol-2 GLOBAL opcodes hold plain text names)."""
-    with zipfile.ZipFile(path) as z:
-        entries = [(info, z.read(info.filename)) for info in z.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for info, data in entries:
-            z.writestr(info, data.replace(old, new) if info.filename.endswith("data.pkl") else data)
-
-
-# Both loaders run on every torch: LOADERS[0] is what this torch uses (weights_only=True with the numpy
-# allow-list on torch >= 2.6, the restricted unpickler before), LOADERS[1] is the restricted unpickler.
-LOADERS = [pytest.param(None, id="default_loader"), pytest.param(True, id="restricted_unpickler")]
-
-
-def _public_layout_checkpoint(path, model):
-    """A checkpoint as the public release writes it: optimizer state, numpy recalls and float64 best_r5."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    model(torch.randn(1, 3, 28, 28))[1].sum().backward()
-    optimizer.step()
-    network.save_checkpoint(
-        str(path),
-        model=model,
-        optimizer=optimizer,
-        epoch_num=4,
-        recalls=np.array([50.0, 70.0, 80.0, 90.0]),
-        best_r5=70.0,
-        not_improved_num=1,
-    )
-    return optimizer
-
-
-def _assert_same(a, b):
-    """Equal nested checkpoints: tensors bit-identical, numpy arrays and scalars equal, same types."""
-    assert type(a) is type(b) or (isinstance(a, dict) and isinstance(b, dict)), (type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert list(a) == list(b)
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b)
-    else:
-        assert a == b
-
-
-@pytest.mark.parametrize("numpy_names", ["numpy.core", "numpy._core"])
-@pytest.mark.parametrize("restricted", LOADERS)
-def test_public_checkpoint_with_numpy_objects_loads_under_either_numpy_naming(
-    tmp_path, tiny_model, numpy_names, restricted
-):
-    """Public checkpoints were pickled by numpy 1.x (numpy.core...), ours by numpy 2 (numpy._core...): both
-    load, whichever numpy is installed, with either loader."""
-    path = tmp_path / "ckpt.pth"
-    _public_layout_checkpoint(path, tiny_model)
-    for spelling in (b"numpy._core.multiarray", b"numpy.core.multiarray"):
-        _rewrite_pickle(path, spelling, numpy_names.encode() + b".multiarray")
-    assert (numpy_names.encode() + b".multiarray\n_reconstruct") in _pickle_of(path)
-    ckpt = network.load_weights_file(str(path), what="--resume", restricted=restricted)
-    assert np.array_equal(ckpt["recalls"], [50.0, 70.0, 80.0, 90.0]) and ckpt["recalls"].dtype == np.float64
-    assert isinstance(ckpt["best_r5"], np.float64) and ckpt["best_r5"] == 70.0
-    assert ckpt["epoch_num"] == 4 and ckpt["not_improved_num"] == 1
-    fresh = network.GeoLocalizationNet(**TINY)
-    network.load_model_weights(fresh, str(path))
-    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in fresh.state_dict().items())
-
-
-def test_restricted_unpickler_gives_what_torch_load_gives(tmp_path, tiny_model):
-    """The restricted unpickler (the loader of torch < 2.6) reads a training checkpoint (Adam state, random
-    states, empty and full numpy arrays, bf16 tensors) exactly as an unrestricted torch.load does."""
-    import commons
-
-    path = tmp_path / "ckpt.pth"
-    optimizer = _public_layout_checkpoint(path, tiny_model)
-    network.save_checkpoint(
-        str(path),
-        model=tiny_model,
-        optimizer=optimizer,
-        epoch_num=1,
-        recalls=None,
-        extra={"rng_states": commons.get_rng_states(), "bf16": torch.ones(3, dtype=torch.bfloat16)},
-    )
-    reference = torch.load(path, map_location="cpu", weights_only=False)  # our own file: the reference reading
-    restricted = network.load_weights_file(str(path), what="--resume", restricted=True)
-    _assert_same(reference, restricted)
-    assert restricted["recalls"].shape == (0,)  # an empty array pickles a bytes() call
-    _assert_same(reference, network.load_weights_file(str(path), what="--resume"))
-
-
-def test_default_loader_is_weights_only_where_torch_can_allow_numpy_names():
-    """torch >= 2.6 takes allow-list entries by name: there the loader must be torch.load(weights_only=True),
-    not the fallback (this fails if torch renames what the probe reads)."""
-    release = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
-    assert network._torch_allow_list_takes_names() == (release >= (2, 6))
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-@pytest.mark.parametrize("restricted", LOADERS)
-def test_pickle_that_would_run_code_is_refused_naming_the_object(tmp_path, tiny_model, restricted):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pth"
-    torch.save({"model_state_dict": tiny_model.state_dict(), "payload": _Evil(marker)}, path)
-    with pytest.raises(
-        ValueError,
-        match=r"evil\.pth refused: it would run code when unpickled \(it pickles "
-        r"posix\.system.*Nothing in it was run",
-    ) as info:
-        network.load_weights_file(str(path), what="--resume", restricted=restricted)
-    assert "truncated" not in str(info.value)
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        b"cbuiltins\neval\n(X\x0b\x00\x00\x00print('hi')tR.",
-        b"c_codecs\nencode\n(X\x02\x00\x00\x00hiX\x04\x00\x00\x00zlibtR.",
-        b"c__builtin__\nbytes\n(J\x00\x00\x00\x40tR.",
-    ],
-    ids=["builtins.eval", "codecs_other_than_latin1", "bytes_of_a_size"],
-)
-def test_restricted_unpickler_refuses_anything_off_its_allow_list(tmp_path, tiny_model, payload):
-    """The restricted unpickler's allow-list is exact: other globals, and the two harmless-looking helpers
-    protocol 2 needs (_codecs.encode, bytes) with other arguments, are refused."""
-    path = tmp_path / "crafted.pth"
-    torch.save({"x": torch.ones(1)}, path)
-    with zipfile.ZipFile(path) as z:
-        entries = [(info, z.read(info.filename)) for info in z.infolist()]
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for info, data in entries:
-            z.writestr(info, b"\x80\x02" + payload if info.filename.endswith("data.pkl") else data)
-    with pytest.raises(ValueError, match=r"crafted\.pth refused: it would run code when unpickled"):
-        network.load_weights_file(str(path), what="--resume", restricted=True)
-
-
-def test_a_bug_or_broken_install_is_not_blamed_on_the_file(tmp_path, tiny_model, monkeypatch):
-    """Only errors that come from the file become advice about the file: an AttributeError or ImportError
-    (a numpy or torch without what the loader needs) shows as itself."""
-    path = tmp_path / "good.pth"
-    network.save_checkpoint(str(path), model=tiny_model)
-    for restricted in (None, True):
-        monkeypatch.setattr(network, "_numpy_multiarray", lambda: np.no_such_module)
-        with pytest.raises(AttributeError, match="no_such_module"):
-            network.load_weights_file(str(path), what="--resume", restricted=restricted)
-        monkeypatch.undo()
-
-    def broken_load(*args, **kwargs):
-        raise ImportError("cannot import name 'x' from 'torch._utils'")
-
-    monkeypatch.setattr(torch, "load", broken_load)
-    with pytest.raises(ImportError):
-        network.load_weights_file(str(path), what="--resume")
-
-
-@pytest.mark.parametrize("restricted", LOADERS)
-def test_truncated_or_foreign_file_is_called_so(tmp_path, tiny_model, restricted):
-    good = tmp_path / "good.pth"
-    network.save_checkpoint(str(good), model=tiny_model)
-    (tmp_path / "trunc.pth").write_bytes(good.read_bytes()[:1000])
-    (tmp_path / "notes.pth").write_text("these are not weights\n")
-    for name in ("trunc.pth", "notes.pth"):
-        with pytest.raises(
-            ValueError,
-            match=name + r" could not be loaded \(.+\): it is truncated or not a PyTorch "
-            "weights file. Download or copy it again",
-        ):
-            network.load_weights_file(str(tmp_path / name), what="--resume", restricted=restricted)
-
-
-def test_bad_weight_paths_have_clear_messages(tmp_path):
-    model = network.GeoLocalizationNet(**TINY)
-    with pytest.raises(FileNotFoundError, match="--resume .*no such file"):
-        network.load_model_weights(model, str(tmp_path / "nope.pth"))
-    with pytest.raises(IsADirectoryError, match="is a directory"):
-        network.load_model_weights(model, str(tmp_path))
-    truncated = tmp_path / "trunc.pth"
-    torch.save(model.state_dict(), truncated)
-    truncated.write_bytes(truncated.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="truncated"):
-        network.load_model_weights(model, str(truncated))
-    other = network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1)
-    torch.save(other.state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model|does not fit"):
-        network.load_model_weights(model, str(tmp_path / "other.pth"))
 
 
 def test_build_model_requires_weights_or_explicit_opt_in(caplog):
@@ -381,8 +85,11 @@ def test_build_model_requires_weights_or_explicit_opt_in(caplog):
 
 
 def test_build_model_resume_loads_weights(tmp_path, tiny_model):
-    model = _perturbed(tiny_model)
-    network.save_checkpoint(str(tmp_path / "c.pth"), model=model)
+    model = tiny_model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    checkpoints.save_checkpoint(str(tmp_path / "c.pth"), model=model)
     built = network.build_model(_args(resume=str(tmp_path / "c.pth")))
     assert torch.equal(built.aggregation[1].p, model.aggregation[1].p)
 

@@ -126,11 +126,12 @@ def test_cuda_requested_without_cuda(monkeypatch, capsys):
 def _project_checkpoint(path, *, resize=(112, 112), depth=2, registers=False):
     import torch
 
+    import checkpoints
     import network
 
     torch.manual_seed(0)
     model = network.GeoLocalizationNet(backbone="vit_tiny", backbone_depth=depth, registers=registers)
-    network.save_checkpoint(str(path), model=model, resize=resize)
+    checkpoints.save_checkpoint(str(path), model=model, resize=resize)
     return str(path)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import TINY, TINY_FLAGS
 
+import checkpoints
 import commons
 import network
 import reproduce
@@ -34,13 +35,13 @@ def world(tmp_path_factory):
     )
     synthetic_dataset.generate(str(data), "pitts30k", seed=0, **sizes)
     synthetic_dataset.generate(str(data), "stlucia_synth", seed=1, **sizes)
-    checkpoints = {}
+    paths = {}
     for seed, name in enumerate(("msls", "pitts30k")):
         torch.manual_seed(seed)
         path = str(root / f"SelaVPR_{name}.pth")
-        network.save_checkpoint(path, model=network.GeoLocalizationNet(**TINY))
-        checkpoints[name] = path
-    return {"root": root, "data": str(data), "ckpt": checkpoints}
+        checkpoints.save_checkpoint(path, model=network.GeoLocalizationNet(**TINY))
+        paths[name] = path
+    return {"root": root, "data": str(data), "ckpt": paths}
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +87,7 @@ def read_table(output):
 def first_param(model_or_path):
     name = "backbone.patch_embed.proj.weight"
     if isinstance(model_or_path, str):
-        return network.checkpoint_model_state(network.load_weights_file(model_or_path, what="test"))[name]
+        return checkpoints.checkpoint_model_state(checkpoints.load_weights_file(model_or_path, what="test"))[name]
     return model_or_path.state_dict()[name].detach().cpu().clone()
 
 
@@ -165,7 +166,7 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
         raise AssertionError("a finished evaluation was redone")
 
     monkeypatch.setattr(test, "evaluate", forbidden)
-    monkeypatch.setattr(network, "load_model_weights", forbidden)
+    monkeypatch.setattr(checkpoints, "load_model_weights", forbidden)
     reproduce.main(flags(world, out))
     table = read_table(out)
     for title in ("St Lucia", "Pitts30k-test"):
@@ -187,7 +188,7 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
     spy = EvaluateSpy()
     monkeypatch.setattr(test, "evaluate", spy)
     torch.manual_seed(7)
-    network.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
+    checkpoints.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
     reproduce.main(flags(world, out))
     assert [c["folder"] for c in spy.calls] == ["pitts30k"]
     table = read_table(out)
@@ -196,7 +197,7 @@ def test_evaluates_present_sets_with_the_papers_checkpoints_and_resumes(world, t
     with open(out / "logs" / logs[-1] / "info.log") as f:
         assert "why: the checkpoint changed (other contents)" in f.read()
     torch.manual_seed(1)  # the world fixture's weights again, for the other tests
-    network.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
+    checkpoints.save_checkpoint(world["ckpt"]["pitts30k"], model=network.GeoLocalizationNet(**TINY))
 
 
 def test_a_changed_data_set_is_evaluated_again_and_the_log_says_why(world, tmp_path, monkeypatch):

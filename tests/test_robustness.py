@@ -20,7 +20,7 @@ says the disk is full, and training resumes from that checkpoint; an --efficient
 during extraction leaves only its own temp file, which a later run neither reads nor needs. (Killed
 during a checkpoint save and exact resume: tests/test_train.py.)
 
-Safety: weight files are only ever loaded with weights_only=True or, on torch < 2.6, network.py's
+Safety: weight files are only ever loaded with weights_only=True or, on torch < 2.6, checkpoints.py's
 restricted unpickler (a scan of every .py file); a crafted pickle that would run code is refused through
 eval.py --resume / --foundation_model_path, reproduce.py and the torch.hub entry point; files planted in a
 data folder (.py, .pth) are never opened or run.
@@ -51,6 +51,7 @@ from conftest import ROOT, TINY, TINY_FLAGS, kill_once_marker_appears, tiny_eval
 from PIL import Image
 from test_train import TRAIN_FLAGS, _train
 
+import checkpoints
 import datasets_ws
 import network
 
@@ -138,18 +139,18 @@ def world(tmp_path_factory, synthetic_root):
     torch.manual_seed(0)
     model = network.GeoLocalizationNet(**TINY)
     w["good"] = os.path.join(folder, "good.pth")
-    network.save_checkpoint(w["good"], model=model)
+    checkpoints.save_checkpoint(w["good"], model=model)
     data = open(w["good"], "rb").read()
     w["truncated"] = os.path.join(folder, "truncated.pth")
     open(w["truncated"], "wb").write(data[: len(data) // 2])
     w["zero"] = os.path.join(folder, "zero.pth")
     open(w["zero"], "wb").close()
     w["other"] = os.path.join(folder, "vit_small.pth")
-    network.save_checkpoint(w["other"], model=network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1))
+    checkpoints.save_checkpoint(w["other"], model=network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1))
     w["other_public"] = os.path.join(folder, "vit_small_public.pth")  # the public layout: no model_settings
     torch.save(
         {
-            "model_state_dict": network.public_state_dict(
+            "model_state_dict": checkpoints.public_state_dict(
                 network.GeoLocalizationNet(backbone="vit_small", backbone_depth=1)
             )
         },
@@ -158,7 +159,7 @@ def world(tmp_path_factory, synthetic_root):
     backbone_state = {k: v for k, v in model.backbone.state_dict().items() if ".adapter" not in k}
     w["evil"] = os.path.join(folder, "evil.pth")
     torch.save(
-        {"model_state_dict": network.public_state_dict(model), "epoch_num": 0, "x": Evil(w["marker"])}, w["evil"]
+        {"model_state_dict": checkpoints.public_state_dict(model), "epoch_num": 0, "x": Evil(w["marker"])}, w["evil"]
     )
     w["evil_foundation"] = os.path.join(folder, "evil_dinov2.pth")
     torch.save({**backbone_state, "x": Evil(w["marker"])}, w["evil_foundation"])
@@ -981,7 +982,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_training_resum
         <= names
         <= {"last_model.pth", "best_model.pth", "info.log", "debug.log"}
     ), names
-    checkpoint = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
+    checkpoint = checkpoints.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
     assert checkpoint["epoch_num"] == 0  # epoch 0's checkpoint, intact
     # ... and the run continues from it.
     resumed, stdout = _train(
@@ -998,7 +999,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_training_resum
     )
     assert "took epoch_num=0" in stdout and "training starts at epoch 1" in stdout
     assert "Start training epoch: 01" in stdout and "Start training epoch: 00" not in stdout
-    assert network.load_weights_file(os.path.join(resumed, "last_model.pth"), what="--resume")["epoch_num"] == 1
+    assert checkpoints.load_weights_file(os.path.join(resumed, "last_model.pth"), what="--resume")["epoch_num"] == 1
 
 
 SLOW_EXTRACTION = """
@@ -1227,7 +1228,7 @@ def test_atomic_writes_honour_the_umask(tmp_path):
                 str(tmp_path / f"{mask:o}_predictions.jsonl"),
             ]
             atomic_files.atomic_write_text(paths[0], "{}\n")
-            network.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
+            checkpoints.atomic_torch_save({"x": torch.zeros(2)}, paths[1])
             predictions_io.write_predictions(paths[2], [{"query": "q.jpg"}])
         finally:
             os.umask(old)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import ROOT, TINY, kill_once_marker_appears, run_script, tiny_eval_flags
 
+import checkpoints
 import network
 
 TRAIN_FLAGS = [
@@ -58,7 +59,7 @@ def _epoch_lines(folder):
 
 
 def _tensors(path):
-    ckpt = network.load_weights_file(path, what="test")  # weights_only=True, as everywhere
+    ckpt = checkpoints.load_weights_file(path, what="test")  # weights_only=True, as everywhere
     flat = dict(ckpt["model_state_dict"])
     for i, state in ckpt["optimizer_state_dict"]["state"].items():
         for k, v in state.items():
@@ -108,7 +109,7 @@ def slow_save(obj, f, *a, **k):
     if count[0] < 2 or isinstance(f, io.BytesIO):
         return real_save(obj, f, *a, **k)
     buffer = io.BytesIO(); real_save(obj, buffer, *a, **k); data = buffer.getvalue()
-    # network.atomic_torch_save hands torch.save an open file (a path works too)
+    # checkpoints.atomic_torch_save hands torch.save an open file (a path works too)
     with (open(f, "wb") if isinstance(f, str) else f) as out:
         out.write(data[: len(data) // 2]); out.flush()
         open({marker!r}, "w").close()  # half written: the test kills us now
@@ -132,10 +133,10 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
         what="the second checkpoint save never started",
     )
     folder = glob.glob(str(tmp_path / "logs" / "kill" / "*"))[0]
-    ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
+    ckpt = checkpoints.load_weights_file(os.path.join(folder, "last_model.pth"), what="--resume")
     assert ckpt["epoch_num"] == 0  # the first epoch's checkpoint, intact
     model = network.GeoLocalizationNet(**TINY)
-    network.load_model_weights(model, os.path.join(folder, "last_model.pth"))
+    checkpoints.load_model_weights(model, os.path.join(folder, "last_model.pth"))
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
@@ -162,7 +163,7 @@ def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
 
 def test_resume_of_a_released_checkpoint_without_optimizer_state(synthetic_root, tmp_path, tiny_model):
     path = str(tmp_path / "SelaVPR_released.pth")
-    network.save_checkpoint(path, model=tiny_model, epoch_num=4, recalls=np.array([1.0, 2.0]), best_r5=2.0)
+    checkpoints.save_checkpoint(path, model=tiny_model, epoch_num=4, recalls=np.array([1.0, 2.0]), best_r5=2.0)
     folder, _ = _train(synthetic_root, tmp_path, "finetune", "--epochs_num", "6", "--resume", path)
     log = open(os.path.join(folder, "info.log")).read()
     assert "has no optimizer state" in log and "training starts at epoch 5" in log
@@ -230,7 +231,7 @@ def test_resume_of_a_public_train_py_file_starts_a_fresh_optimizer(synthetic_roo
     assert "took epoch_num=2, best_r5=0.0, not_improved_num=1" in log and "optimizer state," not in log
     assert "Start training epoch: 03" in log and "Start training epoch: 02" not in log
     # The resumed run's checkpoint is ours again: its optimizer state resumes exactly.
-    ckpt = network.load_weights_file(os.path.join(folder, "last_model.pth"), what="test")
+    ckpt = checkpoints.load_weights_file(os.path.join(folder, "last_model.pth"), what="test")
     assert ckpt["epoch_num"] == 3 and ckpt["model_settings"]["backbone"] == "vit_tiny"
 
 
@@ -240,7 +241,7 @@ def test_resume_refuses_an_optimizer_state_that_fits_neither_layout(tmp_path, ti
 
     path = str(tmp_path / "odd.pth")
     odd = torch.optim.Adam([p for p in tiny_model.parameters()][:3], lr=1e-5)
-    network.save_checkpoint(path, model=tiny_model, optimizer=odd, epoch_num=0)
+    checkpoints.save_checkpoint(path, model=tiny_model, optimizer=odd, epoch_num=0)
     tiny_model.freeze()
     optimizer = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-5)
     with pytest.raises(ValueError, match=r"fits neither this run's optimizer .* nor the public train.py's"):
@@ -260,8 +261,8 @@ def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic
     released_dir.mkdir()
     torch.manual_seed(5)
     released = network.GeoLocalizationNet(**TINY)
-    network.save_checkpoint(str(released_dir / "SelaVPR_x.pth"), model=released, epoch_num=0, best_r5=100.0)
-    network.save_checkpoint(str(released_dir / "best_model.pth"), model=network.GeoLocalizationNet(**TINY))
+    checkpoints.save_checkpoint(str(released_dir / "SelaVPR_x.pth"), model=released, epoch_num=0, best_r5=100.0)
+    checkpoints.save_checkpoint(str(released_dir / "best_model.pth"), model=network.GeoLocalizationNet(**TINY))
     run, _ = _train(
         synthetic_root,
         tmp_path,
@@ -280,15 +281,15 @@ def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic
     assert "Testing the current weights" in log and "Testing the weights of" not in log
     assert not os.path.exists(os.path.join(run, "best_model.pth"))
     # Resuming a run's last_model.pth carries its best_model.pth along (copied), and that is tested.
-    network.save_checkpoint(os.path.join(run, "last_model.pth.tmp"), model=released, epoch_num=1, best_r5=100.0)
+    checkpoints.save_checkpoint(os.path.join(run, "last_model.pth.tmp"), model=released, epoch_num=1, best_r5=100.0)
     os.replace(os.path.join(run, "last_model.pth.tmp"), os.path.join(run, "last_model.pth"))
-    network.save_checkpoint(os.path.join(run, "best_model.pth"), model=released, epoch_num=0, best_r5=100.0)
+    checkpoints.save_checkpoint(os.path.join(run, "best_model.pth"), model=released, epoch_num=0, best_r5=100.0)
     again, _ = _train(
         synthetic_root, tmp_path, "again", "--epochs_num", "3", "--resume", os.path.join(run, "last_model.pth")
     )
     log = open(os.path.join(again, "info.log")).read()
     assert f"Copied the resumed run's best model {os.path.join(run, 'best_model.pth')}" in log
     assert f"Testing the weights of {os.path.join('logs', 'again')}" in log
-    copied = network.load_weights_file(os.path.join(again, "best_model.pth"), what="test")["model_state_dict"]
-    original = network.load_weights_file(os.path.join(run, "best_model.pth"), what="test")["model_state_dict"]
+    copied = checkpoints.load_weights_file(os.path.join(again, "best_model.pth"), what="test")["model_state_dict"]
+    original = checkpoints.load_weights_file(os.path.join(run, "best_model.pth"), what="test")["model_state_dict"]
     assert all(torch.equal(copied[k], original[k]) for k in original)
