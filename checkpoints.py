@@ -357,7 +357,7 @@ def save_checkpoint(
         "recalls": np.asarray(recalls if recalls is not None else [], dtype=np.float64),
         "best_r5": np.float64(best_r5),
         "not_improved_num": int(not_improved_num),
-        SETTINGS_KEY: model_settings_of(inner, resize=resize),
+        SETTINGS_KEY: model_flags_of(inner, resize=resize),
     }
     checkpoint.update(extra or {})
     atomic_torch_save(checkpoint, path)
@@ -396,8 +396,9 @@ ARCHITECTURE_FLAGS = ("backbone", "backbone_depth", "registers")
 MODEL_FLAGS = ARCHITECTURE_FLAGS + ("resize",)
 
 
-def model_settings_of(model: nn.Module, *, resize: Optional[Sequence[int]] = None) -> dict:
-    """What a later run needs to rebuild `model`: plain types only (loadable with weights_only=True)."""
+def model_flags_of(model: nn.Module, *, resize: Optional[Sequence[int]] = None) -> dict:
+    """The MODEL_FLAGS values of `model` (resize when given): what a later run needs to rebuild it, kept
+    in its checkpoints under SETTINGS_KEY; plain types only (loadable with weights_only=True)."""
     settings = {
         "backbone": model.backbone_name,
         "backbone_depth": len(model.backbone.blocks),

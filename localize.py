@@ -20,7 +20,6 @@ per candidate), picture rows in preds/ (--num_preds_to_save), info.log and debug
 name of both folders carries UTM coordinates (``@east@north@...``), the recalls are logged too.
 """
 
-import hashlib
 import logging
 import os
 from datetime import datetime
@@ -41,19 +40,6 @@ import test
 import visualizations
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-#: Manifest entries that must be equal for a saved database to be used with the current model.
-CHECKED_SETTINGS = (
-    "backbone",
-    "registers",
-    "depth",
-    "embed_dim",
-    "resize",
-    "precision",
-    "database_method",
-    "weights_sha256",
-)
-
 
 # ------------------------------------------------------------------------------------------------
 # Images
@@ -185,160 +171,6 @@ def utm_positives(
     except ValueError:
         return None
     return datasets_ws.radius_positives(db_utms, q_utms, radius)
-
-
-# ------------------------------------------------------------------------------------------------
-# The database: extraction, saving, loading
-# ------------------------------------------------------------------------------------------------
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's state dict (every key, dtype, shape and the raw bytes, in key order).
-
-    Equal fingerprints mean bit-identical weights, whatever file they came from or device they are on.
-    """
-    h = hashlib.sha256()
-    for key, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, any dtype (bf16 included)
-    return h.hexdigest()
-
-
-def model_settings(
-    model: network.GeoLocalizationNet, *, backbone: str, registers: bool, resize: Sequence[int], precision: str
-) -> Dict:
-    """What the database's descriptors depend on (all in CHECKED_SETTINGS): compared on loading."""
-    return {
-        "backbone": backbone,
-        "registers": bool(registers),
-        "depth": len(model.backbone.blocks),
-        "embed_dim": int(model.backbone.embed_dim),
-        "resize": [int(resize[0]), int(resize[1])],
-        "precision": precision,
-        "database_method": retrieval.DATABASE_METHOD,
-        "weights_sha256": weights_fingerprint(model),
-    }
-
-
-def settings_mismatches(saved: Dict, current: Dict) -> List[str]:
-    """Human-readable differences between a saved manifest's settings and the current ones ([] if none)."""
-    out = []
-    for key in CHECKED_SETTINGS:
-        if saved.get(key) != current.get(key):
-            if key == "weights_sha256":
-                out.append(
-                    "the model weights differ (fingerprint "
-                    f"{str(saved.get(key))[:12]}… saved, {str(current.get(key))[:12]}… now)"
-                )
-            else:
-                out.append(f"{key}: {saved.get(key)!r} saved, {current.get(key)!r} now")
-    return out
-
-
-def save_database(
-    database: retrieval.Database, folder: str, *, root: str, settings: Dict, extra: Optional[Dict] = None
-) -> None:
-    """Save `database` (the images below `root`, extracted with `settings`) in the new folder `folder`
-    (retrieval.Database.save), its manifest recording what load_database checks: the images (names
-    relative to `root`, sizes, modification times) and the settings. `extra` entries (e.g. the weight
-    files' paths) are stored for information only."""
-    stats = [os.stat(p) for p in database.paths]  # one stat per image: size and modification time
-    database.save(
-        folder,
-        manifest={
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "database_folder": root,
-            "images": [os.path.relpath(p, root) for p in database.paths],
-            "image_sizes": [st.st_size for st in stats],
-            "image_mtimes_ns": [st.st_mtime_ns for st in stats],
-            "settings": dict(settings),
-            "info": dict(extra or {}),
-        },
-    )
-
-
-def image_list_changes(manifest: Dict, root: str, *, check_mtimes: bool = True) -> List[str]:
-    """What differs between the images a database was saved from (manifest) and those under `root` now:
-    added, deleted and modified images (another size, or with check_mtimes another modification time
-    when the manifest has them), each with a few example names; [] when nothing changed.
-
-    check_mtimes is for the folder the database was saved from: a moved copy (cp without -p) gets new
-    modification times without any change."""
-    found = find_images(root, flag="--database_folder")
-    now = {os.path.relpath(p, root): p for p in found}
-    saved = manifest["images"]
-    sizes = dict(zip(saved, manifest.get("image_sizes", [])))
-    mtimes = dict(zip(saved, manifest.get("image_mtimes_ns", [])))
-    added = [name for name in now if name not in sizes]
-    deleted = [name for name in saved if name not in now]
-    modified = []
-    for name in saved:
-        if name in now:
-            st = os.stat(now[name])
-            if st.st_size != sizes.get(name) or (check_mtimes and name in mtimes and st.st_mtime_ns != mtimes[name]):
-                modified.append(name)
-
-    def some(names):
-        return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-
-    changes = [
-        f"{len(names)} {what} ({some(names)})"
-        for what, names in (("added", added), ("deleted", deleted), ("modified", modified))
-        if names
-    ]
-    if not changes and list(now) != list(saved):
-        changes.append("the images are listed in another order")
-    return changes
-
-
-def load_database(
-    engine: retrieval.Retrieval, folder: str, *, settings: Dict, database_folder: Optional[str] = None
-) -> retrieval.Database:
-    """Open a database written by save_database (through `engine`, which closes it), after checking it
-    against the current `settings` (model_settings) and against the images of its folder.
-
-    The images are looked up under `database_folder` when given (the folder may have moved), else under
-    the folder recorded at saving. Raises ValueError with the differences on any mismatch, also when the
-    image folder changed since saving (new images would never be searched, deleted ones would still be
-    returned). When the recorded folder is gone (and no `database_folder` is given), the saved list is
-    used as is, with a warning: the results then name files that cannot be opened here.
-    """
-    folder = os.path.abspath(folder)
-    manifest = retrieval.read_manifest(folder)
-    problems = settings_mismatches(manifest.get("settings", {}), settings)
-    if problems:
-        raise ValueError(
-            f"--load_database {folder} was extracted with another model or other flags: "
-            f"{'; '.join(problems)}. Its descriptors cannot be compared with this model's: run with "
-            "the weights and --backbone / --registers / --backbone_depth / --resize / --precision it "
-            "was saved with, or extract a new one with --save_database."
-        )
-    root = os.path.abspath(database_folder) if database_folder is not None else manifest["database_folder"]
-    if database_folder is None and not os.path.isdir(root):
-        logging.warning(
-            f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
-            "for changes; the results name those paths. Give --database_folder if it moved."
-        )
-    else:
-        changes = image_list_changes(manifest, root, check_mtimes=database_folder is None)
-        if changes:
-            flag = "--database_folder" if database_folder is not None else "the image folder"
-            raise ValueError(
-                f"{flag} {root} changed since --load_database {folder} was saved from it: "
-                f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
-                "never be searched, deleted ones would still be returned): save the database "
-                "again with --save_database."
-            )
-    paths = [os.path.join(root, p) for p in manifest["images"]]
-    database = engine.load_database(folder, paths=paths)
-    if database.global_descriptors.shape[1] != settings["embed_dim"]:
-        raise ValueError(
-            f"--load_database {folder}: descriptors {database.global_descriptors.shape} for a model "
-            f"of width {settings['embed_dim']}: the database is damaged. Save it again."
-        )
-    logging.info(f"Loaded the database saved in {folder} ({len(paths)} images of {root}): no database extraction")
-    return database
 
 
 # ------------------------------------------------------------------------------------------------
@@ -529,7 +361,7 @@ def main(args) -> None:
                     "pictures."
                 )
         model = network.build_model(args)
-        settings = model_settings(
+        settings = retrieval.descriptor_identity(
             model, backbone=args.backbone, registers=args.registers, resize=args.resize, precision=args.precision
         )
     except (ValueError, OSError):
@@ -547,8 +379,11 @@ def main(args) -> None:
         store_folder=store_folder,
     ) as engine:
         if args.load_database:
-            database = load_database(
-                engine, args.load_database, settings=settings, database_folder=args.database_folder
+            database = engine.load_database(
+                args.load_database,
+                settings=settings,
+                list_images=lambda root: find_images(root, flag="--database_folder"),
+                database_folder=args.database_folder,
             )
         else:
             database = engine.build_database(
@@ -556,9 +391,7 @@ def main(args) -> None:
             )
         if args.save_database:
             info = {flag: getattr(args, flag) for flag in ("foundation_model_path", "resume", "load_weights")}
-            save_database(
-                database, args.save_database, root=os.path.abspath(args.database_folder), settings=settings, extra=info
-            )
+            database.save(args.save_database, root=os.path.abspath(args.database_folder), settings=settings, info=info)
             logging.info(f"Saved the database in {args.save_database}: reuse it with --load_database")
         logging.info(f"< Localize - #database: {len(database)}; #queries: {len(queries_paths)} >")
         queries = engine.extract_queries(

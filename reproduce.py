@@ -34,6 +34,7 @@ import torch
 import atomic_files
 import commons
 import datasets_ws
+import identity
 import network
 import parser
 import test
@@ -201,39 +202,16 @@ def parse_arguments(argv: Optional[Sequence[str]] = None):
 # ---------------------------------------------------------------------------------------------------
 
 
-def file_fingerprint(path: str) -> dict:
-    """SHA-256 of a checkpoint's contents (and its size): another checkpoint gets another key, the same
-    one copied, moved or touched keeps its key."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**22), b""):
-            h.update(block)
-    return {"sha256": h.hexdigest(), "size": os.path.getsize(path)}
-
-
 def images_fingerprint(split_folder: str) -> dict:
-    """The image list of a data set split: a SHA-256 over every .jpg's path relative to `split_folder`,
-    size and modification time (what BaseDataset reads: the pictures and, in their names, the UTM
-    coordinates), and the number of images per sub-folder (database, queries) for the log."""
-    h = hashlib.sha256()
-    counts: Dict[str, int] = {}
-    for path in datasets_ws.collect_jpgs(split_folder):
-        relative = os.path.relpath(path, split_folder)
-        st = os.stat(path)
-        h.update(f"{relative}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        top = relative.split(os.sep)[0] if os.sep in relative else "."
-        counts[top] = counts.get(top, 0) + 1
-    return {"sha256": h.hexdigest(), "counts": counts}
+    """The image list of a data set split (identity.ImageList.fingerprint of every .jpg below
+    `split_folder`, as BaseDataset reads them: the pictures and, in their names, the UTM coordinates),
+    with the number of images per sub-folder (database, queries) for the log."""
+    return identity.ImageList.of(datasets_ws.collect_jpgs(split_folder), split_folder).fingerprint()
 
 
-def content_fingerprint(path: str) -> str:
-    """SHA-256 of a small file's contents (the MSLS key list)."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def model_settings(args) -> dict:
-    """Every flag that can change an evaluation's numbers (timings included: device, precision)."""
+def evaluation_settings(args) -> dict:
+    """Every flag that can change an evaluation's numbers (timings included: device, precision): part of
+    each result's key."""
     return {
         "backbone": args.backbone,
         "backbone_depth": args.backbone_depth,
@@ -253,14 +231,14 @@ def result_key(
     *, entry: PaperEntry, images: dict, checkpoint: dict, keys_file: Optional[str], rerank_num: int, settings: dict
 ) -> Tuple[str, dict]:
     """(short hash, the dict it hashes) identifying one evaluation: images (images_fingerprint),
-    checkpoint (file_fingerprint), the MSLS key file, rerank_num and the settings. The folder's path is
+    checkpoint (identity.file_fingerprint), the MSLS key file, rerank_num and the settings. The folder's path is
     not part of it: the same images elsewhere give the same numbers."""
     key = {
         "dataset": entry.name,
         "split": entry.split,
         "images": images,
         "checkpoint": checkpoint,
-        "query_keys_sha256": keys_file and content_fingerprint(keys_file),
+        "query_keys_sha256": keys_file and identity.content_sha256(keys_file),
         "rerank_num": int(rerank_num),
         "settings": settings,
     }
@@ -273,34 +251,7 @@ def rerun_reason(key: dict, earlier: Sequence[dict]) -> str:
     data set, split and rerank_num (`earlier`, newest last): what differs from the newest one."""
     if not earlier:
         return "not evaluated before"
-    old = earlier[-1]
-    reasons = []
-    if old.get("images") != key["images"]:
-        before, now = (old.get("images") or {}).get("counts"), key["images"]["counts"]
-        if before is None:
-            reasons.append("the earlier result was stored without its image list (an older results file)")
-        elif before != now:
-            changed = ", ".join(
-                f"{name}: {before.get(name, 0)} -> {now.get(name, 0)} images"
-                for name in sorted(set(before) | set(now))
-                if before.get(name) != now.get(name)
-            )
-            reasons.append(f"the images changed ({changed})")
-        else:
-            reasons.append("the images changed (same numbers; names, sizes or modification times differ)")
-    if old.get("checkpoint") != key["checkpoint"]:
-        reasons.append("the checkpoint changed (other contents)")
-    if old.get("query_keys_sha256") != key["query_keys_sha256"]:
-        reasons.append("the MSLS query key file changed")
-    old_settings = old.get("settings") or {}
-    changed = [
-        f"{name} {old_settings.get(name)!r} -> {value!r}"
-        for name, value in key["settings"].items()
-        if old_settings.get(name) != value
-    ]
-    if changed:
-        reasons.append("settings changed: " + ", ".join(changed))
-    return "; ".join(reasons) or "the results file's key format changed"
+    return "; ".join(identity.differences(earlier[-1], key)) or "the results file's key format changed"
 
 
 class ResultCache:
@@ -613,7 +564,7 @@ def main(args) -> None:
     commons.log_run_header(args)
     cache = ResultCache(os.path.join(args.output, CACHE_NAME))
     table_path = os.path.join(args.output, TABLE_NAME)
-    settings = model_settings(args)
+    settings = evaluation_settings(args)
     checkpoints = {"msls": args.msls_checkpoint, "pitts30k": args.pitts30k_checkpoint}
 
     rows = [
@@ -662,7 +613,7 @@ def main(args) -> None:
             continue
 
         if ckpt_path not in fingerprints:  # a checkpoint is read once per run, however many rows use it
-            fingerprints[ckpt_path] = file_fingerprint(ckpt_path)
+            fingerprints[ckpt_path] = identity.file_fingerprint(ckpt_path)
         key, key_dict = result_key(
             entry=entry,
             images=images_fingerprint(split_folder),

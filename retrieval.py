@@ -26,7 +26,8 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from datetime import datetime
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -36,6 +37,7 @@ from tqdm import tqdm
 
 import atomic_files
 import distributed
+import identity
 import local_matching
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
@@ -248,6 +250,24 @@ GLOBAL_FILE = "global_descriptors.npy"
 DENSE_FOLDER = "dense"
 
 
+def descriptor_identity(
+    model: torch.nn.Module, *, backbone: str, registers: bool, resize: Sequence[int], precision: str
+) -> Dict[str, Any]:
+    """What a database's descriptors depend on: the model (its size and the fingerprint of its weights),
+    the input size, the precision and the database preprocessing. A saved database records it (its
+    manifest's `settings`) and is refused on loading when any of it differs."""
+    return {
+        "backbone": backbone,
+        "registers": bool(registers),
+        "depth": len(model.backbone.blocks),
+        "embed_dim": int(model.backbone.embed_dim),
+        "resize": [int(resize[0]), int(resize[1])],
+        "precision": precision,
+        "database_method": DATABASE_METHOD,
+        "weights_sha256": identity.weights_sha256(model),
+    }
+
+
 @dataclass
 class Database:
     """Database images with their features: global_descriptors (N, D) float32; dense[i] -> (h', w', 128);
@@ -263,15 +283,26 @@ class Database:
     def close(self) -> None:
         self.dense.close()
 
-    def save(self, folder: str, *, manifest: Dict[str, Any]) -> None:
-        """Write the database to `folder` (which must not exist): GLOBAL_FILE, DENSE_FOLDER/ (DenseStore.save)
-        and MANIFEST_FILE (the caller's `manifest` entries, plus the format, the files' sizes and the
-        shapes), the manifest last.
+    def save(self, folder: str, *, root: str, settings: Dict[str, Any], info: Optional[Dict[str, Any]] = None) -> None:
+        """Write the database to the new folder `folder`, for later runs (Retrieval.load_database).
+
+        Its manifest records what loading checks: the images (identity.ImageList of `paths`, named
+        relative to `root`, the folder they were found in) and `settings` (descriptor_identity of the
+        model that extracted them); `info` entries (e.g. the weight files' paths) are for the reader only.
+        Files: GLOBAL_FILE, DENSE_FOLDER/ (DenseStore.save) and MANIFEST_FILE (with the format, the
+        files' sizes and the shapes), the manifest last.
 
         Everything is written into a hidden temp folder beside `folder`, which is renamed to `folder` only
         when complete: an interrupted save leaves no folder that load() would trust (the temp folder is
         removed on errors, and never has the final name).
         """
+        manifest = {
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "database_folder": root,
+            **identity.ImageList.of(self.paths, root).record(),
+            "settings": dict(settings),
+            "info": dict(info or {}),
+        }
         folder = os.path.abspath(folder)
         if os.path.exists(folder):
             raise FileExistsError(
@@ -313,8 +344,9 @@ class Database:
 
     @classmethod
     def load(cls, folder: str, *, paths: Sequence[str] = ()) -> "Database":
-        """The database saved in `folder` by save(), its files checked against the manifest; the dense
-        features stay on disk (read back with positional reads); close() leaves the files alone."""
+        """The database saved in `folder` by save(), its files checked against the manifest (not its
+        settings or images: Retrieval.load_database checks those); the dense features stay on disk (read
+        back with positional reads); close() leaves the files alone."""
         folder = os.path.abspath(folder)
         manifest = read_manifest(folder)
         for name, size in manifest["files"].items():
@@ -359,6 +391,55 @@ def read_manifest(folder: str) -> Dict[str, Any]:
             f"reads version {DATABASE_VERSION}: save the database again with this version."
         )
     return manifest
+
+
+def saved_database_paths(
+    folder: str,
+    *,
+    settings: Dict[str, Any],
+    list_images: Callable[[str], List[str]],
+    database_folder: Optional[str] = None,
+) -> List[str]:
+    """The image paths of the database saved in `folder`, after checking that it fits: its settings
+    against the current `settings` (descriptor_identity), its images against those found now
+    (list_images(root): the images below root, found as when the database was saved).
+
+    The images are looked up under `database_folder` when given (the folder may have moved), else under
+    the folder recorded at saving. Raises ValueError with the differences on any mismatch, also when the
+    image folder changed since saving (new images would never be searched, deleted ones would still be
+    returned). When the recorded folder is gone (and no `database_folder` is given), the saved list is
+    used as is, with a warning: the results then name files that cannot be opened here.
+    """
+    folder = os.path.abspath(folder)
+    manifest = read_manifest(folder)
+    problems = identity.differences(manifest.get("settings", {}), settings)
+    if problems:
+        raise ValueError(
+            f"--load_database {folder} was extracted with another model or other flags: "
+            f"{'; '.join(problems)}. Its descriptors cannot be compared with this model's: run with "
+            "the weights and --backbone / --registers / --backbone_depth / --resize / --precision it "
+            "was saved with, or extract a new one with --save_database."
+        )
+    root = os.path.abspath(database_folder) if database_folder is not None else manifest["database_folder"]
+    if database_folder is None and not os.path.isdir(root):
+        logging.warning(
+            f"--load_database {folder}: its image folder {root} is gone, so it cannot be checked "
+            "for changes; the results name those paths. Give --database_folder if it moved."
+        )
+    else:
+        saved = identity.ImageList.from_record(manifest)
+        now = identity.ImageList.of(list_images(root), root)
+        # A moved copy (cp without -p) gets new modification times without any change.
+        changes = now.changes_since(saved, check_mtimes=database_folder is None)
+        if changes:
+            flag = "--database_folder" if database_folder is not None else "the image folder"
+            raise ValueError(
+                f"{flag} {root} changed since --load_database {folder} was saved from it: "
+                f"{'; '.join(changes)}. Its descriptors no longer match the images (new ones would "
+                "never be searched, deleted ones would still be returned): save the database "
+                "again with --save_database."
+            )
+    return [os.path.join(root, p) for p in manifest["images"]]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,10 +536,33 @@ class Retrieval:
         self.times.database_extraction_s += time.perf_counter() - start
         return Database(global_descriptors=descriptors, dense=store, paths=list(paths))
 
-    def load_database(self, folder: str, *, paths: Sequence[str] = ()) -> Database:
-        """Database.load(folder), closed with the engine (its files stay)."""
+    def load_database(
+        self,
+        folder: str,
+        *,
+        settings: Dict[str, Any],
+        list_images: Callable[[str], List[str]],
+        database_folder: Optional[str] = None,
+    ) -> Database:
+        """The database saved in `folder` (Database.save), after the checks of saved_database_paths
+        (same model and flags, same images); closed with the engine (its files stay)."""
+        folder = os.path.abspath(folder)
+        paths = saved_database_paths(
+            folder, settings=settings, list_images=list_images, database_folder=database_folder
+        )
         database = Database.load(folder, paths=paths)
         self._stores.append(database.dense)
+        if database.global_descriptors.shape[1] != settings["embed_dim"]:
+            raise ValueError(
+                f"--load_database {folder}: descriptors {database.global_descriptors.shape} for a model "
+                f"of width {settings['embed_dim']}: the database is damaged. Save it again."
+            )
+        root = (
+            os.path.abspath(database_folder)
+            if database_folder is not None
+            else read_manifest(folder)["database_folder"]
+        )
+        logging.info(f"Loaded the database saved in {folder} ({len(paths)} images of {root}): no database extraction")
         return database
 
     def extract_queries(self, dataset, indexes: Sequence[int], *, method: str) -> Queries:

@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from conftest import ROOT, TINY, TINY_FLAGS, run_script
 from PIL import Image
 
@@ -111,35 +110,6 @@ def test_collect_images_is_recursive_sorted_and_skips_hidden_and_other_files(pla
         localize.collect_images(str(tmp_path / "missing"))
 
 
-def test_weights_fingerprint_follows_the_weights_only():
-    torch.manual_seed(0)
-    a = network.GeoLocalizationNet(**TINY)
-    torch.manual_seed(0)
-    b = network.GeoLocalizationNet(**TINY)
-    assert localize.weights_fingerprint(a) == localize.weights_fingerprint(b)
-    with torch.no_grad():
-        b.aggregation[1].p += 1e-6
-    assert localize.weights_fingerprint(a) != localize.weights_fingerprint(b)
-
-
-def test_settings_mismatches_names_every_difference():
-    saved = dict(
-        backbone="vit_tiny",
-        registers=False,
-        depth=2,
-        embed_dim=192,
-        resize=[112, 112],
-        precision="fp32",
-        database_method="hard_resize",
-        weights_sha256="a" * 64,
-    )
-    assert localize.settings_mismatches(saved, dict(saved)) == []
-    now = dict(saved, resize=[224, 224], weights_sha256="b" * 64)
-    problems = localize.settings_mismatches(saved, now)
-    assert len(problems) == 2
-    assert "resize: [112, 112] saved, [224, 224] now" in problems[0] and "weights differ" in problems[1]
-
-
 TINY_SETTINGS = dict(
     backbone="vit_tiny",
     registers=False,
@@ -169,13 +139,15 @@ def _tiny_database(folder, n=3, dim=4):
 
 
 def _save(database, target):
-    localize.save_database(database, str(target), root=os.path.dirname(database.paths[0]), settings=TINY_SETTINGS)
+    database.save(str(target), root=os.path.dirname(database.paths[0]), settings=TINY_SETTINGS)
 
 
 def _load(target, *, settings=TINY_SETTINGS, database_folder=None):
-    """localize.load_database through an engine, copied into RAM before the engine closes its files."""
+    """Retrieval.load_database as localize.py calls it, copied into RAM before the engine closes its files."""
     with retrieval.Retrieval(None, batch_size=1, num_workers=0, device="cpu") as engine:
-        loaded = localize.load_database(engine, str(target), settings=settings, database_folder=database_folder)
+        loaded = engine.load_database(
+            str(target), settings=settings, list_images=localize.find_images, database_folder=database_folder
+        )
         dense = DenseStore(None)
         for i in range(len(loaded)):
             dense.append(np.array(loaded.dense[i])[None])

@@ -294,7 +294,7 @@ def test_flag_parsing():
 
 def test_protocol_text_and_row_format():
     args = reproduce.parse_arguments(["--datasets_folder", "/tmp", "--device", "cpu"])
-    settings = reproduce.model_settings(args)
+    settings = reproduce.evaluation_settings(args)
     assert settings["recall_values"] == [1, 5, 10, 20]
     pitts, msls = reproduce.PAPER_ENTRIES[4], reproduce.PAPER_ENTRIES[0]
     assert (

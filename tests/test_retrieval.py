@@ -179,12 +179,16 @@ def test_a_saved_database_ranks_as_the_one_it_was_saved_from(test_split, tiny_ne
     q_indexes = range(ds.database_num, ds.database_num + ds.queries_num)
     with _engine(tiny_net) as engine:
         database = engine.build_database(ds, range(ds.database_num), paths=ds.database_paths)
-        database.save(str(tmp_path / "db"), manifest={"note": "test"})
+        settings = retrieval.descriptor_identity(
+            tiny_net, backbone="vit_tiny", registers=False, resize=ds.resize, precision="fp32"
+        )
+        root = os.path.commonpath(ds.database_paths)  # the split's database folder
+        database.save(str(tmp_path / "db"), root=root, settings=settings, info={"note": "test"})
         queries = engine.extract_queries(ds, q_indexes, method="hard_resize")
         direct = engine.rank(database, queries, rerank_num=5)
-        loaded = engine.load_database(str(tmp_path / "db"), paths=ds.database_paths)
+        loaded = engine.load_database(str(tmp_path / "db"), settings=settings, list_images=datasets_ws.collect_jpgs)
         again = engine.rank(loaded, queries, rerank_num=5)
-    assert retrieval.read_manifest(str(tmp_path / "db"))["note"] == "test"
+    assert retrieval.read_manifest(str(tmp_path / "db"))["info"] == {"note": "test"}
     assert loaded.paths == ds.database_paths and np.array_equal(loaded.global_descriptors, database.global_descriptors)
     assert np.array_equal(direct.predictions, again.predictions) and np.array_equal(direct.scores, again.scores)
     assert sorted(os.listdir(tmp_path / "db")) == ["dense", "global_descriptors.npy", "manifest.json"]  # kept
