@@ -82,11 +82,12 @@ def is_run_folder(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, name)) for name in LOG_FILES)
 
 
-def setup_logging(output_folder: Optional[str], *, console: str = "info") -> None:
+def setup_logging(output_folder: Optional[str], *, console: str = "info", append: bool = False) -> None:
     """Log to output_folder/info.log (INFO), output_folder/debug.log (DEBUG) and the console.
 
     The folder must not exist yet (two runs never mix their logs); it is created here. The two log
-    files also mark it as a run's output folder (is_run_folder).
+    files also mark it as a run's output folder (is_run_folder). append: the folder is an earlier run's
+    that this process continues (eval.py --continue_run): it must exist, and the logs go on in its files.
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -95,14 +96,21 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
     root.setLevel(logging.DEBUG)
     formatter = logging.Formatter(LOG_FORMAT, "%Y-%m-%d %H:%M:%S")
     if output_folder is not None:
-        if os.path.exists(output_folder):
+        if append:
+            if not is_run_folder(output_folder):
+                raise UserError(
+                    f"--continue_run {output_folder}: not the output folder of a run (it has no info.log and "
+                    "debug.log): give the folder of the interrupted run, e.g. test/<save_dir>/<time>"
+                )
+        elif os.path.exists(output_folder):
             raise UserError(
                 f"output folder {output_folder} already exists: choose another --save_dir "
                 "or remove it; refusing to mix two runs' logs."
             )
-        os.makedirs(output_folder)
+        else:
+            os.makedirs(output_folder)
         for name, level in zip(LOG_FILES, (logging.INFO, logging.DEBUG)):
-            handler = logging.FileHandler(os.path.join(output_folder, name))
+            handler = logging.FileHandler(os.path.join(output_folder, name), mode="a" if append else "w")
             handler.setLevel(level)
             handler.setFormatter(formatter)
             root.addHandler(handler)
@@ -303,24 +311,28 @@ def finish(ctx: distributed.Context) -> None:
         dist.destroy_process_group()
 
 
-def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distributed.Context:
+def start_run(args, output_folder: str, *, note: Optional[str] = None, continuing: bool = False) -> distributed.Context:
     """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
     process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (which
     creates it; the console only on the others), seed, and record the command line, arguments and `note`
-    (log_run_header).
+    (log_run_header). continuing: `output_folder` is an interrupted run's, continued (eval.py
+    --continue_run): the logs go on in its files.
 
     ctx.output_folder is rank 0's `output_folder` on every rank (each rank names its folder after its
     own clock, which may have ticked on); single process: `output_folder` as given.
     """
     ctx = init_from_environment(device=args.device)
     if ctx.is_main:
-        setup_logging(output_folder)
+        setup_logging(output_folder, append=continuing)
     else:
         setup_worker_logging(ctx)
     ctx.output_folder = ctx.broadcast_object(output_folder)  # after rank 0 created it
     make_deterministic(args.seed)
     log_run_header(args, note=note)
-    logging.info(f"The outputs are being saved in {ctx.output_folder}")
+    if continuing:
+        logging.info(f"Continuing the interrupted run in {ctx.output_folder} (--continue_run)")
+    else:
+        logging.info(f"The outputs are being saved in {ctx.output_folder}")
     if ctx.enabled:
         logging.info(describe(ctx))
     return ctx
@@ -422,8 +434,8 @@ def _run_main(main: Callable, args) -> None:
         main(args)
     except Terminated:
         logging.error(
-            "Terminated (SIGTERM received, e.g. a time limit or `kill`): stopped; temporary files "
-            "were removed and finished outputs were kept."
+            "Terminated (SIGTERM received, e.g. a time limit or `kill`): stopped; finished outputs were "
+            "kept, temporary files removed."
         )
         sys.exit(SIGTERM_EXIT_CODE)
     except KeyboardInterrupt:

@@ -6,7 +6,7 @@ results are the same; on disk, RAM holds only the features in use.
 
 import os
 import shutil
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -57,6 +57,32 @@ class DenseStore:
                 self._writer.write(f.tobytes())
             else:
                 self._arrays.append(f)
+
+    @classmethod
+    def continued(cls, path: str, shapes: Sequence[Sequence[int]]) -> "DenseStore":
+        """A store that goes on writing the file `path` (created if missing) after the features of
+        `shapes` it already holds: the file is cut to exactly their size first (anything written after
+        them, by a run killed before it recorded them, goes). close() leaves the file alone: it belongs
+        to a run that may be continued (run_progress.py removes it when the run succeeds).
+        The file must hold at least those features (the caller checks it against its record)."""
+        store = cls(None)
+        store.path, store._owns_file = path, False
+        store.shapes = [tuple(int(v) for v in s) for s in shapes]
+        sizes = [int(np.prod(s)) for s in store.shapes]
+        store.offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])] if sizes else []
+        store._size = int(sum(sizes))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        os.ftruncate(fd, store._size * 4)
+        os.lseek(fd, 0, os.SEEK_END)
+        store._writer = os.fdopen(fd, "wb")
+        return store
+
+    def sync(self) -> None:
+        """Make everything appended so far durable (flushed and fsynced): a record saying the features
+        are there may be written after this."""
+        if self._writer is not None:
+            self._writer.flush()
+            os.fsync(self._writer.fileno())
 
     def finish(self) -> "DenseStore":
         """Close the writing side; from now on reads come from the file."""

@@ -1,4 +1,8 @@
-"""Evaluate a SelaVPR model on the test split of a data set: global retrieval, then re-ranking."""
+"""Evaluate a SelaVPR model on the test split of a data set: global retrieval, then re-ranking.
+
+An interrupted run (Ctrl-C, a time limit's SIGTERM, a kill, a full disk) continues with the same command
+and `--continue_run RUN_FOLDER`: what it had finished is not done again (run_progress.py).
+"""
 
 import logging
 import os
@@ -6,17 +10,41 @@ from datetime import datetime
 
 import commons
 import datasets_ws
+import identity
 import network
 import parser
 import predictions_io
+import run_progress
 import test
+
+# The flags whose values change the results, or the layout of the progress a run keeps: a run is
+# continued only with the values it started with (with its weights and images).
+RESULT_FLAGS = (
+    "backbone",
+    "backbone_depth",
+    "registers",
+    "resize",
+    "test_method",
+    "majority_weight",
+    "rerank_num",
+    "recall_values",
+    "val_positive_dist_threshold",
+    "precision",
+    "device",
+    "seed",
+    "pca_dim",
+    "pca_dataset_folder",
+    "infer_batch_size",
+    "efficient_ram_testing",
+)
 
 
 def main(args):
     start_time = datetime.now()
-    output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
+    continuing = args.continue_run is not None
+    output_folder = args.continue_run or os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
-    ctx = commons.start_run(args, output_folder, note=args.model_settings_note)
+    ctx = commons.start_run(args, output_folder, note=args.model_settings_note, continuing=continuing)
 
     model = network.build_model(args, device=ctx.device)
 
@@ -31,58 +59,79 @@ def main(args):
     )
     logging.info(f"Test set: {test_ds}")
 
-    pca = None
-    if args.pca_dim is not None and ctx.is_main:  # only rank 0 searches
-        pca = test.compute_pca(
+    run_identity = None
+    if ctx.is_main:  # every rank has the same weights and images
+        run_identity = {
+            "weights_sha256": identity.weights_sha256(model),
+            "images": identity.ImageList.of(test_ds.images_paths, test_ds.dataset_folder).fingerprint(),
+            "settings": {**{flag: getattr(args, flag) for flag in RESULT_FLAGS}, "processes": ctx.world_size},
+        }
+    progress = run_progress.start(
+        ctx.output_folder,
+        run_identity=run_identity,
+        chunks=run_progress.Chunks.for_batch_size(args.infer_batch_size),
+        continuing=continuing,
+        ctx=ctx,
+    )
+    try:
+        pca = None
+        if args.pca_dim is not None and ctx.is_main:  # only rank 0 searches
+            pca = test.compute_pca(
+                model,
+                datasets_folder=args.datasets_folder,
+                pca_dataset_folder=args.pca_dataset_folder,
+                pca_dim=args.pca_dim,
+                resize=args.resize,
+                batch_size=args.infer_batch_size,
+                num_workers=args.num_workers,
+                device=ctx.device,
+            )
+        ctx.wait_for_main()
+
+        result = test.evaluate(
             model,
-            datasets_folder=args.datasets_folder,
-            pca_dataset_folder=args.pca_dataset_folder,
-            pca_dim=args.pca_dim,
-            resize=args.resize,
+            test_ds,
+            test_method=args.test_method,
+            rerank_num=args.rerank_num,
+            recall_values=args.recall_values,
             batch_size=args.infer_batch_size,
             num_workers=args.num_workers,
             device=ctx.device,
+            store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+            pca=pca,
+            majority_weight=args.majority_weight,
+            precision=args.precision,
+            dist_ctx=ctx,
+            progress=progress,
         )
-    ctx.wait_for_main()
+        if result is None:  # a rank other than 0: its share is with rank 0
+            commons.finish(ctx)
+            return
+        logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
 
-    result = test.evaluate(
-        model,
-        test_ds,
-        test_method=args.test_method,
-        rerank_num=args.rerank_num,
-        recall_values=args.recall_values,
-        batch_size=args.infer_batch_size,
-        num_workers=args.num_workers,
-        device=ctx.device,
-        store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
-        pca=pca,
-        majority_weight=args.majority_weight,
-        precision=args.precision,
-        dist_ctx=ctx,
-    )
-    if result is None:  # a rank other than 0: its share is with rank 0
-        commons.finish(ctx)
-        return
-    logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
-
-    records = predictions_io.prediction_records(
-        queries_paths=test_ds.queries_paths,
-        database_paths=test_ds.database_paths,
-        ranking=result,
-        positives=result.positives,
-    )
-    predictions_io.write_predictions(os.path.join(output_folder, "predictions.jsonl"), records)
-    if args.num_preds_to_save:
-        n = predictions_io.save_prediction_pictures(
-            os.path.join(output_folder, "preds"),
-            records,
-            num_preds=args.num_preds_to_save,
-            only_wrong=args.save_only_wrong_preds,
+        records = predictions_io.prediction_records(
+            queries_paths=test_ds.queries_paths,
+            database_paths=test_ds.database_paths,
+            ranking=result,
+            positives=result.positives,
         )
-        logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
+        predictions_io.write_predictions(os.path.join(output_folder, "predictions.jsonl"), records)
+        if args.num_preds_to_save:
+            n = predictions_io.save_prediction_pictures(
+                os.path.join(output_folder, "preds"),
+                records,
+                num_preds=args.num_preds_to_save,
+                only_wrong=args.save_only_wrong_preds,
+            )
+            logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
+        run_progress.finish(progress)
+    except BaseException:
+        if ctx.is_main:
+            logging.info(run_progress.continue_hint(ctx.output_folder))
+        raise
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
     commons.finish(ctx)
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments())
+    commons.run_main(main, parser.parse_eval_arguments())

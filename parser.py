@@ -8,8 +8,8 @@ edits afterwards. A command gets exactly the flags of its groups (plus its own);
 argparse's "unrecognized arguments" error.
 
 train.py and eval.py take PUBLIC_GROUPS: every flag of the public release (both parse the same set
-there, so a command line can be pasted from one to the other). Public flags keep the public release's
-names, types and defaults; flags marked (ours) are additions.
+there, so a command line can be pasted from one to the other; eval.py adds --continue_run). Public
+flags keep the public release's names, types and defaults; flags marked (ours) are additions.
 """
 
 import argparse
@@ -22,6 +22,7 @@ import torch
 
 import checkpoints
 import network
+import run_progress
 from backbone import FACTORIES
 from datasets_ws import PATCH_SIZE, TEST_METHODS
 
@@ -441,6 +442,34 @@ def _add_augmentation(g: argparse._ArgumentGroup) -> None:
 AUGMENTATION = Group("training augmentation", _add_augmentation)
 
 
+def _add_continue(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--continue_run",
+        type=path,
+        default=None,
+        metavar="RUN_FOLDER",
+        help="(ours) continue the interrupted eval.py run in RUN_FOLDER (e.g. test/default/<time>), given "
+        "with the same weights and flags: what it finished is not done again; the outputs are those of an "
+        "uninterrupted run",
+    )
+
+
+def _finish_continue(p: argparse.ArgumentParser, values: Values) -> None:
+    folder = values["continue_run"]
+    if folder is None:
+        return
+    if not os.path.isdir(folder):
+        p.error(f"--continue_run {folder}: no such folder; give the output folder of the interrupted eval.py run")
+    if not os.path.isfile(os.path.join(folder, run_progress.RUN_FILE)):
+        p.error(
+            f"--continue_run {folder} has no {run_progress.RUN_FILE}: it is not the output folder of an eval.py "
+            "run, or that run stopped before it began its work; run without --continue_run"
+        )
+
+
+CONTINUE = Group("continuing an evaluation", _add_continue, _finish_continue)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------------
@@ -460,9 +489,11 @@ ALL_GROUPS = (
     DATASET,
     TRAINING,
     AUGMENTATION,
+    CONTINUE,
 )
-# train.py and eval.py: every flag of the public release (and ours).
-PUBLIC_GROUPS = ALL_GROUPS
+# train.py and eval.py: every flag of the public release (and ours); eval.py also takes --continue_run.
+PUBLIC_GROUPS = tuple(g for g in ALL_GROUPS if g is not CONTINUE)
+EVAL_GROUPS = PUBLIC_GROUPS + (CONTINUE,)
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -505,6 +536,16 @@ def build_parser(description: str = "SelaVPR") -> CommandParser:
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """train.py's and eval.py's arguments, checked; a bad combination exits with argparse's usage line
-    and a message saying what to do."""
+    """train.py's arguments, checked; a bad combination exits with argparse's usage line and a message
+    saying what to do."""
     return build_parser().parse(argv)
+
+
+def build_eval_parser(description: str = "SelaVPR: evaluate") -> CommandParser:
+    """eval.py's parser: train.py's flags and --continue_run."""
+    return CommandParser(description, EVAL_GROUPS)
+
+
+def parse_eval_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """eval.py's arguments, checked as parse_arguments'."""
+    return build_eval_parser().parse(argv)

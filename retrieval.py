@@ -39,6 +39,7 @@ import atomic_files
 import distributed
 import identity
 import local_matching
+import run_progress
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
 
@@ -64,6 +65,7 @@ def extract_features(
     local_store: Optional[DenseStore] = None,
     precision: str = "fp32",
     desc: str = "",
+    on_batch: Optional[Callable[[Optional[np.ndarray], int], None]] = None,
 ) -> Optional[np.ndarray]:
     """The one feature-extraction path.
 
@@ -71,6 +73,8 @@ def extract_features(
     localize's folder of images) preprocessed by `method`. Returns global descriptors (n, D) float32 —
     (n, 5, D) for the five-crop methods — or None when want_global is False; dense features
     (B, h', w', 128) are appended to `local_store` when given (not computed otherwise).
+    on_batch(the batch's global descriptors or None, its number of images) is called after each batch
+    (a run that records its progress, run_progress.StageFiles).
     """
     if method == "single_query":
         batch_size = 1  # every query keeps its own size
@@ -88,7 +92,9 @@ def extract_features(
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model.eval()
     with torch.inference_mode(), autocast:
-        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
+        for images, batch_indexes in tqdm(
+            loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None
+        ):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
             images = images.to(device, non_blocking=True)
@@ -99,9 +105,13 @@ def extract_features(
                 glob = model.global_descriptors(images)
             else:
                 raise ValueError("extract_features called with nothing to compute")
+            rows = None
             if want_global:
                 glob = glob.float().cpu().numpy()
-                outputs.append(glob.reshape(-1, 5, glob.shape[-1]) if crops else glob)
+                rows = glob.reshape(-1, 5, glob.shape[-1]) if crops else glob
+                outputs.append(rows)
+            if on_batch is not None:
+                on_batch(rows, len(batch_indexes))
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
@@ -454,6 +464,10 @@ class Retrieval:
     needed). close() (or leaving the `with` block, also on errors, Ctrl-C and SIGTERM) closes every
     store the engine made or opened, removes their files, and removes `store_folder` when the engine
     created it and it is left empty.
+    progress (an eval.py run, run_progress.py): each stage's features (on disk: store_folder) and the
+    search and re-ranking (rank 0) are recorded as they go, and an interrupted run's records are taken
+    up. Its files stay when the `with` block ends with an exception (Ctrl-C, SIGTERM, an error: the run
+    can be continued); a block that ends normally removes them, as without progress.
     dist_ctx (torchrun, several processes): each rank extracts a share of the images and rank 0
     gathers them (distributed.extract_sharded), so rank 0 ends up with what one process would hold;
     only rank 0 then ranks. Every rank must make the same calls.
@@ -470,6 +484,7 @@ class Retrieval:
         store_folder: Optional[str] = None,
         rerank_chunk_size: int = 16,
         dist_ctx: Optional[distributed.Context] = None,
+        progress: Optional[run_progress.RunProgress] = None,
     ) -> None:
         self.model = model
         self.extraction = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
@@ -478,20 +493,32 @@ class Retrieval:
         self.rerank_chunk_size = rerank_chunk_size
         self.dist_ctx = dist_ctx or distributed.Context(device=device)
         self.times = StageTimes()
+        self.progress = progress
         self._stores: List[DenseStore] = []
+        self._stages: List[run_progress.StageFiles] = []
         self._created_folder = store_folder is not None and not os.path.exists(store_folder)
+        self._ranking_files = None
+        if progress is not None and self.dist_ctx.is_main:
+            self._ranking_files = run_progress.RankingFiles(
+                progress.ranking_folder, chunk_queries=progress.chunks.queries
+            )
 
     def __enter__(self) -> "Retrieval":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(keep_progress=exc_type is not None)
 
-    def close(self) -> None:
+    def close(self, *, keep_progress: bool = False) -> None:
+        """Close every store; remove their files, except a run's progress when keep_progress."""
         for store in self._stores:
             store.close()
-        self._stores = []
-        if self._created_folder:
+        for stage in self._stages:
+            stage.close()
+        self._stores, self._stages = [], []
+        if self.progress is not None and not keep_progress:
+            run_progress.remove_stage_files(self.store_folder)
+        if self.store_folder is not None and (self._created_folder or self.progress is not None):
             remove_empty_folder(self.store_folder)
 
     def new_store(self) -> DenseStore:
@@ -526,13 +553,62 @@ class Retrieval:
             self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
         )
 
+    def _stage(
+        self, name: str, dataset, indexes: Sequence[int], *, method: str, dense: bool, want_global: bool, desc: str
+    ) -> Tuple[Optional[np.ndarray], Optional[DenseStore]]:
+        """One extraction stage: (global descriptors or None, finished DenseStore of the dense features
+        or None). With progress and store_folder, its files record it as it goes (run_progress.StageFiles)
+        and an interrupted run's are taken up; a stage rank 0 had finished is not redone (the other
+        ranks then get an empty (0, 0) array: only rank 0 uses the features)."""
+        if self.progress is None or self.store_folder is None:
+            store = self.new_store() if dense else None
+            descriptors = self._extract(
+                dataset, indexes, method=method, store=store, want_global=want_global, desc=desc
+            )
+            return descriptors, store.finish() if store is not None else None
+        files = run_progress.StageFiles(
+            self.store_folder, name, indexes=indexes, chunk_images=self.progress.chunks.images, dense=dense
+        )
+        self._stages.append(files)
+        complete = self.dist_ctx.broadcast_object(files.open())  # rank 0's stage decides for every rank
+        if complete:
+            if self.dist_ctx.is_main:
+                logging.info(f"{name} features: all {files.images} were extracted before the interruption")
+                descriptors = np.concatenate(files.rows) if files.rows else None
+            else:
+                descriptors = np.zeros((0, 0), dtype=np.float32) if want_global else None
+        else:
+
+            def run(part, part_store):
+                def extract(rest, on_batch):
+                    return extract_features(
+                        self.model,
+                        dataset,
+                        rest,
+                        method=method,
+                        local_store=part_store,
+                        want_global=want_global,
+                        desc=desc,
+                        on_batch=on_batch,
+                        **self.extraction,
+                    )
+
+                return files.run_share(part, extract)
+
+            descriptors = distributed.extract_sharded(
+                self.dist_ctx, run, indexes, want_global=want_global, store=files.store, new_store=lambda: files.store
+            )
+            if self.dist_ctx.is_main:
+                files.complete(descriptors)
+        return descriptors, files.store.finish() if files.store is not None else None
+
     def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
         """Global descriptors and dense features of images `indexes` of `dataset`, preprocessed as the
         evaluation's database (hard_resize)."""
         start = time.perf_counter()
-        store = self.new_store()
-        descriptors = self._extract(dataset, indexes, method=DATABASE_METHOD, store=store, desc="Database features")
-        store.finish()
+        descriptors, store = self._stage(
+            "database", dataset, indexes, method=DATABASE_METHOD, dense=True, want_global=True, desc="Database features"
+        )
         self.times.database_extraction_s += time.perf_counter() - start
         return Database(global_descriptors=descriptors, dense=store, paths=list(paths))
 
@@ -570,17 +646,39 @@ class Retrieval:
         global descriptors per query; their re-ranking uses the dense features of the query's
         hard_resize version (one grid per query, as the database's)."""
         start = time.perf_counter()
-        store = self.new_store()
         if method in FIVE_CROP_METHODS:
-            descriptors = self._extract(dataset, indexes, method=method, store=None, desc="Query crops")
-            self._extract(
-                dataset, indexes, method="hard_resize", store=store, want_global=False, desc="Query dense features"
+            descriptors, _ = self._stage(
+                "query_crops", dataset, indexes, method=method, dense=False, want_global=True, desc="Query crops"
+            )
+            _, store = self._stage(
+                "queries",
+                dataset,
+                indexes,
+                method="hard_resize",
+                dense=True,
+                want_global=False,
+                desc="Query dense features",
             )
         else:
-            descriptors = self._extract(dataset, indexes, method=method, store=store, desc="Query features")
-        store.finish()
+            descriptors, store = self._stage(
+                "queries", dataset, indexes, method=method, dense=True, want_global=True, desc="Query features"
+            )
         self.times.query_extraction_s += time.perf_counter() - start
         return Queries(global_descriptors=descriptors, dense=store, method=method)
+
+    def ranking_finished(self) -> bool:
+        """Whether an interrupted run (progress) had finished its re-ranking (then saved_ranking() on rank 0
+        gives it, and nothing needs extracting). The same answer on every rank."""
+        if self.progress is None:
+            return False
+        finished = self._ranking_files is not None and self._ranking_files.finished() is not None
+        return bool(self.dist_ctx.broadcast_object(finished))
+
+    def saved_ranking(self) -> Ranking:
+        """The ranking an interrupted run had finished (rank 0; ranking_finished())."""
+        distances, first, predictions, scores = self._ranking_files.finished()
+        logging.info("Re-ranking: finished before the interruption; nothing is extracted or re-ranked again")
+        return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)
 
     def rank(
         self, database: Database, queries: Queries, *, rerank_num: int, majority_weight: float = 0.01, pca=None
@@ -601,8 +699,32 @@ class Retrieval:
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        predictions, scores = rerank_predictions(
-            first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
-        )
+        if self._ranking_files is None:
+            predictions, scores = rerank_predictions(
+                first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
+            )
+        else:  # recorded every few queries; an interrupted run's candidates must be these
+            self._ranking_files.check_or_save_search(distances, first)
+
+            def rerank_part(a: int, b: int):
+                return rerank_predictions(
+                    first[a:b],
+                    _Rows(queries.dense, a),
+                    database.dense,
+                    device=self.device,
+                    chunk_size=self.rerank_chunk_size,
+                )
+
+            predictions, scores = self._ranking_files.rerank(first, rerank_part)
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)
+
+
+class _Rows:
+    """rows[i] -> store[start + i]: a run of queries of a store, for re-ranking them alone."""
+
+    def __init__(self, store, start: int) -> None:
+        self.store, self.start = store, start
+
+    def __getitem__(self, i: int):
+        return self.store[self.start + int(i)]

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import distributed
 import retrieval
+import run_progress
 from datasets_ws import BaseDataset, PCADataset
 
 PCA_MAX_IMAGES = 2**14
@@ -131,6 +132,7 @@ def evaluate(
     precision: str = "fp32",
     rerank_chunk_size: int = 16,
     dist_ctx: Optional[distributed.Context] = None,
+    progress: Optional[run_progress.RunProgress] = None,
 ) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
@@ -139,6 +141,8 @@ def evaluate(
     dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0
     gathers them, searches, re-ranks and returns the result, the other ranks return None (same result as one
     process). Every rank must call evaluate with the same arguments.
+    progress (eval.py): the run records its progress and takes up an interrupted run's (run_progress.py);
+    a run whose re-ranking had finished extracts nothing again.
     """
     db_num, q_num = eval_ds.database_num, eval_ds.queries_num
     with retrieval.Retrieval(
@@ -150,12 +154,18 @@ def evaluate(
         store_folder=store_folder,
         rerank_chunk_size=rerank_chunk_size,
         dist_ctx=dist_ctx,
+        progress=progress,
     ) as engine:
-        database = engine.build_database(eval_ds, range(db_num), paths=eval_ds.database_paths)
-        queries = engine.extract_queries(eval_ds, range(db_num, db_num + q_num), method=test_method)
-        if not engine.dist_ctx.is_main:
-            return None  # rank 0 holds every feature now: it searches and re-ranks alone
-        ranking = engine.rank(database, queries, rerank_num=rerank_num, majority_weight=majority_weight, pca=pca)
+        if engine.ranking_finished():
+            if not engine.dist_ctx.is_main:
+                return None
+            ranking = engine.saved_ranking()
+        else:
+            database = engine.build_database(eval_ds, range(db_num), paths=eval_ds.database_paths)
+            queries = engine.extract_queries(eval_ds, range(db_num, db_num + q_num), method=test_method)
+            if not engine.dist_ctx.is_main:
+                return None  # rank 0 holds every feature now: it searches and re-ranks alone
+            ranking = engine.rank(database, queries, rerank_num=rerank_num, majority_weight=majority_weight, pca=pca)
     positives = eval_ds.get_positives()
     recalls_first, recalls = ranking_recalls(ranking, positives, recall_values)
     logging.info(f"First ranking recalls: {recalls_to_str(recalls_first, recall_values)}")

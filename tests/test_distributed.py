@@ -367,6 +367,50 @@ def test_two_process_eval_equals_one_process_and_loads_the_ddp_checkpoint(traine
     assert not os.path.exists(os.path.join(folders["eval_two"], "dense_features"))  # removed at the end
 
 
+# Rank 1 is killed (SIGKILL) right after its second batch of database features (its first chunk of 8
+# images is recorded, the second written only); chunks of 8 images.
+KILLED_RANK = r"""
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+import dense_store, run_progress
+run_progress.EXTRACTION_CHUNK_IMAGES = 8
+if os.environ.get("KILL_RANK") == os.environ["RANK"]:
+    real, calls = dense_store.DenseStore.append, [0]
+    def append(self, features):
+        real(self, features)
+        calls[0] += 1
+        if calls[0] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    dense_store.DenseStore.append = append
+sys.argv = ["eval.py"] + sys.argv[1:]
+runpy.run_path(os.path.join({root!r}, "eval.py"), run_name="__main__")
+"""
+
+
+def test_a_killed_two_process_eval_continues_each_rank_s_share(synthetic_root, tmp_path):
+    """torchrun with --efficient_ram_testing: one rank dies during the database extraction, which ends the
+    job; the same job with --continue_run takes up each rank's recorded share and writes the predictions
+    of one uninterrupted process."""
+    script = tmp_path / "killed_rank.py"
+    script.write_text(KILLED_RANK.format(root=ROOT))
+    flags = tiny_eval_flags(synthetic_root, "--rerank_num", "10", "--infer_batch_size", "8", "--efficient_ram_testing")
+    one = run_script(["eval.py", *flags, "--save_dir", "one"], cwd=str(tmp_path), env=ENV)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    killed = _torchrun([str(script), *flags, "--save_dir", "two"], cwd=tmp_path, env={"KILL_RANK": "1"})
+    assert killed.returncode != 0
+    two = _only_folder(str(tmp_path / "test" / "two" / "*"))
+    record = json.load(open(os.path.join(two, "dense_features_rank1", "database.progress.json")))
+    assert record["images"] == 8 and not record["complete"]  # rank 1's share: 20 images, 8 recorded
+    job = _torchrun([str(script), *flags, "--continue_run", two], cwd=tmp_path)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    outputs = {}
+    for name, folder in (("one", _only_folder(str(tmp_path / "test" / "one" / "*"))), ("two", two)):
+        with open(os.path.join(folder, "predictions.jsonl"), "rb") as f:
+            outputs[name] = f.read()
+    assert outputs["one"] == outputs["two"]
+    assert sorted(os.listdir(two)) == ["debug.log", "info.log", "predictions.jsonl", "run.json"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Failures end the whole job
 # ------------------------------------------------------------------------------------------------

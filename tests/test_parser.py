@@ -250,6 +250,7 @@ GROUP_FLAGS = {
         "--random_resized_crop",
         "--random_rotation",
     },
+    "continue": {"--continue_run"},
 }
 OURS = {
     "--backbone",
@@ -261,6 +262,7 @@ OURS = {
     "--save_only_wrong_preds",
     "--query_keys_file",
     "--train_backbone",
+    "--continue_run",
 }
 
 
@@ -282,7 +284,8 @@ def _command_parsers():
     import reproduce
 
     return {
-        "train/eval": (selavpr_parser.build_parser(), _flags_of(*GROUP_FLAGS)),
+        "train": (selavpr_parser.build_parser(), _flags_of(*GROUP_FLAGS) - GROUP_FLAGS["continue"]),
+        "eval": (selavpr_parser.build_eval_parser(), _flags_of(*GROUP_FLAGS)),
         "localize": (
             localize.build_localize_parser(),
             _flags_of("weights", "model", "runtime", "extraction", "evaluation", "rerank", "outputs")
@@ -319,7 +322,7 @@ def _long_flags_in_help(p):
     return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", p.format_help()))
 
 
-@pytest.mark.parametrize("command", ["train/eval", "localize", "reproduce", "draw_matches", "heatmap"])
+@pytest.mark.parametrize("command", ["train", "eval", "localize", "reproduce", "draw_matches", "heatmap"])
 def test_each_command_has_exactly_the_flags_of_its_groups(command):
     p, expected = _command_parsers()[command]
     # Every option the parser accepts, and every flag its --help shows, is one of its groups' or its own.
@@ -437,9 +440,11 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
         args.dataset_name,
         args.seed,
     ) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0, "msls", -1)
-    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser
+    # Both scripts parse with exactly this parser (eval.py's adds --continue_run).
+    for script, parse in (("train.py", "parse_arguments"), ("eval.py", "parse_eval_arguments")):
         with open(os.path.join(ROOT, script)) as f:
-            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments())"), script
+            assert f.read().rstrip().endswith(f"commons.run_main(main, parser.{parse}())"), script
+    assert vars(selavpr_parser.parse_eval_arguments(argv)) == dict(vars(args), continue_run=None)
 
 
 @pytest.mark.parametrize(

@@ -1034,7 +1034,8 @@ def test_killed_efficient_ram_run_leaves_nothing_a_later_run_trusts(synthetic_ro
     )
     (first,) = glob.glob(str(tmp_path / "test" / "ram" / "*"))
     leftovers = glob.glob(os.path.join(first, "dense_features", "*"))
-    assert len(leftovers) >= 1 and all(os.path.basename(p).startswith("dense_") for p in leftovers)
+    # What the killed run wrote, kept for --continue_run (and only read by a run that continues it).
+    assert len(leftovers) >= 1 and all(os.path.basename(p).startswith("database.") for p in leftovers)
     leftover_state = snapshot(first)
     while datetime.now().strftime("%S") == os.path.basename(first)[-2:]:
         time.sleep(0.1)  # the second run gets its own timestamped folder
@@ -1065,8 +1066,9 @@ SLOW_SCRIPT = SLOW_EXTRACTION.replace('["eval.py"]', "[{script!r}]").replace(
 
 
 @pytest.mark.parametrize("script", ["eval.py", "localize.py"])
-def test_sigterm_during_efficient_ram_run_removes_the_store_and_says_so(synthetic_root, tmp_path, script):
-    """A cluster's time limit (SIGTERM) ends the run like Ctrl-C: quickly, one log line, no store left."""
+def test_sigterm_during_efficient_ram_run_ends_it_cleanly_and_says_so(synthetic_root, tmp_path, script):
+    """A cluster's time limit (SIGTERM) ends the run like Ctrl-C: quickly, one log line. localize.py
+    removes its store; eval.py keeps what it recorded for --continue_run and says how to continue."""
     marker, out = str(tmp_path / "extracting"), str(tmp_path / "out")
     common = [*FAST, "--efficient_ram_testing", "--infer_batch_size", "8"]
     if script == "eval.py":
@@ -1099,8 +1101,12 @@ def test_sigterm_during_efficient_ram_run_removes_the_store_and_says_so(syntheti
     print(f"{script}: exit {code} {seconds:.2f} s after SIGTERM")
     assert code == 143 and seconds < 10, (code, seconds)
     folder = out if script == "localize.py" else glob.glob(str(tmp_path / "test" / "term" / "*"))[0]
-    assert not os.path.exists(os.path.join(folder, "dense_features"))  # the store and its folder are gone
     log = open(os.path.join(folder, "info.log")).read()
+    if script == "localize.py":
+        assert not os.path.exists(os.path.join(folder, "dense_features"))  # the store and its folder are gone
+    else:
+        assert os.path.exists(os.path.join(folder, "dense_features", "database.dense.f32"))
+        assert f"run the same command with --continue_run {os.path.relpath(folder, tmp_path)}" in log
     assert log.count("Terminated (SIGTERM") == 1 and "Traceback" not in log
     assert not os.path.exists(os.path.join(folder, "predictions.jsonl"))
 
