@@ -108,6 +108,11 @@ def main(args):
             commons.finish(ctx)
             return
         logging.info(f"Recalls on {test_ds}: {result.summary(args.recall_values)}")
+        t = result.times
+        logging.info(
+            f"Time per stage (this process): database extraction {t.database_extraction_s:.1f} s, query "
+            f"extraction {t.query_extraction_s:.1f} s, search {t.search_s:.1f} s, re-ranking {t.rerank_s:.1f} s"
+        )
 
         records = predictions_io.prediction_records(
             queries_paths=test_ds.queries_paths,
