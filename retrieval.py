@@ -88,7 +88,7 @@ def extract_features(
     )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
-    # change slightly (measured in the README); fp32 is the reference.
+    # change slightly (measured in docs/performance.md); fp32 is the reference.
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     model.eval()
     with torch.inference_mode(), autocast:
