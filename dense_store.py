@@ -1,7 +1,9 @@
-"""Dense local features of a list of images, kept in RAM or in one raw float32 file on disk.
+"""Dense local features of a list of images, kept in RAM or in one raw file on disk.
 
 `--efficient_ram_testing` is this choice and nothing else: both stores return the same arrays, so the
-results are the same; on disk, RAM holds only the features in use.
+results are the same; on disk, RAM holds only the features in use. `--dense_store_dtype float16` keeps
+the features in half the bytes (RAM or disk), rounded to float16; they are read back as float32, so
+everything computed from them (the re-rank similarities) stays float32.
 """
 
 import os
@@ -12,24 +14,34 @@ import numpy as np
 
 import atomic_files
 
+#: What a store may keep its features as (--dense_store_dtype); float32 is the faithful default.
+DTYPES = ("float32", "float16")
+
 
 class DenseStore:
-    """Dense local features of a list of images, in RAM or in one raw float32 file on disk.
+    """Dense local features of a list of images, in RAM or in one raw file on disk.
 
     append((B, h, w, C) array) in image order; store[i] -> (h, w, C) float32 array. Sizes may differ
     between images (single_query). On disk (`folder` given), features are appended to a fresh temp file
     and read back with positional reads (os.pread): unlike a memory map, whose touched pages stay counted
     in the process's resident memory, RAM then holds only the features in use, whatever the data set size.
+    dtype: what the features are kept as ("float32", or "float16": half the bytes, values rounded to the
+    nearest float16 on append and converted back to float32 on reading).
     """
 
-    # The two files of a saved store (a saved retrieval database keeps its dense features so).
-    FEATURES_FILE = "dense_features.f32"
+    # The files of a saved store (a saved retrieval database keeps its dense features so): the features
+    # (FEATURES_FILES[dtype], raw, native byte order) and their shapes.
+    FEATURES_FILES = {"float32": "dense_features.f32", "float16": "dense_features.f16"}
+    FEATURES_FILE = FEATURES_FILES["float32"]
     SHAPES_FILE = "dense_shapes.npy"
 
-    def __init__(self, folder: Optional[str] = None) -> None:
+    def __init__(self, folder: Optional[str] = None, *, dtype: str = "float32") -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"DenseStore: dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = np.dtype(dtype)
         self.folder = folder
         self.shapes: List[tuple] = []
-        self.offsets: List[int] = []  # in float32 elements
+        self.offsets: List[int] = []  # in elements of dtype
         self._arrays: List[np.ndarray] = []
         self._size = 0
         self._writer = None
@@ -40,7 +52,8 @@ class DenseStore:
             os.makedirs(folder, exist_ok=True)
             # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
             # run leaves nothing that a later run could mistake for complete features.
-            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=".f32")
+            suffix = os.path.splitext(self.FEATURES_FILES[dtype])[1]
+            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=suffix)
             self._writer = os.fdopen(fd, "wb")
 
     @property
@@ -48,7 +61,7 @@ class DenseStore:
         return self.path is not None
 
     def append(self, features: np.ndarray) -> None:
-        features = np.ascontiguousarray(features, dtype=np.float32)
+        features = np.ascontiguousarray(features, dtype=self.dtype)
         for f in features:
             self.shapes.append(f.shape)
             self.offsets.append(self._size)
@@ -59,20 +72,20 @@ class DenseStore:
                 self._arrays.append(f)
 
     @classmethod
-    def continued(cls, path: str, shapes: Sequence[Sequence[int]]) -> "DenseStore":
+    def continued(cls, path: str, shapes: Sequence[Sequence[int]], *, dtype: str = "float32") -> "DenseStore":
         """A store that goes on writing the file `path` (created if missing) after the features of
         `shapes` it already holds: the file is cut to exactly their size first (anything written after
         them, by a run killed before it recorded them, goes). close() leaves the file alone: it belongs
         to a run that may be continued (run_progress.py removes it when the run succeeds).
         The file must hold at least those features (the caller checks it against its record)."""
-        store = cls(None)
+        store = cls(None, dtype=dtype)
         store.path, store._owns_file = path, False
         store.shapes = [tuple(int(v) for v in s) for s in shapes]
         sizes = [int(np.prod(s)) for s in store.shapes]
         store.offsets = [int(o) for o in np.cumsum([0] + sizes[:-1])] if sizes else []
         store._size = int(sum(sizes))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
-        os.ftruncate(fd, store._size * 4)
+        os.ftruncate(fd, store._size * store.dtype.itemsize)
         os.lseek(fd, 0, os.SEEK_END)
         store._writer = os.fdopen(fd, "wb")
         return store
@@ -98,21 +111,26 @@ class DenseStore:
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if not self.on_disk:
-            return self._arrays[i]
+            return self._as_float32(self._arrays[i])
         if self._fd is None:
             raise RuntimeError("DenseStore: call finish() before reading an on-disk store")
         shape = self.shapes[i]
-        nbytes = int(np.prod(shape)) * 4
-        data = os.pread(self._fd, nbytes, self.offsets[i] * 4)
+        itemsize = self.dtype.itemsize
+        nbytes = int(np.prod(shape)) * itemsize
+        data = os.pread(self._fd, nbytes, self.offsets[i] * itemsize)
         if len(data) != nbytes:
             raise ValueError(
                 f"dense features file {self.path} is shorter than expected (image {i}): it was "
                 "truncated; extract the features again"
             )
-        return np.frombuffer(data, dtype=np.float32).reshape(shape)
+        return self._as_float32(np.frombuffer(data, dtype=self.dtype).reshape(shape))
+
+    def _as_float32(self, features: np.ndarray) -> np.ndarray:
+        # float16 -> float32 is exact; a float32 store returns its array itself (no copy).
+        return features if self.dtype == np.float32 else features.astype(np.float32)
 
     def nbytes(self) -> int:
-        return self._size * 4
+        return self._size * self.dtype.itemsize
 
     def close(self) -> None:
         if self._writer is not None:
@@ -126,8 +144,8 @@ class DenseStore:
             os.remove(self.path)
 
     def save(self, folder: str) -> None:
-        """Write the features into `folder`: FEATURES_FILE holds every image's (h, w, C) float32 values
-        in image order (raw, native byte order), SHAPES_FILE the (N, 3) int64 shapes.
+        """Write the features into `folder`: FEATURES_FILES[dtype] holds every image's (h, w, C) values in
+        image order (raw, native byte order, the store's dtype), SHAPES_FILE the (N, 3) int64 shapes.
 
         Each file goes to a temp name and is renamed into place. An on-disk store's file is hard-linked
         when the file system allows it (no copy of what may be many GB), else copied. Publishing the
@@ -153,20 +171,26 @@ class DenseStore:
                 return
             with open(tmp, "wb") as f:
                 for i in range(len(self)):
-                    f.write(np.ascontiguousarray(self[i], dtype=np.float32).tobytes())
+                    f.write(np.ascontiguousarray(self._arrays[i], dtype=self.dtype).tobytes())
 
         def write_shapes(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(self.shapes, dtype=np.int64).reshape(-1, 3))
 
-        for name, write in ((self.FEATURES_FILE, write_features), (self.SHAPES_FILE, write_shapes)):
+        for name, write in ((self.features_file, write_features), (self.SHAPES_FILE, write_shapes)):
             atomic_files.atomic_write(os.path.join(folder, name), write)
 
+    @property
+    def features_file(self) -> str:
+        """The name of the features file save() writes."""
+        return self.FEATURES_FILES[self.dtype.name]
+
     @classmethod
-    def load(cls, folder: str) -> "DenseStore":
-        """A read-only on-disk store over the files that save() wrote in `folder`; close() leaves the
-        files alone."""
-        features_path = os.path.join(folder, cls.FEATURES_FILE)
+    def load(cls, folder: str, *, dtype: str = "float32") -> "DenseStore":
+        """A read-only on-disk store over the files that save() wrote in `folder` from a store of `dtype`;
+        close() leaves the files alone."""
+        itemsize = np.dtype(dtype).itemsize
+        features_path = os.path.join(folder, cls.FEATURES_FILES[dtype])
         shapes_path = os.path.join(folder, cls.SHAPES_FILE)
         for path in (features_path, shapes_path):
             if not os.path.isfile(path):
@@ -180,13 +204,13 @@ class DenseStore:
             )
         sizes = shapes.prod(axis=1).astype(np.int64)
         total = int(sizes.sum())
-        if os.path.getsize(features_path) != total * 4:
+        if os.path.getsize(features_path) != total * itemsize:
             raise ValueError(
                 f"{features_path} has {os.path.getsize(features_path)} bytes, the shapes in "
-                f"{shapes_path} need {total * 4}: the saved database is truncated or damaged; "
+                f"{shapes_path} need {total * itemsize}: the saved database is truncated or damaged; "
                 "save it again"
             )
-        store = cls(None)
+        store = cls(None, dtype=dtype)
         store.path, store._owns_file = features_path, False
         store.shapes = [tuple(int(v) for v in s) for s in shapes]
         store.offsets = [int(o) for o in np.concatenate([[0], np.cumsum(sizes)[:-1]])] if len(sizes) else []

@@ -36,6 +36,7 @@ RESULT_FLAGS = (
     "pca_dataset_folder",
     "infer_batch_size",
     "efficient_ram_testing",
+    "dense_store_dtype",
 )
 
 
@@ -103,6 +104,7 @@ def main(args):
             precision=args.precision,
             dist_ctx=ctx,
             progress=progress,
+            store_dtype=args.dense_store_dtype,
         )
         if result is None:  # a rank other than 0: its share is with rank 0
             commons.finish(ctx)

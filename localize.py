@@ -362,7 +362,12 @@ def main(args) -> None:
                 )
         model = network.build_model(args)
         settings = retrieval.descriptor_identity(
-            model, backbone=args.backbone, registers=args.registers, resize=args.resize, precision=args.precision
+            model,
+            backbone=args.backbone,
+            registers=args.registers,
+            resize=args.resize,
+            precision=args.precision,
+            store_dtype=args.dense_store_dtype,
         )
     except (ValueError, OSError):
         commons.discard_output_folder(output_folder)
@@ -377,6 +382,7 @@ def main(args) -> None:
         device=args.device,
         precision=args.precision,
         store_folder=store_folder,
+        store_dtype=args.dense_store_dtype,
     ) as engine:
         if args.load_database:
             database = engine.load_database(

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import checkpoints
+import dense_store
 import network
 import run_progress
 from backbone import FACTORIES
@@ -264,6 +265,14 @@ def _add_evaluation(g: argparse._ArgumentGroup) -> None:
         action="store_true",
         help="keep dense features in a file on disk (read back with positional reads) instead of RAM: "
         "same results, bounded memory",
+    )
+    g.add_argument(
+        "--dense_store_dtype",
+        type=str,
+        default="float32",
+        choices=list(dense_store.DTYPES),
+        help="(ours) what the dense features are kept as, in RAM or on disk: float16 halves their size; "
+        "the re-rank similarities are still computed in float32 from them, results change slightly",
     )
     g.add_argument("--val_positive_dist_threshold", type=_positive_int, default=25, help="metres")
     g.add_argument(

@@ -224,6 +224,8 @@ def evaluation_settings(args) -> dict:
         "recall_values": sorted(set(int(v) for v in args.recall_values) | set(TABLE_RECALLS)),
         "precision": args.precision,
         "device": args.device,
+        # Only when not the default: the keys of results stored before the flag existed stay valid.
+        **({"dense_store_dtype": args.dense_store_dtype} if args.dense_store_dtype != "float32" else {}),
     }
 
 
@@ -343,6 +345,8 @@ def protocol_text(
         )
     if settings["precision"] != "fp32":
         deviations.append(f"{settings['precision']} extraction (paper: fp32)")
+    if settings.get("dense_store_dtype", "float32") != "float32":
+        deviations.append(f"{settings['dense_store_dtype']} dense features (paper: float32)")
     if settings["val_positive_dist_threshold"] != 25:
         deviations.append(f"positives within {settings['val_positive_dist_threshold']} m (paper: 25 m)")
     if deviations:
@@ -380,6 +384,7 @@ def evaluate_dataset(
         store_folder=store_folder,
         majority_weight=settings["majority_weight"],
         precision=settings["precision"],
+        store_dtype=settings.get("dense_store_dtype", "float32"),
     )
     total_s = time.perf_counter() - start
     q_num, db_num = dataset.queries_num, dataset.database_num

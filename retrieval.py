@@ -261,11 +261,18 @@ DENSE_FOLDER = "dense"
 
 
 def descriptor_identity(
-    model: torch.nn.Module, *, backbone: str, registers: bool, resize: Sequence[int], precision: str
+    model: torch.nn.Module,
+    *,
+    backbone: str,
+    registers: bool,
+    resize: Sequence[int],
+    precision: str,
+    store_dtype: str = "float32",
 ) -> Dict[str, Any]:
-    """What a database's descriptors depend on: the model (its size and the fingerprint of its weights),
-    the input size, the precision and the database preprocessing. A saved database records it (its
-    manifest's `settings`) and is refused on loading when any of it differs."""
+    """What a database's features depend on: the model (its size and the fingerprint of its weights),
+    the input size, the precision, the database preprocessing and what the dense features are kept as
+    (--dense_store_dtype). A saved database records it (its manifest's `settings`) and is refused on
+    loading when any of it differs."""
     return {
         "backbone": backbone,
         "registers": bool(registers),
@@ -275,6 +282,7 @@ def descriptor_identity(
         "precision": precision,
         "database_method": DATABASE_METHOD,
         "weights_sha256": identity.weights_sha256(model),
+        "dense_store_dtype": store_dtype,
     }
 
 
@@ -330,7 +338,7 @@ class Database:
                 name: os.path.getsize(os.path.join(tmp, name))
                 for name in (
                     GLOBAL_FILE,
-                    os.path.join(DENSE_FOLDER, DenseStore.FEATURES_FILE),
+                    os.path.join(DENSE_FOLDER, self.dense.features_file),
                     os.path.join(DENSE_FOLDER, DenseStore.SHAPES_FILE),
                 )
             }
@@ -341,6 +349,7 @@ class Database:
                 "files": files,
                 "global_shape": list(self.global_descriptors.shape),
                 "dense_shape_first": list(self.dense.shapes[0]) if len(self.dense) else None,
+                "dense_dtype": self.dense.dtype.name,
             }
             with open(os.path.join(tmp, MANIFEST_FILE), "w") as f:
                 json.dump(content, f, indent=1)
@@ -367,7 +376,8 @@ class Database:
                     "saved: the database is damaged. Save it again."
                 )
         descriptors = np.load(os.path.join(folder, GLOBAL_FILE), mmap_mode="r", allow_pickle=False)
-        dense = DenseStore.load(os.path.join(folder, DENSE_FOLDER))
+        # Databases saved before --dense_store_dtype existed are float32 (and say nothing).
+        dense = DenseStore.load(os.path.join(folder, DENSE_FOLDER), dtype=manifest.get("dense_dtype", "float32"))
         if descriptors.ndim != 2 or len(dense) != len(descriptors) or (paths and len(paths) != len(dense)):
             dense.close()
             raise ValueError(
@@ -422,7 +432,9 @@ def saved_database_paths(
     """
     folder = os.path.abspath(folder)
     manifest = read_manifest(folder)
-    problems = identity.differences(manifest.get("settings", {}), settings)
+    # Databases saved before --dense_store_dtype existed kept float32 features (and say nothing).
+    saved_settings = {"dense_store_dtype": "float32", **manifest.get("settings", {})}
+    problems = identity.differences(saved_settings, settings)
     if problems:
         raise ValueError(
             f"--load_database {folder} was extracted with another model or other flags: "
@@ -461,9 +473,10 @@ class Retrieval:
     """Extraction into databases and query sets, then search -> re-rank, with stage timings.
 
     store_folder: None keeps dense features in RAM; a folder keeps them in raw files there (created if
-    needed). close() (or leaving the `with` block, also on errors, Ctrl-C and SIGTERM) closes every
-    store the engine made or opened, removes their files, and removes `store_folder` when the engine
-    created it and it is left empty.
+    needed); store_dtype is what they are kept as (DenseStore: "float32", or "float16" in half the
+    bytes). close() (or leaving the `with` block, also on errors, Ctrl-C and SIGTERM) closes every store
+    the engine made or opened, removes their files, and removes `store_folder` when the engine created
+    it and it is left empty.
     progress (an eval.py run, run_progress.py): each stage's features (on disk: store_folder) and the
     search and re-ranking (rank 0) are recorded as they go, and an interrupted run's records are taken
     up. Its files stay when the `with` block ends with an exception (Ctrl-C, SIGTERM, an error: the run
@@ -485,11 +498,13 @@ class Retrieval:
         rerank_chunk_size: int = 16,
         dist_ctx: Optional[distributed.Context] = None,
         progress: Optional[run_progress.RunProgress] = None,
+        store_dtype: str = "float32",
     ) -> None:
         self.model = model
         self.extraction = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
         self.device = device
         self.store_folder = store_folder
+        self.store_dtype = store_dtype
         self.rerank_chunk_size = rerank_chunk_size
         self.dist_ctx = dist_ctx or distributed.Context(device=device)
         self.times = StageTimes()
@@ -523,7 +538,7 @@ class Retrieval:
 
     def new_store(self) -> DenseStore:
         """An empty dense store (RAM or store_folder), closed with the engine."""
-        store = DenseStore(self.store_folder)
+        store = DenseStore(self.store_folder, dtype=self.store_dtype)
         self._stores.append(store)
         return store
 
@@ -567,7 +582,12 @@ class Retrieval:
             )
             return descriptors, store.finish() if store is not None else None
         files = run_progress.StageFiles(
-            self.store_folder, name, indexes=indexes, chunk_images=self.progress.chunks.images, dense=dense
+            self.store_folder,
+            name,
+            indexes=indexes,
+            chunk_images=self.progress.chunks.images,
+            dense=dense,
+            dtype=self.store_dtype,
         )
         self._stages.append(files)
         complete = self.dist_ctx.broadcast_object(files.open())  # rank 0's stage decides for every rank

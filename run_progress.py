@@ -225,7 +225,7 @@ def continue_hint(folder: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 STAGE_FILES = {
-    "dense": ".dense.f32",  # DenseStore's raw features
+    "dense": ".dense",  # DenseStore's raw features, of its dtype
     "shapes": ".shapes.i64",  # their (h, w, C) shapes, 3 int64 per image
     "global": ".global.f32",  # global descriptors, rows of global_tail float32
     "record": ".progress.json",
@@ -252,12 +252,22 @@ class StageFiles:
     (dense features wanted), `images` the number of images recorded.
     """
 
-    def __init__(self, folder: str, stage: str, *, indexes: Sequence[int], chunk_images: int, dense: bool) -> None:
+    def __init__(
+        self,
+        folder: str,
+        stage: str,
+        *,
+        indexes: Sequence[int],
+        chunk_images: int,
+        dense: bool,
+        dtype: str = "float32",
+    ) -> None:
         self.folder, self.stage = folder, stage
         self.paths = {name: os.path.join(folder, stage + suffix) for name, suffix in STAGE_FILES.items()}
         self.stage_sha = indexes_sha256(indexes)
         self.chunk_images = int(chunk_images)
         self.dense = dense
+        self.dtype = dtype
         self.store: Optional[DenseStore] = None
         self.rows: List[np.ndarray] = []  # global descriptors recorded, in order
         self.images = 0
@@ -272,7 +282,12 @@ class StageFiles:
         record = None
         if os.path.exists(self.paths["record"]):
             record = _read_json(self.paths["record"], what="--continue_run")
-            expected = {"stage_sha256": self.stage_sha, "chunk_images": self.chunk_images, "dense": self.dense}
+            expected = {
+                "stage_sha256": self.stage_sha,
+                "chunk_images": self.chunk_images,
+                "dense": self.dense,
+                "dtype": self.dtype,
+            }
             if any(record.get(k) != v for k, v in expected.items()):
                 raise ValueError(
                     f"--continue_run: {self.paths['record']} records another image list or chunk size than this "
@@ -285,9 +300,9 @@ class StageFiles:
         _cut(self.paths["shapes"], self.images * 3 * 8, what=f"{self.images} images")
         shapes = np.fromfile(self.paths["shapes"], dtype=np.int64).reshape(-1, 3)
         if self.dense:
-            needed = int(shapes.prod(axis=1).sum()) * 4
+            needed = int(shapes.prod(axis=1).sum()) * np.dtype(self.dtype).itemsize
             _cut(self.paths["dense"], needed, what=f"the dense features of {self.images} images")
-            self.store = DenseStore.continued(self.paths["dense"], shapes.tolist())
+            self.store = DenseStore.continued(self.paths["dense"], shapes.tolist(), dtype=self.dtype)
         tail = self.global_tail or []
         row = int(np.prod(tail)) * 4 if tail else 0
         _cut(self.paths["global"], self.images * row, what=f"the global descriptors of {self.images} images")
@@ -364,6 +379,7 @@ class StageFiles:
                 "share_sha256": self.share_sha,
                 "chunk_images": self.chunk_images,
                 "dense": self.dense,
+                "dtype": self.dtype,
                 "images": images,
                 "global_tail": self.global_tail,
                 "complete": complete,

@@ -133,11 +133,13 @@ def evaluate(
     rerank_chunk_size: int = 16,
     dist_ctx: Optional[distributed.Context] = None,
     progress: Optional[run_progress.RunProgress] = None,
+    store_dtype: str = "float32",
 ) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
     store_folder: None keeps the dense features in RAM; a folder (--efficient_ram_testing) keeps them in
-    raw files there, removed at the end (with the folder when this call created it).
+    raw files there, removed at the end (with the folder when this call created it). store_dtype
+    (--dense_store_dtype): float32, or float16 for half the bytes (re-ranked in float32 all the same).
     dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0
     gathers them, searches, re-ranks and returns the result, the other ranks return None (same result as one
     process). Every rank must call evaluate with the same arguments.
@@ -155,6 +157,7 @@ def evaluate(
         rerank_chunk_size=rerank_chunk_size,
         dist_ctx=dist_ctx,
         progress=progress,
+        store_dtype=store_dtype,
     ) as engine:
         if engine.ranking_finished():
             if not engine.dist_ctx.is_main:

@@ -79,6 +79,7 @@ def main(args):
         num_workers=args.num_workers,
         device=ctx.device,
         store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+        store_dtype=args.dense_store_dtype,
         precision=args.precision,
         dist_ctx=ctx,
     )

@@ -64,3 +64,36 @@ def test_remove_empty_folder_keeps_a_folder_with_other_files(tmp_path):
     remove_empty_folder(str(tmp_path / "empty"))
     remove_empty_folder(str(tmp_path / "missing"))  # nothing to do, no error
     assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_float16_store_keeps_half_the_bytes_and_reads_float32(tmp_path, on_disk):
+    """--dense_store_dtype float16: each value rounded to the nearest float16, stored in 2 bytes, read
+    back as float32 (exactly the rounded value); save/load keep the dtype."""
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((5, 3, 4, 8)).astype(np.float32)
+    stores = {}
+    for dtype in ("float32", "float16"):
+        store = DenseStore(str(tmp_path / dtype) if on_disk else None, dtype=dtype)
+        store.append(features[:2])
+        store.append(features[2:])
+        stores[dtype] = store.finish()
+    half, full = stores["float16"], stores["float32"]
+    assert half.nbytes() * 2 == full.nbytes() == features.size * 4
+    if on_disk:
+        assert os.path.getsize(half.path) == features.size * 2
+    for i in range(5):
+        assert half[i].dtype == np.float32 and np.array_equal(
+            half[i], features[i].astype(np.float16).astype(np.float32)
+        )
+        assert np.array_equal(full[i], features[i])
+    half.save(str(tmp_path / "saved"))
+    assert sorted(os.listdir(tmp_path / "saved")) == ["dense_features.f16", "dense_shapes.npy"]
+    loaded = DenseStore.load(str(tmp_path / "saved"), dtype="float16")
+    assert all(np.array_equal(loaded[i], half[i]) for i in range(5))
+    with pytest.raises(FileNotFoundError, match="dense_features.f32 is missing"):
+        DenseStore.load(str(tmp_path / "saved"))  # not a float32 store
+    for store in (half, full, loaded):
+        store.close()
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16"):
+        DenseStore(None, dtype="bfloat16")

@@ -72,6 +72,7 @@ def _load_tool(name):
 def test_flags_page_names_every_flag_of_every_command():
     parsers = {
         "train.py / eval.py": selavpr_parser.build_parser(),
+        "eval.py": selavpr_parser.build_eval_parser(),  # and --continue_run
         "localize.py": localize.build_localize_parser(),
         "reproduce.py": reproduce.build_parser(),
         "tools/draw_matches.py": _load_tool("draw_matches").build_argument_parser(),

@@ -130,4 +130,5 @@ def test_descriptor_identity_records_the_model_and_flags(tiny_model):
         "precision": "fp32",
         "database_method": "hard_resize",
         "weights_sha256": identity.weights_sha256(tiny_model),
+        "dense_store_dtype": "float32",
     }

@@ -202,6 +202,31 @@ def test_load_database_refuses_other_settings_and_damaged_files(tmp_path):
         _load(tmp_path / "db")
 
 
+def test_a_float16_database_loads_only_with_its_flag(tmp_path):
+    """A database saved from a --dense_store_dtype float16 store keeps float16 files and is refused under
+    float32 (and the other way round); databases saved before the flag existed are float32."""
+    database = _tiny_database(str(tmp_path / "images"))
+    half = DenseStore(None, dtype="float16")
+    for i in range(len(database)):
+        half.append(np.array(database.dense[i])[None])
+    database16 = retrieval.Database(
+        global_descriptors=database.global_descriptors, dense=half.finish(), paths=database.paths
+    )
+    settings16 = dict(TINY_SETTINGS, dense_store_dtype="float16")
+    database16.save(str(tmp_path / "db16"), root=str(tmp_path / "images"), settings=settings16)
+    manifest = retrieval.read_manifest(str(tmp_path / "db16"))
+    assert manifest["dense_dtype"] == "float16" and "dense/dense_features.f16" in manifest["files"]
+    loaded = _load(tmp_path / "db16", settings=settings16)
+    assert all(np.array_equal(loaded.dense[i], half[i]) for i in range(len(database)))
+    float32 = dict(TINY_SETTINGS, dense_store_dtype="float32")
+    with pytest.raises(ValueError, match="dense_store_dtype: 'float16' saved, 'float32' now"):
+        _load(tmp_path / "db16", settings=float32)
+    _save(database, tmp_path / "db_before_the_flag")  # TINY_SETTINGS: no dense_store_dtype entry
+    assert _load(tmp_path / "db_before_the_flag", settings=float32).paths == database.paths
+    with pytest.raises(ValueError, match="dense_store_dtype: 'float32' saved, 'float16' now"):
+        _load(tmp_path / "db_before_the_flag", settings=settings16)
+
+
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------

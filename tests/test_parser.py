@@ -216,6 +216,7 @@ GROUP_FLAGS = {
         "--test_method",
         "--majority_weight",
         "--efficient_ram_testing",
+        "--dense_store_dtype",
         "--val_positive_dist_threshold",
         "--recall_values",
     },
@@ -263,6 +264,7 @@ OURS = {
     "--query_keys_file",
     "--train_backbone",
     "--continue_run",
+    "--dense_store_dtype",
 }
 
 

@@ -347,3 +347,16 @@ def test_entry_point_refuses_a_foreign_results_file_cleanly(world, tmp_path, cap
     printed = capsys.readouterr()
     assert "results.json is not a results file of this reproduce.py" in printed.out + printed.err
     assert "Traceback" not in printed.out + printed.err
+
+
+def test_a_float16_store_is_in_the_key_and_the_protocol_only_when_chosen():
+    """Results stored before --dense_store_dtype existed keep their keys (float32 adds nothing to them)."""
+    base = reproduce.evaluation_settings(reproduce.parse_arguments(["--datasets_folder", "/tmp", "--device", "cpu"]))
+    assert "dense_store_dtype" not in base
+    half = reproduce.evaluation_settings(
+        reproduce.parse_arguments(["--datasets_folder", "/tmp", "--device", "cpu", "--dense_store_dtype", "float16"])
+    )
+    assert half == dict(base, dense_store_dtype="float16")
+    pitts = reproduce.PAPER_ENTRIES[4]
+    text = reproduce.protocol_text(entry=pitts, rerank_num=100, settings=half, queries_num=6816, keys_file=None)
+    assert text == "non-paper protocol (float16 dense features (paper: float32))"

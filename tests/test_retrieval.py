@@ -194,3 +194,34 @@ def test_a_saved_database_ranks_as_the_one_it_was_saved_from(test_split, tiny_ne
     assert sorted(os.listdir(tmp_path / "db")) == ["dense", "global_descriptors.npy", "manifest.json"]  # kept
     with pytest.raises(ValueError, match="images but descriptors"):
         retrieval.Database.load(str(tmp_path / "db"), paths=ds.database_paths[:-1])
+
+
+def test_a_float16_store_reranks_the_rounded_features_in_float32(test_split, tiny_net, tmp_path):
+    """--dense_store_dtype float16: the engine re-ranks exactly as the float32 definition does on the
+    features rounded to float16 (converted back to float32 when read), and the store takes half the bytes."""
+    import local_matching
+
+    ds = test_split
+    q_indexes = range(ds.database_num, ds.database_num + ds.queries_num)
+    results = {}
+    for dtype in ("float32", "float16"):
+        with retrieval.Retrieval(
+            tiny_net, batch_size=8, num_workers=0, device="cpu", store_folder=str(tmp_path / dtype), store_dtype=dtype
+        ) as engine:
+            database = engine.build_database(ds, range(ds.database_num))
+            queries = engine.extract_queries(ds, q_indexes, method="hard_resize")
+            ranking = engine.rank(database, queries, rerank_num=6)
+            rounded = torch.stack([torch.from_numpy(np.array(database.dense[i])) for i in range(ds.database_num)])
+            query_maps = [torch.from_numpy(np.array(queries.dense[q])) for q in range(len(queries))]
+            results[dtype] = (ranking, rounded, query_maps, database.dense.nbytes())
+    full, half = results["float32"], results["float16"]
+    assert half[3] * 2 == full[3]
+    assert torch.equal(half[1], full[1].half().float())  # what the float16 store returns: the rounded values
+    ranking, rounded, query_maps = half[:3]
+    for q, query in enumerate(query_maps):
+        candidates = rounded[ranking.first_predictions[q]].flatten(1, 2)
+        expected = local_matching.reference_scores(query.flatten(0, 1), candidates).numpy()
+        order = local_matching.rerank(expected)
+        assert np.array_equal(ranking.predictions[q], ranking.first_predictions[q][order])
+        assert np.array_equal(ranking.scores[q], expected[order])
+    assert np.array_equal(half[0].first_predictions, full[0].first_predictions)  # the global search is unchanged
