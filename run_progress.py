@@ -144,7 +144,38 @@ def read_run_record(folder: str) -> Dict[str, Any]:
             f"--continue_run {path} is format {record.get('format')!r} version {record.get('version')!r}; this "
             f"code continues {RUN_FORMAT!r} version {RUN_VERSION}: start a new run without --continue_run"
         )
+    chunks = record.get("chunks")
+    if not (
+        isinstance(chunks, dict)
+        and set(chunks) == {"images", "queries"}
+        and all(isinstance(v, int) and v > 0 for v in chunks.values())
+    ):
+        raise ValueError(f"--continue_run {path} has no valid chunk sizes: start a new run without --continue_run")
     return record
+
+
+_LOCKS: List[Any] = []  # the run folders' lock files this process holds, open until it exits
+
+
+def lock_run_folder(folder: str) -> None:
+    """Hold an exclusive lock on `folder`'s run (RUN_FILE's lock file) until this process ends (a kill
+    releases it): a second process continuing the same run while it is still going would mix their
+    writes. Raises ValueError when another process holds it. Where the platform has no fcntl (Windows),
+    nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    f = open(os.path.join(folder, RUN_FILE + ".lock"), "a")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(
+            f"--continue_run {folder}: that run is still going (another process holds its lock): wait for it to "
+            "end, or stop it, before continuing it"
+        ) from None
+    _LOCKS.append(f)
 
 
 def continuation_problem(record: Dict[str, Any], run_identity: Dict[str, Any], folder: str) -> Optional[str]:
@@ -174,6 +205,7 @@ def start(folder: str, *, run_identity: Dict[str, Any], chunks: Chunks, continui
     problem, chunk_sizes = None, None
     if ctx.is_main:
         try:
+            lock_run_folder(folder)
             if continuing:
                 record = read_run_record(folder)
                 problem = continuation_problem(record, run_identity, folder)
@@ -201,12 +233,15 @@ def start(folder: str, *, run_identity: Dict[str, Any], chunks: Chunks, continui
 
 def finish(progress: RunProgress) -> None:
     """The end of a successful run (rank 0, after its outputs): run.json says finished, and the
-    re-ranking progress goes (the engine has removed the stage files when it closed)."""
+    re-ranking progress and the lock file go (the engine has removed the stage files when it closed)."""
     path = os.path.join(progress.folder, RUN_FILE)
     record = read_run_record(progress.folder)
     record.update(finished=True, finished_at=datetime.now().isoformat(timespec="seconds"))
     _write_json(path, record)
     shutil.rmtree(progress.ranking_folder, ignore_errors=True)
+    lock = os.path.join(progress.folder, RUN_FILE + ".lock")
+    if os.path.exists(lock):
+        os.remove(lock)
 
 
 def continue_hint(folder: str) -> str:
@@ -297,9 +332,9 @@ class StageFiles:
             self.is_complete = bool(record["complete"])
             self.share_sha = record.get("share_sha256")
             self.global_tail = record.get("global_tail")
-        _cut(self.paths["shapes"], self.images * 3 * 8, what=f"{self.images} images")
-        shapes = np.fromfile(self.paths["shapes"], dtype=np.int64).reshape(-1, 3)
-        if self.dense:
+        if self.dense:  # a stage of global descriptors alone (the five crops) has no dense files
+            _cut(self.paths["shapes"], self.images * 3 * 8, what=f"{self.images} images")
+            shapes = np.fromfile(self.paths["shapes"], dtype=np.int64).reshape(-1, 3)
             needed = int(shapes.prod(axis=1).sum()) * np.dtype(self.dtype).itemsize
             _cut(self.paths["dense"], needed, what=f"the dense features of {self.images} images")
             self.store = DenseStore.continued(self.paths["dense"], shapes.tolist(), dtype=self.dtype)

@@ -290,3 +290,47 @@ def test_dense_store_continued_cuts_what_follows_the_recorded_features(tmp_path)
     assert store[1].tolist() == [[[2.0, 3.0]]]
     store.close()
     assert os.path.exists(path)  # a run's progress: removed by the run, not by the store
+
+
+def test_a_run_still_going_cannot_be_continued_beside_it(tmp_path):
+    """Two processes continuing one run would mix their writes: the run's lock (held until the process
+    ends, or is killed) refuses the second."""
+    if sys.platform == "win32":
+        pytest.skip("no fcntl locks on Windows: nothing is locked there")
+    run_progress.lock_run_folder(str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match="that run is still going"):
+            run_progress.lock_run_folder(str(tmp_path))  # another open file: as another process would
+    finally:
+        run_progress._LOCKS.pop().close()
+    run_progress.lock_run_folder(str(tmp_path))  # released: free again
+    run_progress._LOCKS.pop().close()
+
+
+def test_a_stage_of_global_descriptors_alone_continues(tmp_path):
+    """The five-crop methods' crop stage has global descriptors (5 per query) and no dense features."""
+    rows = np.arange(6 * 5 * 2, dtype=np.float32).reshape(6, 5, 2)
+
+    def run(files, stop_after=None):
+        def extract(rest, on_batch):
+            for start in range(0, len(rest), 2):
+                batch = rest[start : start + 2]
+                if stop_after is not None and batch[-1] + 1 > stop_after:
+                    raise KeyboardInterrupt
+                on_batch(rows[batch], len(batch))
+
+        return files.run_share(list(range(6)), extract)
+
+    def stage():
+        return run_progress.StageFiles(str(tmp_path), "query_crops", indexes=range(6), chunk_images=2, dense=False)
+
+    files = stage()
+    files.open()
+    with pytest.raises(KeyboardInterrupt):
+        run(files, stop_after=3)
+    again = stage()
+    assert again.open() is False and again.images == 2 and again.store is None
+    assert np.array_equal(run(again), rows)
+    again.complete(rows)
+    done = stage()
+    assert done.open() is True and np.array_equal(np.concatenate(done.rows), rows)
