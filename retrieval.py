@@ -15,7 +15,10 @@ The data's way through:
 
 `store_folder` (--efficient_ram_testing) only chooses where the dense features live: None keeps them
 in RAM, a folder keeps them in raw files there (read back with positional reads), removed when the
-engine closes. The results are the same either way.
+engine closes. The results are the same either way. An eval.py run also gives the engine its
+`progress` (run_progress.py): every stage is recorded as it goes, so that a killed run continues.
+Saving and loading a database (Database.save, Retrieval.load_database) checks, with identity.py, that
+the model, the flags and the images are those it was saved with.
 """
 
 import json
