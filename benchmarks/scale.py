@@ -6,13 +6,16 @@
 1. The built-in synthetic data set with a test split of --database_num / --queries_num images (Pitts30k's
    10,000 / 6,816 by default; generated once under --work and reused, generation time reported).
 2. Run A: eval.py with the small model (--backbone vit_tiny, 112x112 inputs, random weights),
-   --efficient_ram_testing and --rerank_num 100: wall time of each stage (eval.py's "Time per stage"
-   line), the peak resident memory (the largest process, getrusage; and the whole process tree, sampled
-   every second), the peak disk use of its run folder (sampled) and the dense store's size.
-3. Run B: the same command, SIGKILLed at a random moment of its re-ranking (uniform over the first 90 %
-   of run A's re-ranking time, after the first-stage candidates were saved), then continued with
-   --continue_run: its predictions.jsonl must be byte-identical to run A's and its recalls equal
-   (exit status 1 otherwise). The time the continuation took is reported beside run A's.
+   --efficient_ram_testing and --rerank_num 100, uninterrupted: wall time of each stage (eval.py's "Time
+   per stage" line), peak resident memory (VmHWM of the eval.py process, and the whole process tree
+   sampled every second), the peak disk use of its run folder (sampled) and the dense store's size.
+3. Run B, the same run killed during its re-ranking and continued. So that the long extraction is not
+   done twice, B starts as run A's twin: the moment A has saved its first-stage candidates, its run
+   folder is copied into B's (the finished stage files hard-linked, nothing of the re-ranking), which is
+   exactly the folder A would leave if it were killed right then. B is continued (--continue_run), then
+   SIGKILLed at a random moment of its re-ranking (in the middle of a random chunk of queries) and
+   continued again: its predictions.jsonl must be byte-identical to run A's and its recalls equal (exit
+   status 1 otherwise). A and B re-rank at the same time, each with about half of the CPU.
 4. The cost of one query-candidate pair at the paper's feature size (61x61x128, ViT-L at 224x224),
    measured with random unit features read from an on-disk store (--vitl_candidates candidates of
    --vitl_queries queries), and the projection to Pitts250k-test and the benchmark's Nordland: store
@@ -20,7 +23,7 @@
 
 Printed as a report (and --json FILE). Random features do not have trained features' structure: the
 re-rank engine's bfloat16 screen decides a different share of rows on them, so the ViT-L cost is an
-estimate to within a factor (stated in the report).
+estimate to within a factor.
 """
 
 from __future__ import annotations
@@ -98,36 +101,73 @@ def disk_usage_bytes(folder: str) -> int:
     return total
 
 
-def run_eval(argv: Sequence[str], *, cwd: str, log_path: str, kill_when=None) -> Dict[str, float]:
-    """Run eval.py with `argv` in `cwd` (output appended to log_path), sampling the process tree's memory
-    and the run folders' disk use every second. kill_when() -> True sends SIGKILL. Returns exit status,
-    wall_s, peak_rss_bytes (largest process, getrusage), peak_tree_rss_bytes, peak_disk_bytes."""
-    start = time.perf_counter()
-    with open(log_path, "a") as log:
-        proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
-        )
-    peak_tree = peak_disk = 0
-    killed = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        peak_tree = max(peak_tree, tree_rss_bytes(proc.pid))
-        peak_disk = max(peak_disk, disk_usage_bytes(os.path.join(cwd, "test")))
-        if kill_when is not None and not killed and kill_when():
-            proc.send_signal(signal.SIGKILL)
-            killed = True
+def vm_hwm_bytes(pid: int) -> int:
+    """The peak resident memory of process `pid` so far (VmHWM; 0 when unreadable). Read from the process
+    itself: getrusage's ru_maxrss of a child also counts its parent's peak from before the exec."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
+
+
+class EvalProcess:
+    """eval.py with `argv`, running in a child process (output appended to log_path); poll() samples its
+    peak memory and the disk use of `disk_folder` and says whether it still runs."""
+
+    def __init__(self, argv: Sequence[str], *, cwd: str, log_path: str, disk_folder: str) -> None:
+        self.disk_folder = disk_folder
+        self.start = time.perf_counter()
+        with open(log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=cwd, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.stats = {"peak_rss_bytes": 0, "peak_tree_rss_bytes": 0, "peak_disk_bytes": 0, "killed": False}
+
+    def poll(self) -> bool:
+        if self.proc.poll() is not None:
+            self.stats.setdefault("wall_s", time.perf_counter() - self.start)
+            self.stats["exit"] = self.proc.returncode
+            return False
+        for key, value in (
+            ("peak_rss_bytes", vm_hwm_bytes(self.proc.pid)),
+            ("peak_tree_rss_bytes", tree_rss_bytes(self.proc.pid)),
+            ("peak_disk_bytes", disk_usage_bytes(self.disk_folder)),
+        ):
+            self.stats[key] = max(self.stats[key], value)
+        return True
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.stats["killed"] = True
+
+
+def wait(*processes: EvalProcess, every: Optional[callable] = None) -> None:
+    """Poll the processes every second until all have ended; every() is called at each round."""
+    while any([p.poll() for p in processes]):
+        if every is not None:
+            every()
         time.sleep(1.0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {
-        "exit": proc.returncode,
-        "killed": killed,
-        "wall_s": time.perf_counter() - start,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "peak_tree_rss_bytes": peak_tree,
-        "peak_disk_bytes": peak_disk,
-    }
+
+
+def make_twin(folder_a: str, folder_b: str) -> None:
+    """Run B's folder as run A's would be if A were killed right after its search: logs, run.json and the
+    saved first-stage candidates copied, the finished stage files hard-linked (A only reads them now)."""
+    os.makedirs(os.path.join(folder_b, "progress"))
+    for name in ("info.log", "debug.log", "run.json"):
+        shutil.copy2(os.path.join(folder_a, name), os.path.join(folder_b, name))
+    shutil.copy2(os.path.join(folder_a, "progress", "search.npz"), os.path.join(folder_b, "progress", "search.npz"))
+    os.makedirs(os.path.join(folder_b, "dense_features"))
+    for name in os.listdir(os.path.join(folder_a, "dense_features")):
+        os.link(os.path.join(folder_a, "dense_features", name), os.path.join(folder_b, "dense_features", name))
+
+
+def reranked_done(folder: str) -> int:
+    try:
+        with open(os.path.join(folder, "progress", "reranked.json")) as f:
+            return int(json.load(f)["done"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 STAGES = re.compile(
@@ -257,41 +297,79 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log_path = os.path.join(work, f"scale_{stamp}.log")
 
-    # 2. Run A, uninterrupted.
-    a = run_eval([*flags, "--save_dir", f"a_{stamp}"], cwd=work, log_path=log_path)
-    if a["exit"] != 0:
+    # 2. Run A, uninterrupted; 3. run B, its twin from the end of A's search, killed during its re-ranking.
+    a_root, b_root = os.path.join(work, "test", f"a_{stamp}"), os.path.join(work, "test", f"b_{stamp}")
+    run_a = EvalProcess([*flags, "--save_dir", f"a_{stamp}"], cwd=work, log_path=log_path, disk_folder=a_root)
+    rng = random.Random(args.seed)
+    state: Dict[str, object] = {}
+
+    def watch() -> None:
+        found = glob.glob(os.path.join(a_root, "*", "progress", "search.npz"))
+        if found and "b" not in state:
+            folder_a = os.path.dirname(os.path.dirname(found[0]))
+            folder_b = os.path.join(b_root, os.path.basename(folder_a))
+            make_twin(folder_a, folder_b)
+            state.update(folder_a=folder_a, folder_b=folder_b, twin_at=time.perf_counter())
+            chunk = json.load(open(os.path.join(folder_b, "run.json")))["chunks"]["queries"]
+            chunks = -(-args.queries_num // chunk)
+            # Killed inside chunk c (2 <= c < chunks - 1): fraction f of the way through it, its length
+            # estimated from the chunk before. Fewer chunks: a few seconds into the re-ranking.
+            target = rng.randrange(2, chunks - 1) * chunk if chunks >= 4 else None
+            state.update(chunk=chunk, target=target, fraction=rng.uniform(0.1, 0.9), seen={})
+            state["b"] = EvalProcess(
+                [*flags, "--continue_run", folder_b], cwd=work, log_path=log_path, disk_folder=folder_b
+            )
+        run_b = state.get("b")
+        if run_b is None or run_b.stats["killed"] or run_b.proc.poll() is not None:
+            return
+        done, now, seen = reranked_done(state["folder_b"]), time.perf_counter(), state["seen"]
+        seen.setdefault(done, now)
+        if state["target"] is None:
+            kill_at = state["twin_at"] + 20 + 20 * state["fraction"]
+        elif done >= state["target"]:
+            # A chunk's length: the average since the first record B wrote (or since B started).
+            first = min(d for d in seen if d > 0)
+            if done > first:
+                length = (seen[done] - seen[first]) / ((done - first) / state["chunk"])
+            else:
+                length = (seen[done] - state["twin_at"]) / (done / state["chunk"])
+            kill_at = seen[done] + state["fraction"] * length
+        else:
+            return
+        if now >= kill_at:
+            run_b.kill()
+            state.update(killed_with_queries_recorded=done)
+
+    while True:
+        watch()
+        if not any([p.poll() for p in [run_a, state.get("b")] if p is not None]):
+            break
+        time.sleep(1.0)
+    a = run_a.stats
+    if a["exit"] != 0 or "b" not in state:
         print(f"run A failed (exit {a['exit']}): see {log_path}")
         return 1
-    (folder_a,) = glob.glob(os.path.join(work, "test", f"a_{stamp}", "*"))
-    a.update(stage_times(folder_a))
+    a.update(stage_times(state["folder_a"]))
     image_bytes = int(np.prod([4 * (s // 14) - 3 for s in args.resize])) * 128 * 4
     a["store_bytes"] = (args.database_num + args.queries_num) * image_bytes
-    report["run_a"] = a
-    print(f"run A: {json.dumps(a)}", flush=True)
-
-    # 3. Run B: killed at a random moment of its re-ranking, then continued.
-    delay = random.Random(args.seed).uniform(0.0, 0.9) * a["rerank_s"]
-    started: Dict[str, float] = {}
-
-    def kill_when() -> bool:
-        found = glob.glob(os.path.join(work, "test", f"b_{stamp}", "*", "progress", "search.npz"))
-        if found and "at" not in started:
-            started["at"] = time.perf_counter()
-        return "at" in started and time.perf_counter() - started["at"] >= delay
-
-    b = run_eval([*flags, "--save_dir", f"b_{stamp}"], cwd=work, log_path=log_path, kill_when=kill_when)
-    (folder_b,) = glob.glob(os.path.join(work, "test", f"b_{stamp}", "*"))
-    record = os.path.join(folder_b, "progress", "reranked.json")
-    done = json.load(open(record))["done"] if os.path.exists(record) else 0
-    b.update(kill_delay_s=delay, queries_recorded_at_kill=done)
-    continued = run_eval([*flags, "--continue_run", folder_b], cwd=work, log_path=log_path)
+    b = dict(state["b"].stats, queries_recorded_at_kill=state.get("killed_with_queries_recorded"))
+    print(f"run A: {json.dumps(a)}\nrun B killed: {json.dumps(b)}", flush=True)
+    if not b["killed"]:
+        print(f"run B was not killed during its re-ranking (exit {b.get('exit')}): see {log_path}")
+        return 1
+    run_c = EvalProcess(
+        [*flags, "--continue_run", state["folder_b"]], cwd=work, log_path=log_path, disk_folder=state["folder_b"]
+    )
+    wait(run_c)
+    continued = run_c.stats
     if continued["exit"] != 0:
         print(f"the continuation of run B failed (exit {continued['exit']}): see {log_path}")
         return 1
-    continued.update(stage_times(folder_b))
-    same = outputs(folder_a) == outputs(folder_b)
-    report.update(run_b_killed=b, run_b_continued=continued, identical=same)
-    print(f"run B killed: {json.dumps(b)}\nrun B continued: {json.dumps(continued)}\nidentical: {same}", flush=True)
+    continued.update(stage_times(state["folder_b"]))
+    same = outputs(state["folder_a"]) == outputs(state["folder_b"])
+    report.update(run_a=a, run_b_killed=b, run_b_continued=continued, identical=same)
+    print(f"run B continued: {json.dumps(continued)}\nidentical: {same}", flush=True)
+    done = b["queries_recorded_at_kill"]
 
     # 4. Per-pair costs and the projection.
     tiny_pair_s = a["rerank_s"] / (args.queries_num * min(args.rerank_num, args.database_num))
@@ -317,9 +395,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{a['store_bytes'] / GIB:.2f} GiB"
     )
     print(
-        f"run B: killed {b['kill_delay_s']:.0f} s into its re-ranking ({done} of {args.queries_num} queries "
-        f"recorded); the continuation took {continued['wall_s']:.0f} s (re-ranking {continued['rerank_s']:.0f} s) "
-        f"against run A's {a['wall_s']:.0f} s; predictions and recalls identical: {same}"
+        f"run B: killed during its re-ranking with {done} of {args.queries_num} queries recorded; the "
+        f"continuation took {continued['wall_s']:.0f} s (re-ranking {continued['rerank_s']:.0f} s, the queries "
+        f"not recorded); predictions and recalls identical to run A's: {same}"
     )
     print(
         f"per-pair cost: {tiny_pair_s * 1000:.2f} ms measured ({args.backbone} maps), "
