@@ -217,3 +217,26 @@ def test_memory_bad_options(memory):
         memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=3, dense_size=(3, 3, 2))
     with pytest.raises(ValueError, match="--dense_size"):
         memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=1, dense_size=(3, 0, 2))
+
+
+def test_scale_projection_and_twin_folder(tmp_path):
+    """benchmarks/scale.py's pure parts: the store sizes of the paper's large sets at ViT-L size, and run
+    B's folder as run A's would be after its search (finished stage files linked, no re-ranking)."""
+    scale = _load("scale")
+    rows = {r["dataset"]: r for r in scale.projection(0.01, 100)}
+    per_image = 61 * 61 * 128 * 4  # 1.9 MB
+    assert rows["Pitts250k-test"]["store_float32_bytes"] == (83_952 + 8_280) * per_image  # 175.7 GB
+    assert rows["Pitts250k-test"]["store_float16_bytes"] * 2 == rows["Pitts250k-test"]["store_float32_bytes"]
+    assert rows["Nordland (benchmark)"]["rerank_pairs"] == 27_592 * 100
+    assert abs(rows["Nordland (benchmark)"]["rerank_hours"] - 27_592 * 100 * 0.01 / 3600) < 1e-9
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "progress").mkdir(parents=True)
+    (a / "dense_features").mkdir()
+    for name in ("info.log", "debug.log", "run.json", "progress/search.npz", "progress/reranked.json"):
+        (a / name).write_text(name)
+    (a / "dense_features" / "database.dense").write_bytes(b"x" * 8)
+    scale.make_twin(str(a), str(b))
+    assert sorted(os.listdir(b / "progress")) == ["search.npz"]  # nothing of A's re-ranking
+    assert os.path.samefile(a / "dense_features" / "database.dense", b / "dense_features" / "database.dense")
+    assert (b / "run.json").read_text() == "run.json" and not os.path.samefile(a / "run.json", b / "run.json")
