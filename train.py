@@ -67,7 +67,13 @@ def main(args):
     last_path = os.path.join(ctx.output_folder, "last_model.pth")
     best_path = os.path.join(ctx.output_folder, "best_model.pth")
     start_epoch, best = resume_training(
-        args.resume, model=model, optimizer=optimizer, miner_state=miner_state, best_path=best_path, is_main=ctx.is_main
+        args.resume,
+        model=model,
+        optimizer=optimizer,
+        miner_state=miner_state,
+        best_path=best_path,
+        is_main=ctx.is_main,
+        device=ctx.device,
     )
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
@@ -235,15 +241,17 @@ def resume_training(
     miner_state: mining.MiningState,
     best_path: str,
     is_main: bool,
+    device: str,
 ) -> Tuple[int, BestRecall]:
     """(first epoch to train, best R@5 so far): a fresh start without `resume`; else resume_from's
     (the weights were loaded by build_model), and, as the public code, a resumed run's last_model.pth
     carries that run's best model along (rank 0 copies it to best_path), so that a run that never
-    improves on it tests it at the end."""
+    improves on it tests it at the end. `device`: this process's (the CUDA random state restored is
+    that GPU's)."""
     if not resume:
         return 0, BestRecall()
     start_epoch, best_r5, not_improved_num = resume_from(
-        resume, model=model, optimizer=optimizer, miner_state=miner_state
+        resume, model=model, optimizer=optimizer, miner_state=miner_state, device=device
     )
     resumed_best = resumed_best_model(resume)
     if resumed_best is not None and is_main:
@@ -455,7 +463,7 @@ def save_epoch(
             best_r5=best.best_r5,
             not_improved_num=best.not_improved_num,
             resize=resize,
-            extra={"rng_states": commons.get_rng_states(), "mining_state": miner_state.state_dict()},
+            extra={"rng_states": commons.get_rng_states(device=ctx.device), "mining_state": miner_state.state_dict()},
         )
         if is_best:
             atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
@@ -520,10 +528,16 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
 
 
 def resume_from(
-    path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    device: str = "cpu",
 ):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
-    best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
+    best R@5, patience counter) and restores optimizer, random and mining states when the file has them
+    (the CUDA random state of `device`'s GPU only: see commons.set_rng_states).
 
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
@@ -565,8 +579,7 @@ def resume_from(
     else:
         logging.info(f"--resume {path} has no optimizer state (a released model): the optimizer starts fresh")
     if "rng_states" in checkpoint:
-        commons.set_rng_states(checkpoint["rng_states"])
-        taken.append("random states")
+        taken.append(commons.set_rng_states(checkpoint["rng_states"], device=device))
     if "mining_state" in checkpoint:
         saved = mining.MiningState.from_state_dict(checkpoint["mining_state"])
         if saved.queries_num == miner_state.queries_num:
