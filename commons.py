@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import distributed
+import numerics
 
 # ------------------------------------------------------------------------------------------------
 # Versions
@@ -340,14 +341,16 @@ def finish(ctx: distributed.Context) -> None:
 
 def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distributed.Context:
     """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
-    process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (which
-    creates it; the console only on the others), seed, and record the command line, arguments and `note`
-    (log_run_header).
+    process otherwise; ctx.device is this process's device), set --precision's float32 arithmetic
+    (numerics.set_precision), log to `output_folder` on rank 0 (which creates it; the console only on
+    the others), seed, and record the command line, arguments, `note` (log_run_header) and the precision.
 
     ctx.output_folder is rank 0's `output_folder` on every rank (each rank names its folder after its
     own clock, which may have ticked on); single process: `output_folder` as given.
     """
     ctx = init_from_environment(device=args.device)
+    # Checked (a GPU without bf16 is refused) and set before the output folder exists; logged below.
+    precision = numerics.set_precision(args.precision, device=ctx.device)
     if ctx.is_main:
         setup_logging(output_folder)
     else:
@@ -355,6 +358,7 @@ def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distri
     ctx.output_folder = ctx.broadcast_object(output_folder)  # after rank 0 created it
     make_deterministic(args.seed)
     log_run_header(args, note=note)
+    precision.log()
     logging.info(f"The outputs are being saved in {ctx.output_folder}")
     if ctx.enabled:
         logging.info(describe(ctx))

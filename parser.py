@@ -22,6 +22,7 @@ import torch
 
 import checkpoints
 import network
+import numerics
 from backbone import FACTORIES
 from datasets_ws import PATCH_SIZE, TEST_METHODS
 
@@ -234,10 +235,12 @@ def _add_extraction(g: argparse._ArgumentGroup) -> None:
         "--precision",
         type=str,
         default="fp32",
-        choices=["fp32", "bf16"],
-        help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
-        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
-        "slightly",
+        choices=list(numerics.PRECISIONS),
+        help="(ours) arithmetic of feature extraction and of the training forward. fp32: IEEE float32 "
+        "everywhere (also on GPUs, where torch would run convolutions in TF32). tf32: TF32 tensor-core "
+        "matmuls and convolutions on NVIDIA Ampere and newer GPUs (as fp32 elsewhere). bf16: bfloat16 "
+        "autocast, fp32 master weights and losses. tf32 and bf16 are faster on GPUs (bf16 also on CPUs "
+        "with AMX) and change results slightly; the re-ranking stays exact",
     )
 
 

@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +36,7 @@ from tqdm import tqdm
 import atomic_files
 import distributed
 import local_matching
+import numerics
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
 
@@ -82,10 +82,9 @@ def extract_features(
     )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
-    # change slightly (measured in the README); fp32 is the reference.
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # change slightly (measured in the README); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
         for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
@@ -497,8 +496,9 @@ class Retrieval:
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        predictions, scores = rerank_predictions(
-            first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
-        )
+        with numerics.ieee_float32():  # exact mutual-NN counts also under --precision tf32
+            predictions, scores = rerank_predictions(
+                first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
+            )
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)

@@ -107,6 +107,7 @@ def test_dense_size_follows_resize():
         (["--recall_values", "5", "1"], "increasing"),
         (["--resume", "a", "--load_weights", "b"], "not both"),
         (["--save_only_wrong_preds"], "--num_preds_to_save"),
+        (["--precision", "fp16"], "invalid choice"),
     ],
 )
 def test_bad_flag_combinations_fail_at_parse_time(flags, message, capsys):
@@ -121,6 +122,26 @@ def test_cuda_requested_without_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse("--device", "cuda")
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_precision_values(monkeypatch, capsys):
+    import localize
+    import reproduce
+
+    assert [parse("--device", "cpu", "--precision", p).precision for p in ("fp32", "tf32", "bf16")] == [
+        "fp32",
+        "tf32",
+        "bf16",
+    ]
+    assert parse("--device", "cpu").precision == "fp32"
+    folder = os.path.dirname(os.path.abspath(__file__))
+    assert (
+        localize.parse_localize_arguments(
+            ["--queries_folder", folder, "--database_folder", folder, "--device", "cpu", "--precision", "tf32"]
+        ).precision
+        == "tf32"
+    )
+    assert reproduce.parse_arguments(["--datasets_folder", "/d", "--device", "cpu", "--precision", "tf32"]).precision
 
 
 def _project_checkpoint(path, *, resize=(112, 112), depth=2, registers=False):
