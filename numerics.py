@@ -1,4 +1,4 @@
-"""How a run computes: what --precision sets, and the GPU checks behind it.
+"""How a run computes: what --precision sets, the GPU checks behind it, and train.py's --deterministic.
 
 --precision is the arithmetic of the model (feature extraction and the training forward):
 
@@ -161,3 +161,81 @@ def ieee_float32() -> Iterator[None]:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
         torch.backends.cudnn.allow_tf32 = cudnn
+
+
+# ------------------------------------------------------------------------------------------------
+# --deterministic: seeded GPU training, reproducible bit for bit
+# ------------------------------------------------------------------------------------------------
+#
+# A seeded run on the CPU is reproducible as it is. A GPU training step is not: the backward of the
+# fast attention kernels (flash and memory-efficient) and of other kernels accumulates with atomics, in
+# whatever order the threads arrive, and cuBLAS is reproducible only with a fixed workspace setting.
+# Forward passes (evaluation, mining) use none of those backward kernels.
+
+CUBLAS_ENV, CUBLAS_DETERMINISTIC = "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How train.py's steps compute: --precision and --deterministic."""
+
+    precision: str = "fp32"
+    deterministic: bool = False
+
+
+def prepare_deterministic(*, device: str, environ: Optional[dict] = None) -> str:
+    """--deterministic, before CUDA starts: on a GPU, cuBLAS needs CUBLAS_WORKSPACE_CONFIG (set to
+    :4096:8 unless the user set it) for reproducible results, and torch's deterministic mode refuses
+    cuBLAS calls without it. Returns the line to log."""
+    environ = os.environ if environ is None else environ
+    if torch.device(device).type != "cuda":
+        return "--deterministic: nothing to set on the CPU (a seeded CPU run is reproducible as it is)"
+    if environ.get(CUBLAS_ENV):
+        kept = f"kept {CUBLAS_ENV}={environ[CUBLAS_ENV]} from the environment"
+    else:
+        environ[CUBLAS_ENV] = CUBLAS_DETERMINISTIC
+        kept = f"set {CUBLAS_ENV}={CUBLAS_DETERMINISTIC}"
+    return (
+        f"--deterministic: {kept}; training steps run with torch's deterministic algorithms and the math "
+        "attention kernel (slower; evaluation and mining are unchanged)"
+    )
+
+
+def _math_attention():
+    """Only the math kernel of scaled_dot_product_attention (its backward is plain matmuls)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3
+        return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_math=True, enable_mem_efficient=False)
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+@contextmanager
+def deterministic_training(*, enabled: bool, device_type: str) -> Iterator[None]:
+    """One training step (forward, losses, backward, optimizer step) under --deterministic on a GPU:
+    torch's deterministic algorithms (an operation without one raises instead of varying) and the math
+    attention kernel; both are put back afterwards. Nothing on the CPU (seeded CPU runs are
+    reproducible, and its numbers stay those of a run without the flag) or when not enabled.
+
+    An operation that has no deterministic CUDA implementation ends the run with one message."""
+    if not enabled or device_type != "cuda":
+        yield
+        return
+    mode, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True)
+    try:
+        with _math_attention():
+            yield
+    except RuntimeError as e:
+        if "deterministic" not in str(e):
+            raise
+        raise ValueError(
+            f"--deterministic: {str(e).splitlines()[0]} This operation has no deterministic GPU implementation "
+            f"in torch {torch.__version__}: drop --deterministic (training then varies between runs in the "
+            "last bits)"
+        ) from e
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)

@@ -408,6 +408,12 @@ def _add_training(g: argparse._ArgumentGroup) -> None:
         help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
         "from random weights; the paper's recipe keeps it frozen",
     )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="(ours) seeded GPU training reproducible bit for bit: training steps use torch's deterministic "
+        "algorithms and the math attention kernel (slower); seeded CPU runs are reproducible without it",
+    )
 
 
 def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
@@ -416,6 +422,13 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
             f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
             "SARE loss either); use --criterion triplet"
         )
+    if values["deterministic"] and values["seed"] == -1:
+        p.error("--deterministic needs a seeded run: drop --seed -1 (or --deterministic)")
+    if values["deterministic"] and values["train_backbone"] and values["device"] == "cuda":
+        p.error(
+            "--deterministic with --train_backbone on a GPU: the backward of the positional table's bicubic "
+            "interpolation has no deterministic CUDA implementation in torch; drop one of the two"
+        )
     if values["queries_per_epoch"] % values["cache_refresh_rate"] != 0:
         p.error(
             f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
@@ -423,7 +436,7 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
         )
 
 
-TRAINING = Group("training", _add_training, _finish_training)
+TRAINING = Group("training", _add_training, _finish_training, requires=("runtime",))
 
 
 def _add_augmentation(g: argparse._ArgumentGroup) -> None:

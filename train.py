@@ -24,6 +24,7 @@ import distributed
 import loss
 import mining
 import network
+import numerics
 import parser
 import retrieval
 import test
@@ -32,14 +33,19 @@ import test
 def main(args):
     start_time = datetime.now()
     # As the public train.py: cuDNN autotuning on; seeding (any --seed but -1) turns it off again so that
-    # runs are deterministic.
+    # cuDNN picks the same kernels every run (a GPU training step repeats bit for bit only with
+    # --deterministic: numerics.deterministic_training).
     torch.backends.cudnn.benchmark = True
+    # --deterministic on a GPU sets cuBLAS's workspace variable, which must come before CUDA starts.
+    deterministic_note = numerics.prepare_deterministic(device=args.device) if args.deterministic else None
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
     ctx = commons.start_run(
         args,
         os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")),
         note=args.model_settings_note,
     )
+    if deterministic_note:
+        logging.info(deterministic_note)
     distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     triplets_ds, val_ds, test_ds = build_datasets(
@@ -107,7 +113,7 @@ def main(args):
             train_batch_size=args.train_batch_size,
             infer_batch_size=args.infer_batch_size,
             num_workers=args.num_workers,
-            precision=args.precision,
+            compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
             horizontal_flip=args.horizontal_flip,
             margin=args.margin,
             seed=args.seed,
@@ -305,7 +311,7 @@ def train_epoch(
     train_batch_size: int,
     infer_batch_size: int,
     num_workers: int,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     margin: float,
     seed: int,
@@ -314,11 +320,11 @@ def train_epoch(
     """One epoch: queries_per_epoch // cache_refresh_rate loops, each mining cache_refresh_rate triplets
     with the current model, then training on them in global batches of train_batch_size queries; logs
     the average losses. `model` is the bare model (mining), `train_model` the one trained (DDP's wrapper
-    under torchrun)."""
+    under torchrun); `compute`: --precision (mining and training) and --deterministic (training steps)."""
     logging.info(f"Start training epoch: {epoch_num:02d}")
     epoch_start = datetime.now()
     descriptors_fn = mining_descriptors(
-        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=precision
+        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=compute.precision
     )
     loops_num = queries_per_epoch // cache_refresh_rate
     epoch_losses = []
@@ -350,7 +356,7 @@ def train_epoch(
             ctx=ctx,
             train_model=train_model,
             optimizer=optimizer,
-            precision=precision,
+            compute=compute,
             horizontal_flip=horizontal_flip,
             margin=margin,
             normaliser=train_batch_size * negs_num_per_query,
@@ -374,7 +380,7 @@ def train_batches(
     ctx: distributed.Context,
     train_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     margin: float,
     normaliser: int,
@@ -386,6 +392,7 @@ def train_batches(
 
     normaliser: train_batch_size * negs_num_per_query of the global batch. A non-finite loss stops
     training with a message naming `where` (e.g. "epoch 0, loop 1") and the last good checkpoint.
+    compute.deterministic: each step runs in numerics.deterministic_training (on a GPU).
     """
     train_model.train()
     losses = []
@@ -394,29 +401,30 @@ def train_batches(
     ):
         if horizontal_flip:  # the whole batch or none
             images = ctx.flip_together(images)
-        local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
-            train_model, images.to(ctx.device, non_blocking=True), precision=precision
-        )
-        global_loss, local_loss = loss.triplet_losses(
-            local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
-        )
-        total = global_loss + local_loss
-        # The global batch's losses on every rank: all stop together on a bad one.
-        global_value, local_value, total_value = ctx.sum_over_ranks(
-            [global_loss.item(), local_loss.item(), total.item()]
-        )
-        if not math.isfinite(total_value):
-            raise ValueError(
-                f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
-                f"local {local_value}); stopping. The last good checkpoint is "
-                f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+        with numerics.deterministic_training(enabled=compute.deterministic, device_type=torch.device(ctx.device).type):
+            local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
+                train_model, images.to(ctx.device, non_blocking=True), precision=compute.precision
             )
-        optimizer.zero_grad(set_to_none=True)
-        # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
-        # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
-        # process: bit-identical).
-        (total * ctx.world_size).backward()
-        optimizer.step()
+            global_loss, local_loss = loss.triplet_losses(
+                local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
+            )
+            total = global_loss + local_loss
+            # The global batch's losses on every rank: all stop together on a bad one.
+            global_value, local_value, total_value = ctx.sum_over_ranks(
+                [global_loss.item(), local_loss.item(), total.item()]
+            )
+            if not math.isfinite(total_value):
+                raise ValueError(
+                    f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
+                    f"local {local_value}); stopping. The last good checkpoint is "
+                    f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
+            # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
+            # process: bit-identical).
+            (total * ctx.world_size).backward()
+            optimizer.step()
         losses.append((global_value, local_value))
     return losses
 

@@ -1,10 +1,11 @@
-"""numerics.py: what --precision sets (TF32 switches, bf16 on GPUs without it) in every command, and
-the re-ranking's IEEE float32 under tf32.
+"""numerics.py: what --precision sets (TF32 switches, bf16 on GPUs without it) in every command, the
+re-ranking's IEEE float32 under tf32, and train.py's --deterministic.
 
 No GPU is needed: the torch.cuda functions the checks call are replaced by fakes, and the switches are
 torch's process-wide flags, which exist (and are read back) on any machine.
 """
 
+import contextlib
 import glob
 import importlib.util
 import logging
@@ -17,6 +18,7 @@ import torch
 from conftest import ROOT, TINY_FLAGS
 
 import commons
+import distributed
 import numerics
 import parser as selavpr_parser
 
@@ -292,3 +294,106 @@ def test_the_hub_entry_leaves_the_switches_to_its_caller(switches):
 
     hubconf.selavpr(backbone="vit_tiny", backbone_depth=1, allow_random_weights=True)
     assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+# ------------------------------------------------------------------------------------------------
+# --deterministic
+# ------------------------------------------------------------------------------------------------
+
+
+def _attention_flags():
+    return (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cuda.flash_sdp_enabled(),
+        torch.backends.cuda.mem_efficient_sdp_enabled(),
+        torch.backends.cuda.math_sdp_enabled(),
+    )
+
+
+def test_deterministic_training_steps_on_a_gpu_use_deterministic_algorithms_and_math_attention():
+    before = _attention_flags()
+    assert before[0] is False
+    with numerics.deterministic_training(enabled=True, device_type="cuda"):
+        assert _attention_flags() == (True, False, False, True)
+    assert _attention_flags() == before
+    for enabled, device_type in ((True, "cpu"), (False, "cuda")):  # the CPU's numbers stay a plain run's
+        with numerics.deterministic_training(enabled=enabled, device_type=device_type):
+            assert _attention_flags() == before
+
+
+def test_an_operation_without_a_deterministic_gpu_kernel_ends_the_run_with_one_message():
+    text = "upsample_bicubic2d_backward_out_cuda does not have a deterministic implementation, but you set it"
+    with pytest.raises(ValueError, match="--deterministic: upsample_bicubic2d.* drop --deterministic") as e:
+        with numerics.deterministic_training(enabled=True, device_type="cuda"):
+            raise RuntimeError(text)
+    assert isinstance(e.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):  # other errors pass unchanged
+        with numerics.deterministic_training(enabled=True, device_type="cuda"):
+            raise RuntimeError("CUDA out of memory")
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_training_step_of_the_tiny_model_runs_under_the_gpu_settings(tiny_model):
+    """The ops of a training step have deterministic kernels (here the CPU's; the CUDA ones are listed in
+    torch.use_deterministic_algorithms' documentation) and run with the math attention kernel."""
+    import loss
+
+    tiny_model.train()
+    images = torch.randn(4, 3, 56, 56)
+    with numerics.deterministic_training(enabled=True, device_type="cuda"):
+        local, glob_ = loss.forward_features(tiny_model, images)
+        g, l = loss.triplet_losses(local, glob_, torch.tensor([[0, 1, 2], [0, 1, 3]]), margin=0.1, normaliser=2)
+        (g + l).backward()
+    assert torch.isfinite(g + l) and any(p.grad is not None for p in tiny_model.parameters())
+
+
+def test_prepare_deterministic_sets_the_cublas_workspace_only_for_a_gpu():
+    env = {}
+    assert "nothing to set on the CPU" in numerics.prepare_deterministic(device="cpu", environ=env) and env == {}
+    line = numerics.prepare_deterministic(device="cuda", environ=env)
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} and "set CUBLAS_WORKSPACE_CONFIG=:4096:8" in line
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    assert "kept CUBLAS_WORKSPACE_CONFIG=:16:8" in numerics.prepare_deterministic(device="cuda", environ=env)
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+
+
+def test_train_batches_runs_each_step_in_the_deterministic_context(tiny_model, monkeypatch):
+    import loss
+    import train
+
+    inside, entered = [False], []
+
+    @contextlib.contextmanager
+    def recording(*, enabled, device_type):
+        entered.append((enabled, device_type))
+        inside[0] = True
+        yield
+        inside[0] = False
+
+    forward = loss.forward_features
+
+    def checked_forward(*args, **kwargs):
+        assert inside[0]
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(numerics, "deterministic_training", recording)
+    monkeypatch.setattr(loss, "forward_features", checked_forward)
+    tiny_model.train()
+    optimizer = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-5)
+    step = optimizer.step
+    optimizer.step = lambda *a, **k: (inside[0] or pytest.fail("step outside the context")) and step(*a, **k)
+    batch = (torch.randn(4, 3, 56, 56), torch.tensor([[0, 1, 2], [0, 1, 3]]), None)
+    losses = train.train_batches(
+        [batch, batch],
+        ctx=distributed.Context(device="cpu"),
+        train_model=tiny_model,
+        optimizer=optimizer,
+        compute=numerics.Compute(precision="fp32", deterministic=True),
+        horizontal_flip=False,
+        margin=0.1,
+        normaliser=2,
+        where="test",
+        last_path="none",
+        desc="test",
+    )
+    assert entered == [(True, "cpu"), (True, "cpu")] and len(losses) == 2
