@@ -70,8 +70,7 @@ def extract_features(
     (n, 5, D) for the five-crop methods — or None when want_global is False; dense features
     (B, h', w', 128) are appended to `local_store` when given (not computed otherwise).
     """
-    if method == "single_query":
-        batch_size = 1  # every query keeps its own size
+    batch_size = extraction_batch_size(method, batch_size)
     crops = method in FIVE_CROP_METHODS
     loader = DataLoader(
         ImagesSubset(dataset, indexes, method),
@@ -102,6 +101,13 @@ def extract_features(
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def extraction_batch_size(method: str, batch_size: int) -> int:
+    """The batches extract_features forms: --infer_batch_size images, one at a time for single_query
+    (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
+    (distributed.extract_sharded), so its batches are the one-process run's."""
+    return 1 if method == "single_query" else batch_size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +447,13 @@ class Retrieval:
             )
 
         return distributed.extract_sharded(
-            self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
+            self.dist_ctx,
+            run,
+            indexes,
+            batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+            want_global=want_global,
+            store=store,
+            new_store=self.new_store,
         )
 
     def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
