@@ -291,7 +291,8 @@ def mining_descriptors(
             desc="Mining features",
         )
 
-    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes)
+    # torchrun: each rank's share starts on a batch boundary, so its batches are a one-process run's.
+    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes, batch_size=batch_size)
 
 
 def train_epoch(

@@ -185,6 +185,19 @@ def test_shards_are_cut_at_the_batches_extraction_forms(test_split, tiny_net, mo
     assert sharded == loaders and sharded[0] == 8 and set(sharded[1:]) == {expected}
 
 
+def test_mining_shards_are_cut_at_its_extraction_batches(monkeypatch):
+    import distributed
+    import train
+
+    calls = []
+    monkeypatch.setattr(distributed, "extract_sharded", lambda ctx, extract, indexes, **kwargs: calls.append(kwargs))
+    descriptors_fn = train.mining_descriptors(
+        distributed.Context(device="cpu"), None, None, batch_size=8, num_workers=0, precision="fp32"
+    )
+    descriptors_fn([3, 1, 2])
+    assert calls == [{"batch_size": 8}]
+
+
 def test_a_failing_rank_still_removes_the_store_files(test_split, tiny_net, tmp_path, monkeypatch):
     ds, folder = test_split, tmp_path / "dense_features"
 
