@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -37,6 +36,7 @@ from tqdm import tqdm
 import atomic_files
 import distributed
 import local_matching
+import numerics
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
 
@@ -70,8 +70,7 @@ def extract_features(
     (n, 5, D) for the five-crop methods — or None when want_global is False; dense features
     (B, h', w', 128) are appended to `local_store` when given (not computed otherwise).
     """
-    if method == "single_query":
-        batch_size = 1  # every query keeps its own size
+    batch_size = extraction_batch_size(method, batch_size)
     crops = method in FIVE_CROP_METHODS
     loader = DataLoader(
         ImagesSubset(dataset, indexes, method),
@@ -82,10 +81,9 @@ def extract_features(
     )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
-    # change slightly (measured in docs/performance.md); fp32 is the reference.
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # change slightly (measured in docs/performance.md); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
         for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
@@ -103,6 +101,13 @@ def extract_features(
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def extraction_batch_size(method: str, batch_size: int) -> int:
+    """The batches extract_features forms: --infer_batch_size images, one at a time for single_query
+    (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
+    (distributed.extract_sharded), so its batches are the one-process run's."""
+    return 1 if method == "single_query" else batch_size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -442,7 +447,13 @@ class Retrieval:
             )
 
         return distributed.extract_sharded(
-            self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
+            self.dist_ctx,
+            run,
+            indexes,
+            batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+            want_global=want_global,
+            store=store,
+            new_store=self.new_store,
         )
 
     def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
@@ -497,8 +508,9 @@ class Retrieval:
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        predictions, scores = rerank_predictions(
-            first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
-        )
+        with numerics.ieee_float32():  # exact mutual-NN counts also under --precision tf32
+            predictions, scores = rerank_predictions(
+                first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
+            )
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)
