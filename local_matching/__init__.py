@@ -19,9 +19,10 @@ occurrence (row-major) of the global maximum of S. reference.py is this definiti
 
 All of them find the pairs with the engine (engine.py), which is exact: the same decisions as the
 reference (one float32 matmul of the whole candidate, then max both ways) on the same device, ties
-included, in memory that does not grow with the number of candidates. How: engine.py; its proofs:
-screening.py (bfloat16 screen and error bound), exact.py (float32 products on parts of S),
-self_check.py (the run-time check of what exact.py relies on, and engine_paths()).
+included, in memory that does not grow with the number of candidates. How: engine.py (the CPU
+engine, and the dispatch) and device_engine.py (the GPU engine); their proofs: screening.py (the
+bfloat16 screens and their error bounds), exact.py (float32 products on parts of S), self_check.py
+(the run-time check of what the exact recomputations rely on, and engine_paths()).
 """
 
 from typing import Any, Optional, Tuple
@@ -31,7 +32,7 @@ import torch
 
 from .engine import check_sizes, matches
 from .reference import reference_scores
-from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
+from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
 
 __all__ = [
     "mutual_nn_scores",
@@ -44,6 +45,7 @@ __all__ = [
     "PATH_SCREENED",
     "PATH_TILED",
     "PATH_PLAIN",
+    "PATH_GPU_SCREENED",
 ]
 
 
@@ -55,6 +57,7 @@ def mutual_nn_scores(
     chunk_size: int = 4,
     row_tile: int = 512,
     fast_path: Optional[bool] = None,
+    gpu_engine: Optional[bool] = None,
 ) -> torch.Tensor:
     """Re-rank scores: the number of mutual nearest neighbours between the query and each candidate.
 
@@ -64,11 +67,15 @@ def mutual_nn_scores(
             (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object.
         candidate_indices: (K,) ints, database indices of the candidates.
         chunk_size: at most this many candidates are loaded and processed together (one batched
-            matmul on the plain path; on the CPU engine, batches of at most 4); a few such chunks
-            are in memory at once, so peak memory is independent of K.
-        row_tile: rows of S per tile on the CPU engine (a multiple of 32).
-        fast_path: None = bfloat16 screen when the CPU has bf16 matrix hardware; True / False forces
-            it on / off. Results are identical either way; only the speed differs.
+            matmul on the plain path and on the GPU engine; on the CPU engine, batches of at most 4);
+            a few such chunks are in memory at once, so peak memory is independent of K.
+        row_tile: rows of S per tile on the CPU engine, per exact recomputation on the GPU engine (a
+            multiple of 32).
+        fast_path: None = the bfloat16 screen where it pays (a CPU with bf16 matrix hardware; a GPU
+            with torch's bfloat16 -> float32 matmul); True / False forces it on / off. Results are
+            identical either way; only the speed differs.
+        gpu_engine: None = the GPU engine (engine.py) on any device but the CPU; True runs it on the
+            CPU too (tests), False never.
     Returns:
         float32 tensor (K,) on query_local's device. Exact: equal to counting on the full float32
         similarity matrix (ties included). Exactly one mutual pair scores 1 (see module doc).
@@ -102,7 +109,9 @@ def mutual_nn_scores(
 
         counts = [
             mutual.sum()
-            for _, mutual in matches(query, load(), chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path)
+            for _, mutual in matches(
+                query, load(), chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path, gpu_engine=gpu_engine
+            )
         ]
     if not counts:
         return torch.zeros(0, dtype=torch.float32, device=query.device)
