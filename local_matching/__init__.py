@@ -22,9 +22,11 @@ reference (one float32 matmul of the whole candidate, then max both ways) on the
 included, in memory that does not grow with the number of candidates. How: engine.py (the CPU
 engine, and the dispatch) and device_engine.py (the GPU engine); their proofs: screening.py (the
 bfloat16 screens and their error bounds), exact.py (float32 products on parts of S), self_check.py
-(the run-time check of what the exact recomputations rely on, and engine_paths()).
+(the run-time check of what the exact recomputations rely on, and engine_paths()). staging.py brings
+the candidates to the device with at most one host copy each.
 """
 
+import os
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -33,6 +35,7 @@ import torch
 from .engine import check_sizes, matches
 from .reference import reference_scores
 from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
+from .staging import CandidateStager
 
 __all__ = [
     "mutual_nn_scores",
@@ -64,7 +67,8 @@ def mutual_nn_scores(
     Args:
         query_local: (Lq, C) or (h, w, C) tensor or array; its device is where the work runs.
         database_store: indexable by an int database index, returning that image's dense features
-            (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object.
+            (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object (a
+            dense_store.DenseStore is read straight into the staging buffers, staging.py).
         candidate_indices: (K,) ints, database indices of the candidates.
         chunk_size: at most this many candidates are loaded and processed together (one batched
             matmul on the plain path and on the GPU engine; on the CPU engine, batches of at most 4);
@@ -93,29 +97,27 @@ def mutual_nn_scores(
             f"candidate_indices contains the negative index {indices.min()} (faiss pads "
             f"missing results with -1): search at most the database size."
         )
-    with torch.no_grad():
+    # A GPU reads the next candidates into page-locked buffers on a few threads while it works.
+    readers = min(4, os.cpu_count() or 1) if query.device.type == "cuda" else 0
+    with (
+        torch.no_grad(),
+        CandidateStager(
+            database_store, indices.tolist(), query.device, buffers=2 * chunk_size, readers=readers
+        ) as stager,
+    ):
         query = query.detach()
-
-        def load():
-            for k, db_index in enumerate(indices.tolist()):
-                try:
-                    feats = database_store[int(db_index)]
-                except (IndexError, KeyError) as err:
-                    raise ValueError(
-                        f"candidate_indices[{k}] = {db_index} is not in the database "
-                        f"store ({err}); check the retrieval step."
-                    ) from err
-                yield _as_feature_matrix(feats, f"database_store[{db_index}]", query.device).detach()
-
-        counts = [
-            mutual.sum()
-            for _, mutual in matches(
-                query, load(), chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path, gpu_engine=gpu_engine
-            )
-        ]
-    if not counts:
+        mutuals = []
+        found = matches(
+            query, stager, chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path, gpu_engine=gpu_engine
+        )
+        for k, (_, mutual) in enumerate(found):
+            mutuals.append(mutual)
+            stager.release(k)
+    if not mutuals:
         return torch.zeros(0, dtype=torch.float32, device=query.device)
-    return torch.stack(counts).to(device=query.device, dtype=torch.float32)
+    if all(m.shape == mutuals[0].shape for m in mutuals):  # one reduction, not one per candidate
+        return torch.stack(mutuals).sum(dim=1).to(device=query.device, dtype=torch.float32)
+    return torch.stack([m.sum() for m in mutuals]).to(device=query.device, dtype=torch.float32)
 
 
 def rerank(scores: Any) -> np.ndarray:
@@ -219,12 +221,7 @@ def _as_feature_matrix(features: Any, name: str, device: Optional[torch.device] 
             f"{name}: dense local features are empty (shape {tuple(t.shape)}); check the feature extraction."
         )
     if device is not None and t.device != device:
-        if device.type == "cuda" and t.device.type == "cpu":
-            # Page-locked host memory makes the copy asynchronous (no host synchronisation per
-            # candidate); torch keeps the pinned block alive until the copy is done.
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
+        t = t.to(device)  # one map of a pair (mutual_nn_pairs): candidates go through staging.py
     return t.float().contiguous()
 
 

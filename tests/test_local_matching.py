@@ -14,7 +14,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import local_matching as lm
-from local_matching import device_engine, engine, exact, screening, self_check
+from dense_store import DenseStore
+from local_matching import device_engine, engine, exact, screening, self_check, staging
 
 C = 128
 
@@ -738,3 +739,154 @@ def test_gamma_any_order_covers_multi_term_truncating_adders():
     err = (acc - terms.sum(dim=1)).abs()
     bound = screening.gamma_any_order(n + 1) * terms.abs().sum(dim=1)
     assert (err <= bound).all() and (err > 0).all()  # every sum lost its small terms, within the bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Staging (staging.py): host copies per candidate, counted on the stores and buffers
+# ------------------------------------------------------------------------------------------------
+class _CountingStore(DenseStore):
+    """A DenseStore that counts how its features are taken: read_into (with each destination's
+    address) and __getitem__."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.reads, self.items = [], 0
+
+    def read_into(self, i, out):
+        self.reads.append((int(i), out.ctypes.data, out.nbytes))
+        super().read_into(i, out)
+
+    def __getitem__(self, i):
+        self.items += 1
+        return super().__getitem__(i)
+
+
+def _counting_store(folder, x):
+    store = _CountingStore(folder)
+    store.append(x.view(x.shape[0], 12, -1, C).numpy())
+    return store.finish()
+
+
+def _spy_engine(monkeypatch):
+    """Replace the engine by one that records the tensors it receives (data pointer, values)."""
+    seen = []
+
+    def spy(query, candidates, **kwargs):
+        for x in candidates:
+            seen.append((x.data_ptr(), x.clone()))
+            yield torch.zeros(x.shape[0], dtype=torch.long), torch.ones(x.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(lm, "matches", spy)
+    return seen
+
+
+@pytest.mark.parametrize("preadv", [True, False])
+def test_disk_store_candidates_are_read_once_straight_into_the_engines_tensors(tmp_path, monkeypatch, preadv):
+    """One host copy per candidate from a disk store: one positional read per candidate, written
+    directly into the memory of the tensor the engine then reads (so there is no room for another
+    copy); the store's __getitem__ (which makes a copy of its own) is never used."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 144, C, generator=gen)
+    store = _counting_store(str(tmp_path), x)
+    syscalls = []
+    real_preadv, real_pread = getattr(os, "preadv", None), os.pread
+    if preadv and real_preadv is not None:
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: syscalls.append(1) or real_preadv(fd, bufs, off))
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: syscalls.append(1) or real_pread(fd, n, off))
+    if not preadv:  # a platform without os.preadv: still one read per candidate (plus one copy)
+        monkeypatch.setattr(sys.modules["dense_store"], "_PREADV", False)
+    seen = _spy_engine(monkeypatch)
+    order = [4, 0, 4, 2]
+    lm.mutual_nn_scores(torch.randn(100, C), store, np.array(order), chunk_size=2)
+    assert store.items == 0
+    assert [i for i, _, _ in store.reads] == order and len(syscalls) == len(order)
+    for (i, address, nbytes), (pointer, values) in zip(store.reads, seen):
+        assert nbytes == 144 * C * 4 and torch.equal(values, x[i])
+        if preadv:
+            assert address == pointer  # the read's destination is the engine's tensor
+    store.close()
+
+
+def test_ram_store_candidates_reach_the_cpu_engine_without_a_copy(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 144, C, generator=gen)
+    store = _counting_store(None, x)
+    seen = _spy_engine(monkeypatch)
+    lm.mutual_nn_scores(torch.randn(100, C), store, np.array([3, 1, 3]), chunk_size=2)
+    assert store.reads == []
+    for i, (pointer, values) in zip([3, 1, 3], seen):
+        assert pointer == store._arrays[i].ctypes.data and torch.equal(values, x[i])  # the stored array itself
+    # A numpy array store: in place when float32 and writable; one copy (with the float32 conversion)
+    # when it is a read-only memory map or float16.
+    seen.clear()
+    array = x.numpy().copy()
+    lm.mutual_nn_scores(torch.randn(100, C), array, np.array([2]))
+    assert seen[0][0] == array[2].ctypes.data
+    seen.clear()
+    lm.mutual_nn_scores(torch.randn(100, C), array.astype(np.float16), np.array([2]))
+    assert seen[0][0] != array[2].ctypes.data and torch.equal(seen[0][1], torch.from_numpy(array[2]).half().float())
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: done once the fake device has run `lag` more transfers, or when waited
+    for; remembers whether it was waited for."""
+
+    clock = 0
+
+    def __init__(self, lag):
+        self.due = _FakeEvent.clock + lag
+        self.waited = False
+
+    def query(self):
+        return _FakeEvent.clock >= self.due
+
+    def synchronize(self):
+        self.waited = True
+        self.due = min(self.due, _FakeEvent.clock)
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_device_staging_reuses_a_buffer_only_after_its_transfer_is_done(tmp_path, monkeypatch, on_disk):
+    """The device path (on `meta`, with fake CUDA events): one host copy per candidate (the read into
+    a staging buffer), at most `buffers` buffers, and a buffer is refilled only once the event behind
+    its previous transfer says that transfer is done (else the stager waits for it)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 144, C, generator=gen)
+    store = _counting_store(str(tmp_path) if on_disk else None, x)
+    events = {}  # buffer address -> the event of its last transfer
+    refills_in_flight = []
+    real_read = store.read_into
+
+    def read_into(i, out):
+        event = events.get(out.ctypes.data)
+        refills_in_flight.append(event is not None and not event.query())
+        real_read(i, out)
+
+    monkeypatch.setattr(store, "read_into", read_into)
+    _FakeEvent.clock = 0
+    made = []
+
+    def new_event(device):
+        made.append(_FakeEvent(lag=6))
+        return made[-1]
+
+    def record(event, device):
+        _FakeEvent.clock += 1
+
+    monkeypatch.setattr(staging, "_new_event", new_event)
+    monkeypatch.setattr(staging, "_record", record)
+    real_deliver = staging.CandidateStager._deliver
+
+    def deliver(self, k, shape, slot, work):
+        out = real_deliver(self, k, shape, slot, work)
+        events[slot.host.data_ptr()] = slot.event
+        return out
+
+    monkeypatch.setattr(staging.CandidateStager, "_deliver", deliver)
+    with staging.CandidateStager(store, list(range(9)) * 2, torch.device("meta"), buffers=4, readers=2) as stager:
+        got = list(stager)
+        assert len(stager.slots) <= 4
+    assert len(got) == 18 and all(t.device.type == "meta" and t.shape == (144, C) for t in got)
+    assert store.items == 0 and len(store.reads) == 18  # one copy (the read) per candidate
+    assert not any(refills_in_flight)
+    assert any(e.waited for e in made)  # 4 buffers, a device 6 transfers behind: it had to wait
