@@ -45,8 +45,10 @@ from .screening import (
 )
 
 # Undecided columns are recomputed COLUMN_TILE at a time per candidate, COLUMN_JOBS such products in
-# one batched matmul (fixed shapes: see the module doc).
-COLUMN_TILE = 32
+# one batched matmul (fixed shapes: see the module doc). 128 columns rather than fewer: an ordinary
+# GEMM shape, for which cuBLAS is likeliest to sum each entry as in the whole product (skinny ones may
+# get other kernels, e.g. split inner dimensions); the work is small either way.
+COLUMN_TILE = 128
 COLUMN_JOBS = 8
 _NEG_INF = float("-inf")
 # What the screen left to recompute, summed over this process's screened groups (host integers the

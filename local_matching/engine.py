@@ -36,6 +36,7 @@ from .screening import (
     fp32_screen_is_sound,
     native_bf16_fp32_matmul,
     nn_screened,
+    screen_unavailable,
 )
 from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
 
@@ -250,11 +251,9 @@ def _gpu_plan(query: torch.Tensor, fast_path: Optional[bool]) -> Tuple[Optional[
         return None, (
             f"float32 matmul precision '{precision}': TF32 products, the screen's bound is for IEEE float32 ones"
         )
-    if fast_path is None and device.type != "cpu" and not native_bf16_fp32_matmul(device):
-        return None, (
-            f"torch {torch.__version__} has no bfloat16 x bfloat16 -> float32 matmul on {device.type} "
-            "(torch.mm out_dtype, torch >= 2.8)"
-        )
+    unavailable = screen_unavailable(device) if fast_path is None and device.type != "cpu" else None
+    if unavailable:
+        return None, unavailable
     if not _query_is_safe(query):
         return None, "query with non-finite or huge values"
     return device_engine.GpuQueryPlan(query), ""

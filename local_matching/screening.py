@@ -477,8 +477,8 @@ def fp32_output_slack(x, q, *, inner: int, channels: int):
 
 def native_bf16_fp32_matmul(device: torch.device) -> bool:
     """Does this torch offer a bfloat16 x bfloat16 -> float32 matmul on `device` (torch.mm with
-    out_dtype: torch >= 2.8 on CUDA; not on the CPU)? Tried once per device type."""
-    key = torch.device(device).type
+    out_dtype: torch >= 2.8 on CUDA; not on the CPU)? Tried once per device."""
+    key = str(torch.device(device))
     if key not in _NATIVE_BF16_FP32:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
         try:
@@ -487,6 +487,22 @@ def native_bf16_fp32_matmul(device: torch.device) -> bool:
         except (TypeError, RuntimeError, NotImplementedError):  # older torch, or no kernel there
             _NATIVE_BF16_FP32[key] = False
     return _NATIVE_BF16_FP32[key]
+
+
+def screen_unavailable(device: torch.device) -> Optional[str]:
+    """Why the GPU screen would not pay on `device` (None: it would): it needs torch's bfloat16 ->
+    float32 matmul, and on CUDA bfloat16 tensor cores (compute capability 8.0, Ampere, or newer;
+    elsewhere the three bfloat16 products run slower than the plain float32 one)."""
+    device = torch.device(device)
+    if not native_bf16_fp32_matmul(device):
+        return (
+            f"torch {torch.__version__} has no bfloat16 x bfloat16 -> float32 matmul on {device.type} "
+            "(torch.mm out_dtype, torch >= 2.8)"
+        )
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        return f"{name} has no bfloat16 tensor cores (compute capability < 8.0)"
+    return None
 
 
 def screen_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -617,12 +617,22 @@ def test_gpu_plan_refuses_tf32_products_and_missing_kernels(monkeypatch):
     assert engine._gpu_plan(q, None)[0] is not None  # the CPU: the float32 emulation
     assert "fast_path=False" in engine._gpu_plan(q, False)[1]
     # A GPU whose torch has no bfloat16 -> float32 matmul: the plain path unless forced.
-    monkeypatch.setattr(engine, "native_bf16_fp32_matmul", lambda device: False)
+    monkeypatch.setitem(screening._NATIVE_BF16_FP32, "meta", False)
     meta = q.to("meta")
     monkeypatch.setattr(engine, "_query_is_safe", lambda query: True)
     plan, reason = engine._gpu_plan(meta, None)
     assert plan is None and "bfloat16 x bfloat16 -> float32" in reason
     assert engine._gpu_plan(meta, True)[0] is not None
+    # A GPU without bfloat16 tensor cores (V100, T4): the three bf16 products would be slower than one
+    # float32 product there.
+    monkeypatch.setitem(screening._NATIVE_BF16_FP32, "cuda", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert screening.screen_unavailable(torch.device("cuda")) == (
+        "Tesla V100-SXM2-16GB has no bfloat16 tensor cores (compute capability < 8.0)"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert screening.screen_unavailable(torch.device("cuda")) is None
 
 
 def test_gpu_engine_runs_on_the_meta_device(monkeypatch):
