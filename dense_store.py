@@ -12,6 +12,9 @@ import numpy as np
 
 import atomic_files
 
+# Positional reads into a caller's buffer (Linux, macOS 11+); elsewhere os.pread and one more copy.
+_PREADV = hasattr(os, "preadv")
+
 
 class DenseStore:
     """Dense local features of a list of images, in RAM or in one raw float32 file on disk.
@@ -70,20 +73,51 @@ class DenseStore:
         return len(self.shapes)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Image i's features (h, w, C) float32: the stored array itself in RAM (no copy), a fresh array
+        read from the file on disk."""
         i = int(i)
         if not self.on_disk:
             return self._arrays[i]
+        out = np.empty(self.feature_shape(i), dtype=np.float32)
+        self.read_into(i, out)
+        return out
+
+    def feature_shape(self, i: int) -> tuple:
+        """The shape of image i's features, without reading them."""
+        return tuple(self.shapes[int(i)])
+
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Copy image i's features into `out`, a writable C-contiguous float32 array of its shape: the one
+        copy a reader needs (the re-rank engine's staging buffers, which may be page-locked). On disk the
+        positional read writes straight into `out` (os.preadv; where the platform lacks it, os.pread and
+        a second copy)."""
+        i = int(i)
+        shape = self.feature_shape(i)
+        if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(
+                f"DenseStore.read_into: image {i} needs a writable C-contiguous float32 array of shape "
+                f"{shape}, got {out.dtype} {out.shape}"
+            )
+        if not self.on_disk:
+            np.copyto(out, self._arrays[i])
+            return
         if self._fd is None:
             raise RuntimeError("DenseStore: call finish() before reading an on-disk store")
-        shape = self.shapes[i]
-        nbytes = int(np.prod(shape)) * 4
-        data = os.pread(self._fd, nbytes, self.offsets[i] * 4)
-        if len(data) != nbytes:
-            raise ValueError(
-                f"dense features file {self.path} is shorter than expected (image {i}): it was "
-                "truncated; extract the features again"
-            )
-        return np.frombuffer(data, dtype=np.float32).reshape(shape)
+        target = memoryview(out).cast("B")
+        offset, done = self.offsets[i] * 4, 0
+        while done < len(target):  # a positional read may return fewer bytes than asked; it continues
+            if _PREADV:
+                got = os.preadv(self._fd, [target[done:]], offset + done)
+            else:
+                data = os.pread(self._fd, len(target) - done, offset + done)
+                got = len(data)
+                target[done : done + got] = data
+            if got == 0:
+                raise ValueError(
+                    f"dense features file {self.path} is shorter than expected (image {i}): it was "
+                    "truncated; extract the features again"
+                )
+            done += got
 
     def nbytes(self) -> int:
         return self._size * 4
