@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import distributed
+import numerics
 
 # ------------------------------------------------------------------------------------------------
 # Versions
@@ -176,8 +177,10 @@ def make_deterministic(seed: int = 0) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def get_rng_states() -> dict:
-    """Random states of Python, NumPy and torch as tensors and plain types (loadable with weights_only)."""
+def get_rng_states(*, device: str) -> dict:
+    """Random states of Python, NumPy and torch as tensors and plain types (loadable with weights_only),
+    plus the CUDA state of the GPU this process computes on when `device` is one ("cuda" is the current
+    GPU). A CPU run touches no CUDA state, also on a machine with GPUs."""
     np_state = np.random.get_state()
     states = {
         "python": random.getstate(),
@@ -189,18 +192,51 @@ def get_rng_states() -> dict:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    gpu = _gpu_index(device)
+    if gpu is not None:
+        # By device index. (Checkpoints of earlier versions hold "cuda": the states of every visible GPU.)
+        states["cuda_devices"] = [gpu]
+        states["cuda_states"] = [torch.cuda.get_rng_state(gpu)]
     return states
 
 
-def set_rng_states(states: dict) -> None:
+def set_rng_states(states: dict, *, device: str) -> str:
+    """Restore get_rng_states' `states` in a run on `device`; returns what was restored, for the log.
+
+    The CUDA state restored is the one saved for this process's GPU (same index), when the file has it:
+    a checkpoint of a run on more GPUs (or of an earlier version, which saved every visible GPU's)
+    resumes on fewer, one of a run on fewer GPUs on more, one of a CPU run on a GPU (its GPU keeps its
+    seeded state), and a CPU run never touches CUDA state.
+    """
     random.setstate(_as_tuple(states["python"]))
     n = states["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda_states" in states:
+        saved = dict(zip((int(i) for i in states["cuda_devices"]), states["cuda_states"]))
+    else:  # earlier versions: one state per visible GPU, in index order
+        saved = dict(enumerate(states.get("cuda", [])))
+    restored = "Python, NumPy and torch CPU random states"
+    gpu = _gpu_index(device)
+    if gpu is not None and gpu in saved:
+        torch.cuda.set_rng_state(saved[gpu], gpu)
+        restored += f", CUDA random state of GPU {gpu}"
+    elif gpu is not None:
+        restored += f" (GPU {gpu} keeps its seeded state: the checkpoint has no CUDA random state for it)"
+    skipped = sorted(set(saved) - {gpu})
+    if skipped:
+        gpus = ("GPU " if len(skipped) == 1 else "GPUs ") + ", ".join(map(str, skipped))
+        where = f"GPU {gpu}" if gpu is not None else "the CPU"
+        restored += f" (not restored: the CUDA random state of {gpus}, unused by this run on {where})"
+    return restored
+
+
+def _gpu_index(device: str) -> Optional[int]:
+    """Index of the GPU a --device / ctx.device names ("cuda": the current one), None for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def _as_tuple(x):
@@ -313,15 +349,18 @@ def finish(ctx: distributed.Context) -> None:
 
 def start_run(args, output_folder: str, *, note: Optional[str] = None, continuing: bool = False) -> distributed.Context:
     """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
-    process otherwise; ctx.device is this process's device), log to `output_folder` on rank 0 (which
-    creates it; the console only on the others), seed, and record the command line, arguments and `note`
-    (log_run_header). continuing: `output_folder` is an interrupted run's, continued (eval.py
-    --continue_run): the logs go on in its files.
+    process otherwise; ctx.device is this process's device), set --precision's float32 arithmetic
+    (numerics.set_precision), log to `output_folder` on rank 0 (which creates it; the console only on
+    the others), seed, and record the command line, arguments, `note` (log_run_header) and the precision.
+    continuing: `output_folder` is an interrupted run's, continued (eval.py --continue_run): the logs go
+    on in its files.
 
     ctx.output_folder is rank 0's `output_folder` on every rank (each rank names its folder after its
     own clock, which may have ticked on); single process: `output_folder` as given.
     """
     ctx = init_from_environment(device=args.device)
+    # Checked (a GPU without bf16 is refused) and set before the output folder exists; logged below.
+    precision = numerics.set_precision(args.precision, device=ctx.device)
     if ctx.is_main:
         setup_logging(output_folder, append=continuing)
     else:
@@ -329,6 +368,7 @@ def start_run(args, output_folder: str, *, note: Optional[str] = None, continuin
     ctx.output_folder = ctx.broadcast_object(output_folder)  # after rank 0 created it
     make_deterministic(args.seed)
     log_run_header(args, note=note)
+    precision.log()
     if continuing:
         logging.info(f"Continuing the interrupted run in {ctx.output_folder} (--continue_run)")
     else:

@@ -17,6 +17,9 @@ import atomic_files
 #: What a store may keep its features as (--dense_store_dtype); float32 is the faithful default.
 DTYPES = ("float32", "float16")
 
+# Positional reads into a caller's buffer (Linux, macOS 11+); elsewhere os.pread and one more copy.
+_PREADV = hasattr(os, "preadv")
+
 
 class DenseStore:
     """Dense local features of a list of images, in RAM or in one raw file on disk.
@@ -109,25 +112,59 @@ class DenseStore:
         return len(self.shapes)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Image i's features (h, w, C) float32: the stored array itself in a float32 RAM store (no copy),
+        else a fresh array (read from the file on disk, or converted from float16)."""
         i = int(i)
+        if not self.on_disk and self.dtype == np.float32:
+            return self._arrays[i]
+        out = np.empty(self.feature_shape(i), dtype=np.float32)
+        self.read_into(i, out)
+        return out
+
+    def feature_shape(self, i: int) -> tuple:
+        """The shape of image i's features, without reading them."""
+        return tuple(self.shapes[int(i)])
+
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Copy image i's features into `out`, a writable C-contiguous float32 array of its shape: the one
+        copy a reader needs (the re-rank engine's staging buffers, which may be page-locked). On disk the
+        positional read writes straight into `out` (os.preadv; where the platform lacks it, os.pread and
+        a second copy). A float16 store reads its half-size values and converts them into `out` (float16
+        -> float32 is exact)."""
+        i = int(i)
+        shape = self.feature_shape(i)
+        if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(
+                f"DenseStore.read_into: image {i} needs a writable C-contiguous float32 array of shape "
+                f"{shape}, got {out.dtype} {out.shape}"
+            )
         if not self.on_disk:
-            return self._as_float32(self._arrays[i])
+            np.copyto(out, self._arrays[i])
+            return
         if self._fd is None:
             raise RuntimeError("DenseStore: call finish() before reading an on-disk store")
-        shape = self.shapes[i]
-        itemsize = self.dtype.itemsize
-        nbytes = int(np.prod(shape)) * itemsize
-        data = os.pread(self._fd, nbytes, self.offsets[i] * itemsize)
-        if len(data) != nbytes:
-            raise ValueError(
-                f"dense features file {self.path} is shorter than expected (image {i}): it was "
-                "truncated; extract the features again"
-            )
-        return self._as_float32(np.frombuffer(data, dtype=self.dtype).reshape(shape))
+        target = out if self.dtype == np.float32 else np.empty(shape, dtype=self.dtype)
+        self._read_stored(i, target)
+        if target is not out:
+            np.copyto(out, target)
 
-    def _as_float32(self, features: np.ndarray) -> np.ndarray:
-        # float16 -> float32 is exact; a float32 store returns its array itself (no copy).
-        return features if self.dtype == np.float32 else features.astype(np.float32)
+    def _read_stored(self, i: int, target: np.ndarray) -> None:
+        """Positional read of image i's stored values into `target` (of the store's dtype and i's shape)."""
+        view = memoryview(target).cast("B")
+        offset, done = self.offsets[i] * self.dtype.itemsize, 0
+        while done < len(view):  # a positional read may return fewer bytes than asked; it continues
+            if _PREADV:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            else:
+                data = os.pread(self._fd, len(view) - done, offset + done)
+                got = len(data)
+                view[done : done + got] = data
+            if got == 0:
+                raise ValueError(
+                    f"dense features file {self.path} is shorter than expected (image {i}): it was "
+                    "truncated; extract the features again"
+                )
+            done += got
 
     def nbytes(self) -> int:
         return self._size * self.dtype.itemsize

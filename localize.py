@@ -33,6 +33,7 @@ import commons
 import datasets_ws
 import image_files
 import network
+import numerics
 import parser
 import predictions_io
 import retrieval
@@ -329,8 +330,10 @@ def main(args) -> None:
     try:
         # Everything a typo can break is checked before the slow work; a run refused here removes the
         # output folder it has just created, so that the corrected command may use the same one.
+        precision = numerics.set_precision(args.precision, device=args.device)  # a GPU without bf16: refused
         commons.make_deterministic(args.seed)
         commons.log_run_header(args, note=args.model_settings_note)
+        precision.log()
         logging.info(f"The outputs are being saved in {output_folder}")
         saved_root = None
         if args.load_database:

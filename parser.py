@@ -23,6 +23,7 @@ import torch
 import checkpoints
 import dense_store
 import network
+import numerics
 import run_progress
 from backbone import FACTORIES
 from datasets_ws import PATCH_SIZE, TEST_METHODS
@@ -236,10 +237,12 @@ def _add_extraction(g: argparse._ArgumentGroup) -> None:
         "--precision",
         type=str,
         default="fp32",
-        choices=["fp32", "bf16"],
-        help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
-        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
-        "slightly",
+        choices=list(numerics.PRECISIONS),
+        help="(ours) arithmetic of feature extraction and of the training forward. fp32: IEEE float32 "
+        "everywhere (also on GPUs, where torch would run convolutions in TF32). tf32: TF32 tensor-core "
+        "matmuls and convolutions on NVIDIA Ampere and newer GPUs (as fp32 elsewhere). bf16: bfloat16 "
+        "autocast, fp32 master weights and losses. tf32 and bf16 are faster on GPUs (bf16 also on CPUs "
+        "with AMX) and change results slightly; the re-ranking stays exact",
     )
 
 
@@ -415,6 +418,12 @@ def _add_training(g: argparse._ArgumentGroup) -> None:
         help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
         "from random weights; the paper's recipe keeps it frozen",
     )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="(ours) seeded GPU training reproducible bit for bit: training steps use torch's deterministic "
+        "algorithms and the math attention kernel (slower); seeded CPU runs are reproducible without it",
+    )
 
 
 def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
@@ -423,6 +432,13 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
             f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
             "SARE loss either); use --criterion triplet"
         )
+    if values["deterministic"] and values["seed"] == -1:
+        p.error("--deterministic needs a seeded run: drop --seed -1 (or --deterministic)")
+    if values["deterministic"] and values["train_backbone"] and values["device"] == "cuda":
+        p.error(
+            "--deterministic with --train_backbone on a GPU: the backward of the positional table's bicubic "
+            "interpolation has no deterministic CUDA implementation in torch; drop one of the two"
+        )
     if values["queries_per_epoch"] % values["cache_refresh_rate"] != 0:
         p.error(
             f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
@@ -430,7 +446,7 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
         )
 
 
-TRAINING = Group("training", _add_training, _finish_training)
+TRAINING = Group("training", _add_training, _finish_training, requires=("runtime",))
 
 
 def _add_augmentation(g: argparse._ArgumentGroup) -> None:

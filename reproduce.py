@@ -36,6 +36,7 @@ import commons
 import datasets_ws
 import identity
 import network
+import numerics
 import parser
 import test
 
@@ -562,11 +563,13 @@ class _Models:
 
 
 def main(args) -> None:
+    precision = numerics.set_precision(args.precision, device=args.device)  # before any folder: may refuse
     os.makedirs(args.output, exist_ok=True)
     log_folder = _new_log_folder(args.output)
     commons.setup_logging(log_folder)
     commons.make_deterministic(args.seed)
     commons.log_run_header(args)
+    precision.log()
     cache = ResultCache(os.path.join(args.output, CACHE_NAME))
     table_path = os.path.join(args.output, TABLE_NAME)
     settings = evaluation_settings(args)

@@ -27,7 +27,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -42,6 +41,7 @@ import atomic_files
 import distributed
 import identity
 import local_matching
+import numerics
 import run_progress
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
@@ -79,8 +79,7 @@ def extract_features(
     on_batch(the batch's global descriptors or None, its number of images) is called after each batch
     (a run that records its progress, run_progress.StageFiles).
     """
-    if method == "single_query":
-        batch_size = 1  # every query keeps its own size
+    batch_size = extraction_batch_size(method, batch_size)
     crops = method in FIVE_CROP_METHODS
     loader = DataLoader(
         ImagesSubset(dataset, indexes, method),
@@ -91,10 +90,9 @@ def extract_features(
     )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
-    # change slightly (measured in docs/performance.md); fp32 is the reference.
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # change slightly (measured in docs/performance.md); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
         for images, batch_indexes in tqdm(
             loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None
         ):
@@ -118,6 +116,13 @@ def extract_features(
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def extraction_batch_size(method: str, batch_size: int) -> int:
+    """The batches extract_features forms: --infer_batch_size images, one at a time for single_query
+    (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
+    (distributed.extract_sharded), so its batches are the one-process run's."""
+    return 1 if method == "single_query" else batch_size
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,7 +573,13 @@ class Retrieval:
             )
 
         return distributed.extract_sharded(
-            self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
+            self.dist_ctx,
+            run,
+            indexes,
+            batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+            want_global=want_global,
+            store=store,
+            new_store=self.new_store,
         )
 
     def _stage(
@@ -619,7 +630,13 @@ class Retrieval:
                 return files.run_share(part, extract)
 
             descriptors = distributed.extract_sharded(
-                self.dist_ctx, run, indexes, want_global=want_global, store=files.store, new_store=lambda: files.store
+                self.dist_ctx,
+                run,
+                indexes,
+                batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+                want_global=want_global,
+                store=files.store,
+                new_store=lambda: files.store,
             )
             if self.dist_ctx.is_main:
                 files.complete(descriptors)
@@ -722,23 +739,24 @@ class Retrieval:
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        if self._ranking_files is None:
-            predictions, scores = rerank_predictions(
-                first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
-            )
-        else:  # recorded every few queries; an interrupted run's candidates must be these
-            self._ranking_files.check_or_save_search(distances, first)
-
-            def rerank_part(a: int, b: int):
-                return rerank_predictions(
-                    first[a:b],
-                    _Rows(queries.dense, a),
-                    database.dense,
-                    device=self.device,
-                    chunk_size=self.rerank_chunk_size,
+        with numerics.ieee_float32():  # exact mutual-NN counts also under --precision tf32
+            if self._ranking_files is None:
+                predictions, scores = rerank_predictions(
+                    first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
                 )
+            else:  # recorded every few queries; an interrupted run's candidates must be these
+                self._ranking_files.check_or_save_search(distances, first)
 
-            predictions, scores = self._ranking_files.rerank(first, rerank_part)
+                def rerank_part(a: int, b: int):
+                    return rerank_predictions(
+                        first[a:b],
+                        _Rows(queries.dense, a),
+                        database.dense,
+                        device=self.device,
+                        chunk_size=self.rerank_chunk_size,
+                    )
+
+                predictions, scores = self._ranking_files.rerank(first, rerank_part)
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)
 

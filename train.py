@@ -24,6 +24,7 @@ import distributed
 import loss
 import mining
 import network
+import numerics
 import parser
 import retrieval
 import test
@@ -32,14 +33,19 @@ import test
 def main(args):
     start_time = datetime.now()
     # As the public train.py: cuDNN autotuning on; seeding (any --seed but -1) turns it off again so that
-    # runs are deterministic.
+    # cuDNN picks the same kernels every run (a GPU training step repeats bit for bit only with
+    # --deterministic: numerics.deterministic_training).
     torch.backends.cudnn.benchmark = True
+    # --deterministic on a GPU sets cuBLAS's workspace variable, which must come before CUDA starts.
+    deterministic_note = numerics.prepare_deterministic(device=args.device) if args.deterministic else None
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
     ctx = commons.start_run(
         args,
         os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")),
         note=args.model_settings_note,
     )
+    if deterministic_note:
+        logging.info(deterministic_note)
     distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     triplets_ds, val_ds, test_ds = build_datasets(
@@ -67,7 +73,13 @@ def main(args):
     last_path = os.path.join(ctx.output_folder, "last_model.pth")
     best_path = os.path.join(ctx.output_folder, "best_model.pth")
     start_epoch, best = resume_training(
-        args.resume, model=model, optimizer=optimizer, miner_state=miner_state, best_path=best_path, is_main=ctx.is_main
+        args.resume,
+        model=model,
+        optimizer=optimizer,
+        miner_state=miner_state,
+        best_path=best_path,
+        is_main=ctx.is_main,
+        device=ctx.device,
     )
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
@@ -102,7 +114,7 @@ def main(args):
             train_batch_size=args.train_batch_size,
             infer_batch_size=args.infer_batch_size,
             num_workers=args.num_workers,
-            precision=args.precision,
+            compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
             horizontal_flip=args.horizontal_flip,
             margin=args.margin,
             seed=args.seed,
@@ -236,15 +248,17 @@ def resume_training(
     miner_state: mining.MiningState,
     best_path: str,
     is_main: bool,
+    device: str,
 ) -> Tuple[int, BestRecall]:
     """(first epoch to train, best R@5 so far): a fresh start without `resume`; else resume_from's
     (the weights were loaded by build_model), and, as the public code, a resumed run's last_model.pth
     carries that run's best model along (rank 0 copies it to best_path), so that a run that never
-    improves on it tests it at the end."""
+    improves on it tests it at the end. `device`: this process's (the CUDA random state restored is
+    that GPU's)."""
     if not resume:
         return 0, BestRecall()
     start_epoch, best_r5, not_improved_num = resume_from(
-        resume, model=model, optimizer=optimizer, miner_state=miner_state
+        resume, model=model, optimizer=optimizer, miner_state=miner_state, device=device
     )
     resumed_best = resumed_best_model(resume)
     if resumed_best is not None and is_main:
@@ -278,7 +292,8 @@ def mining_descriptors(
             desc="Mining features",
         )
 
-    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes)
+    # torchrun: each rank's share starts on a batch boundary, so its batches are a one-process run's.
+    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes, batch_size=batch_size)
 
 
 def train_epoch(
@@ -298,7 +313,7 @@ def train_epoch(
     train_batch_size: int,
     infer_batch_size: int,
     num_workers: int,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     margin: float,
     seed: int,
@@ -307,11 +322,11 @@ def train_epoch(
     """One epoch: queries_per_epoch // cache_refresh_rate loops, each mining cache_refresh_rate triplets
     with the current model, then training on them in global batches of train_batch_size queries; logs
     the average losses. `model` is the bare model (mining), `train_model` the one trained (DDP's wrapper
-    under torchrun)."""
+    under torchrun); `compute`: --precision (mining and training) and --deterministic (training steps)."""
     logging.info(f"Start training epoch: {epoch_num:02d}")
     epoch_start = datetime.now()
     descriptors_fn = mining_descriptors(
-        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=precision
+        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=compute.precision
     )
     loops_num = queries_per_epoch // cache_refresh_rate
     epoch_losses = []
@@ -343,7 +358,7 @@ def train_epoch(
             ctx=ctx,
             train_model=train_model,
             optimizer=optimizer,
-            precision=precision,
+            compute=compute,
             horizontal_flip=horizontal_flip,
             margin=margin,
             normaliser=train_batch_size * negs_num_per_query,
@@ -367,7 +382,7 @@ def train_batches(
     ctx: distributed.Context,
     train_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     margin: float,
     normaliser: int,
@@ -379,6 +394,7 @@ def train_batches(
 
     normaliser: train_batch_size * negs_num_per_query of the global batch. A non-finite loss stops
     training with a message naming `where` (e.g. "epoch 0, loop 1") and the last good checkpoint.
+    compute.deterministic: each step runs in numerics.deterministic_training (on a GPU).
     """
     train_model.train()
     losses = []
@@ -387,29 +403,30 @@ def train_batches(
     ):
         if horizontal_flip:  # the whole batch or none
             images = ctx.flip_together(images)
-        local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
-            train_model, images.to(ctx.device, non_blocking=True), precision=precision
-        )
-        global_loss, local_loss = loss.triplet_losses(
-            local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
-        )
-        total = global_loss + local_loss
-        # The global batch's losses on every rank: all stop together on a bad one.
-        global_value, local_value, total_value = ctx.sum_over_ranks(
-            [global_loss.item(), local_loss.item(), total.item()]
-        )
-        if not math.isfinite(total_value):
-            raise ValueError(
-                f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
-                f"local {local_value}); stopping. The last good checkpoint is "
-                f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+        with numerics.deterministic_training(enabled=compute.deterministic, device_type=torch.device(ctx.device).type):
+            local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
+                train_model, images.to(ctx.device, non_blocking=True), precision=compute.precision
             )
-        optimizer.zero_grad(set_to_none=True)
-        # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
-        # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
-        # process: bit-identical).
-        (total * ctx.world_size).backward()
-        optimizer.step()
+            global_loss, local_loss = loss.triplet_losses(
+                local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
+            )
+            total = global_loss + local_loss
+            # The global batch's losses on every rank: all stop together on a bad one.
+            global_value, local_value, total_value = ctx.sum_over_ranks(
+                [global_loss.item(), local_loss.item(), total.item()]
+            )
+            if not math.isfinite(total_value):
+                raise ValueError(
+                    f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
+                    f"local {local_value}); stopping. The last good checkpoint is "
+                    f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
+            # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
+            # process: bit-identical).
+            (total * ctx.world_size).backward()
+            optimizer.step()
         losses.append((global_value, local_value))
     return losses
 
@@ -456,7 +473,7 @@ def save_epoch(
             best_r5=best.best_r5,
             not_improved_num=best.not_improved_num,
             resize=resize,
-            extra={"rng_states": commons.get_rng_states(), "mining_state": miner_state.state_dict()},
+            extra={"rng_states": commons.get_rng_states(device=ctx.device), "mining_state": miner_state.state_dict()},
         )
         if is_best:
             atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
@@ -521,10 +538,16 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
 
 
 def resume_from(
-    path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    device: str = "cpu",
 ):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
-    best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
+    best R@5, patience counter) and restores optimizer, random and mining states when the file has them
+    (the CUDA random state of `device`'s GPU only: see commons.set_rng_states).
 
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
@@ -566,8 +589,7 @@ def resume_from(
     else:
         logging.info(f"--resume {path} has no optimizer state (a released model): the optimizer starts fresh")
     if "rng_states" in checkpoint:
-        commons.set_rng_states(checkpoint["rng_states"])
-        taken.append("random states")
+        taken.append(commons.set_rng_states(checkpoint["rng_states"], device=device))
     if "mining_state" in checkpoint:
         saved = mining.MiningState.from_state_dict(checkpoint["mining_state"])
         if saved.queries_num == miner_state.queries_num:

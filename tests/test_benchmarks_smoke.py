@@ -219,6 +219,17 @@ def test_memory_bad_options(memory):
         memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=1, dense_size=(3, 0, 2))
 
 
+def test_rerank_staging_benchmark_runs_and_prints_ratios():
+    result = _run(["benchmarks/rerank_staging.py", "--images", "3", "--rounds", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for store in ("memmap (read-only)", "DenseStore in RAM", "DenseStore on disk"):
+        assert re.search(
+            rf"^{re.escape(store)} -> cpu: before {FLOAT} ms/candidate, staged {FLOAT} ms/candidate",
+            result.stdout,
+            re.M,
+        ), result.stdout
+
+
 def test_scale_projection_and_twin_folder(tmp_path):
     """benchmarks/scale.py's pure parts: the store sizes of the paper's large sets at ViT-L size, and run
     B's folder as run A's would be after its search (finished stage files linked, no re-ranking)."""

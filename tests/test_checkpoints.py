@@ -196,7 +196,7 @@ def test_restricted_unpickler_gives_what_torch_load_gives(tmp_path, tiny_model):
         optimizer=optimizer,
         epoch_num=1,
         recalls=None,
-        extra={"rng_states": commons.get_rng_states(), "bf16": torch.ones(3, dtype=torch.bfloat16)},
+        extra={"rng_states": commons.get_rng_states(device="cpu"), "bf16": torch.ones(3, dtype=torch.bfloat16)},
     )
     reference = torch.load(path, map_location="cpu", weights_only=False)  # our own file: the reference reading
     restricted = checkpoints.load_weights_file(str(path), what="--resume", restricted=True)

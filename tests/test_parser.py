@@ -107,6 +107,8 @@ def test_dense_size_follows_resize():
         (["--recall_values", "5", "1"], "increasing"),
         (["--resume", "a", "--load_weights", "b"], "not both"),
         (["--save_only_wrong_preds"], "--num_preds_to_save"),
+        (["--precision", "fp16"], "invalid choice"),
+        (["--deterministic", "--seed", "-1"], "--deterministic needs a seeded run"),
     ],
 )
 def test_bad_flag_combinations_fail_at_parse_time(flags, message, capsys):
@@ -121,6 +123,34 @@ def test_cuda_requested_without_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse("--device", "cuda")
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_precision_values_and_deterministic_training(monkeypatch, capsys):
+    import localize
+    import reproduce
+
+    assert [parse("--device", "cpu", "--precision", p).precision for p in ("fp32", "tf32", "bf16")] == [
+        "fp32",
+        "tf32",
+        "bf16",
+    ]
+    assert parse("--device", "cpu").precision == "fp32" and not parse("--device", "cpu").deterministic
+    folder = os.path.dirname(os.path.abspath(__file__))
+    assert (
+        localize.parse_localize_arguments(
+            ["--queries_folder", folder, "--database_folder", folder, "--device", "cpu", "--precision", "tf32"]
+        ).precision
+        == "tf32"
+    )
+    assert reproduce.parse_arguments(["--datasets_folder", "/d", "--device", "cpu", "--precision", "tf32"]).precision
+    assert parse("--device", "cpu", "--deterministic", "--train_backbone").deterministic  # on the CPU: fine
+    # On a GPU, the positional table's bicubic backward (trained with --train_backbone) has no
+    # deterministic CUDA kernel.
+    monkeypatch.setattr(selavpr_parser.torch.cuda, "is_available", lambda: True)
+    assert parse("--device", "cuda", "--deterministic").deterministic
+    with pytest.raises(SystemExit):
+        parse("--device", "cuda", "--deterministic", "--train_backbone")
+    assert "no deterministic CUDA implementation" in capsys.readouterr().err
 
 
 def _project_checkpoint(path, *, resize=(112, 112), depth=2, registers=False):
@@ -240,6 +270,7 @@ GROUP_FLAGS = {
         "--mining",
         "--train_positives_dist_threshold",
         "--train_backbone",
+        "--deterministic",
     },
     "augmentation": {
         "--brightness",
@@ -263,6 +294,7 @@ OURS = {
     "--save_only_wrong_preds",
     "--query_keys_file",
     "--train_backbone",
+    "--deterministic",
     "--continue_run",
     "--dense_store_dtype",
 }

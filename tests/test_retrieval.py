@@ -159,6 +159,45 @@ def test_ram_and_disk_stores_give_the_same_ranking_and_the_disk_files_go(test_sp
     assert all(sorted(p) == sorted(f) for p, f in zip(ranking.predictions, ranking.first_predictions))
 
 
+@pytest.mark.parametrize("method", ["hard_resize", "single_query", "five_crops", "maj_voting"])
+def test_shards_are_cut_at_the_batches_extraction_forms(test_split, tiny_net, monkeypatch, method):
+    """Under torchrun each rank's share starts at a batch boundary of the batches extract_features forms:
+    --infer_batch_size images, one for single_query (the five-crop methods: batches of queries)."""
+    import distributed
+
+    ds, sharded, loaders = test_split, [], []
+    real_sharded, real_loader = distributed.extract_sharded, retrieval.DataLoader
+
+    def recording_sharded(ctx, extract, indexes, **kwargs):
+        sharded.append(kwargs["batch_size"])
+        return real_sharded(ctx, extract, indexes, **kwargs)
+
+    def recording_loader(*args, **kwargs):
+        loaders.append(kwargs["batch_size"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "extract_sharded", recording_sharded)
+    monkeypatch.setattr(retrieval, "DataLoader", recording_loader)
+    with _engine(tiny_net) as engine:
+        engine.build_database(ds, range(3))
+        engine.extract_queries(ds, [ds.database_num, ds.database_num + 1], method=method)
+    expected = 1 if method == "single_query" else 8
+    assert sharded == loaders and sharded[0] == 8 and set(sharded[1:]) == {expected}
+
+
+def test_mining_shards_are_cut_at_its_extraction_batches(monkeypatch):
+    import distributed
+    import train
+
+    calls = []
+    monkeypatch.setattr(distributed, "extract_sharded", lambda ctx, extract, indexes, **kwargs: calls.append(kwargs))
+    descriptors_fn = train.mining_descriptors(
+        distributed.Context(device="cpu"), None, None, batch_size=8, num_workers=0, precision="fp32"
+    )
+    descriptors_fn([3, 1, 2])
+    assert calls == [{"batch_size": 8}]
+
+
 def test_a_failing_rank_still_removes_the_store_files(test_split, tiny_net, tmp_path, monkeypatch):
     ds, folder = test_split, tmp_path / "dense_features"
 
