@@ -455,14 +455,17 @@ def load_model_weights(
             f"{names('registers')}): {'; '.join(parts)}"
         )
     _check_shapes(model, state, path, what, names)
+    # The model's tensors under the model's names (no "model_state_dict.module." before them), and the rest.
+    rest = {k: v for k, v in checkpoint.items() if k != "model_state_dict"} if "model_state_dict" in checkpoint else {}
+    everything = dict(state, **rest)
     if not in_place:
-        check_finite(checkpoint, path=path, what=what)
+        check_finite(everything, path=path, what=what)
     if _put_weights(model, state, strict=True, in_place=in_place):
         logging.info(f"Loaded model weights from {what} {path} (memory-mapped: one copy in memory)")
     else:
         logging.info(f"Loaded model weights from {what} {path}")
     if in_place:
-        check_finite(checkpoint, path=path, what=what)
+        check_finite(everything, path=path, what=what)
     return checkpoint
 
 

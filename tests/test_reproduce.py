@@ -364,6 +364,13 @@ def test_nordland_is_named_by_its_counts_and_the_papers_gets_its_2_frame_positiv
     )
     assert row["Δ R@1/5/10"] == "–" and row["Ours R@1/5/10"] != "–"
 
+    # A result stored by an older reproduce.py (no protocol check) is not reused with its old label.
+    cache = reproduce.ResultCache(str(tmp_path / "downloader" / reproduce.CACHE_NAME))
+    (key,) = cache.results
+    cache.put(key, {k: v for k, v in cache.results[key].items() if k != "comparable"})
+    reproduce.main(flags(args, tmp_path / "downloader", "--only", "nordland", pitts=False))
+    assert read_table(tmp_path / "downloader")["Nordland-test"]["Status"] == "evaluated"
+
     monkeypatch.setattr(reproduce, "NORDLAND_DOWNLOADER_COUNTS", (27592, 27592))
     reproduce.main(flags(args, tmp_path / "other", "--only", "nordland", pitts=False))
     row = read_table(tmp_path / "other")["Nordland-test"]
