@@ -311,6 +311,8 @@ class Database:
         try:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
+                f.flush()
+                os.fsync(f.fileno())
             self.dense.save(os.path.join(tmp, DENSE_FOLDER))
             files = {
                 name: os.path.getsize(os.path.join(tmp, name))
@@ -333,7 +335,9 @@ class Database:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+            atomic_files.sync_folder(tmp)  # its entries, then the rename, are on disk before it is called done
             os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
+            atomic_files.sync_folder(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

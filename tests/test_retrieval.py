@@ -258,3 +258,30 @@ def test_a_saved_database_ranks_as_the_one_it_was_saved_from(test_split, tiny_ne
     assert sorted(os.listdir(tmp_path / "db")) == ["dense", "global_descriptors.npy", "manifest.json"]  # kept
     with pytest.raises(ValueError, match="images but descriptors"):
         retrieval.Database.load(str(tmp_path / "db"), paths=ds.database_paths[:-1])
+
+
+def test_a_saved_database_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The folder is renamed into place only with its files on disk, and its parent is synced after the
+    rename, so that a power loss cannot leave a published database with missing data."""
+    import stat
+
+    database = retrieval.Database(global_descriptors=np.ones((2, 4), dtype=np.float32), dense=retrieval.DenseStore())
+    database.dense.append(np.ones((2, 3, 3, 8), dtype=np.float32))
+    database.dense.finish()
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else "file"))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    database.save(str(tmp_path / "db"), manifest={})
+    assert events[-3:] == [("fsync", "folder"), ("rename", "db"), ("fsync", "folder")]
+    assert events.count(("fsync", "file")) >= 4  # global descriptors, dense features and shapes, manifest
