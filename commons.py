@@ -11,10 +11,12 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import threading
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Mapping, Optional, Tuple
 
@@ -46,14 +48,29 @@ def _release(version: str) -> tuple:
     return tuple(parts)
 
 
+def _torchvision_version() -> str:
+    """torchvision's version without importing it where it is not imported yet (its import alone takes
+    about 170 MB of resident memory, which evaluation does not need): from the installed package's
+    metadata, else from the module."""
+    module = sys.modules.get("torchvision")
+    if module is not None:
+        return module.__version__
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("torchvision")
+    except (ImportError, PackageNotFoundError):
+        import torchvision
+
+        return torchvision.__version__
+
+
 def unsupported_versions() -> Optional[str]:
     """One line naming each installed package older than MIN_VERSIONS and its minimum, or None."""
-    import torchvision
-
     found = {
         "Python": ".".join(map(str, sys.version_info[:3])),
         "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torchvision": _torchvision_version(),
         "numpy": np.__version__,
     }
     old = [
@@ -83,11 +100,43 @@ def is_run_folder(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, name)) for name in LOG_FILES)
 
 
-def setup_logging(output_folder: Optional[str], *, console: str = "info") -> None:
+#: What to do when an output folder cannot be created, for a command that does not say.
+DEFAULT_MOVED_BY = "Run the command from a folder you can write to."
+
+
+def make_output_folder(folder: str, *, moved_by: str = DEFAULT_MOVED_BY, exist_ok: bool = False) -> None:
+    """os.makedirs(folder), with one clear message when it cannot be created (a read-only file system, no
+    permission, a file in the way): the folder, the reason and `moved_by`, the flag or way that puts the
+    outputs elsewhere. FileExistsError (exist_ok False) is left to the caller."""
+    try:
+        os.makedirs(folder, exist_ok=exist_ok)
+    except FileExistsError as e:
+        if not (exist_ok and os.path.exists(folder) and not os.path.isdir(folder)):
+            raise
+        raise UserError(
+            f"cannot create the output folder {os.path.abspath(folder)}: {os.path.abspath(folder)} is a file, "
+            f"not a folder. {moved_by}"
+        ) from e
+    except OSError as e:
+        parent = os.path.abspath(folder)
+        while parent != os.path.dirname(parent) and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        reasons = {
+            errno.EROFS: f"{parent} is on a read-only file system",
+            errno.EACCES: f"no permission to write in {parent}",
+            errno.EPERM: f"no permission to write in {parent}",
+            errno.ENOTDIR: f"{parent} is a file, not a folder",
+            errno.ENOSPC: "the disk is full",
+        }
+        reason = reasons.get(e.errno, e.strerror or str(e))
+        raise UserError(f"cannot create the output folder {os.path.abspath(folder)}: {reason}. {moved_by}") from None
+
+
+def setup_logging(output_folder: Optional[str], *, console: str = "info", moved_by: str = DEFAULT_MOVED_BY) -> None:
     """Log to output_folder/info.log (INFO), output_folder/debug.log (DEBUG) and the console.
 
-    The folder must not exist yet (two runs never mix their logs); it is created here. The two log
-    files also mark it as a run's output folder (is_run_folder).
+    The folder must not exist yet (two runs never mix their logs); it is created here (moved_by: see
+    make_output_folder). The two log files also mark it as a run's output folder (is_run_folder).
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -101,7 +150,7 @@ def setup_logging(output_folder: Optional[str], *, console: str = "info") -> Non
                 f"output folder {output_folder} already exists: choose another --save_dir "
                 "or remove it; refusing to mix two runs' logs."
             )
-        os.makedirs(output_folder)
+        make_output_folder(output_folder, moved_by=moved_by)
         for name, level in zip(LOG_FILES, (logging.INFO, logging.DEBUG)):
             handler = logging.FileHandler(os.path.join(output_folder, name))
             handler.setLevel(level)
@@ -339,11 +388,14 @@ def finish(ctx: distributed.Context) -> None:
         dist.destroy_process_group()
 
 
-def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distributed.Context:
+def start_run(
+    args, output_folder: str, *, note: Optional[str] = None, moved_by: str = DEFAULT_MOVED_BY
+) -> distributed.Context:
     """The common start of train.py and eval.py: join torchrun's process group if launched by it (one
     process otherwise; ctx.device is this process's device), set --precision's float32 arithmetic
     (numerics.set_precision), log to `output_folder` on rank 0 (which creates it; the console only on
     the others), seed, and record the command line, arguments, `note` (log_run_header) and the precision.
+    moved_by: what to do when the folder cannot be created (make_output_folder).
 
     ctx.output_folder is rank 0's `output_folder` on every rank (each rank names its folder after its
     own clock, which may have ticked on); single process: `output_folder` as given.
@@ -352,7 +404,7 @@ def start_run(args, output_folder: str, *, note: Optional[str] = None) -> distri
     # Checked (a GPU without bf16 is refused) and set before the output folder exists; logged below.
     precision = numerics.set_precision(args.precision, device=ctx.device)
     if ctx.is_main:
-        setup_logging(output_folder)
+        setup_logging(output_folder, moved_by=moved_by)
     else:
         setup_worker_logging(ctx)
     ctx.output_folder = ctx.broadcast_object(output_folder)  # after rank 0 created it
@@ -373,6 +425,51 @@ def describe(ctx: distributed.Context) -> str:
         f"Distributed run: {ctx.world_size} processes, {ctx.backend} backend; rank 0 (on {ctx.device}) "
         "gathers the features, searches, re-ranks and writes every output"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Space before work
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedWrite:
+    """About `nbytes` bytes that a run will write below `folder` (which may not exist yet), described by
+    `what` (e.g. "dense features of 55 images (--efficient_ram_testing)")."""
+
+    folder: str
+    nbytes: int
+    what: str
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _existing_ancestor(folder: str) -> str:
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and path != os.path.dirname(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_free_space(writes, *, moved_by: str) -> None:
+    """Refuse a run, before any work, whose planned writes (PlannedWrite) do not fit the free space of the
+    file systems they go to (shutil.disk_usage; writes to one file system add up): one line with what
+    it will write, what is free, and `moved_by` (the flag that puts the outputs elsewhere)."""
+    groups: dict = {}
+    for write in writes:
+        anchor = _existing_ancestor(write.folder)
+        groups.setdefault(os.stat(anchor).st_dev, (anchor, []))[1].append(write)
+    for anchor, planned in groups.values():
+        need = sum(w.nbytes for w in planned)
+        free = shutil.disk_usage(anchor).free
+        if need > free:
+            parts = "; ".join(f"{w.what}: {format_bytes(w.nbytes)}" for w in planned)
+            raise UserError(
+                f"not enough free space for this run: it will write about {format_bytes(need)} below {anchor} "
+                f"({parts}) and {format_bytes(free)} is free there. Free some space, or {moved_by}"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,20 +494,22 @@ class Terminated(KeyboardInterrupt):
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
-def user_message(e: BaseException) -> str:
+#: What a command's outputs look like after a full disk, for a command that does not say.
+DEFAULT_DISK_FULL_NOTE = "Files are written to a temp name and renamed, so no output is left half-written."
+
+
+def user_message(e: BaseException, *, disk_full_note: str = DEFAULT_DISK_FULL_NOTE) -> str:
     """The one-line text shown for a user error (ValueError / OSError).
 
-    A full disk gets a message that says so. An error raised inside a DataLoader worker process comes
-    back in the main process re-raised with the worker's whole traceback as its text: keep only the
-    original message (which names the file), so that num_workers > 0 reads like num_workers 0.
+    A full disk gets a message that says so, with the command's own `disk_full_note` (what is left and
+    what to do: train.py has a checkpoint to resume from, eval.py has none). An error raised inside a
+    DataLoader worker process comes back in the main process re-raised with the worker's whole traceback
+    as its text: keep only the original message (which names the file), so that num_workers > 0 reads
+    like num_workers 0.
     """
     if isinstance(e, OSError) and e.errno == errno.ENOSPC:
         where = f" while writing {e.filename}" if e.filename else ""
-        return (
-            f"the disk is full (no space left on device{where}): free some space and run again. Files are "
-            "written to a temp name and renamed, so the earlier outputs (e.g. the last checkpoint, to "
-            "--resume from) are intact."
-        )
+        return f"the disk is full (no space left on device{where}): free some space and run again. {disk_full_note}"
     text = str(e)
     marker = "Traceback (most recent call last):"
     if "DataLoader worker" in text and marker in text:
@@ -430,7 +529,7 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def run_main(main: Callable, args) -> None:
+def run_main(main: Callable, args, *, disk_full_note: str = DEFAULT_DISK_FULL_NOTE) -> None:
     """Run an entry script's main: user errors become one clear message and exit code 2; unexpected
     errors are logged with their traceback (debug.log) and exit 1. Too old a torch / numpy / Python is
     refused first, in one line naming the minimum.
@@ -440,7 +539,7 @@ def run_main(main: Callable, args) -> None:
     elsewhere signals cannot be handled) and the previous one is put back afterwards. Under torchrun
     the launcher's SIGTERM to the workers (after a peer failed) takes the same path, so each worker
     still exits promptly with a non-zero status; a worker stuck inside a collective gets the launcher's
-    SIGKILL after its grace period as before.
+    SIGKILL after its grace period as before. disk_full_note: see user_message.
     """
     problem = unsupported_versions()
     if problem is not None:
@@ -450,13 +549,13 @@ def run_main(main: Callable, args) -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        _run_main(main, args)
+        _run_main(main, args, disk_full_note=disk_full_note)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _run_main(main: Callable, args) -> None:
+def _run_main(main: Callable, args, *, disk_full_note: str) -> None:
     try:
         main(args)
     except Terminated:
@@ -469,7 +568,7 @@ def _run_main(main: Callable, args) -> None:
         logging.error("Interrupted by the user.")
         sys.exit(130)
     except (ValueError, OSError) as e:  # UserError, bad files, disk full, ...
-        message = f"error: {user_message(e)}"
+        message = f"error: {user_message(e, disk_full_note=disk_full_note)}"
         # Checked first: logging.debug() on a logger without handlers (e.g. setup_logging refused the
         # output folder) would install a stderr handler and print the traceback there.
         if logging.getLogger().handlers:

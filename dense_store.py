@@ -203,6 +203,12 @@ class DenseStore:
         return store
 
 
+def estimated_bytes(images_num: int, feature_shape, *, element_size: int = 4) -> int:
+    """Bytes that the dense features of `images_num` images of shape (h, w, C) take in a store with
+    `element_size` bytes per value (4: float32, this store's): for the free-space check before a run."""
+    return int(images_num) * int(np.prod([int(v) for v in feature_shape])) * int(element_size)
+
+
 def remove_empty_folder(folder: str) -> None:
     """Remove `folder` if it exists and is empty (a store's folder once its files are gone)."""
     try:

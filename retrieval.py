@@ -84,18 +84,22 @@ def extract_features(
     # change slightly (measured in docs/performance.md); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
     with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
-        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
+        for images, image_indexes in tqdm(
+            loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None
+        ):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
             images = images.to(device, non_blocking=True)
             if local_store is not None:
                 local, glob = model(images)
+                check_finite_features(local, image_indexes, dataset=dataset, what="dense local features")
                 local_store.append(local.float().cpu().numpy())
             elif want_global:
                 glob = model.global_descriptors(images)
             else:
                 raise ValueError("extract_features called with nothing to compute")
             if want_global:
+                check_finite_features(glob, image_indexes, dataset=dataset, what="global descriptors")
                 glob = glob.float().cpu().numpy()
                 outputs.append(glob.reshape(-1, 5, glob.shape[-1]) if crops else glob)
     if not want_global:
@@ -108,6 +112,29 @@ def extraction_batch_size(method: str, batch_size: int) -> int:
     (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
     (distributed.extract_sharded), so its batches are the one-process run's."""
     return 1 if method == "single_query" else batch_size
+
+
+def check_finite_features(features: torch.Tensor, image_indexes, *, dataset, what: str) -> None:
+    """A clear error naming the images when a batch's features (B*c, ...) hold NaN or Inf (c = 5 crops per
+    image for the five-crop methods, else 1; image_indexes: the batch's B dataset indexes). One reduction
+    on the features' device per batch; the images are looked for only after a failure.
+
+    Without this, NaN descriptors reach faiss, which then returns no candidate (-1) for those queries, and
+    NaN dense features give every candidate the same score: rankings and recalls without meaning."""
+    if bool(torch.isfinite(features).all()):
+        return
+    indexes = [int(i) for i in image_indexes]
+    rows = ~torch.isfinite(features.reshape(features.shape[0], -1)).all(dim=1).cpu()
+    per_image = max(features.shape[0] // max(len(indexes), 1), 1)
+    bad = sorted({indexes[row // per_image] for row in torch.nonzero(rows).flatten().tolist()})
+    paths = getattr(dataset, "images_paths", None)
+    names = [paths[i] if paths is not None else f"image {i}" for i in bad]
+    raise ValueError(
+        f"the model computed non-finite (NaN or Inf) {what} for {len(bad)} image(s): "
+        f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}. The weights were checked when loaded, so "
+        "they are finite but too large for these images (a diverged training run, or values beyond "
+        "--precision bf16's range): use another checkpoint, or --precision fp32."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +316,8 @@ class Database:
         try:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
+                f.flush()
+                os.fsync(f.fileno())
             self.dense.save(os.path.join(tmp, DENSE_FOLDER))
             files = {
                 name: os.path.getsize(os.path.join(tmp, name))
@@ -311,7 +340,9 @@ class Database:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+            atomic_files.sync_folder(tmp)  # its entries, then the rename, are on disk before it is called done
             os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
+            atomic_files.sync_folder(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -327,6 +327,7 @@ def _command_parsers():
                 "--msls_checkpoint",
                 "--pitts30k_checkpoint",
                 "--msls_val_keys",
+                "--msls_all_queries",
                 "--output",
                 "--dataset_folders",
                 "--only",
@@ -469,9 +470,13 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
         args.dataset_name,
         args.seed,
     ) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0, "msls", -1)
-    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser
+    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser (and their disk-full note)
         with open(os.path.join(ROOT, script)) as f:
-            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments())"), script
+            assert (
+                f.read()
+                .rstrip()
+                .endswith("commons.run_main(main, parser.parse_arguments(), disk_full_note=DISK_FULL_NOTE)")
+            ), script
 
 
 @pytest.mark.parametrize(
