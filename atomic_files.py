@@ -12,6 +12,8 @@ import os
 import secrets
 from typing import Callable, Tuple
 
+import leftovers
+
 
 def current_umask() -> int:
     """The process's umask (read by setting it and putting it straight back)."""
@@ -46,14 +48,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = create_unique_file(folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
+    # Registered, so that a run stopped at once (a second Ctrl-C during the cleanup) still removes it.
+    leftovers.register(tmp)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        leftovers.forget(tmp)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        leftovers.forget(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
             # Name the file in the message (a write() on an open file does not).
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
