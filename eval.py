@@ -85,4 +85,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments())
+    commons.run_main(main, parser.parse_arguments(), torchrun=True)

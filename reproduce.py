@@ -611,6 +611,7 @@ def main(args) -> None:
     commons.setup_logging(log_folder)
     commons.make_deterministic(args.seed)
     commons.log_run_header(args)
+    commons.report_dead_stores(log_folder)  # --efficient_ram_testing stores of killed runs in <output>/logs/
     cache = ResultCache(os.path.join(args.output, CACHE_NAME))
     table_path = os.path.join(args.output, TABLE_NAME)
     settings = model_settings(args)

@@ -577,4 +577,4 @@ def resume_from(
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments())
+    commons.run_main(main, parser.parse_arguments(), torchrun=True)

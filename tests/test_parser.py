@@ -439,7 +439,7 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
     ) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0, "msls", -1)
     for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser
         with open(os.path.join(ROOT, script)) as f:
-            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments())"), script
+            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments(), torchrun=True)"), script
 
 
 @pytest.mark.parametrize(
