@@ -67,7 +67,13 @@ def main(args):
     last_path = os.path.join(ctx.output_folder, "last_model.pth")
     best_path = os.path.join(ctx.output_folder, "best_model.pth")
     start_epoch, best = resume_training(
-        args.resume, model=model, optimizer=optimizer, miner_state=miner_state, best_path=best_path, is_main=ctx.is_main
+        args.resume,
+        model=model,
+        optimizer=optimizer,
+        miner_state=miner_state,
+        best_path=best_path,
+        is_main=ctx.is_main,
+        world_size=ctx.world_size,
     )
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
@@ -235,6 +241,7 @@ def resume_training(
     miner_state: mining.MiningState,
     best_path: str,
     is_main: bool,
+    world_size: int = 1,
 ) -> Tuple[int, BestRecall]:
     """(first epoch to train, best R@5 so far): a fresh start without `resume`; else resume_from's
     (the weights were loaded by build_model), and, as the public code, a resumed run's last_model.pth
@@ -243,7 +250,7 @@ def resume_training(
     if not resume:
         return 0, BestRecall()
     start_epoch, best_r5, not_improved_num = resume_from(
-        resume, model=model, optimizer=optimizer, miner_state=miner_state
+        resume, model=model, optimizer=optimizer, miner_state=miner_state, world_size=world_size
     )
     resumed_best = resumed_best_model(resume)
     if resumed_best is not None and is_main:
@@ -455,7 +462,11 @@ def save_epoch(
             best_r5=best.best_r5,
             not_improved_num=best.not_improved_num,
             resize=resize,
-            extra={"rng_states": commons.get_rng_states(), "mining_state": miner_state.state_dict()},
+            extra={
+                "rng_states": commons.get_rng_states(),
+                "mining_state": miner_state.state_dict(),
+                "world_size": ctx.world_size,  # a resume with another number of processes says so
+            },
         )
         if is_best:
             atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
@@ -520,10 +531,17 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
 
 
 def resume_from(
-    path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    world_size: int = 1,
 ):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
     best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
+    A file written by a run of another number of processes than this run's `world_size` is resumed, and
+    the log says so (the continuation then equals the uninterrupted run within float rounding only).
 
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
@@ -573,6 +591,14 @@ def resume_from(
             miner_state.load_state_dict(checkpoint["mining_state"])
             taken.append("mining cache")
     logging.info(f"Resuming from {path}: took {', '.join(taken)}; training starts at epoch {epoch_num + 1}")
+    saved_world_size = checkpoint.get("world_size")
+    if isinstance(saved_world_size, int) and saved_world_size != world_size:
+        logging.info(
+            f"--resume {path} was written by a run of {saved_world_size} process(es), this run has {world_size}: "
+            "the global batches stay the same (--train_batch_size), so training continues as the first run "
+            "would have within float rounding, not bit for bit (with random augmentations, the processes "
+            "other than rank 0 draw other ones)"
+        )
     return epoch_num + 1, best_r5, not_improved_num
 
 

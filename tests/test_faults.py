@@ -516,6 +516,32 @@ def test_localize_starts_its_run_through_the_common_runtime(synthetic_root, tmp_
     assert not os.path.exists(tmp_path / "out" / "dense_features")
 
 
+# ------------------------------------------------------------------------------------------------
+# 6. A resume with another number of processes is logged
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_resume_with_another_number_of_processes_is_logged(tmp_path, tiny_model, caplog):
+    import torch
+
+    import checkpoints
+    import mining
+    import train
+
+    path = str(tmp_path / "last_model.pth")
+    tiny_model.freeze()
+    optimizer = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-5)
+    checkpoints.save_checkpoint(path, model=tiny_model, optimizer=optimizer, epoch_num=0, extra={"world_size": 2})
+    for world_size, logged in ((2, False), (1, True), (4, True)):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            train.resume_from(
+                path, model=tiny_model, optimizer=optimizer, miner_state=mining.MiningState(4), world_size=world_size
+            )
+        said = f"was written by a run of 2 process(es), this run has {world_size}" in caplog.text
+        assert said == logged, caplog.text
+
+
 def test_peer_problems_name_the_failed_the_killed_and_the_stopped_ranks(tmp_path):
     """What rank 0 says about the others at the end of a failed job (per rank: torchrun's error file, the
     note of a rank that stopped on a signal, the process state on this machine)."""
