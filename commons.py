@@ -6,6 +6,7 @@ The collectives and sharding of a torchrun job are distributed.py's (the `Contex
 returns); atomic file writes are atomic_files.py's, checkpoint writing checkpoints.py's.
 """
 
+import contextlib
 import errno
 import glob
 import json
@@ -299,9 +300,10 @@ class JobPlace:
     def advice(self) -> str:
         if not self.by_torchrun:
             return (
-                f"{', '.join(TORCHRUN_VARIABLES[:3])} are set, but torchrun did not start this process: "
-                "to run one process, unset " + " ".join(TORCHRUN_VARIABLES) + "; to run a job, launch it "
-                "with torchrun."
+                f"{', '.join(TORCHRUN_VARIABLES[:3])} are set, but torchrun did not start this process (a "
+                "scheduler's script, a copied shell?): to run one process, unset "
+                + " ".join(TORCHRUN_VARIABLES)
+                + "; to run a job, start every process with torchrun."
             )
         return (
             "Check that every machine runs the same torchrun command (--nnodes, --nproc_per_node, "
@@ -353,10 +355,8 @@ def join_process_group(join: Callable[[], Any], *, place: JobPlace, poll_s: floa
         finally:
             done.set()
 
-    start = time.monotonic()
-    thread = threading.Thread(target=run, name="torchrun-rendezvous", daemon=True)
-    _blocked_join = thread
-    thread.start()
+    # Said before the thread starts: where the wait holds the interpreter's lock (torch < 2.1, see
+    # init_from_environment), this thread does not run again until the wait ends.
     if place.by_torchrun and place.rank == 0:
         logging.info(
             f"Joining the torchrun job ({place.describe()}): waiting up to {place.timeout_s:g} s for the "
@@ -367,6 +367,10 @@ def join_process_group(join: Callable[[], Any], *, place: JobPlace, poll_s: floa
             f"Joining a torchrun job ({place.describe()}): waiting up to {place.timeout_s:g} s for the other "
             f"processes ({TIMEOUT_ENV}). " + place.advice()
         )
+    start = time.monotonic()
+    thread = threading.Thread(target=run, name="torchrun-rendezvous", daemon=True)
+    _blocked_join = thread
+    thread.start()
     next_report = start + JOIN_REPORT_EVERY_S
     deadline = start + place.timeout_s + max(JOIN_GRACE_S, 0.5 * place.timeout_s)
     try:
@@ -392,7 +396,7 @@ def join_process_group(join: Callable[[], Any], *, place: JobPlace, poll_s: floa
         error = outcome["error"]
         if not isinstance(error, RuntimeError):  # e.g. a ValueError of a bad setting: as it is
             raise error
-        if "timed out" in str(error).lower():
+        if _timed_out(error):
             raise UserError(place.never_joined(time.monotonic() - start, error)) from None
         raise UserError(
             f"could not join the torchrun job ({place.describe()}): {_first_line(error)}. {place.advice()}"
@@ -445,10 +449,33 @@ def init_from_environment(*, device: str, environ: Optional[Mapping[str, str]] =
         timeout_s=timeout,
         by_torchrun=launched_by_torchrun(environ),
     )
-    wait_group = join_process_group(join, place=place)
+    if _release(torch.__version__) < (2, 1):
+        # torch 2.0 creates the rendezvous store without releasing the interpreter's lock (fixed in 2.1,
+        # pytorch#100555): no Python code, no signal handler runs until the wait ends. The stop signals
+        # then take their default action meanwhile: the process ends at once (nothing to clean up yet).
+        with _default_stop_signals():
+            wait_group = join_process_group(join, place=place)
+    else:
+        wait_group = join_process_group(join, place=place)
     return distributed.Context(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend, wait_group=wait_group
     )
+
+
+@contextlib.contextmanager
+def _default_stop_signals():
+    """The stop signals' default action (end the process) inside the block, where they were handled;
+    an ignored one (nohup) stays ignored. Main thread only; elsewhere nothing changes."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) not in (signal.SIG_IGN, signal.SIG_DFL):
+                previous[signum] = signal.signal(signum, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -705,10 +732,11 @@ def _sentences(problems: List[Tuple[str, str]]) -> str:
 
 
 def _timed_out(e: BaseException) -> bool:
-    """A collective that gave up waiting (gloo: "Timed out waiting 1800000ms for recv ...", then
-    "Application timeout caused pair closure" for the next ones)."""
+    """A rendezvous or collective that gave up waiting (gloo: "Timed out waiting 1800000ms for recv ...",
+    then "Application timeout caused pair closure" for the next ones; the store: "Timed out after 1801
+    seconds waiting for clients", "Socket Timeout" on torch 2.0)."""
     text = str(e).lower()
-    return "timed out" in text or "application timeout" in text
+    return "timed out" in text or "timeout" in text
 
 
 def _timeout_line(e: BaseException, run: _Run, problems: List[Tuple[str, str]]) -> str:

@@ -18,6 +18,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ROOT, TINY_FLAGS, tiny_eval_flags
 
 import commons
@@ -106,16 +107,22 @@ def test_waiting_for_peers_that_never_come_says_so_and_ends_on_a_signal(syntheti
         time.sleep(1)
         sent = time.time()
         job.proc.send_signal(sig)
-        assert job.wait(60) == code
+        returned = job.wait(60)
         seconds = time.time() - sent
     finally:
         job.kill_all()
-    print(f"{sig.name}: exit {code} {seconds:.2f} s after the signal")
+    print(f"{sig.name}: exit {returned} {seconds:.2f} s after the signal")
     assert seconds < 30, seconds
-    assert "Stopped while waiting for the other processes of the torchrun job" in job.output
     (folder,) = glob.glob(str(tmp_path / "test" / "alone" / "*"))
-    log = open(os.path.join(folder, "info.log")).read()  # rank 0 logs the wait and its end
-    assert "Joining a torchrun job" in log and "Stopped while waiting" in log
+    log = open(os.path.join(folder, "info.log")).read()  # rank 0 logs the wait (and its end)
+    assert "Joining a torchrun job" in log
+    if commons._release(torch.__version__) < (2, 1):
+        # torch 2.0 holds the interpreter's lock while it waits: the signal's default action ends it.
+        assert returned == -sig
+        return
+    assert returned == code
+    assert "Stopped while waiting for the other processes of the torchrun job" in job.output
+    assert "Stopped while waiting" in log
     assert ("Interrupted by the user." if sig == signal.SIGINT else "Terminated (SIGTERM") in log
 
 
@@ -173,7 +180,15 @@ def test_rendezvous_errors_name_the_real_cause():
     text = str(error.value)
     assert "never joined: this process (rank 0 of 2, rendezvous at 10.0.0.1:29500)" in text
     assert "(Timed out after 4 seconds waiting for clients. 1/2 clients joined)" in text
-    assert "torchrun did not start this process: to run one process, unset WORLD_SIZE RANK" in text
+    assert (
+        "torchrun did not start this process (a scheduler's script, a copied shell?): to run one process, unset" in text
+    )
+
+    def socket_timeout():  # torch 2.0's words for the same
+        raise RuntimeError("Socket Timeout")
+
+    with pytest.raises(commons.UserError, match=r"never joined: .*\(Socket Timeout\)"):
+        commons.join_process_group(socket_timeout, place=_place(), poll_s=0.05)
 
     def in_use():
         raise RuntimeError("The server socket has failed to listen on any local network address. port: 29500")
@@ -184,11 +199,15 @@ def test_rendezvous_errors_name_the_real_cause():
 
 def test_ctrl_c_ends_the_wait_to_join_at_once(caplog):
     blocked = threading.Event()
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    ctrl_c.start()
     start = time.monotonic()
-    with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
-        commons.join_process_group(lambda: blocked.wait(60), place=_place(), poll_s=10)
-    blocked.set()
+    try:
+        with caplog.at_level("INFO"), pytest.raises(KeyboardInterrupt):
+            commons.join_process_group(lambda: blocked.wait(60), place=_place(), poll_s=10)
+    finally:
+        ctrl_c.cancel()  # should the call fail at once, the Ctrl-C must not hit the rest of the session
+        blocked.set()
     assert time.monotonic() - start < 5  # not the 60 s that join() would block, nor the 10 s poll
     assert "Stopped while waiting for the other processes of the torchrun job" in caplog.text
 
@@ -522,8 +541,6 @@ def test_localize_starts_its_run_through_the_common_runtime(synthetic_root, tmp_
 
 
 def test_a_resume_with_another_number_of_processes_is_logged(tmp_path, tiny_model, caplog):
-    import torch
-
     import checkpoints
     import mining
     import train
