@@ -16,6 +16,8 @@ import secrets
 import time
 from typing import Callable, List, Sequence, Tuple
 
+import leftovers
+
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; stale temp files are then left alone
@@ -98,16 +100,20 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = create_unique_file(folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    # Registered, so that a run stopped at once (a second Ctrl-C during the cleanup) still removes it.
+    leftovers.register(tmp)
     try:
         _lock(fd, blocking=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        leftovers.forget(tmp)
         sync_folder(folder)
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        leftovers.forget(tmp)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC and not e.filename:
             # Name the file in the message (a write() on an open file does not).
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e

@@ -11,6 +11,7 @@ from typing import List, Optional
 import numpy as np
 
 import atomic_files
+import leftovers
 
 # Positional reads into a caller's buffer (Linux, macOS 11+); elsewhere os.pread and one more copy.
 _PREADV = hasattr(os, "preadv")
@@ -28,6 +29,8 @@ class DenseStore:
     # The two files of a saved store (a saved retrieval database keeps its dense features so).
     FEATURES_FILE = "dense_features.f32"
     SHAPES_FILE = "dense_shapes.npy"
+    # A temp store's file: FILE_PREFIX + owner tag + "_" + random hex + ".f32".
+    FILE_PREFIX = "dense_"
 
     def __init__(self, folder: Optional[str] = None) -> None:
         self.folder = folder
@@ -42,8 +45,14 @@ class DenseStore:
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
             # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
-            # run leaves nothing that a later run could mistake for complete features.
-            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=".f32")
+            # run leaves nothing that a later run could mistake for complete features. The name records
+            # the owning process (leftovers.owner_tag), so that a store whose process was killed can be
+            # found and reported (find_dead_stores); the registry removes it even when this process is
+            # stopped at once (a second Ctrl-C during the cleanup).
+            fd, self.path = atomic_files.create_unique_file(
+                folder, prefix=f"{self.FILE_PREFIX}{leftovers.owner_tag()}_", suffix=".f32"
+            )
+            leftovers.register(self.path)
             self._writer = os.fdopen(fd, "wb")
 
     @property
@@ -130,8 +139,10 @@ class DenseStore:
             os.close(self._fd)
             self._fd = None
         self._arrays = []
-        if self._owns_file and self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        if self._owns_file and self.path:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            leftovers.forget(self.path)
 
     def save(self, folder: str) -> None:
         """Write the features into `folder`: FEATURES_FILE holds every image's (h, w, C) float32 values

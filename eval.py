@@ -109,4 +109,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments(), disk_full_note=DISK_FULL_NOTE)
+    commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)

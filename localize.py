@@ -35,7 +35,6 @@ import datasets_ws
 import dense_store
 import image_files
 import network
-import numerics
 import parser
 import predictions_io
 import retrieval
@@ -549,15 +548,17 @@ def main(args) -> None:
     output_folder = args.output_folder or os.path.join(
         "localize", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")
     )
-    commons.setup_logging(output_folder, moved_by="Give --output_folder a folder you can write to.")
+    # The common start of every command (one process: run_main refuses torchrun for this command). A
+    # GPU that cannot run --precision is refused before the output folder exists.
+    ctx = commons.start_run(
+        args,
+        output_folder,
+        note=args.model_settings_note,
+        moved_by="Give --output_folder a folder you can write to.",
+    )
     try:
         # Everything a typo can break is checked before the slow work; a run refused here removes the
         # output folder it has just created, so that the corrected command may use the same one.
-        precision = numerics.set_precision(args.precision, device=args.device)  # a GPU without bf16: refused
-        commons.make_deterministic(args.seed)
-        commons.log_run_header(args, note=args.model_settings_note)
-        precision.log()
-        logging.info(f"The outputs are being saved in {output_folder}")
         saved_root = None
         if args.load_database:
             manifest = retrieval.read_manifest(os.path.abspath(args.load_database))
@@ -605,7 +606,7 @@ def main(args) -> None:
         raise
     # --efficient_ram_testing: the dense features go to the run's folder, removed at the end (also on
     # errors, Ctrl-C and SIGTERM: the engine's `with`).
-    store_folder = os.path.join(output_folder, "dense_features") if args.efficient_ram_testing else None
+    store_folder = ctx.store_folder() if args.efficient_ram_testing else None
     with retrieval.Retrieval(
         model,
         batch_size=args.infer_batch_size,
@@ -663,6 +664,7 @@ def main(args) -> None:
         )
         logging.info(f"Saved {n} prediction pictures in {preds_folder}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
+    commons.finish(ctx)
 
 
 if __name__ == "__main__":

@@ -777,6 +777,7 @@ def main(args) -> None:
     removed = atomic_files.remove_stale_temp_files(args.output, (CACHE_NAME, TABLE_NAME))
     if removed:
         logging.info(f"Removed {len(removed)} temporary file(s) that a killed earlier run left in {args.output}")
+    commons.report_dead_stores(log_folder)  # --efficient_ram_testing stores of killed runs in <output>/logs/
     cache = ResultCache(os.path.join(args.output, CACHE_NAME))
     table_path = os.path.join(args.output, TABLE_NAME)
     checkpoint_paths = {"msls": args.msls_checkpoint, "pitts30k": args.pitts30k_checkpoint}

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import atomic_files
 import distributed
+import leftovers
 import local_matching
 import numerics
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
@@ -313,6 +314,7 @@ class Database:
         parent = os.path.dirname(folder)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
+        leftovers.register(tmp, kind=leftovers.TREE)  # removed even by a run stopped at once
         try:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
@@ -346,6 +348,8 @@ class Database:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            leftovers.forget(tmp)
 
     @classmethod
     def load(cls, folder: str, *, paths: Sequence[str] = ()) -> "Database":
@@ -448,9 +452,13 @@ class Retrieval:
         self._stores = []
         if self._created_folder:
             remove_empty_folder(self.store_folder)
+            leftovers.forget(self.store_folder)
 
     def new_store(self) -> DenseStore:
         """An empty dense store (RAM or store_folder), closed with the engine."""
+        if self._created_folder:
+            # The folder goes with its last store, also when the process is stopped at once.
+            leftovers.register(self.store_folder, kind=leftovers.EMPTY_FOLDER)
         store = DenseStore(self.store_folder)
         self._stores.append(store)
         return store

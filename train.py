@@ -682,6 +682,8 @@ def resume_from(
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
     best R@5, patience counter) and restores optimizer, random and mining states when the file has them
     (the CUDA random state of `device`'s GPU only: see commons.set_rng_states).
+    A file written by a run of another number of processes is resumed, and the log says so (the
+    continuation then equals the uninterrupted run within float rounding only).
 
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
@@ -741,6 +743,13 @@ def resume_from(
             f"This run is not an exact continuation of the run that wrote --resume {path}: its training "
             f"flags changed ({'; '.join(changes)}). It trains on from that state with the new flags; give "
             "the old values to continue it exactly."
+            + (
+                " (Another number of processes keeps the global batches (--train_batch_size): training "
+                "continues as the first run would have within float rounding, not bit for bit; with random "
+                "augmentations the processes other than rank 0 draw other ones.)"
+                if any(change.startswith("processes") for change in changes)
+                else ""
+            )
         )
     elif changes is None and flags:
         logging.info(f"--resume {path} records no training flags (a released or older file): not compared")
@@ -748,4 +757,4 @@ def resume_from(
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments(), disk_full_note=DISK_FULL_NOTE)
+    commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)

@@ -475,7 +475,9 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
             assert (
                 f.read()
                 .rstrip()
-                .endswith("commons.run_main(main, parser.parse_arguments(), disk_full_note=DISK_FULL_NOTE)")
+                .endswith(
+                    "commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)"
+                )
             ), script
 
 

@@ -246,6 +246,7 @@ def test_resume_of_a_public_train_py_file_starts_a_fresh_optimizer(synthetic_roo
     # The resumed run's checkpoint is ours again: its optimizer state resumes exactly.
     ckpt = checkpoints.load_weights_file(os.path.join(folder, "last_model.pth"), what="test")
     assert ckpt["epoch_num"] == 3 and ckpt["model_settings"]["backbone"] == "vit_tiny"
+    assert ckpt["training_flags"]["processes"] == 1
 
 
 def test_resume_refuses_an_optimizer_state_that_fits_neither_layout(tmp_path, tiny_model):
