@@ -13,9 +13,16 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 import atomic_files
+import leftovers
 
 #: What a store may keep its features as (--dense_store_dtype); float32 is the faithful default.
 DTYPES = ("float32", "float16")
+
+
+def element_size(dtype: str) -> int:
+    """Bytes a stored value takes (4 for float32, 2 for float16)."""
+    return np.dtype(dtype).itemsize
+
 
 # Positional reads into a caller's buffer (Linux, macOS 11+); elsewhere os.pread and one more copy.
 _PREADV = hasattr(os, "preadv")
@@ -37,6 +44,8 @@ class DenseStore:
     FEATURES_FILES = {"float32": "dense_features.f32", "float16": "dense_features.f16"}
     FEATURES_FILE = FEATURES_FILES["float32"]
     SHAPES_FILE = "dense_shapes.npy"
+    # A temp store's file: FILE_PREFIX + owner tag + "_" + random hex + ".f32" (".f16" for float16).
+    FILE_PREFIX = "dense_"
 
     def __init__(self, folder: Optional[str] = None, *, dtype: str = "float32") -> None:
         if dtype not in DTYPES:
@@ -54,9 +63,16 @@ class DenseStore:
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
             # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
-            # run leaves nothing that a later run could mistake for complete features.
-            suffix = os.path.splitext(self.FEATURES_FILES[dtype])[1]
-            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=suffix)
+            # run leaves nothing that a later run could mistake for complete features. The name records
+            # the owning process (leftovers.owner_tag), so that a store whose process was killed can be
+            # found and reported (find_dead_stores); the registry removes it even when this process is
+            # stopped at once (a second Ctrl-C during the cleanup).
+            fd, self.path = atomic_files.create_unique_file(
+                folder,
+                prefix=f"{self.FILE_PREFIX}{leftovers.owner_tag()}_",
+                suffix=os.path.splitext(self.FEATURES_FILES[dtype])[1],
+            )
+            leftovers.register(self.path)
             self._writer = os.fdopen(fd, "wb")
 
     @property
@@ -177,8 +193,10 @@ class DenseStore:
             os.close(self._fd)
             self._fd = None
         self._arrays = []
-        if self._owns_file and self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        if self._owns_file and self.path:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            leftovers.forget(self.path)
 
     def save(self, folder: str) -> None:
         """Write the features into `folder`: FEATURES_FILES[dtype] holds every image's (h, w, C) values in
@@ -254,6 +272,12 @@ class DenseStore:
         store._size = total
         store._fd = os.open(features_path, os.O_RDONLY)
         return store
+
+
+def estimated_bytes(images_num: int, feature_shape, *, element_size: int = 4) -> int:
+    """Bytes that the dense features of `images_num` images of shape (h, w, C) take in a store with
+    `element_size` bytes per value (4: float32, this store's): for the free-space check before a run."""
+    return int(images_num) * int(np.prod([int(v) for v in feature_shape])) * int(element_size)
 
 
 def remove_empty_folder(folder: str) -> None:

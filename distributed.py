@@ -183,6 +183,15 @@ class Context:
         dist.broadcast_object_list(holder, src=0, group=self._wait_group if long_wait else None)
         return holder[0]
 
+    def gather_objects(self, obj: Any) -> List[Any]:
+        """Every rank's `obj` (picklable, small), in rank order, on every rank; over the gloo wait group,
+        so that no GPU is involved. Single process: [obj]."""
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._wait_group)
+        return out
+
     def wait_for_main(self) -> None:
         """Barrier after work that rank 0 does alone (see broadcast_object's long_wait)."""
         if self.enabled:

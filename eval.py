@@ -10,6 +10,7 @@ from datetime import datetime
 
 import commons
 import datasets_ws
+import dense_store
 import identity
 import network
 import parser
@@ -38,6 +39,19 @@ RESULT_FLAGS = (
     "efficient_ram_testing",
     "dense_store_dtype",
 )
+# Where the outputs go (test/<save_dir>/<time>/ in the working folder) and how to put them elsewhere: an
+# absolute --save_dir replaces test/<save_dir> (os.path.join keeps the last absolute part).
+MOVED_BY = (
+    "Run eval.py from a folder you can write to (its outputs go to test/<save_dir>/<time>/ there), or give "
+    "--save_dir an absolute path on a disk with room (the run folder is then made inside it)."
+)
+# After a full disk: eval.py has no checkpoint; its files are whole or absent. What it had recorded stays
+# for --continue_run (the log says so).
+DISK_FULL_NOTE = (
+    "eval.py writes every file to a temp name and renames it, so nothing half-written is left; free some "
+    "space and continue the run with the same command and --continue_run (its last log lines name the "
+    "folder), or run it again (--save_dir with an absolute path puts the outputs on another disk)."
+)
 
 
 def main(args):
@@ -45,7 +59,9 @@ def main(args):
     continuing = args.continue_run is not None
     output_folder = args.continue_run or os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
-    ctx = commons.start_run(args, output_folder, note=args.model_settings_note, continuing=continuing)
+    ctx = commons.start_run(
+        args, output_folder, note=args.model_settings_note, moved_by=MOVED_BY, continuing=continuing
+    )
 
     model = network.build_model(args, device=ctx.device)
 
@@ -59,6 +75,18 @@ def main(args):
         query_keys_file=args.query_keys_file,
     )
     logging.info(f"Test set: {test_ds}")
+    if ctx.is_main:  # what this run will write must fit on its disk, checked before any work
+        writes = test.planned_writes(
+            test_ds,
+            output_folder=output_folder,
+            efficient_ram_testing=args.efficient_ram_testing,
+            dense_shape=args.dense_feature_map_size,
+            rerank_num=args.rerank_num,
+            element_size=dense_store.element_size(args.dense_store_dtype),
+        )
+        if continuing:  # what the stopped run wrote is already on the disk
+            writes = run_progress.still_to_write(writes, output_folder)
+        commons.check_free_space(writes, moved_by="give --save_dir an absolute path on a disk with room.")
 
     run_identity = None
     if ctx.is_main:  # every rank has the same weights and images
@@ -141,4 +169,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_eval_arguments())
+    commons.run_main(main, parser.parse_eval_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)

@@ -135,10 +135,14 @@ def selavpr(
     saved = None
     if checkpoint is not None:
         saved = checkpoints.saved_model_settings(
-            checkpoints.load_weights_file(checkpoint, what="checkpoint"), path=checkpoint, what="checkpoint"
+            checkpoints.load_weights_file(checkpoint, what="checkpoint", mmap=True, check=False),
+            path=checkpoint,
+            what="checkpoint",
         )
     defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
-    settings, _ = checkpoints.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
+    settings, _ = checkpoints.resolve_model_settings(
+        given, saved, defaults, source=f"checkpoint {checkpoint}", names=checkpoints.PYTHON_ARGUMENTS
+    )
     model = network.load_model(
         backbone=settings["backbone"],
         registers=settings["registers"],
@@ -148,5 +152,6 @@ def selavpr(
         checkpoint_flag="checkpoint",
         allow_random_weights=allow_random_weights,
         device="cpu",
+        names=checkpoints.PYTHON_ARGUMENTS,
     )
     return model.eval()

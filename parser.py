@@ -166,8 +166,8 @@ def _saved_model_settings(p: argparse.ArgumentParser, values: Values) -> Tuple[O
             source = f"--{flag} {file}"
             try:
                 # Memory-mapped where torch can: only the small settings entry is read (the weights are
-                # loaded later, by network.build_model).
-                checkpoint = checkpoints.load_weights_file(file, what=f"--{flag}", mmap=True)
+                # loaded, and checked for NaN / Inf, later, by network.build_model).
+                checkpoint = checkpoints.load_weights_file(file, what=f"--{flag}", mmap=True, check=False)
             except (ValueError, OSError):
                 return None, source  # a bad file: loading the weights reports it, in full, in its place
             try:
@@ -346,7 +346,8 @@ def _add_dataset(g: argparse._ArgumentGroup) -> None:
         "--query_keys_file",
         type=path,
         default=None,
-        help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file",
+        help="(ours) MSLS-val protocol: keep only the queries whose key (field 7 of the file name) is listed "
+        "in this file, or in a built-in list given by name: msls_val_740 (the paper's 740 MSLS-val queries)",
     )
 
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 import atomic_files
 import distributed
 import identity
+import leftovers
 import local_matching
 import numerics
 import run_progress
@@ -93,7 +94,7 @@ def extract_features(
     # change slightly (measured in docs/performance.md); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
     with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
-        for images, batch_indexes in tqdm(
+        for images, image_indexes in tqdm(
             loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None
         ):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
@@ -101,6 +102,7 @@ def extract_features(
             images = images.to(device, non_blocking=True)
             if local_store is not None:
                 local, glob = model(images)
+                check_finite_features(local, image_indexes, dataset=dataset, what="dense local features")
                 local_store.append(local.float().cpu().numpy())
             elif want_global:
                 glob = model.global_descriptors(images)
@@ -108,11 +110,12 @@ def extract_features(
                 raise ValueError("extract_features called with nothing to compute")
             rows = None
             if want_global:
+                check_finite_features(glob, image_indexes, dataset=dataset, what="global descriptors")
                 glob = glob.float().cpu().numpy()
                 rows = glob.reshape(-1, 5, glob.shape[-1]) if crops else glob
                 outputs.append(rows)
             if on_batch is not None:
-                on_batch(rows, len(batch_indexes))
+                on_batch(rows, len(image_indexes))
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
@@ -123,6 +126,29 @@ def extraction_batch_size(method: str, batch_size: int) -> int:
     (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
     (distributed.extract_sharded), so its batches are the one-process run's."""
     return 1 if method == "single_query" else batch_size
+
+
+def check_finite_features(features: torch.Tensor, image_indexes, *, dataset, what: str) -> None:
+    """A clear error naming the images when a batch's features (B*c, ...) hold NaN or Inf (c = 5 crops per
+    image for the five-crop methods, else 1; image_indexes: the batch's B dataset indexes). One reduction
+    on the features' device per batch; the images are looked for only after a failure.
+
+    Without this, NaN descriptors reach faiss, which then returns no candidate (-1) for those queries, and
+    NaN dense features give every candidate the same score: rankings and recalls without meaning."""
+    if bool(torch.isfinite(features).all()):
+        return
+    indexes = [int(i) for i in image_indexes]
+    rows = ~torch.isfinite(features.reshape(features.shape[0], -1)).all(dim=1).cpu()
+    per_image = max(features.shape[0] // max(len(indexes), 1), 1)
+    bad = sorted({indexes[row // per_image] for row in torch.nonzero(rows).flatten().tolist()})
+    paths = getattr(dataset, "images_paths", None)
+    names = [paths[i] if paths is not None else f"image {i}" for i in bad]
+    raise ValueError(
+        f"the model computed non-finite (NaN or Inf) {what} for {len(bad)} image(s): "
+        f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}. The weights were checked when loaded, so "
+        "they are finite but too large for these images (a diverged training run, or values beyond "
+        "--precision bf16's range): use another checkpoint, or --precision fp32."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -338,9 +364,12 @@ class Database:
         parent = os.path.dirname(folder)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
+        leftovers.register(tmp, kind=leftovers.TREE)  # removed even by a run stopped at once
         try:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
+                f.flush()
+                os.fsync(f.fileno())
             self.dense.save(os.path.join(tmp, DENSE_FOLDER))
             files = {
                 name: os.path.getsize(os.path.join(tmp, name))
@@ -364,10 +393,14 @@ class Database:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+            atomic_files.sync_folder(tmp)  # its entries, then the rename, are on disk before it is called done
             os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
+            atomic_files.sync_folder(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            leftovers.forget(tmp)
 
     @classmethod
     def load(cls, folder: str, *, paths: Sequence[str] = ()) -> "Database":
@@ -543,9 +576,13 @@ class Retrieval:
             run_progress.remove_stage_files(self.store_folder)
         if self.store_folder is not None and (self._created_folder or self.progress is not None):
             remove_empty_folder(self.store_folder)
+            leftovers.forget(self.store_folder)
 
     def new_store(self) -> DenseStore:
         """An empty dense store (RAM or store_folder), closed with the engine."""
+        if self._created_folder:
+            # The folder goes with its last store, also when the process is stopped at once.
+            leftovers.register(self.store_folder, kind=leftovers.EMPTY_FOLDER)
         store = DenseStore(self.store_folder, dtype=self.store_dtype)
         self._stores.append(store)
         return store

@@ -29,6 +29,8 @@ of other images or chunk sizes, is refused with the reason. A successful run rem
 run.json; a failed, interrupted or killed one keeps it for --continue_run.
 """
 
+import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -242,6 +244,22 @@ def finish(progress: RunProgress) -> None:
     lock = os.path.join(progress.folder, RUN_FILE + ".lock")
     if os.path.exists(lock):
         os.remove(lock)
+
+
+def still_to_write(writes: Sequence[Any], folder: str) -> List[Any]:
+    """The planned writes (commons.PlannedWrite) of a run continued in `folder`, less what its stopped run
+    already wrote there: the stage files in its dense_features*/ folders count against the dense store's
+    write (the one whose text starts with "dense features")."""
+    kept = 0
+    for stage_folder in glob.glob(os.path.join(folder, "dense_features*")):
+        for name in os.listdir(stage_folder):
+            kept += os.path.getsize(os.path.join(stage_folder, name))
+    out = []
+    for write in writes:
+        if kept and write.what.startswith("dense features"):
+            write, kept = dataclasses.replace(write, nbytes=max(0, write.nbytes - kept)), 0
+        out.append(write)
+    return out
 
 
 def continue_hint(folder: str) -> str:

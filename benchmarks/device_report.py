@@ -56,7 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -69,6 +69,7 @@ if ROOT not in sys.path:
 
 import atomic_files
 import local_matching
+import numerics
 
 # Sizes: the full run (a GPU) and --quick (CPU, CI).
 FULL = dict(
@@ -110,6 +111,8 @@ QUICK = dict(
     loader_workers=0,
 )
 # Per-row time limits (seconds; the full run), in the order the rows run.
+# fp32 (the project's default, IEEE), tf32 (the public release's convolutions on recent GPUs), bf16.
+EXTRACTION_PRECISIONS = ("fp32", "tf32", "bf16")
 LIMITS = dict(rerank_exactness=90, rerank_speed=60, training_step=100, extraction=110, end_to_end=100, torchrun=110)
 
 
@@ -127,12 +130,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ieee_fp32() -> None:
-    """float32 is IEEE float32 here, as in every command (issue 20): no TF32 in matmuls or cuDNN
-    convolutions (torch's cuDNN default is TF32 on Ampere and newer)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+def ieee_fp32(device: torch.device) -> str:
+    """float32 is IEEE float32 here, as in every command: numerics.set_precision("fp32") at the start
+    (no TF32 in matmuls or cuDNN convolutions, torch's cuDNN default on Ampere and newer). Returns the
+    line a command would log."""
+    return numerics.set_precision("fp32", device=str(device)).line
 
 
 def _write_json(path: Optional[str], report: Dict[str, Any]) -> None:
@@ -392,8 +394,17 @@ def _model(cfg: Dict[str, Any]):
     return model
 
 
+@contextmanager
 def _autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    """The arithmetic of a command's forward at `precision`: bf16 autocast, or TF32 switched on for the
+    duration (tf32: what torch's defaults gave the public release's convolutions on Ampere and newer),
+    or IEEE fp32."""
+    numerics.set_tf32(precision == "tf32" and device.type == "cuda")
+    try:
+        with numerics.autocast(device.type, precision):
+            yield
+    finally:
+        numerics.set_tf32(False)
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:
@@ -448,7 +459,7 @@ def row_extraction(cfg: Dict[str, Any], device: torch.device, deadline: float) -
             continue
         images = _images(batch, size, seed=batch).to(device)
         rates = {}
-        for precision in ("fp32", "bf16"):
+        for precision in EXTRACTION_PRECISIONS:
             with torch.inference_mode(), _autocast(device, precision):
                 model(images)  # warm-up
                 _sync(device)
@@ -458,39 +469,41 @@ def row_extraction(cfg: Dict[str, Any], device: torch.device, deadline: float) -
                 _sync(device)
             rates[precision] = batch * cfg["timed_batches"] / (time.perf_counter() - t0)
         out[f"batch{batch}"] = {f"{p}_images_per_s": round(r, 1) for p, r in rates.items()}
-        parts.append(f"b{batch}: fp32 {rates['fp32']:.0f}, bf16 {rates['bf16']:.0f} img/s")
+        parts.append(f"b{batch}: " + ", ".join(f"{p} {r:.0f}" for p, r in rates.items()) + " img/s")
         del images
     # Deviations and orders on a few hundred images (database + queries that are noisy copies).
     n_db, n_q = cfg["order_db"], cfg["order_queries"]
     db_images = _images(n_db, size, seed=1)
     q_images = db_images[:n_q] + 0.5 * _images(n_q, size, seed=2)
     images = torch.cat([db_images, q_images])
-    feats = {p: _extract(model, images, device, p, batch=32) for p in ("fp32", "bf16")}
-    out["max_abs_deviation_bf16"] = dict(
-        local=float(np.abs(feats["bf16"][0] - feats["fp32"][0]).max()),
-        global_=float(np.abs(feats["bf16"][1] - feats["fp32"][1]).max()),
-    )
+    feats = {p: _extract(model, images, device, p, batch=32) for p in EXTRACTION_PRECISIONS}
     k = min(cfg["order_k"], n_db)
     orders = {}
     for p, (local, glob) in feats.items():
         first = _l2_topk(glob[:n_db], glob[n_db:], k)
         orders[p] = (first, _rerank(first, local[n_db:], local[:n_db], device))
-    changed_first = int((orders["bf16"][0] != orders["fp32"][0]).any(axis=1).sum())
-    changed_rerank = int((orders["bf16"][1] != orders["fp32"][1]).any(axis=1).sum())
-    top1 = int((orders["bf16"][1][:, 0] != orders["fp32"][1][:, 0]).sum())
-    out["bf16_vs_fp32_orders"] = dict(
-        images=n_db + n_q,
-        queries=n_q,
-        k=k,
-        queries_first_stage_order_changed=changed_first,
-        queries_reranked_order_changed=changed_rerank,
-        queries_reranked_top1_changed=top1,
-    )
-    dev = out["max_abs_deviation_bf16"]
-    parts.append(
-        f"bf16 max |dev| local {dev['local']:.2g} global {dev['global_']:.2g}; bf16 changes first-stage "
-        f"order of {changed_first}/{n_q}, re-ranked {changed_rerank}/{n_q} (top-1 {top1})"
-    )
+    # tf32 is the public release's arithmetic on Ampere and newer GPUs (torch's default for cuDNN
+    # convolutions); on the CPU it computes as fp32, so its deviation there is 0.
+    for p in EXTRACTION_PRECISIONS[1:]:
+        dev = out[f"max_abs_deviation_{p}"] = dict(
+            local=float(np.abs(feats[p][0] - feats["fp32"][0]).max()),
+            global_=float(np.abs(feats[p][1] - feats["fp32"][1]).max()),
+        )
+        changed_first = int((orders[p][0] != orders["fp32"][0]).any(axis=1).sum())
+        changed_rerank = int((orders[p][1] != orders["fp32"][1]).any(axis=1).sum())
+        top1 = int((orders[p][1][:, 0] != orders["fp32"][1][:, 0]).sum())
+        out[f"{p}_vs_fp32_orders"] = dict(
+            images=n_db + n_q,
+            queries=n_q,
+            k=k,
+            queries_first_stage_order_changed=changed_first,
+            queries_reranked_order_changed=changed_rerank,
+            queries_reranked_top1_changed=top1,
+        )
+        parts.append(
+            f"{p} max |dev| local {dev['local']:.2g} global {dev['global_']:.2g}; {p} changes first-stage "
+            f"order of {changed_first}/{n_q}, re-ranked {changed_rerank}/{n_q} (top-1 {top1})"
+        )
     out["status"] = "ok"
     out["summary"] = "; ".join(parts)
     return out
@@ -718,10 +731,14 @@ def compare_predictions(
 def row_end_to_end(cfg: Dict[str, Any], device: torch.device, deadline: float, work: str) -> Dict[str, Any]:
     data = _dataset(os.path.join(work, "datasets"))
     sides = [str(device.type), "cpu"]
+    # On a GPU also --precision tf32: the arithmetic the public release's convolutions had there (torch's
+    # default on Ampere and newer); its recalls against fp32's are the measurement, not a pass condition.
+    precisions = ["fp32", "fp32"] + (["tf32"] if device.type == "cuda" else [])
+    sides += sides[:1] * (len(precisions) - 2)
     out: Dict[str, Any] = {}
     results = {}
-    for i, dev in enumerate(sides):
-        run_dir = os.path.join(work, f"e2e_{i}_{dev}")
+    for i, (dev, run_precision) in enumerate(zip(sides, precisions)):
+        run_dir = os.path.join(work, f"e2e_{i}_{dev}_{run_precision}")
         os.makedirs(run_dir, exist_ok=True)
         proc = _run(
             [
@@ -735,6 +752,8 @@ def row_end_to_end(cfg: Dict[str, Any], device: torch.device, deadline: float, w
                 dev,
                 "--save_dir",
                 f"e2e_{dev}",
+                "--precision",
+                run_precision,
                 *_model_flags(cfg),
             ],
             cwd=run_dir,
@@ -742,10 +761,11 @@ def row_end_to_end(cfg: Dict[str, Any], device: torch.device, deadline: float, w
         )
         if proc.returncode != 0:
             raise RuntimeError(
-                f"eval.py --device {dev} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-1500:]}"
+                f"eval.py --device {dev} --precision {run_precision} failed (exit {proc.returncode}): "
+                f"{(proc.stderr or proc.stdout)[-1500:]}"
             )
         results[i] = (_recalls(proc.stdout + proc.stderr), _predictions(run_dir))
-        out[f"{dev}_{i}"] = results[i][0]
+        out[f"{dev}_{run_precision}_{i}"] = results[i][0]
     same_recalls = results[0][0] == results[1][0] and None not in results[0][0].values()
     preds_dev, preds_cpu = results[0][1], results[1][1]
     # eval.py --precision fp32 is IEEE float32 on every device (it switches TF32 off at its start).
@@ -761,6 +781,15 @@ def row_end_to_end(cfg: Dict[str, Any], device: torch.device, deadline: float, w
     out["precision"] = precision
     note = "" if device.type == "cuda" else " (no CUDA: CPU run twice)"
     out["status"] = "ok" if same_recalls and rankings["rankings_ok"] else "FAIL"
+    tf32_note = ""
+    if 2 in results:
+        fp32_recalls, tf32_recalls = results[0][0], results[2][0]
+        out["tf32_recalls_equal_fp32"] = fp32_recalls == tf32_recalls
+        tf32_note = (
+            f"; --precision tf32 (the public release's GPU convolutions): recalls "
+            f"{'identical to fp32' if out['tf32_recalls_equal_fp32'] else 'DIFFER from fp32'} "
+            f"({tf32_recalls['reranked']})"
+        )
     n = rankings.get("queries", 0)
     out["summary"] = (
         f"{sides[0]} vs cpu{note}: recalls {'identical' if same_recalls else 'DIFFER'} "
@@ -774,6 +803,7 @@ def row_end_to_end(cfg: Dict[str, Any], device: torch.device, deadline: float, w
             if "queries" in rankings
             else "missing"
         )
+        + tf32_note
     )
     return out
 
@@ -981,7 +1011,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: --device cuda: no CUDA device is available here; use --device cpu or --quick", file=sys.stderr)
         return 2
     device = torch.device(device_name)
-    ieee_fp32()
+    precision_line = ieee_fp32(device)
     limits = {name: args.row_limit_s or (300 if args.quick else LIMITS[name]) for name in args.rows}
     if args.budget_s is None:
         args.budget_s = 1800.0 if args.quick else 470.0
@@ -1002,13 +1032,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         float32_matmul_precision=torch.get_float32_matmul_precision(),
         cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+        precision=precision_line,
         threads=torch.get_num_threads(),
         rows=[],
     )
     _write_json(args.json, report)
     print(
         f"device report: {report['device_name']} ({device}), torch {torch.__version__}, "
-        f"{'quick' if args.quick else 'full'} sizes, budget {args.budget_s:.0f} s",
+        f"{'quick' if args.quick else 'full'} sizes, budget {args.budget_s:.0f} s\n{precision_line}",
         flush=True,
     )
     own_work = args.workdir is None

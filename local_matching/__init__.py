@@ -17,7 +17,8 @@ occurrence (row-major) of the global maximum of S. reference.py is this definiti
 - mutual_nn_similarity: the differentiable training similarity, the mean of S[i, nn12[i]] over
   the mutual pairs.
 
-All of them find the pairs with the engine (engine.py), which is exact: the same decisions as the
+The first three find the pairs with the engine (engine.py); the training similarity uses the plain
+definition (reference.py), one pair at a time, which is cheap there. The engine is exact: the same decisions as the
 reference (one float32 matmul of the whole candidate, then max both ways) on the same device, ties
 included, in memory that does not grow with the number of candidates. How: engine.py (the CPU
 engine, and the dispatch) and device_engine.py (the GPU engine); their proofs: screening.py (the
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from .engine import check_sizes, matches
-from .reference import reference_scores
+from .reference import mutual_rows, nearest_neighbours, reference_scores
 from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
 from .staging import CandidateStager
 
@@ -156,9 +157,12 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
 
     query_local, cand_local: (B, L, C) or (B, h, w, C) (L may differ between the two). Per item,
     S = cand @ query.T; returns (B,) = mean of S[i, nn12[i]] over the mutual pairs i. The pairs are
-    found exactly by the re-rank engine (no gradient flows through an arg-max); the values are the
-    dot products cand[i] . query[nn12[i]], recomputed with autograd (equal to S's entries up to
-    float32 summation order). Exactly one pair -> that pair's similarity (the public release uses
+    found by the plain definition (reference.py: the whole float32 product, arg-max both ways; no
+    gradient flows through an arg-max), not by the re-rank engine: in a training step one pair at a
+    time is all there is, and the plain product costs 4% of a ViT-L/14 step on the CPU, less than the
+    engine's set-up at the demo's size (benchmarks/train_step_local.py); the engine's decisions are the
+    same. The values are the dot products cand[i] . query[nn12[i]], recomputed with autograd (equal to
+    S's entries up to float32 summation order). Exactly one pair -> that pair's similarity (the public release uses
     the aligned-position mean there through a squeeze() quirk; we do not). No pair at all only
     happens with non-finite input: then, as the public release, the mean dot product of aligned
     positions i (i < min(Lc, Lq)) is returned (NaN with NaN input).
@@ -174,16 +178,8 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
     for b in range(q.shape[0]):
         qb, xb = q[b], x[b]
         with torch.no_grad():
-            ((nn12, mutual),) = list(
-                matches(
-                    qb.detach().float().contiguous(),
-                    [xb.detach().float().contiguous()],
-                    chunk_size=1,
-                    row_tile=512,
-                    fast_path=None,
-                    workers=False,
-                )
-            )
+            nn12, nn21 = nearest_neighbours(xb.detach().float().unsqueeze(0), qb.detach().float())
+            nn12, mutual = nn12[0], mutual_rows(nn12, nn21)[0]
         rows = mutual.nonzero().flatten()
         if rows.numel():
             vals = (xb[rows] * qb[nn12[rows]]).sum(dim=-1)

@@ -377,6 +377,7 @@ def test_two_process_training_equals_one_process(trained):
         assert torch.allclose(moments_one[i]["exp_avg"], moments_two[i]["exp_avg"], rtol=1e-3, atol=1e-7), i
         assert torch.allclose(moments_one[i]["exp_avg_sq"], moments_two[i]["exp_avg_sq"], rtol=1e-3, atol=1e-12), i
     assert ckpt_one["epoch_num"] == ckpt_two["epoch_num"] == 1
+    assert (ckpt_one["training_flags"]["processes"], ckpt_two["training_flags"]["processes"]) == (1, 2)
     assert np.array_equal(ckpt_one["recalls"], ckpt_two["recalls"])
     assert torch.equal(ckpt_one["mining_state"]["negatives"], ckpt_two["mining_state"]["negatives"])
 

@@ -332,6 +332,7 @@ def _command_parsers():
                 "--msls_checkpoint",
                 "--pitts30k_checkpoint",
                 "--msls_val_keys",
+                "--msls_all_queries",
                 "--output",
                 "--dataset_folders",
                 "--only",
@@ -474,10 +475,14 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
         args.dataset_name,
         args.seed,
     ) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0, "msls", -1)
-    # Both scripts parse with exactly this parser (eval.py's adds --continue_run).
+    # Both scripts parse with exactly this parser (eval.py's adds --continue_run), with their disk-full note.
     for script, parse in (("train.py", "parse_arguments"), ("eval.py", "parse_eval_arguments")):
         with open(os.path.join(ROOT, script)) as f:
-            assert f.read().rstrip().endswith(f"commons.run_main(main, parser.{parse}())"), script
+            assert (
+                f.read()
+                .rstrip()
+                .endswith(f"commons.run_main(main, parser.{parse}(), torchrun=True, disk_full_note=DISK_FULL_NOTE)")
+            ), script
     assert vars(selavpr_parser.parse_eval_arguments(argv)) == dict(vars(args), continue_run=None)
 
 
