@@ -400,7 +400,7 @@ def test_a_run_names_a_killed_runs_store_in_its_output_root(tmp_path, monkeypatc
     live.mkdir(parents=True)
     (live / f"dense_{me.tag}_0123456789ab.f32").write_bytes(b"\0" * 100)  # a run still going: not named
     folder = os.path.join("test", "run", "2026-01-01_00-00-02")
-    ctx = commons.start_run(SimpleNamespace(device="cpu", seed=-1), folder)
+    ctx = commons.start_run(SimpleNamespace(device="cpu", seed=-1, precision="fp32"), folder)
     commons.finish(ctx)
     log = open(os.path.join(folder, "info.log")).read()
     assert f"{killed} holds 3.0 MB of dense features left by a run that was killed (process {dead.pid} is gone)" in log
@@ -419,7 +419,7 @@ from types import SimpleNamespace
 import commons
 
 def main(args):
-    ctx = commons.start_run(SimpleNamespace(device="cpu", seed=0), {folder!r})
+    ctx = commons.start_run(SimpleNamespace(device="cpu", seed=0, precision="fp32"), {folder!r})
     if ctx.rank == 1:
         with open({marker!r} + ".tmp", "w") as f:
             f.write(str(os.getpid()))
