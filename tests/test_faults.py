@@ -23,6 +23,8 @@ from conftest import ROOT, TINY_FLAGS, tiny_eval_flags
 
 import commons
 import leftovers
+import run_progress
+from dense_store import DenseStore
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -261,7 +263,7 @@ def _torchrun_command(script_and_args, nproc=2):
 
 
 @pytest.mark.parametrize("mode", ["raise", "sigkill"])
-def test_a_failed_rank_is_named_in_rank_0s_log_and_no_store_is_left(synthetic_root, tmp_path, mode):
+def test_a_failed_rank_is_named_in_rank_0s_log_and_no_temp_store_is_left(synthetic_root, tmp_path, mode):
     script = tmp_path / "failing.py"
     script.write_text(FAILING_RANK.format(root=ROOT, mode=mode))
     flags = tiny_eval_flags(
@@ -285,14 +287,21 @@ def test_a_failed_rank_is_named_in_rank_0s_log_and_no_store_is_left(synthetic_ro
     else:
         assert re.search(r"rank 1 \(process \d+\) ended without an error message \(killed: kill -9", log), log[-3000:]
     assert "Terminated (SIGTERM received" not in log and "Unexpected error" not in log
-    assert not glob.glob(os.path.join(folder, "dense_features*")), os.listdir(folder)  # every rank's store
+    # No rank's temp store is left. eval.py keeps what each rank recorded of its stages (named by stage,
+    # not temp stores) for --continue_run: test_distributed continues such a job.
+    kept = glob.glob(os.path.join(folder, "dense_features*", "*"))
+    assert not [p for p in kept if os.path.basename(p).startswith(DenseStore.FILE_PREFIX)], kept
+    assert kept and all(os.path.basename(p).split(".")[0] in run_progress.STAGES for p in kept), kept
+    assert "This run can be continued where it stopped: run the same command with --continue_run" in log
 
 
 # ------------------------------------------------------------------------------------------------
 # 3. Leftovers: signals twice, SIGHUP, killed runs' stores
 # ------------------------------------------------------------------------------------------------
 
-SLOW_EVAL = r"""
+# localize.py with --efficient_ram_testing: its dense store is a temp store (eval.py's are its recorded
+# stages, kept for --continue_run when it stops: tests/test_run_progress.py).
+SLOW_RUN = r"""
 import os, runpy, sys, time
 sys.path.insert(0, {root!r})
 import dense_store
@@ -313,15 +322,31 @@ def close(self):
 
 dense_store.DenseStore.append = append
 dense_store.DenseStore.close = close
-sys.argv = ["eval.py"] + {argv!r}
-runpy.run_path(os.path.join({root!r}, "eval.py"), run_name="__main__")
+sys.argv = ["localize.py"] + {argv!r}
+runpy.run_path(os.path.join({root!r}, "localize.py"), run_name="__main__")
 """
 
 
-def _slow_eval(synthetic_root, tmp_path, *, close_delay):
+def _slow_run(synthetic_root, tmp_path, *, close_delay):
     marker = str(tmp_path / "extracting")
-    argv = tiny_eval_flags(synthetic_root, "--efficient_ram_testing", "--infer_batch_size", "8", "--save_dir", "sig")
-    code = SLOW_EVAL.format(root=ROOT, marker=marker, argv=argv, close_delay=close_delay)
+    split = os.path.join(*synthetic_root, "images", "test")
+    argv = [
+        *TINY_FLAGS,
+        "--resize",
+        "112",
+        "112",
+        "--allow_random_weights",
+        "--efficient_ram_testing",
+        "--infer_batch_size",
+        "8",
+        "--output_folder",
+        str(tmp_path / "test" / "sig" / "run"),
+        "--database_folder",
+        os.path.join(split, "database"),
+        "--queries_folder",
+        os.path.join(split, "queries"),
+    ]
+    code = SLOW_RUN.format(root=ROOT, marker=marker, argv=argv, close_delay=close_delay)
     return _Watched([sys.executable, "-c", code], cwd=tmp_path, env=_env()), marker
 
 
@@ -332,7 +357,7 @@ def _stores_left(tmp_path):
 def test_a_second_ctrl_c_during_the_cleanup_still_leaves_no_store(synthetic_root, tmp_path):
     """Ctrl-C, then Ctrl-C again while the store is being closed: the run stops at once, and removes
     its store (the second signal used to end the cleanup half way)."""
-    job, marker = _slow_eval(synthetic_root, tmp_path, close_delay=5)
+    job, marker = _slow_run(synthetic_root, tmp_path, close_delay=5)
     try:
         job.wait_for(lambda: os.path.exists(marker), timeout=240, what="the extraction never reached the disk store")
         assert _stores_left(tmp_path)
@@ -354,7 +379,7 @@ def test_a_second_ctrl_c_during_the_cleanup_still_leaves_no_store(synthetic_root
 
 def test_sighup_ends_a_run_like_sigterm(synthetic_root, tmp_path):
     """A dropped ssh connection (SIGHUP) stops the run cleanly: one log line, exit 129, no store left."""
-    job, marker = _slow_eval(synthetic_root, tmp_path, close_delay=0)
+    job, marker = _slow_run(synthetic_root, tmp_path, close_delay=0)
     try:
         job.wait_for(lambda: os.path.exists(marker), timeout=240, what="the extraction never reached the disk store")
         job.proc.send_signal(signal.SIGHUP)

@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import torch
 from conftest import ROOT, TINY, kill_once_marker_appears, tiny_eval_flags
 
 import checkpoints
+import commons
 import network
 import run_progress
 from dense_store import DenseStore
@@ -28,8 +30,10 @@ ENV = {"OMP_NUM_THREADS": "1"}  # every run of this file with the same threads: 
 # retrieval.rerank_predictions (a chunk of queries: before it is recorded) has returned, after writing
 # the file KILL_MARKER: the test then kills the process there.
 RUNNER = """
-import os, runpy, sys, time
+import os, runpy, signal, sys, time
 sys.path.insert(0, {root!r})
+if hasattr(signal, "SIGHUP"):  # a test runner started with nohup passes SIGHUP on ignored: the tests send it
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 import dense_store, retrieval, run_progress
 run_progress.EXTRACTION_CHUNK_IMAGES = 8
 run_progress.RERANK_CHUNK_QUERIES = 4
@@ -80,18 +84,24 @@ def _run(tmp_path, argv):
     return result
 
 
-def _kill(tmp_path, argv, *, where, nth):
+def _kill(tmp_path, argv, *, where, nth, sig=signal.SIGKILL):
+    """Stop the run at call `nth` of `where` with `sig`: SIGKILL (nothing of the run's own runs after it),
+    or SIGTERM / SIGHUP, which the run handles by unwinding through its cleanups (commons.run_main): that
+    cleanup removes the temp files it registered and must keep what --continue_run needs."""
     marker = tmp_path / f"stopped_{where}_{nth}"
     if marker.exists():
         marker.unlink()
-    kill_once_marker_appears(
+    returncode, _ = kill_once_marker_appears(
         [sys.executable, _runner(tmp_path), *argv],
         str(marker),
         cwd=str(tmp_path),
         env=_env(KILL_WHERE=where, KILL_NTH=str(nth), KILL_MARKER=str(marker)),
         timeout=240,
         what=f"the run never reached call {nth} of {where}",
+        sig=sig,
     )
+    # SIGKILL: -9; a handled SIGTERM or SIGHUP exits 128 + its number after the cleanup (not killed by it)
+    assert returncode == (-sig if sig == signal.SIGKILL else 128 + sig), returncode
 
 
 def _outputs(folder):
@@ -118,9 +128,14 @@ def test_a_run_killed_three_times_continues_to_the_uninterrupted_outputs(
 ):
     """Killed during the database extraction, then (continued) during the query extraction, then
     (continued) during the re-ranking: the last continuation writes byte-identical predictions and
-    the same recalls as an uninterrupted run, and redoes at most one chunk of what was recorded."""
+    the same recalls as an uninterrupted run, and redoes at most one chunk of what was recorded.
+    Each variant meets SIGTERM, SIGHUP and SIGKILL once: the cleanup of a handled stop signal removes
+    temp files but keeps the progress, and a later run does not report that progress as a killed
+    run's store that nothing reads."""
     argv = tiny_eval_flags(synthetic_root, *FLAGS, *(["--efficient_ram_testing"] if efficient else []))
-    _kill(tmp_path, [*argv, "--save_dir", "k"], where="append", nth=2)  # database images 9-16
+    hup = getattr(signal, "SIGHUP", signal.SIGTERM)
+    signals = [signal.SIGTERM, hup, signal.SIGKILL] if efficient else [signal.SIGKILL, signal.SIGTERM, hup]
+    _kill(tmp_path, [*argv, "--save_dir", "k"], where="append", nth=2, sig=signals[0])  # database images 9-16
     (folder,) = glob.glob(str(tmp_path / "test" / "k" / "*"))
     if efficient:  # 16 images written, the first 8 recorded
         record = json.load(open(os.path.join(folder, "dense_features", "database.progress.json")))
@@ -128,15 +143,23 @@ def test_a_run_killed_three_times_continues_to_the_uninterrupted_outputs(
     resume = [*argv, "--continue_run", folder]
     # Continued: with the disk store, the 32 database images left are 4 batches, then the queries' first;
     # in RAM, the whole database again (5 batches), then the queries' first.
-    _kill(tmp_path, resume, where="append", nth=5 if efficient else 6)
-    _kill(tmp_path, resume, where="rerank", nth=2)  # queries 1-4 recorded, 5-8 re-ranked, not recorded
+    _kill(tmp_path, resume, where="append", nth=5 if efficient else 6, sig=signals[1])
+    # queries 1-4 recorded, 5-8 re-ranked, not recorded
+    _kill(tmp_path, resume, where="rerank", nth=2, sig=signals[2])
+    kept = sorted(os.listdir(os.path.join(folder, "progress")))
+    assert "reranked.json" in kept and "search.npz" in kept
+    if efficient:
+        stage_files = sorted(os.listdir(os.path.join(folder, "dense_features")))
+        assert "database.dense" in stage_files and "queries.dense" in stage_files
+    assert commons.report_dead_stores(str(tmp_path / "test" / "k" / "a_later_run")) == []
     result = _run(tmp_path, resume)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert _outputs(folder) == reference
 
     log = open(os.path.join(folder, "info.log")).read()
     assert log.count("Continuing the interrupted run in") == 3
-    assert log.count("This run can be continued where it stopped: run the same command with --continue_run") == 0
+    # The hint is logged by the runs that could log (SIGTERM, SIGHUP), not by the one killed with SIGKILL.
+    assert log.count("This run can be continued where it stopped: run the same command with --continue_run") == 2
     assert "Re-ranking: 4 of 15 queries were re-ranked before the interruption" in log
     if efficient:
         assert "database features: 8 of 40 images of this process's share were extracted before" in log
