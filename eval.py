@@ -160,8 +160,16 @@ def main(args):
             )
             logging.info(f"Saved {n} prediction pictures in {os.path.join(output_folder, 'preds')}")
         run_progress.finish(progress)
-    except BaseException:
-        if ctx.is_main:
+    except BaseException as e:
+        if ctx.is_main and isinstance(e, ValueError):
+            # Bad input (an unreadable image, non-finite features, ...): its fix changes the images,
+            # weights or flags, which a continuation refuses, so nothing recorded could be used; the
+            # folder keeps its logs alone. A continued run's ValueError (e.g. its refusal to go on with
+            # other first-stage candidates, whose message says what to do) never removes the stopped
+            # run's records.
+            if not continuing:
+                run_progress.discard(progress)
+        elif ctx.is_main:
             logging.info(run_progress.continue_hint(ctx.output_folder))
         raise
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")

@@ -26,7 +26,10 @@ record that says it is there is replaced atomically (temp file, fsync, rename). 
 never claims data that is not on disk, and what was written after the last record (the chunk in
 progress at the kill) is cut off when the run continues. A file shorter than its record, or a record
 of other images or chunk sizes, is refused with the reason. A successful run removes everything but
-run.json; a failed, interrupted or killed one keeps it for --continue_run.
+run.json; an interrupted or killed one, or one that failed otherwise (a full disk, out of memory), keeps
+it for --continue_run. A new run that failed on bad input (a ValueError: an unreadable image, non-finite
+features) keeps its logs alone: the fix changes its images, weights or flags, which no continuation
+accepts, so nothing it recorded could be used.
 """
 
 import dataclasses
@@ -44,7 +47,7 @@ import numpy as np
 
 import atomic_files
 import identity
-from dense_store import DenseStore
+from dense_store import DenseStore, remove_empty_folder
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "selavpr-eval-run"
@@ -244,6 +247,19 @@ def finish(progress: RunProgress) -> None:
     lock = os.path.join(progress.folder, RUN_FILE + ".lock")
     if os.path.exists(lock):
         os.remove(lock)
+
+
+def discard(progress: RunProgress) -> None:
+    """Remove everything a run recorded (rank 0, after a failure that no continuation could get past):
+    the stage files of every process, the ranking progress, run.json and its lock file; the logs stay."""
+    for stage_folder in glob.glob(os.path.join(progress.folder, "dense_features*")):
+        remove_stage_files(stage_folder)
+        remove_empty_folder(stage_folder)
+    shutil.rmtree(progress.ranking_folder, ignore_errors=True)
+    for name in (RUN_FILE, RUN_FILE + ".lock"):
+        path = os.path.join(progress.folder, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def still_to_write(writes: Sequence[Any], folder: str) -> List[Any]:

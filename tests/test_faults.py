@@ -291,7 +291,9 @@ def test_a_failed_rank_is_named_in_rank_0s_log_and_no_temp_store_is_left(synthet
     # not temp stores) for --continue_run: test_distributed continues such a job.
     kept = glob.glob(os.path.join(folder, "dense_features*", "*"))
     assert not [p for p in kept if os.path.basename(p).startswith(DenseStore.FILE_PREFIX)], kept
-    assert kept and all(os.path.basename(p).split(".")[0] in run_progress.STAGES for p in kept), kept
+    assert all(os.path.basename(p).split(".")[0] in run_progress.STAGES for p in kept), kept
+    for store_folder in ("dense_features", "dense_features_rank1"):  # rank 0's (stopped by torchrun) and 1's
+        assert os.path.exists(os.path.join(folder, store_folder, "database.dense")), kept
     assert "This run can be continued where it stopped: run the same command with --continue_run" in log
 
 

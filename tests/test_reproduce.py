@@ -554,6 +554,6 @@ def test_a_float16_store_is_in_the_key_and_the_protocol_only_when_chosen():
         reproduce.parse_arguments(["--datasets_folder", "/tmp", "--device", "cpu", "--dense_store_dtype", "float16"])
     )
     assert half == dict(base, dense_store_dtype="float16")
-    pitts = reproduce.PAPER_ENTRIES[4]
-    text = reproduce.protocol_text(entry=pitts, rerank_num=100, settings=half, queries_num=6816, keys_file=None)
+    assert reproduce.protocol_text(rerank_num=100, settings=base) == "paper protocol"
+    text = reproduce.protocol_text(rerank_num=100, settings=half)
     assert text == "non-paper protocol (float16 dense features (paper: float32))"

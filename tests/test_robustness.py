@@ -1223,7 +1223,7 @@ def test_sigterm_during_efficient_ram_run_ends_it_cleanly_and_says_so(synthetic_
     if script == "localize.py":
         assert not os.path.exists(os.path.join(folder, "dense_features"))  # the store and its folder are gone
     else:
-        assert os.path.exists(os.path.join(folder, "dense_features", "database.dense.f32"))
+        assert os.path.exists(os.path.join(folder, "dense_features", "database.dense"))
         assert f"run the same command with --continue_run {os.path.relpath(folder, tmp_path)}" in log
     assert log.count("Terminated (SIGTERM") == 1 and "Traceback" not in log
     assert not os.path.exists(os.path.join(folder, "predictions.jsonl"))

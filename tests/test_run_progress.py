@@ -152,12 +152,28 @@ def test_a_run_killed_three_times_continues_to_the_uninterrupted_outputs(
         stage_files = sorted(os.listdir(os.path.join(folder, "dense_features")))
         assert "database.dense" in stage_files and "queries.dense" in stage_files
     assert commons.report_dead_stores(str(tmp_path / "test" / "k" / "a_later_run")) == []
+    if efficient:  # a continuation refused half way (other first-stage candidates) removes nothing
+        search = os.path.join(folder, "progress", "search.npz")
+        saved = open(search, "rb").read()
+        with np.load(search) as arrays:
+            tampered = {name: arrays[name] for name in arrays.files}
+        tampered["predictions"] = tampered["predictions"][:, ::-1].copy()
+        with open(search, "wb") as f:
+            np.savez(f, **tampered)
+        before = {name: os.path.getsize(os.path.join(folder, "dense_features", name)) for name in stage_files}
+        refused = _run(tmp_path, resume)
+        assert refused.returncode == 2 and "the first-stage candidates of this run differ" in refused.stdout
+        assert os.path.exists(os.path.join(folder, run_progress.RUN_FILE))
+        after = {name: os.path.getsize(os.path.join(folder, "dense_features", name)) for name in stage_files}
+        assert after == before and "reranked.json" in os.listdir(os.path.join(folder, "progress"))
+        with open(search, "wb") as f:
+            f.write(saved)
     result = _run(tmp_path, resume)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert _outputs(folder) == reference
 
     log = open(os.path.join(folder, "info.log")).read()
-    assert log.count("Continuing the interrupted run in") == 3
+    assert log.count("Continuing the interrupted run in") == (4 if efficient else 3)  # + the refused one
     # The hint is logged by the runs that could log (SIGTERM, SIGHUP), not by the one killed with SIGKILL.
     assert log.count("This run can be continued where it stopped: run the same command with --continue_run") == 2
     assert "Re-ranking: 4 of 15 queries were re-ranked before the interruption" in log
