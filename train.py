@@ -71,7 +71,7 @@ def main(args):
         query_keys_file=args.query_keys_file,
         negs_num_per_query=args.negs_num_per_query,
         train_positives_dist_threshold=args.train_positives_dist_threshold,
-        augmentation=dict(
+        augmentation=datasets_ws.QueryAugmentation(
             brightness=args.brightness,
             contrast=args.contrast,
             saturation=args.saturation,
@@ -199,10 +199,9 @@ def build_datasets(
     query_keys_file: str | None,
     negs_num_per_query: int,
     train_positives_dist_threshold: float,
-    augmentation: dict,
+    augmentation: datasets_ws.QueryAugmentation,
 ):
-    """(training triplets, validation set, test set) of a data set; `augmentation`: TripletsDataset's
-    augmentation keywords (brightness, ..., random_rotation) for the training queries."""
+    """(training triplets, validation set, test set) of a data set; `augmentation`: the training queries'."""
     triplets_ds = datasets_ws.TripletsDataset(
         datasets_folder,
         dataset_name,
@@ -210,7 +209,7 @@ def build_datasets(
         resize=resize,
         negs_num_per_query=negs_num_per_query,
         train_positives_dist_threshold=train_positives_dist_threshold,
-        **augmentation,
+        augmentation=augmentation,
     )
     logging.info(f"Train query set: {triplets_ds}")
     val_ds = datasets_ws.BaseDataset(
