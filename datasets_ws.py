@@ -613,6 +613,25 @@ class ImagesSubset(Dataset):
         return len(self.global_indexes)
 
 
+@dataclass(frozen=True)
+class QueryAugmentation:
+    """The training queries' augmentations (train.py's flags of the same names; None: not applied), in
+    the order they are applied: colour jitter of brightness, contrast, saturation and hue (each its own
+    step), a random perspective (distortion scale, p = 0.5), a random resized crop (scale 1 - x .. 1) and
+    a random rotation (degrees)."""
+
+    brightness: float | None = None
+    contrast: float | None = None
+    saturation: float | None = None
+    hue: float | None = None
+    rand_perspective: float | None = None
+    random_resized_crop: float | None = None
+    random_rotation: float | None = None
+
+
+NO_AUGMENTATION = QueryAugmentation()
+
+
 class TripletsDataset(BaseDataset):
     """Training split: hard positives, query augmentation, and the mined triplets.
 
@@ -635,13 +654,7 @@ class TripletsDataset(BaseDataset):
         negs_num_per_query: int = 2,
         train_positives_dist_threshold: float = 10,
         soft_positives_dist_threshold: float = 25,
-        brightness: float | None = None,
-        contrast: float | None = None,
-        saturation: float | None = None,
-        hue: float | None = None,
-        rand_perspective: float | None = None,
-        random_resized_crop: float | None = None,
-        random_rotation: float | None = None,
+        augmentation: QueryAugmentation = NO_AUGMENTATION,
     ) -> None:
         super().__init__(
             datasets_folder,
@@ -688,6 +701,13 @@ class TripletsDataset(BaseDataset):
 
         # Every training image is resized as a PIL image (bilinear, antialiased by PIL), then normalised.
         self.resized_transform = T.Compose([T.Resize(list(self.resize)), base_transform])
+        a = augmentation
+        brightness, contrast, saturation, hue = a.brightness, a.contrast, a.saturation, a.hue
+        rand_perspective, random_resized_crop, random_rotation = (
+            a.rand_perspective,
+            a.random_resized_crop,
+            a.random_rotation,
+        )
         augmentations = []
         if brightness is not None:
             augmentations.append(T.ColorJitter(brightness=brightness))

@@ -85,35 +85,29 @@ def selavpr(
 ):
     """SelaVPR (DINOv2 ViT with adapters, global and local heads) as a plain nn.Module, on the CPU, in eval mode.
 
-    Args:
-        checkpoint: path of a SelaVPR checkpoint: the public files (``module.`` keys), a train.py
-            checkpoint, or a bare state dict. Loads every weight (strict).
-        foundation_model_path: path of the DINOv2 backbone weights (plain state dict). With a checkpoint
-            too, the checkpoint is loaded last and wins; alone, adapters and heads keep their
-            initialisation (only useful as a starting point for training).
-        backbone: "vit_large" (the paper), "vit_small", "vit_base", "vit_giant2", "vit_tiny" (tests).
-        registers: the DINOv2-with-registers variant (4 register tokens).
-        backbone_depth: number of blocks (default: the backbone's own).
-            backbone, registers and backbone_depth default to the settings stored in a checkpoint written
-            by this project's train.py, else to the paper's model (ViT-L/14, no registers); a value given
-            here that contradicts the checkpoint's is an error naming both.
-        allow_random_weights: return a randomly initialised model when no path is given (tests, demos).
+    checkpoint is the path of a SelaVPR checkpoint: the public files (``module.`` keys), a train.py
+    checkpoint, or a bare state dict; every weight is loaded (strict). foundation_model_path is the path
+    of the DINOv2 backbone weights (a plain state dict); with a checkpoint too, the checkpoint is loaded
+    last and wins; alone, adapters and heads keep their initialisation (only useful as a starting point
+    for training). backbone is "vit_large" (the paper), "vit_small", "vit_base", "vit_giant2" or
+    "vit_tiny" (tests); registers selects the DINOv2-with-registers variant (4 register tokens);
+    backbone_depth is the number of blocks (default: the backbone's own). These three default to the
+    settings stored in a checkpoint written by this project's train.py, else to the paper's model
+    (ViT-L/14, no registers); a value given here that contradicts the checkpoint's is an error naming
+    both. allow_random_weights returns a randomly initialised model when no path is given (tests, demos).
+
+    The result is a network.GeoLocalizationNet: ``model(images)`` with images (B, 3, H, W), H and W
+    multiples of 14, ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to
+    224 x 224 as in the evaluation) gives (local features (B, 4H/14-3, 4W/14-3, 128), global descriptors
+    (B, D)), both L2-normalised; ``model.global_descriptors(images)`` gives (B, D) alone. A path that does
+    not exist raises FileNotFoundError; no path without allow_random_weights, or a file that does not fit
+    the model, raises ValueError.
 
     Numerics: this function leaves torch's process-wide switches to the caller. On NVIDIA GPUs from
     Ampere on, torch runs convolutions (the patch embedding, LocalAdapt) in TF32 by default, which moves
     the features by about 1e-4 to 1e-3; for IEEE float32, what the project's commands run with
     ``--precision fp32``, set ``torch.backends.cudnn.allow_tf32 = False`` and
     ``torch.backends.cuda.matmul.allow_tf32 = False`` before calling the model.
-
-    Returns:
-        network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
-        ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to 224 x 224 as in
-        the evaluation) -> (local features (B, 4H/14-3, 4W/14-3, 128), global descriptors (B, D)),
-        both L2-normalised; ``model.global_descriptors(images)`` -> (B, D) alone.
-
-    Raises:
-        FileNotFoundError: a given path does not exist.
-        ValueError: no path given without allow_random_weights, or a file that does not fit the model.
     """
     for name, path in (("checkpoint", checkpoint), ("foundation_model_path", foundation_model_path)):
         if path is not None and not os.path.isfile(path):

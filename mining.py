@@ -16,6 +16,7 @@ indexes ``[database_num + q, best_positive, neg_1, ..., neg_k]``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Protocol, Sequence
 
 import faiss
@@ -120,6 +121,24 @@ def msls_query_weights(is_night: np.ndarray, is_sideways: np.ndarray) -> np.ndar
     weights[is_night] += queries_num / night_num
     weights[is_sideways] += queries_num / sideways_num
     return weights / weights.sum()
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningSettings:
+    """How train.py mines its triplets: the mode (--mining), the queries of an epoch, mined
+    cache_refresh_rate at a time with the current model, each from neg_samples_num sampled database
+    images, negs_num_per_query negatives per triplet."""
+
+    mode: str
+    queries_per_epoch: int
+    cache_refresh_rate: int
+    neg_samples_num: int
+    negs_num_per_query: int
+
+    @property
+    def loops_num(self) -> int:
+        """Mining loops of an epoch (the last queries_per_epoch % cache_refresh_rate are not used)."""
+        return self.queries_per_epoch // self.cache_refresh_rate
 
 
 # ----------------------------------------------------------------------------------------------

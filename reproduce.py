@@ -447,7 +447,7 @@ def nordland_protocol(counts: dict, utms: Optional[np.ndarray], *, threshold: fl
 
 
 def protocol_text(*, rerank_num: int, settings: dict, data: DataProtocol = DataProtocol()) -> str:
-    """ "paper protocol" or "non-paper protocol (what differs)", with the data set's own protocol (`data`:
+    """The words "paper protocol" or "non-paper protocol (what differs)", with the data set's own protocol (`data`:
     MSLS-val's queries, Nordland's variant and positives) spelled out."""
     notes = [data.note] if data.note else []
     deviations = [data.deviation] if data.deviation else []

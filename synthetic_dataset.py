@@ -27,6 +27,7 @@ from synthetic import (
     PRESETS,
     SPLITS,
     OptionError,
+    SyntheticOptions,
     ensure_dataset,
     generate,
     read_manifest,
@@ -39,6 +40,7 @@ __all__ = [
     "PRESETS",
     "SPLITS",
     "OptionError",
+    "SyntheticOptions",
     "build_parser",
     "ensure_dataset",
     "generate",
@@ -92,9 +94,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     folder = args.datasets_folder or os.environ.get("DATASETS_FOLDER")
     if not folder:
         parser.error("--datasets_folder is required (or set the DATASETS_FOLDER environment variable)")
-    options = dict(
+    sizes = {f"{s}_{w}_num": getattr(args, f"{s}_{w}_num") for s in SPLITS for w in ("database", "queries")}
+    options = SyntheticOptions(
         seed=args.seed,
         preset=args.preset,
+        **sizes,
         routes_per_split=args.routes_per_split,
         image_size=tuple(args.image_size),
         db_spacing_m=args.db_spacing_m,
@@ -103,15 +107,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lookalikes_per_km=args.lookalikes_per_km,
         jpeg_quality=args.jpeg_quality,
     )
-    for split in SPLITS:
-        for what in ("database", "queries"):
-            options[f"{split}_{what}_num"] = getattr(args, f"{split}_{what}_num")
     start = time.perf_counter()
     try:
         if args.if_missing:
-            root = ensure_dataset(folder, args.dataset_name, **options)
+            root = ensure_dataset(folder, args.dataset_name, options)
         else:
-            root = generate(folder, args.dataset_name, overwrite=args.overwrite, **options)
+            root = generate(folder, args.dataset_name, options, overwrite=args.overwrite)
     except (OptionError, FileExistsError, FileNotFoundError) as err:
         parser.error(str(err))
     manifest = read_manifest(root)

@@ -88,7 +88,7 @@ def recalls_to_str(recalls: Sequence[float], recall_values: Sequence[int]) -> st
 
 
 def capped_note(recall_values: Sequence[int], k: int) -> str:
-    """ "" when every N of recall_values fits the k candidates of each query, else the note that says the
+    """The empty string when every N of recall_values fits the k candidates of each query, else the note that says the
     larger ones are capped (the public release's recalls count only the candidates searched): appended
     to a recalls line, so that "R@1: 13.3, R@5: 13.3" with --rerank_num 1 is not read as a broken search."""
     capped = [n for n in recall_values if n > k]

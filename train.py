@@ -71,7 +71,7 @@ def main(args):
         query_keys_file=args.query_keys_file,
         negs_num_per_query=args.negs_num_per_query,
         train_positives_dist_threshold=args.train_positives_dist_threshold,
-        augmentation=dict(
+        augmentation=datasets_ws.QueryAugmentation(
             brightness=args.brightness,
             contrast=args.contrast,
             saturation=args.saturation,
@@ -122,29 +122,34 @@ def main(args):
         dist_ctx=ctx,
     )
 
+    trainee = Trainee(model=model, train_model=train_model, optimizer=optimizer, last_path=last_path)
+    mining_settings = mining.MiningSettings(
+        mode=args.mining,
+        queries_per_epoch=args.queries_per_epoch,
+        cache_refresh_rate=args.cache_refresh_rate,
+        neg_samples_num=args.neg_samples_num,
+        negs_num_per_query=args.negs_num_per_query,
+    )
+    step = StepSettings(
+        batch_size=args.train_batch_size,
+        compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
+        horizontal_flip=args.horizontal_flip,
+        margin=args.margin,
+        seed=args.seed,
+    )
+
     epochs_trained = 0
     for epoch_num in range(start_epoch, args.epochs_num):
         train_epoch(
             ctx=ctx,
-            model=model,
-            train_model=train_model,
-            optimizer=optimizer,
+            trainee=trainee,
             triplets_ds=triplets_ds,
             miner_state=miner_state,
             epoch_num=epoch_num,
-            queries_per_epoch=args.queries_per_epoch,
-            cache_refresh_rate=args.cache_refresh_rate,
-            mining_mode=args.mining,
-            neg_samples_num=args.neg_samples_num,
-            negs_num_per_query=args.negs_num_per_query,
-            train_batch_size=args.train_batch_size,
+            mining_settings=mining_settings,
+            step=step,
             infer_batch_size=args.infer_batch_size,
             num_workers=args.num_workers,
-            compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
-            horizontal_flip=args.horizontal_flip,
-            margin=args.margin,
-            seed=args.seed,
-            last_path=last_path,
         )
         epochs_trained += 1
         recalls = validate(model, val_ds, ctx=ctx, eval_kwargs=eval_kwargs, recall_values=args.recall_values)
@@ -200,10 +205,9 @@ def build_datasets(
     query_keys_file: str | None,
     negs_num_per_query: int,
     train_positives_dist_threshold: float,
-    augmentation: dict,
+    augmentation: datasets_ws.QueryAugmentation,
 ):
-    """(training triplets, validation set, test set) of a data set; `augmentation`: TripletsDataset's
-    augmentation keywords (brightness, ..., random_rotation) for the training queries."""
+    """(training triplets, validation set, test set) of a data set; `augmentation`: the training queries'."""
     triplets_ds = datasets_ws.TripletsDataset(
         datasets_folder,
         dataset_name,
@@ -211,7 +215,7 @@ def build_datasets(
         resize=resize,
         negs_num_per_query=negs_num_per_query,
         train_positives_dist_threshold=train_positives_dist_threshold,
-        **augmentation,
+        augmentation=augmentation,
     )
     logging.info(f"Train query set: {triplets_ds}")
     val_ds = datasets_ws.BaseDataset(
@@ -416,59 +420,77 @@ def mining_descriptors(
     return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes, batch_size=batch_size)
 
 
+@dataclass(frozen=True)
+class Trainee:
+    """The model being trained: bare (mining, checkpoints), as trained (DDP's wrapper under torchrun, the
+    same module otherwise), its optimizer, and the path of its last checkpoint (named when a loss fails)."""
+
+    model: torch.nn.Module
+    train_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    last_path: str
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each training step runs: global batches of batch_size triplets, `compute` (--precision, and
+    --deterministic for the steps), a flip of the whole batch or none (--horizontal_flip), the triplet
+    margin, and the run's seed (each mining loop's augmentations are drawn from it)."""
+
+    batch_size: int
+    compute: numerics.Compute
+    horizontal_flip: bool
+    margin: float
+    seed: int
+
+
 def train_epoch(
     *,
     ctx: distributed.Context,
-    model: torch.nn.Module,
-    train_model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    trainee: Trainee,
     triplets_ds: datasets_ws.TripletsDataset,
     miner_state: mining.MiningState,
     epoch_num: int,
-    queries_per_epoch: int,
-    cache_refresh_rate: int,
-    mining_mode: str,
-    neg_samples_num: int,
-    negs_num_per_query: int,
-    train_batch_size: int,
+    mining_settings: mining.MiningSettings,
+    step: StepSettings,
     infer_batch_size: int,
     num_workers: int,
-    compute: numerics.Compute,
-    horizontal_flip: bool,
-    margin: float,
-    seed: int,
-    last_path: str,
 ) -> None:
-    """One epoch: queries_per_epoch // cache_refresh_rate loops, each mining cache_refresh_rate triplets
-    with the current model, then training on them in global batches of train_batch_size queries; logs
-    the average losses. `model` is the bare model (mining), `train_model` the one trained (DDP's wrapper
-    under torchrun); `compute`: --precision (mining and training) and --deterministic (training steps)."""
+    """One epoch: mining_settings.loops_num loops, each mining cache_refresh_rate triplets with the current
+    model (its descriptors extracted in batches of infer_batch_size), then training on them (train_batches,
+    loaded by num_workers processes); logs the average losses."""
     logging.info(f"Start training epoch: {epoch_num:02d}")
     epoch_start = datetime.now()
+    m = mining_settings
     descriptors_fn = mining_descriptors(
-        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=compute.precision
+        ctx,
+        trainee.model,
+        triplets_ds,
+        batch_size=infer_batch_size,
+        num_workers=num_workers,
+        precision=step.compute.precision,
     )
-    loops_num = queries_per_epoch // cache_refresh_rate
+    loops_num = m.loops_num
     epoch_losses = []
     for loop_num in range(loops_num):
         logging.debug(f"Cache: {loop_num} / {loops_num}")
         ctx.sync_numpy_rng()  # torchrun: rank 0's NumPy generator decides every rank's mining draws
         mining.mine_triplets(
             triplets_ds,
-            mode=mining_mode,
+            mode=m.mode,
             descriptors_fn=descriptors_fn,
-            cache_refresh_rate=cache_refresh_rate,
-            neg_samples_num=neg_samples_num,
-            negs_num_per_query=negs_num_per_query,
+            cache_refresh_rate=m.cache_refresh_rate,
+            neg_samples_num=m.neg_samples_num,
+            negs_num_per_query=m.negs_num_per_query,
             state=miner_state,
         )
         # torchrun: all ranks mined alike, rank 0's triplets are the reference; each rank draws its own
         # augmentations and loads its share of every global batch.
         triplets_ds.triplets_global_indexes = ctx.broadcast_array(triplets_ds.triplets_global_indexes)
-        ctx.reseed_augmentations(seed=seed, epoch_num=epoch_num, loop_num=loop_num)
+        ctx.reseed_augmentations(seed=step.seed, epoch_num=epoch_num, loop_num=loop_num)
         loader = ctx.training_loader(
             triplets_ds,
-            batch_size=train_batch_size,
+            batch_size=step.batch_size,
             num_workers=num_workers,
             collate_fn=datasets_ws.collate_fn,
             pin_memory=ctx.device.startswith("cuda"),
@@ -476,14 +498,10 @@ def train_epoch(
         loop_losses = train_batches(
             loader,
             ctx=ctx,
-            train_model=train_model,
-            optimizer=optimizer,
-            compute=compute,
-            horizontal_flip=horizontal_flip,
-            margin=margin,
-            normaliser=train_batch_size * negs_num_per_query,
+            trainee=trainee,
+            step=step,
+            normaliser=step.batch_size * m.negs_num_per_query,
             where=f"epoch {epoch_num}, loop {loop_num}",
-            last_path=last_path,
             desc=f"Epoch {epoch_num:02d} loop {loop_num}",
         )
         epoch_losses += loop_losses
@@ -500,35 +518,32 @@ def train_batches(
     loader: torch.utils.data.DataLoader,
     *,
     ctx: distributed.Context,
-    train_model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    compute: numerics.Compute,
-    horizontal_flip: bool,
-    margin: float,
+    trainee: Trainee,
+    step: StepSettings,
     normaliser: int,
     where: str,
-    last_path: str,
     desc: str,
 ) -> List[Tuple[float, float]]:
     """One optimiser step per batch of `loader`; returns each global batch's (triplet loss, local loss).
 
     normaliser: train_batch_size * negs_num_per_query of the global batch. A non-finite loss stops
     training with a message naming `where` (e.g. "epoch 0, loop 1") and the last good checkpoint.
-    compute.deterministic: each step runs in numerics.deterministic_training (on a GPU).
+    step.compute.deterministic: each step runs in numerics.deterministic_training (on a GPU).
     """
+    train_model, optimizer, compute, last_path = trainee.train_model, trainee.optimizer, step.compute, trainee.last_path
     train_model.train()
     losses = []
     for batch_num, (images, triplets_local_indexes, _) in enumerate(
         tqdm(loader, desc=desc, ncols=100, leave=False, disable=None)
     ):
-        if horizontal_flip:  # the whole batch or none
+        if step.horizontal_flip:  # the whole batch or none
             images = ctx.flip_together(images)
         with numerics.deterministic_training(enabled=compute.deterministic, device_type=torch.device(ctx.device).type):
             local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
                 train_model, images.to(ctx.device, non_blocking=True), precision=compute.precision
             )
             global_loss, local_loss = loss.triplet_losses(
-                local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
+                local_features, global_features, triplets_local_indexes, margin=step.margin, normaliser=normaliser
             )
             total = global_loss + local_loss
             # The global batch's losses on every rank: all stop together on a bad one.

@@ -21,6 +21,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +40,7 @@ __all__ = [
     "opencv",
     "fundamental_ransac",
     "distinct_colours",
+    "MatchStyle",
     "draw_matches",
     "feature_heatmap",
     "jet_colormap",
@@ -229,6 +231,22 @@ def _side_by_side(
     return canvas, scales[0], scales[1], shown[0].width + gap
 
 
+@dataclasses.dataclass(frozen=True)
+class MatchStyle:
+    """How draw_matches lays the picture out. max_lines: at most this many lines (an evenly spaced subset
+    of the kept matches, in their given order; None: all). height: the display height of both pictures
+    (aspect ratios kept; None keeps image A's height and resizes B to it). gap: white pixels between
+    them. line_width: in pixels."""
+
+    max_lines: int | None = None
+    height: int | None = None
+    gap: int = 0
+    line_width: int = 1
+
+
+DEFAULT_STYLE = MatchStyle()
+
+
 def draw_matches(
     image_a: Image.Image,
     image_b: Image.Image,
@@ -239,10 +257,7 @@ def draw_matches(
     *,
     ransac: bool = True,
     threshold: float = 5.0,
-    max_lines: int | None = None,
-    height: int | None = None,
-    gap: int = 0,
-    line_width: int = 1,
+    style: MatchStyle = DEFAULT_STYLE,
 ) -> Image.Image:
     """Two images side by side with one coloured line per feature match -> an RGB PIL image of size
     (W_a' + gap + W_b', height'), the lines drawn over it.
@@ -255,11 +270,10 @@ def draw_matches(
     ransac keeps only matches consistent with a RANSAC fundamental matrix, computed in the pixel
     coordinates of ``image_a`` / ``image_b`` as given (before the display resize below), by
     ``fundamental_ransac`` (needs OpenCV), with ``threshold`` as the inlier distance in those pixels.
-    With fewer than 8 matches nothing can be verified and no line is drawn. max_lines draws at most
-    this many lines (an evenly spaced subset of the kept matches, in their given order; None: all).
-    height is the display height of both pictures (aspect ratios kept; None keeps image A's height and
-    resizes B to it); gap the white pixels between them; line_width in pixels.
+    With fewer than 8 matches nothing can be verified and no line is drawn. style: how many lines,
+    how large and how far apart (MatchStyle).
     """
+    max_lines, height, gap, line_width = style.max_lines, style.height, style.gap, style.line_width
     image_a = _rgb(image_a, name="image_a")
     image_b = _rgb(image_b, name="image_b")
     a = _to_numpy(idx_a, name="idx_a")

@@ -595,7 +595,7 @@ def _dataset(folder: str) -> str:
     import synthetic_dataset
 
     if not os.path.isdir(os.path.join(folder, "synthetic")):
-        synthetic_dataset.generate(folder, "synthetic", seed=0, preset="tiny")
+        synthetic_dataset.generate(folder, "synthetic", synthetic_dataset.SyntheticOptions(seed=0, preset="tiny"))
     return folder
 
 

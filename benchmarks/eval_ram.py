@@ -85,7 +85,9 @@ def main():
     for n in (args.small, args.large):
         name = f"db{n}"
         synthetic_dataset.ensure_dataset(
-            folder, name, preset="tiny", test_database_num=n, test_queries_num=args.queries
+            folder,
+            name,
+            synthetic_dataset.SyntheticOptions(preset="tiny", test_database_num=n, test_queries_num=args.queries),
         )
         for efficient in (True, False):
             rss, recalls = run_eval(folder, name, efficient, folder)

@@ -26,6 +26,7 @@ peak RSS of the process.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -308,22 +309,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """The model measured: a backbone of network.GeoLocalizationNet, optionally cut to its first blocks."""
+
+    name: str = "vit_large"
+    depth: Optional[int] = None
+    registers: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderRun:
+    """The extract_features pass over synthetic images: how many, in batches of how many, and with which
+    numbers of loader processes (one measurement each; 0 images: skipped)."""
+
+    images: int = 4
+    batch_size: int = 2
+    workers: Sequence[int] = (0, 2)
+
+
 def run(
     *,
-    backbone: str = "vit_large",
-    backbone_depth: Optional[int] = None,
-    registers: bool = False,
+    backbone: Backbone = Backbone(),
     device: str = "cpu",
     images: int = 8,
     batch_size: int = 2,
     warmup_images: int = 1,
     resize: Sequence[int] = (224, 224),
-    loader_images: int = 4,
-    loader_batch_size: int = 2,
-    loader_workers: Sequence[int] = (0, 2),
+    loader: LoaderRun = LoaderRun(),
     seed: int = 0,
 ) -> Dict[str, float]:
     """Run every measurement, print the report, return the numbers (images/s, max |diff|, peak RSS)."""
+    backbone_depth, registers = backbone.depth, backbone.registers
+    loader_images, loader_batch_size, loader_workers = loader.images, loader.batch_size, loader.workers
+    backbone = backbone.name
     for flag, value in (("images", images), ("batch_size", batch_size), ("loader_batch_size", loader_batch_size)):
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1 (got {value})")
@@ -370,7 +389,7 @@ def run(
         from datasets_ws import BaseDataset
 
         with tempfile.TemporaryDirectory(prefix="selavpr_extract_bench_") as folder:
-            synthetic_dataset.generate(folder, "synthetic", preset="tiny")
+            synthetic_dataset.generate(folder, "synthetic", synthetic_dataset.SyntheticOptions(preset="tiny"))
             dataset = BaseDataset(folder, "synthetic", "test", resize=resize)
             indexes = list(range(min(loader_images, len(dataset))))
             dataset.load(indexes[0], "hard_resize")  # untimed: first-call set-up of decoding and resizing
@@ -401,7 +420,16 @@ def run(
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(**vars(args))
+        run(
+            backbone=Backbone(name=args.backbone, depth=args.backbone_depth, registers=args.registers),
+            device=args.device,
+            images=args.images,
+            batch_size=args.batch_size,
+            warmup_images=args.warmup_images,
+            resize=args.resize,
+            loader=LoaderRun(images=args.loader_images, batch_size=args.loader_batch_size, workers=args.loader_workers),
+            seed=args.seed,
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

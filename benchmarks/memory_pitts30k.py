@@ -27,6 +27,7 @@ Exit status: 0 PASS, 1 FAIL, 2 bad options / no space.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import shutil
@@ -108,15 +109,26 @@ def disk_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What is simulated: database and query images, how many queries are re-ranked against how many
+    candidates, the dense feature map (H, W, C) and the global descriptor's dimension."""
+
+    database_num: int = PITTS30K_DATABASE
+    queries_num: int = PITTS30K_QUERIES
+    rerank_queries: int = 5
+    rerank_num: int = 100
+    dense_size: Sequence[int] = (61, 61, 128)
+    global_dim: int = 1024
+
+
+PITTS30K_SIZES = Sizes()
+
+
 def run_benchmark(
+    sizes: Sizes = PITTS30K_SIZES,
     *,
-    database_num: int = PITTS30K_DATABASE,
-    queries_num: int = PITTS30K_QUERIES,
-    rerank_queries: int = 5,
-    rerank_num: int = 100,
     folder: Optional[str] = None,
-    dense_size: Sequence[int] = (61, 61, 128),
-    global_dim: int = 1024,
     batch_size: int = 16,
     chunk_size: int = 16,
     touch_database: bool = False,
@@ -131,6 +143,8 @@ def run_benchmark(
     touched_rss_anon_bytes,
     touched_rss_file_bytes (through the map).
     """
+    database_num, queries_num, rerank_queries = sizes.database_num, sizes.queries_num, sizes.rerank_queries
+    rerank_num, dense_size, global_dim = sizes.rerank_num, sizes.dense_size, sizes.global_dim
     for flag, value in (
         ("database_num", database_num),
         ("queries_num", queries_num),
@@ -271,14 +285,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         flush=True,
     )
     try:
-        r = run_benchmark(
+        sizes = Sizes(
             database_num=args.database_num,
             queries_num=args.queries_num,
             rerank_queries=args.rerank_queries,
             rerank_num=args.rerank_num,
-            folder=args.folder,
             dense_size=args.dense_size,
             global_dim=args.global_dim,
+        )
+        r = run_benchmark(
+            sizes,
+            folder=args.folder,
             batch_size=args.batch_size,
             chunk_size=args.chunk_size,
             touch_database=args.touch_database,

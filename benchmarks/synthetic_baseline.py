@@ -106,7 +106,9 @@ def run(
         folder = datasets_folder or temp
         existed = os.path.isdir(os.path.join(folder, dataset_name))
         start = time.perf_counter()
-        root = synthetic_dataset.ensure_dataset(folder, dataset_name, seed=seed, preset=preset)
+        root = synthetic_dataset.ensure_dataset(
+            folder, dataset_name, synthetic_dataset.SyntheticOptions(seed=seed, preset=preset)
+        )
         gen_s = None if existed else time.perf_counter() - start
         count, size = folder_size(str(root))
         database = list_images(str(root / "images" / split / "database"))

@@ -94,7 +94,7 @@ def main():
         print(f"writing a random ViT-L/14 checkpoint to {args.checkpoint} ...", flush=True)
         write_checkpoint(args.checkpoint)
     folder = args.folder or tempfile.mkdtemp(prefix="weights_ram_")
-    synthetic_dataset.ensure_dataset(folder, "synthetic", preset="tiny")
+    synthetic_dataset.ensure_dataset(folder, "synthetic", synthetic_dataset.SyntheticOptions(preset="tiny"))
     rows = {}
     for mapped in (False, True):
         workdir = os.path.join(folder, "mapped" if mapped else "copied")

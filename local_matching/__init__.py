@@ -65,25 +65,22 @@ def mutual_nn_scores(
 ) -> torch.Tensor:
     """Re-rank scores: the number of mutual nearest neighbours between the query and each candidate.
 
-    Args:
-        query_local: (Lq, C) or (h, w, C) tensor or array; its device is where the work runs.
-        database_store: indexable by an int database index, returning that image's dense features
-            (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object (a
-            dense_store.DenseStore is read straight into the staging buffers, staging.py).
-        candidate_indices: (K,) ints, database indices of the candidates.
-        chunk_size: at most this many candidates are loaded and processed together (one batched
-            matmul on the plain path and on the GPU engine; on the CPU engine, batches of at most 4);
-            a few such chunks are in memory at once, so peak memory is independent of K.
-        row_tile: rows of S per tile on the CPU engine, per exact recomputation on the GPU engine (a
-            multiple of 32).
-        fast_path: None = the bfloat16 screen where it pays (a CPU with bf16 matrix hardware; a GPU
-            with torch's bfloat16 -> float32 matmul); True / False forces it on / off. Results are
-            identical either way; only the speed differs.
-        gpu_engine: None = the GPU engine (engine.py) on any device but the CPU; True runs it on the
-            CPU too (tests), False never.
-    Returns:
-        float32 tensor (K,) on query_local's device. Exact: equal to counting on the full float32
-        similarity matrix (ties included). Exactly one mutual pair scores 1 (see module doc).
+    query_local is (Lq, C) or (h, w, C), a tensor or an array; its device is where the work runs.
+    database_store is indexable by an int database index and returns that image's dense features (L, C)
+    or (h, w, C): a numpy array or memmap, a torch tensor, or a store object (a dense_store.DenseStore is
+    read straight into the staging buffers, staging.py). candidate_indices: (K,) ints, the candidates'
+    database indices. Returns a float32 tensor (K,) on query_local's device, exactly equal to counting
+    on the full float32 similarity matrix (ties included); exactly one mutual pair scores 1 (see the
+    module doc).
+
+    chunk_size: at most this many candidates are loaded and processed together (one batched matmul on
+    the plain path and on the GPU engine; on the CPU engine, batches of at most 4); a few such chunks are
+    in memory at once, so peak memory does not grow with K. row_tile: rows of S per tile on the CPU
+    engine, per exact recomputation on the GPU engine (a multiple of 32). fast_path: None uses the
+    bfloat16 screen where it pays (a CPU with bf16 matrix hardware; a GPU with torch's bfloat16 ->
+    float32 matmul); True / False forces it on / off; results are identical either way, only the speed
+    differs. gpu_engine: None runs the GPU engine (engine.py) on any device but the CPU; True runs it on
+    the CPU too (tests), False never.
     """
     check_sizes(chunk_size, row_tile)
     query = _as_feature_matrix(query_local, "query_local")

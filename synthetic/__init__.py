@@ -41,7 +41,7 @@ The modules, each importing only those above it in this list:
 * ``writer``: generation of the splits, the manifest, atomic publishing, reuse.
 """
 
-from .options import GENERATOR_VERSION, PRESETS, OptionError, resolve_options
+from .options import GENERATOR_VERSION, PRESETS, OptionError, SyntheticOptions, resolve_options
 from .plan import SPLITS
 from .writer import MANIFEST_NAME, ensure_dataset, generate, read_manifest
 
@@ -51,6 +51,7 @@ __all__ = [
     "PRESETS",
     "SPLITS",
     "OptionError",
+    "SyntheticOptions",
     "ensure_dataset",
     "generate",
     "read_manifest",

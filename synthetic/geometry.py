@@ -1,7 +1,7 @@
 """Map geometry and image names of the synthetic data set (pure functions, metres, no pixels).
 
 * ``utm_to_latlon``: WGS84 latitude/longitude of a UTM position, for the lat/lon fields of names;
-* ``pano_id`` and ``format_image_name``: the Mapillary-like key and the benchmark's
+* ``pano_id``, ``ImageLabel`` and ``format_image_name``: the Mapillary-like key and the benchmark's
   ``@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg``;
 * ``Route``: a street as a polyline, its random shape (``make_route_shape``), and the position and
   direction of travel at given arc lengths (``route_position``);
@@ -73,40 +73,47 @@ def pano_id(seed: int, split: str, kind: str, index: int) -> str:
     return base64.urlsafe_b64encode(digest).decode("ascii")[:22]
 
 
-def format_image_name(
-    *,
-    east: float,
-    north: float,
-    lat: float,
-    lon: float,
-    key: str,
-    tile: str,
-    heading: float,
-    pitch: float,
-    roll: float,
-    height: float,
-    timestamp: int,
-    note: str,
-) -> str:
+@dataclasses.dataclass(frozen=True)
+class ImageLabel:
+    """What an image's file name records: its labelled UTM position (metres) and lat/lon (degrees), the
+    Mapillary-like key, the tile, the camera's heading/pitch/roll (degrees) and height (metres), the
+    capture time (Unix seconds) and a free note."""
+
+    east: float
+    north: float
+    lat: float
+    lon: float
+    key: str
+    tile: str
+    heading: float
+    timestamp: int
+    note: str
+    pitch: float = 0.0
+    roll: float = 0.0
+    height: float = 2.5
+
+
+def format_image_name(label: ImageLabel) -> str:
     """``@utm_east@utm_north@zone@letter@lat@lon@pano_id@tile@heading@pitch@roll@height@timestamp@note@.jpg``.
 
     UTM in metres with 2 decimals; ``name.split('@')`` gives '' + 14 fields + '.jpg'.
     """
+    east, north, heading = label.east, label.north, label.heading
     fields = [
         f"{east:.2f}",
         f"{north:.2f}",
         str(UTM_ZONE_NUMBER),
         UTM_ZONE_LETTER,
-        f"{lat:.6f}",
-        f"{lon:.6f}",
-        key,
-        tile,
+        f"{label.lat:.6f}",
+        f"{label.lon:.6f}",
+        label.key,
+        label.tile,
         f"{round(heading % 360.0, 2) % 360.0:.2f}",
-        f"{pitch:.2f}",
-        f"{roll:.2f}",
-        f"{height:.2f}",
-        str(int(timestamp)),
-        note,
+        f"{label.pitch:.2f}",
+        f"{label.roll:.2f}",
+        f"{label.height:.2f}",
+        str(int(label.timestamp)),
+        label.note,
     ]
     for value in fields:
         if "@" in value or "/" in value or os.sep in value:

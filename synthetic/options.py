@@ -1,12 +1,13 @@
 """The options of the synthetic data set: presets, checks, and the ``params`` the manifest records.
 
-``resolve_options`` checks every option (the command-line flag ``--name`` is the keyword ``name``)
-and fills the sizes a preset leaves open. Its result is what ``ensure_dataset`` compares with an
-existing set's manifest to decide whether that set may be reused.
+``SyntheticOptions`` holds them (the command-line flag ``--name`` is the field ``name``);
+``resolve_options`` checks every option and fills the sizes a preset leaves open. Its result is what
+``ensure_dataset`` compares with an existing set's manifest to decide whether that set may be reused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
@@ -33,28 +34,45 @@ class OptionError(ValueError):
     """A bad option or a data set folder that does not match the options; the message names the flag."""
 
 
-def resolve_options(
-    *,
-    seed: int = 0,
-    preset: str = "default",
-    train_database_num: Optional[int] = None,
-    train_queries_num: Optional[int] = None,
-    val_database_num: Optional[int] = None,
-    val_queries_num: Optional[int] = None,
-    test_database_num: Optional[int] = None,
-    test_queries_num: Optional[int] = None,
-    routes_per_split: Optional[int] = None,
-    image_size: Sequence[int] = (192, 256),
-    db_spacing_m: float = 6.0,
-    night_fraction: float = 0.25,
-    sideways_fraction: float = 0.4,
-    lookalikes_per_km: float = 2.0,
-    jpeg_quality: int = 90,
-) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SyntheticOptions:
+    """The generator's options, one field per flag of synthetic_dataset.py (``--name`` = field ``name``).
+
+    Sizes left at None come from the preset ("default": train 600/300, val 200/100, test 300/150
+    database/queries images and 4/2/3 routes; "tiny": 40/15 images and 2 routes per split);
+    ``image_size`` is (H, W) of every image. Checked by :func:`resolve_options`, not here, so that a bad
+    value is reported with its flag's name wherever the options come from.
+    """
+
+    seed: int = 0
+    preset: str = "default"
+    train_database_num: Optional[int] = None
+    train_queries_num: Optional[int] = None
+    val_database_num: Optional[int] = None
+    val_queries_num: Optional[int] = None
+    test_database_num: Optional[int] = None
+    test_queries_num: Optional[int] = None
+    routes_per_split: Optional[int] = None
+    image_size: Sequence[int] = (192, 256)
+    db_spacing_m: float = 6.0
+    night_fraction: float = 0.25
+    sideways_fraction: float = 0.4
+    lookalikes_per_km: float = 2.0
+    jpeg_quality: int = 90
+
+
+DEFAULT_OPTIONS = SyntheticOptions()
+
+
+def resolve_options(options: SyntheticOptions = DEFAULT_OPTIONS) -> dict:
     """Validate the options and fill the preset's sizes: a JSON-able dict (the manifest's ``params``).
 
     Raises ValueError naming the flag (``--name`` = keyword ``name``) and the accepted range.
     """
+    o = options
+    seed, preset, routes_per_split, image_size = o.seed, o.preset, o.routes_per_split, o.image_size
+    db_spacing_m, night_fraction, sideways_fraction = o.db_spacing_m, o.night_fraction, o.sideways_fraction
+    lookalikes_per_km, jpeg_quality = o.lookalikes_per_km, o.jpeg_quality
 
     def bad(flag: str, msg: str) -> OptionError:
         return OptionError(f"--{flag} {msg}")
@@ -64,14 +82,9 @@ def resolve_options(
     if preset not in PRESETS:
         raise bad("preset", f"must be one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
-    given = dict(
-        train_database_num=train_database_num,
-        train_queries_num=train_queries_num,
-        val_database_num=val_database_num,
-        val_queries_num=val_queries_num,
-        test_database_num=test_database_num,
-        test_queries_num=test_queries_num,
-    )
+    given = {
+        f"{split}_{what}_num": getattr(o, f"{split}_{what}_num") for split in SPLITS for what in ("database", "queries")
+    }
     sizes, routes = {}, {}
     for split in SPLITS:
         r = p["routes"][split] if routes_per_split is None else routes_per_split

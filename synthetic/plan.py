@@ -16,7 +16,15 @@ import math
 import numpy as np
 
 from .camera import MAX_LATERAL_M, QUERY_MAX_YAW_DEG
-from .geometry import format_image_name, make_route, make_route_shape, pano_id, route_position, utm_to_latlon
+from .geometry import (
+    ImageLabel,
+    format_image_name,
+    make_route,
+    make_route_shape,
+    pano_id,
+    route_position,
+    utm_to_latlon,
+)
 
 SPLITS = ("train", "val", "test")
 # Split areas: far apart (tens of km) so no positive can cross splits. Zone 17T ~ southern Ontario.
@@ -180,7 +188,7 @@ def plan_split(
         key = pano_id(seed, split, rec["kind"], rec["index"])
         lat, lon = utm_to_latlon(rec["east"], rec["north"])
         note = ("night" if rec["night"] else "day") + "_" + ("sideways" if rec["sideways"] else "forward")
-        name = format_image_name(
+        label = ImageLabel(
             east=rec["east"],
             north=rec["north"],
             lat=lat,
@@ -188,12 +196,10 @@ def plan_split(
             key=key,
             tile=f"r{rec['route']}",
             heading=rec["heading"],
-            pitch=0.0,
-            roll=0.0,
-            height=2.5,
             timestamp=rec["timestamp"],
             note=note,
         )
+        name = format_image_name(label)
         return Shot(key=key, name=name, **rec)
 
     plan = SplitPlan(

@@ -15,14 +15,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
 from .buildings import plan_buildings
 from .camera import make_geometry
 from .geometry import min_distances
-from .options import OptionError, resolve_options
+from .options import DEFAULT_OPTIONS, OptionError, SyntheticOptions, resolve_options
 from .plan import HARD_POSITIVE_RADIUS_M, SPLITS, plan_split, split_rng
 from .scene import render_route_scene
 from .views import make_noise_bank, render_shot
@@ -120,48 +119,17 @@ def _publish(temp_root: Path, target: Path, overwrite: bool) -> None:
 def generate(
     datasets_folder: str,
     dataset_name: str = "synthetic",
+    options: SyntheticOptions = DEFAULT_OPTIONS,
     *,
-    seed: int = 0,
-    preset: str = "default",
-    train_database_num: Optional[int] = None,
-    train_queries_num: Optional[int] = None,
-    val_database_num: Optional[int] = None,
-    val_queries_num: Optional[int] = None,
-    test_database_num: Optional[int] = None,
-    test_queries_num: Optional[int] = None,
-    routes_per_split: Optional[int] = None,
-    image_size: Sequence[int] = (192, 256),
-    db_spacing_m: float = 6.0,
-    night_fraction: float = 0.25,
-    sideways_fraction: float = 0.4,
-    lookalikes_per_km: float = 2.0,
-    jpeg_quality: int = 90,
     overwrite: bool = False,
 ) -> Path:
     """Generate the data set and return its root ``<datasets_folder>/<dataset_name>``.
 
-    Sizes default to the preset ("default": train 600/300, val 200/100, test 300/150 database/queries;
-    "tiny": 40/15 per split); ``image_size`` is (H, W) of every image. Written into a hidden temporary
-    folder beside the target and renamed into place when complete. An existing target is an error
-    unless ``overwrite`` (then it is replaced only once the new set is complete).
+    Written into a hidden temporary folder beside the target and renamed into place when complete. An
+    existing target is an error unless ``overwrite`` (then it is replaced only once the new set is
+    complete).
     """
-    params = resolve_options(
-        seed=seed,
-        preset=preset,
-        train_database_num=train_database_num,
-        train_queries_num=train_queries_num,
-        val_database_num=val_database_num,
-        val_queries_num=val_queries_num,
-        test_database_num=test_database_num,
-        test_queries_num=test_queries_num,
-        routes_per_split=routes_per_split,
-        image_size=image_size,
-        db_spacing_m=db_spacing_m,
-        night_fraction=night_fraction,
-        sideways_fraction=sideways_fraction,
-        lookalikes_per_km=lookalikes_per_km,
-        jpeg_quality=jpeg_quality,
-    )
+    params = resolve_options(options)
     target = _check_name(datasets_folder, dataset_name)
     if target.exists() and not overwrite:
         raise FileExistsError(
@@ -197,24 +165,7 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 
 def ensure_dataset(
-    datasets_folder: str,
-    dataset_name: str = "synthetic",
-    *,
-    seed: int = 0,
-    preset: str = "default",
-    train_database_num: Optional[int] = None,
-    train_queries_num: Optional[int] = None,
-    val_database_num: Optional[int] = None,
-    val_queries_num: Optional[int] = None,
-    test_database_num: Optional[int] = None,
-    test_queries_num: Optional[int] = None,
-    routes_per_split: Optional[int] = None,
-    image_size: Sequence[int] = (192, 256),
-    db_spacing_m: float = 6.0,
-    night_fraction: float = 0.25,
-    sideways_fraction: float = 0.4,
-    lookalikes_per_km: float = 2.0,
-    jpeg_quality: int = 90,
+    datasets_folder: str, dataset_name: str = "synthetic", options: SyntheticOptions = DEFAULT_OPTIONS
 ) -> Path:
     """Return the data set root, generating it first (as :func:`generate`) when it does not exist yet.
 
@@ -224,24 +175,7 @@ def ensure_dataset(
     interrupted run leaves nothing that this function would trust (at most a hidden ``.NAME.tmp-*``
     folder when the process was killed outright, which can be deleted).
     """
-    options = dict(
-        seed=seed,
-        preset=preset,
-        train_database_num=train_database_num,
-        train_queries_num=train_queries_num,
-        val_database_num=val_database_num,
-        val_queries_num=val_queries_num,
-        test_database_num=test_database_num,
-        test_queries_num=test_queries_num,
-        routes_per_split=routes_per_split,
-        image_size=image_size,
-        db_spacing_m=db_spacing_m,
-        night_fraction=night_fraction,
-        sideways_fraction=sideways_fraction,
-        lookalikes_per_km=lookalikes_per_km,
-        jpeg_quality=jpeg_quality,
-    )
-    params = resolve_options(**options)
+    params = resolve_options(options)
     target = _check_name(datasets_folder, dataset_name)
     if not target.exists():
         try:

@@ -94,7 +94,7 @@ def synthetic_root(tmp_path_factory):
     import synthetic_dataset
 
     folder = tmp_path_factory.mktemp("datasets")
-    synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
+    synthetic_dataset.generate(str(folder), "synthetic", synthetic_dataset.SyntheticOptions(seed=0, preset="tiny"))
     return str(folder), "synthetic"
 
 

@@ -22,6 +22,7 @@ def _load(name):
     """Import benchmarks/<name>.py as a module (benchmarks/ is a folder of scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -164,12 +165,9 @@ def test_memory_script_smoke(memory, tmp_path, capsys):
 
 def test_memory_run_benchmark_numbers_and_fail_line(memory, capsys):
     r = memory.run_benchmark(
-        database_num=20,
-        queries_num=9,
-        rerank_queries=3,
-        rerank_num=8,
-        dense_size=(9, 9, 8),
-        global_dim=16,
+        memory.Sizes(
+            database_num=20, queries_num=9, rerank_queries=3, rerank_num=8, dense_size=(9, 9, 8), global_dim=16
+        ),
         batch_size=7,
         touch_database=True,
         progress=False,
@@ -214,9 +212,9 @@ def test_memory_free_space_check(memory, tmp_path):
 
 def test_memory_bad_options(memory):
     with pytest.raises(ValueError, match="--rerank_queries"):
-        memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=3, dense_size=(3, 3, 2))
+        memory.run_benchmark(memory.Sizes(database_num=4, queries_num=2, rerank_queries=3, dense_size=(3, 3, 2)))
     with pytest.raises(ValueError, match="--dense_size"):
-        memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=1, dense_size=(3, 0, 2))
+        memory.run_benchmark(memory.Sizes(database_num=4, queries_num=2, rerank_queries=1, dense_size=(3, 0, 2)))
 
 
 def test_rerank_staging_benchmark_runs_and_prints_ratios():

@@ -389,8 +389,7 @@ def test_triplets_getitem_pil_resize_path_and_collate(tmp_path):
 
 
 def test_query_augmentations_in_order(tmp_path):
-    ds = _training_set(
-        str(tmp_path),
+    augmentation = dw.QueryAugmentation(
         brightness=0.1,
         contrast=0.2,
         saturation=0.3,
@@ -399,6 +398,7 @@ def test_query_augmentations_in_order(tmp_path):
         random_resized_crop=0.5,
         random_rotation=7,
     )
+    ds = _training_set(str(tmp_path), augmentation=augmentation)
     steps = ds.query_transform.transforms
     assert [type(t).__name__ for t in steps] == ["ColorJitter"] * 4 + [
         "RandomPerspective",

@@ -87,3 +87,25 @@ def test_flags_page_names_every_flag_of_every_command():
             if flags and not any(row.startswith(f"| `{flags[-1]}`") and command in row for row in rows):
                 missing.append(f"{command} {flags[-1]}")
     assert not missing, "docs/flags.md lacks a row (with the command) for: " + ", ".join(missing)
+
+
+SECTION = re.compile(r"^\s+(Args|Arguments|Parameters|Returns|Raises|Yields|Attributes|Examples?|Notes?):\s*$", re.M)
+
+
+def _python_files():
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in ("tests", "__pycache__", "datasets")]
+        yield from (os.path.join(folder, f) for f in files if f.endswith(".py"))
+
+
+def test_docstrings_are_prose_not_sections():
+    """One docstring style: what a function takes and returns, in sentences with shapes (ruff keeps their
+    layout; this keeps Google/NumPy section headings out)."""
+    found = []
+    for path in _python_files():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        found += [
+            f"{os.path.relpath(path, ROOT)}:{text.count(chr(10), 0, m.start()) + 2}" for m in SECTION.finditer(text)
+        ]
+    assert not found, f"docstring section headings (write prose instead): {found}"

@@ -32,7 +32,7 @@ RESIZE = (112, 112)
 def synthetic(tmp_path_factory):
     """The tiny synthetic set: (datasets folder, name, its test split's database and query paths)."""
     folder = tmp_path_factory.mktemp("datasets")
-    synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
+    synthetic_dataset.generate(str(folder), "synthetic", synthetic_dataset.SyntheticOptions(seed=0, preset="tiny"))
     split = os.path.join(folder, "synthetic", "images", "test")
     return (
         str(folder),

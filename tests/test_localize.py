@@ -28,7 +28,7 @@ TILE_HEIGHT, SPACING = 160, 6  # localize.save_pictures' rows without ground tru
 def synthetic(tmp_path_factory):
     """The tiny synthetic set (UTM names), generated once for this file: its test split's folders."""
     folder = tmp_path_factory.mktemp("datasets")
-    synthetic_dataset.generate(str(folder), "synthetic", seed=0, preset="tiny")
+    synthetic_dataset.generate(str(folder), "synthetic", synthetic_dataset.SyntheticOptions(seed=0, preset="tiny"))
     split = os.path.join(folder, "synthetic", "images", "test")
     return datasets_ws.collect_jpgs(os.path.join(split, "database")), datasets_ws.collect_jpgs(
         os.path.join(split, "queries")

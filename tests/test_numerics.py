@@ -386,14 +386,16 @@ def test_train_batches_runs_each_step_in_the_deterministic_context(tiny_model, m
     losses = train.train_batches(
         [batch, batch],
         ctx=distributed.Context(device="cpu"),
-        train_model=tiny_model,
-        optimizer=optimizer,
-        compute=numerics.Compute(precision="fp32", deterministic=True),
-        horizontal_flip=False,
-        margin=0.1,
+        trainee=train.Trainee(model=tiny_model, train_model=tiny_model, optimizer=optimizer, last_path="none"),
+        step=train.StepSettings(
+            batch_size=2,
+            compute=numerics.Compute(precision="fp32", deterministic=True),
+            horizontal_flip=False,
+            margin=0.1,
+            seed=0,
+        ),
         normaliser=2,
         where="test",
-        last_path="none",
         desc="test",
     )
     assert entered == [(True, "cpu"), (True, "cpu")] and len(losses) == 2

@@ -34,8 +34,8 @@ def world(tmp_path_factory):
         test_database_num=12,
         test_queries_num=QUERIES,
     )
-    synthetic_dataset.generate(str(data), "pitts30k", seed=0, **sizes)
-    synthetic_dataset.generate(str(data), "stlucia_synth", seed=1, **sizes)
+    synthetic_dataset.generate(str(data), "pitts30k", synthetic_dataset.SyntheticOptions(seed=0, **sizes))
+    synthetic_dataset.generate(str(data), "stlucia_synth", synthetic_dataset.SyntheticOptions(seed=1, **sizes))
     paths = {}
     for seed, name in enumerate(("msls", "pitts30k")):
         torch.manual_seed(seed)

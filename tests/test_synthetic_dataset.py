@@ -34,6 +34,7 @@ from synthetic.camera import (
     make_geometry,
 )
 from synthetic.geometry import (
+    ImageLabel,
     format_image_name,
     make_route,
     make_route_shape,
@@ -82,12 +83,12 @@ def _run_cli(args, env=None):
 def tiny_sets(tmp_path_factory):
     """Three tiny sets: seed 0 by the library, seed 0 again by the command, seed 1 by the library."""
     base = tmp_path_factory.mktemp("synthetic")
-    a = sd.generate(str(base / "a"), "tiny", seed=0, preset="tiny")
+    a = sd.generate(str(base / "a"), "tiny", sd.SyntheticOptions(seed=0, preset="tiny"))
     result = _run_cli(
         ["--datasets_folder", str(base / "b"), "--dataset_name", "tiny", "--preset", "tiny", "--seed", "0"]
     )
     assert result.returncode == 0, result.stderr
-    c = sd.generate(str(base / "c"), "tiny", seed=1, preset="tiny")
+    c = sd.generate(str(base / "c"), "tiny", sd.SyntheticOptions(seed=1, preset="tiny"))
     return dict(a=str(a), b=str(base / "b" / "tiny"), c=str(c), base=base)
 
 
@@ -128,15 +129,17 @@ def test_configurable_sizes(tmp_path):
     root = sd.generate(
         str(tmp_path),
         "small",
-        preset="tiny",
-        image_size=(48, 64),
-        train_database_num=12,
-        train_queries_num=3,
-        val_database_num=10,
-        val_queries_num=2,
-        test_database_num=11,
-        test_queries_num=4,
-        routes_per_split=1,
+        sd.SyntheticOptions(
+            preset="tiny",
+            image_size=(48, 64),
+            train_database_num=12,
+            train_queries_num=3,
+            val_database_num=10,
+            val_queries_num=2,
+            test_database_num=11,
+            test_queries_num=4,
+            routes_per_split=1,
+        ),
     )
     counts = {(s, k): len(_images(root, s, k)) for s in sd.SPLITS for k in ("database", "queries")}
     assert counts == {
@@ -181,36 +184,40 @@ def test_file_names_parse(tiny_sets):
 
 def test_format_image_name_round_trip():
     name = format_image_name(
-        east=612345.678,
-        north=4830000.0,
-        lat=43.6,
-        lon=-79.4,
-        key="k" * 22,
-        tile="r0",
-        heading=-10.0,
-        pitch=0.0,
-        roll=0.0,
-        height=2.5,
-        timestamp=1600000000,
-        note="night_sideways",
+        ImageLabel(
+            east=612345.678,
+            north=4830000.0,
+            lat=43.6,
+            lon=-79.4,
+            key="k" * 22,
+            tile="r0",
+            heading=-10.0,
+            pitch=0.0,
+            roll=0.0,
+            height=2.5,
+            timestamp=1600000000,
+            note="night_sideways",
+        )
     )
     fields = name.split("@")
     assert fields[1:3] == ["612345.68", "4830000.00"]
     assert fields[7] == "k" * 22 and fields[9] == "350.00" and fields[-2] == "night_sideways"
     with pytest.raises(ValueError, match="@"):
         format_image_name(
-            east=0,
-            north=0,
-            lat=0,
-            lon=0,
-            key="a@b",
-            tile="",
-            heading=0,
-            pitch=0,
-            roll=0,
-            height=0,
-            timestamp=0,
-            note="day_forward",
+            ImageLabel(
+                east=0,
+                north=0,
+                lat=0,
+                lon=0,
+                key="a@b",
+                tile="",
+                heading=0,
+                pitch=0,
+                roll=0,
+                height=0,
+                timestamp=0,
+                note="day_forward",
+            )
         )
 
 
@@ -243,7 +250,7 @@ def test_every_query_has_database_images_within_25_and_10_m(tiny_sets):
 @pytest.mark.parametrize("spacing", [6.0, 12.0])
 def test_default_size_plans_keep_queries_within_10_m(spacing):
     # The plan draws no pixels, so the default sizes (and the largest allowed spacing) are cheap to check.
-    params = sd.resolve_options(preset="default", db_spacing_m=spacing)
+    params = sd.resolve_options(sd.SyntheticOptions(preset="default", db_spacing_m=spacing))
     for seed in (0, 1):
         for split in sd.SPLITS:
             plan = plan_split(
@@ -321,26 +328,28 @@ def test_ensure_dataset_reuses_matching_set_and_rejects_other_options(tiny_sets)
     root = tiny_sets["a"]
     before = _hashes(root)
     mtime = os.path.getmtime(os.path.join(root, sd.MANIFEST_NAME))
-    again = sd.ensure_dataset(os.path.dirname(root), "tiny", seed=0, preset="tiny")
+    again = sd.ensure_dataset(os.path.dirname(root), "tiny", sd.SyntheticOptions(seed=0, preset="tiny"))
     assert str(again) == root
     assert os.path.getmtime(os.path.join(root, sd.MANIFEST_NAME)) == mtime and _hashes(root) == before
     with pytest.raises(sd.OptionError, match="seed"):
-        sd.ensure_dataset(os.path.dirname(root), "tiny", seed=1, preset="tiny")
+        sd.ensure_dataset(os.path.dirname(root), "tiny", sd.SyntheticOptions(seed=1, preset="tiny"))
 
 
 def test_ensure_dataset_generates_when_missing(tmp_path):
     root = sd.ensure_dataset(
         str(tmp_path / "new"),
         "x",
-        preset="tiny",
-        image_size=(32, 48),
-        routes_per_split=1,
-        train_database_num=6,
-        train_queries_num=2,
-        val_database_num=6,
-        val_queries_num=2,
-        test_database_num=6,
-        test_queries_num=2,
+        sd.SyntheticOptions(
+            preset="tiny",
+            image_size=(32, 48),
+            routes_per_split=1,
+            train_database_num=6,
+            train_queries_num=2,
+            val_database_num=6,
+            val_queries_num=2,
+            test_database_num=6,
+            test_queries_num=2,
+        ),
     )
     assert len(_images(root, "test", "database")) == 6
     assert sd.read_manifest(root)["params"]["image_size"] == [32, 48]
@@ -358,10 +367,10 @@ def test_generate_refuses_existing_and_overwrite_replaces(tmp_path):
         test_database_num=6,
         test_queries_num=2,
     )
-    root = sd.generate(str(tmp_path), "s", seed=0, **small)
+    root = sd.generate(str(tmp_path), "s", sd.SyntheticOptions(seed=0, **small))
     with pytest.raises(FileExistsError, match="overwrite"):
-        sd.generate(str(tmp_path), "s", seed=1, **small)
-    sd.generate(str(tmp_path), "s", seed=1, overwrite=True, **small)
+        sd.generate(str(tmp_path), "s", sd.SyntheticOptions(seed=1, **small))
+    sd.generate(str(tmp_path), "s", sd.SyntheticOptions(seed=1, **small), overwrite=True)
     assert sd.read_manifest(root)["params"]["seed"] == 1
     assert os.listdir(tmp_path) == ["s"]
 
@@ -378,11 +387,11 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer, "render_shot", failing)
     with pytest.raises(KeyboardInterrupt):
-        sd.generate(str(tmp_path), "broken", preset="tiny")
+        sd.generate(str(tmp_path), "broken", sd.SyntheticOptions(preset="tiny"))
     assert os.listdir(tmp_path) == []
     # A later run does not trust any leftover: it builds the set from scratch.
     monkeypatch.setattr(writer, "render_shot", real)
-    root = sd.ensure_dataset(str(tmp_path), "broken", preset="tiny", image_size=(32, 48))
+    root = sd.ensure_dataset(str(tmp_path), "broken", sd.SyntheticOptions(preset="tiny", image_size=(32, 48)))
     assert len(_images(root, "train", "queries")) == 15
 
 
@@ -433,11 +442,11 @@ def test_command_refuses_to_overwrite_without_flag(tiny_sets):
 
 def test_library_errors_are_value_errors_naming_the_option(tmp_path):
     with pytest.raises(ValueError, match="--test_queries_num"):
-        sd.generate(str(tmp_path), "x", preset="tiny", test_queries_num=1)
+        sd.generate(str(tmp_path), "x", sd.SyntheticOptions(preset="tiny", test_queries_num=1))
     with pytest.raises(ValueError, match="--seed"):
-        sd.generate(str(tmp_path), "x", seed=-1)
+        sd.generate(str(tmp_path), "x", sd.SyntheticOptions(seed=-1))
     with pytest.raises(ValueError, match="--preset"):
-        sd.ensure_dataset(str(tmp_path), "x", preset="huge")
+        sd.ensure_dataset(str(tmp_path), "x", sd.SyntheticOptions(preset="huge"))
     assert os.listdir(tmp_path) == []
 
 

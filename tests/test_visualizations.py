@@ -162,7 +162,16 @@ def test_draw_matches_size_and_line_position():
     image_b = Image.new("RGB", (50, 100), GREY)
     # idx 5 on a 4x4 grid = (row 1, col 1): centre (37.5, 37.5) in A;
     # idx 10 = (row 2, col 2): centre (31.25, 62.5) in B, drawn at x + 100.
-    out = vis.draw_matches(image_a, image_b, np.array([5]), np.array([10]), (4, 4), (4, 4), ransac=False, line_width=1)
+    out = vis.draw_matches(
+        image_a,
+        image_b,
+        np.array([5]),
+        np.array([10]),
+        (4, 4),
+        (4, 4),
+        ransac=False,
+        style=vis.MatchStyle(line_width=1),
+    )
     assert out.size == (150, 100)
     start, end = np.array([37.5, 37.5]), np.array([131.25, 62.5])
     for t in (0.1, 0.5, 0.9):
@@ -174,7 +183,9 @@ def test_draw_matches_size_and_line_position():
     # Different heights: B is resized to A's height (aspect kept), or both to `height`.
     tall_b = Image.new("RGB", (60, 200), GREY)
     assert vis.draw_matches(image_a, tall_b, [], [], (4, 4), (4, 4), ransac=False).size == (130, 100)
-    assert vis.draw_matches(image_a, tall_b, [], [], (4, 4), (4, 4), ransac=False, height=50, gap=4).size == (
+    assert vis.draw_matches(
+        image_a, tall_b, [], [], (4, 4), (4, 4), ransac=False, style=vis.MatchStyle(height=50, gap=4)
+    ).size == (
         50 + 4 + 15,
         50,
     )
@@ -184,7 +195,9 @@ def test_draw_matches_max_lines_and_bad_input():
     image = Image.new("RGB", (64, 64), GREY)
     plain = vis.draw_matches(image, image, [], [], (8, 8), (8, 8), ransac=False)
     lines = vis.draw_matches(image, image, np.arange(10), np.arange(10), (8, 8), (8, 8), ransac=False)
-    none = vis.draw_matches(image, image, np.arange(10), np.arange(10), (8, 8), (8, 8), ransac=False, max_lines=0)
+    none = vis.draw_matches(
+        image, image, np.arange(10), np.arange(10), (8, 8), (8, 8), ransac=False, style=vis.MatchStyle(max_lines=0)
+    )
     assert np.array_equal(np.asarray(plain), np.asarray(none))
     assert not np.array_equal(np.asarray(plain), np.asarray(lines))
     # Fewer than 8 matches cannot be verified by RANSAC: nothing is drawn.

@@ -148,8 +148,7 @@ def main(args: argparse.Namespace) -> Path:
         grid_a,
         grid_b,
         ransac=False,
-        max_lines=args.max_lines,
-        height=args.display_height or args.resize[0],
+        style=vis.MatchStyle(max_lines=args.max_lines, height=args.display_height or args.resize[0]),
     )
     written = vis.save_image_atomic(picture, args.output)
     logging.info(f"{message}; saved {written}")
