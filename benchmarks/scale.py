@@ -262,13 +262,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     synthetic_dataset.ensure_dataset(
         os.path.join(work, "datasets"),
         name,
-        seed=args.seed,
-        train_database_num=20,
-        train_queries_num=2,
-        val_database_num=10,
-        val_queries_num=2,
-        test_database_num=args.database_num,
-        test_queries_num=args.queries_num,
+        synthetic_dataset.SyntheticOptions(
+            seed=args.seed,
+            train_database_num=20,
+            train_queries_num=2,
+            val_database_num=10,
+            val_queries_num=2,
+            test_database_num=args.database_num,
+            test_queries_num=args.queries_num,
+        ),
     )
     report["dataset"] = {"name": name, "reused": reused, "seconds": time.perf_counter() - start}
     print(f"data set {name}: {'reused' if reused else 'generated'} in {report['dataset']['seconds']:.0f} s", flush=True)

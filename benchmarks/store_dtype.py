@@ -126,14 +126,18 @@ def main() -> int:
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; data in {folder}")
 
-    synthetic_dataset.ensure_dataset(folder, f"synthetic_{args.preset}", seed=0, preset=args.preset)
+    synthetic_dataset.ensure_dataset(
+        folder, f"synthetic_{args.preset}", synthetic_dataset.SyntheticOptions(seed=0, preset=args.preset)
+    )
     torch.manual_seed(0)
     tiny = network.GeoLocalizationNet(backbone="vit_tiny").eval()
     dataset = datasets_ws.BaseDataset(folder, f"synthetic_{args.preset}", "test", resize=(112, 112))
     report(f"vit_tiny 112x112, synthetic ({args.preset})", compare(tiny, dataset, rerank_num=100))
 
     if not args.skip_vit_large:
-        synthetic_dataset.ensure_dataset(folder, "synthetic_tiny", seed=0, preset="tiny")
+        synthetic_dataset.ensure_dataset(
+            folder, "synthetic_tiny", synthetic_dataset.SyntheticOptions(seed=0, preset="tiny")
+        )
         torch.manual_seed(0)
         large = network.GeoLocalizationNet(backbone="vit_large").eval()
         dataset = datasets_ws.BaseDataset(folder, "synthetic_tiny", "test", resize=(224, 224))
