@@ -120,19 +120,21 @@ def main(args):
         result = test.evaluate(
             model,
             test_ds,
-            test_method=args.test_method,
-            rerank_num=args.rerank_num,
-            recall_values=args.recall_values,
-            batch_size=args.infer_batch_size,
-            num_workers=args.num_workers,
-            device=ctx.device,
-            store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+            test.EvalSettings(
+                test_method=args.test_method,
+                rerank_num=args.rerank_num,
+                recall_values=args.recall_values,
+                batch_size=args.infer_batch_size,
+                num_workers=args.num_workers,
+                device=ctx.device,
+                store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
+                majority_weight=args.majority_weight,
+                precision=args.precision,
+                store_dtype=args.dense_store_dtype,
+            ),
             pca=pca,
-            majority_weight=args.majority_weight,
-            precision=args.precision,
             dist_ctx=ctx,
             progress=progress,
-            store_dtype=args.dense_store_dtype,
         )
         if result is None:  # a rank other than 0: its share is with rank 0
             commons.finish(ctx)

@@ -496,16 +496,18 @@ def evaluate_dataset(
     result = test.evaluate(
         model,
         dataset,
-        test_method=settings["test_method"],
-        rerank_num=rerank_num,
-        recall_values=settings["recall_values"],
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        store_folder=store_folder,
-        majority_weight=settings["majority_weight"],
-        precision=settings["precision"],
-        store_dtype=settings.get("dense_store_dtype", "float32"),
+        test.EvalSettings(
+            test_method=settings["test_method"],
+            rerank_num=rerank_num,
+            recall_values=settings["recall_values"],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            store_folder=store_folder,
+            majority_weight=settings["majority_weight"],
+            precision=settings["precision"],
+            store_dtype=settings.get("dense_store_dtype", "float32"),
+        ),
     )
     total_s = time.perf_counter() - start
     q_num, db_num = dataset.queries_num, dataset.database_num

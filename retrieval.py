@@ -56,18 +56,26 @@ DATABASE_METHOD = "hard_resize"
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Extraction:
+    """How images become features: batches of batch_size images (--infer_batch_size), loaded by
+    num_workers processes, on `device`, at `precision` (--precision)."""
+
+    batch_size: int
+    num_workers: int
+    device: str
+    precision: str = "fp32"
+
+
 def extract_features(
     model: torch.nn.Module,
     dataset,
     indexes: Sequence[int],
     *,
     method: str,
-    batch_size: int,
-    num_workers: int,
-    device: str,
+    extraction: Extraction,
     want_global: bool = True,
     local_store: Optional[DenseStore] = None,
-    precision: str = "fp32",
     desc: str = "",
     on_batch: Optional[Callable[[Optional[np.ndarray], int], None]] = None,
 ) -> Optional[np.ndarray]:
@@ -80,13 +88,14 @@ def extract_features(
     on_batch(the batch's global descriptors or None, its number of images) is called after each batch
     (a run that records its progress, run_progress.StageFiles).
     """
-    batch_size = extraction_batch_size(method, batch_size)
+    device, precision = extraction.device, extraction.precision
+    batch_size = extraction_batch_size(method, extraction.batch_size)
     crops = method in FIVE_CROP_METHODS
     loader = DataLoader(
         ImagesSubset(dataset, indexes, method),
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=extraction.num_workers,
         pin_memory=str(device).startswith("cuda"),
     )
     outputs = []
@@ -542,7 +551,7 @@ class Retrieval:
         store_dtype: str = "float32",
     ) -> None:
         self.model = model
-        self.extraction = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
+        self.extraction = Extraction(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision)
         self.device = device
         self.store_folder = store_folder
         self.store_dtype = store_dtype
@@ -606,14 +615,14 @@ class Retrieval:
                 local_store=part_store,
                 want_global=want_global,
                 desc=desc,
-                **self.extraction,
+                extraction=self.extraction,
             )
 
         return distributed.extract_sharded(
             self.dist_ctx,
             run,
             indexes,
-            batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+            batch_size=extraction_batch_size(method, self.extraction.batch_size),
             want_global=want_global,
             store=store,
             new_store=self.new_store,
@@ -661,7 +670,7 @@ class Retrieval:
                         want_global=want_global,
                         desc=desc,
                         on_batch=on_batch,
-                        **self.extraction,
+                        extraction=self.extraction,
                     )
 
                 return files.run_share(part, extract)
@@ -670,7 +679,7 @@ class Retrieval:
                 self.dist_ctx,
                 run,
                 indexes,
-                batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+                batch_size=extraction_batch_size(method, self.extraction.batch_size),
                 want_global=want_global,
                 store=files.store,
                 new_store=lambda: files.store,

@@ -176,30 +176,46 @@ class EvalResult(retrieval.Ranking):
         return recalls_to_str(self.recalls, recall_values)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation computes and how; the flags of the same meaning are eval.py's.
+
+    test_method: the queries' preprocessing (--test_method); rerank_num candidates per query are
+    re-ranked; recalls at recall_values; majority_weight (maj_voting's). Extraction: batch_size images
+    (--infer_batch_size) loaded by num_workers processes on `device` at `precision`. store_folder: None
+    keeps the dense features in RAM; a folder (--efficient_ram_testing) keeps them in raw files there,
+    removed at the end (with the folder when the evaluation created it); store_dtype
+    (--dense_store_dtype): float32, or float16 for half the bytes (re-ranked in float32 all the same).
+    rerank_chunk_size: candidates re-ranked together.
+    """
+
+    test_method: str = "hard_resize"
+    rerank_num: int = 100
+    recall_values: Sequence[int] = (1, 5, 10, 20)
+    majority_weight: float = 0.01
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    store_folder: Optional[str] = None
+    store_dtype: str = "float32"
+    rerank_chunk_size: int = 16
+
+
+DEFAULT_SETTINGS = EvalSettings()
+
+
 def evaluate(
     model: torch.nn.Module,
     eval_ds: BaseDataset,
+    settings: EvalSettings = DEFAULT_SETTINGS,
     *,
-    test_method: str = "hard_resize",
-    rerank_num: int = 100,
-    recall_values: Sequence[int] = (1, 5, 10, 20),
-    batch_size: int = 16,
-    num_workers: int = 0,
-    device: str = "cpu",
-    store_folder: Optional[str] = None,
     pca: Optional[PCA] = None,
-    majority_weight: float = 0.01,
-    precision: str = "fp32",
-    rerank_chunk_size: int = 16,
     dist_ctx: Optional[distributed.Context] = None,
     progress: Optional[run_progress.RunProgress] = None,
-    store_dtype: str = "float32",
 ) -> Optional[EvalResult]:
     """Two-stage evaluation of `eval_ds`; returns recalls before/after re-ranking and the rankings.
 
-    store_folder: None keeps the dense features in RAM; a folder (--efficient_ram_testing) keeps them in
-    raw files there, removed at the end (with the folder when this call created it). store_dtype
-    (--dense_store_dtype): float32, or float16 for half the bytes (re-ranked in float32 all the same).
     dist_ctx (torchrun, several processes): every rank extracts its share of the images; rank 0
     gathers them, searches, re-ranks and returns the result, the other ranks return None (same result as one
     process). Every rank must call evaluate with the same arguments.
@@ -207,17 +223,18 @@ def evaluate(
     a run whose re-ranking had finished extracts nothing again.
     """
     db_num, q_num = eval_ds.database_num, eval_ds.queries_num
+    test_method, rerank_num, recall_values = settings.test_method, settings.rerank_num, settings.recall_values
     with retrieval.Retrieval(
         model,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
-        precision=precision,
-        store_folder=store_folder,
-        rerank_chunk_size=rerank_chunk_size,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        device=settings.device,
+        precision=settings.precision,
+        store_folder=settings.store_folder,
+        rerank_chunk_size=settings.rerank_chunk_size,
         dist_ctx=dist_ctx,
         progress=progress,
-        store_dtype=store_dtype,
+        store_dtype=settings.store_dtype,
     ) as engine:
         if engine.ranking_finished():
             if not engine.dist_ctx.is_main:
@@ -228,7 +245,9 @@ def evaluate(
             queries = engine.extract_queries(eval_ds, range(db_num, db_num + q_num), method=test_method)
             if not engine.dist_ctx.is_main:
                 return None  # rank 0 holds every feature now: it searches and re-ranks alone
-            ranking = engine.rank(database, queries, rerank_num=rerank_num, majority_weight=majority_weight, pca=pca)
+            ranking = engine.rank(
+                database, queries, rerank_num=rerank_num, majority_weight=settings.majority_weight, pca=pca
+            )
     positives = eval_ds.get_positives()
     recalls_first, recalls = ranking_recalls(ranking, positives, recall_values)
     capped = capped_note(recall_values, ranking.first_predictions.shape[1])

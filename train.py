@@ -5,6 +5,7 @@ train (mine triplets, then batches) and validate + checkpoint; finally test the 
 below takes explicit keyword settings: main alone reads the command line's flags.
 """
 
+import dataclasses
 import logging
 import math
 import os
@@ -110,7 +111,9 @@ def main(args):
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
     train_model = ctx.wrap_model(model, find_unused_parameters=args.train_backbone)
-    eval_kwargs = dict(
+    # Validation runs with the evaluation's defaults for the query preprocessing (hard_resize) and
+    # majority_weight; the final test with the flags.
+    val_settings = test.EvalSettings(
         rerank_num=args.rerank_num,
         recall_values=args.recall_values,
         batch_size=args.infer_batch_size,
@@ -119,7 +122,9 @@ def main(args):
         store_folder=ctx.store_folder() if args.efficient_ram_testing else None,
         store_dtype=args.dense_store_dtype,
         precision=args.precision,
-        dist_ctx=ctx,
+    )
+    test_settings = dataclasses.replace(
+        val_settings, test_method=args.test_method, majority_weight=args.majority_weight
     )
 
     trainee = Trainee(model=model, train_model=train_model, optimizer=optimizer, last_path=last_path)
@@ -152,7 +157,7 @@ def main(args):
             num_workers=args.num_workers,
         )
         epochs_trained += 1
-        recalls = validate(model, val_ds, ctx=ctx, eval_kwargs=eval_kwargs, recall_values=args.recall_values)
+        recalls = validate(model, val_ds, ctx=ctx, settings=val_settings)
         is_best = best.record(recalls, patience=args.patience)
         # Saved after updating the best R@5 and the patience counter, so a resume continues exactly from here.
         save_epoch(
@@ -182,10 +187,7 @@ def main(args):
         test_ds,
         ctx=ctx,
         best_path=best_path,
-        eval_kwargs=eval_kwargs,
-        test_method=args.test_method,
-        majority_weight=args.majority_weight,
-        recall_values=args.recall_values,
+        settings=test_settings,
     )
     commons.finish(ctx)
 
@@ -409,10 +411,9 @@ def mining_descriptors(
             triplets_ds,
             indexes,
             method="hard_resize",
-            batch_size=batch_size,
-            num_workers=num_workers,
-            device=ctx.device,
-            precision=precision,
+            extraction=retrieval.Extraction(
+                batch_size=batch_size, num_workers=num_workers, device=ctx.device, precision=precision
+            ),
             desc="Mining features",
         )
 
@@ -571,11 +572,11 @@ def validate(
     val_ds: datasets_ws.BaseDataset,
     *,
     ctx: distributed.Context,
-    eval_kwargs: dict,
-    recall_values: Sequence[int],
+    settings: test.EvalSettings,
 ) -> List[float]:
-    """Re-ranking recalls on the validation set (test.evaluate with `eval_kwargs`), on every rank."""
-    result = test.evaluate(model, val_ds, **eval_kwargs)
+    """Re-ranking recalls on the validation set (test.evaluate with `settings`), on every rank."""
+    recall_values = settings.recall_values
+    result = test.evaluate(model, val_ds, settings, dist_ctx=ctx)
     # torchrun: rank 0 alone searched and re-ranked; every rank takes its recalls, so all decide alike.
     recalls = ctx.broadcast_object(result.recalls if ctx.is_main else None, long_wait=True)
     logging.info(f"Reranking recalls on val set {val_ds}: {test.recalls_to_str(recalls, recall_values)}")
@@ -635,10 +636,7 @@ def final_test(
     *,
     ctx: distributed.Context,
     best_path: str,
-    eval_kwargs: dict,
-    test_method: str,
-    majority_weight: float,
-    recall_values: Sequence[int],
+    settings: test.EvalSettings,
 ) -> None:
     """Test the best model (this run's, or the resumed run's copied at the start); without one (no epoch
     improved on the best R@5 taken from the --resume file), the weights as they are."""
@@ -649,9 +647,9 @@ def final_test(
     else:
         logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
-    result = test.evaluate(model, test_ds, test_method=test_method, majority_weight=majority_weight, **eval_kwargs)
+    result = test.evaluate(model, test_ds, settings, dist_ctx=ctx)
     if result is not None:  # rank 0
-        logging.info(f"Recalls on {test_ds}: {result.summary(recall_values)}")
+        logging.info(f"Recalls on {test_ds}: {result.summary(settings.recall_values)}")
 
 
 # ------------------------------------------------------------------------------------------------

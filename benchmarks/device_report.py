@@ -944,9 +944,9 @@ def _dist_probe(path: str, device_type: str, data: str, cfg: Dict[str, Any]) -> 
         math.isfinite((g + l).item()) and all(x is not None and bool(torch.isfinite(x).all()) for x in grads)
     )
     ds = datasets_ws.BaseDataset(data, "synthetic", "test", resize=[cfg["resize_e2e"]] * 2)
-    kwargs = dict(rerank_num=10, batch_size=8, num_workers=0, device=device)
-    grouped = test.evaluate(model, ds, dist_ctx=ctx, **kwargs)
-    single = test.evaluate(model, ds, dist_ctx=None, **kwargs)
+    settings = test.EvalSettings(rerank_num=10, batch_size=8, num_workers=0, device=device)
+    grouped = test.evaluate(model, ds, settings, dist_ctx=ctx)
+    single = test.evaluate(model, ds, settings, dist_ctx=None)
     checks["sharded_eval_equals_single"] = bool(
         np.array_equal(grouped.recalls, single.recalls)
         and np.array_equal(grouped.predictions, single.predictions)

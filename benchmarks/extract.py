@@ -256,10 +256,8 @@ def loader_throughput(
         model,
         dataset,
         indexes,
+        extraction=retrieval.Extraction(batch_size=batch_size, num_workers=num_workers, device=device),
         method="hard_resize",
-        batch_size=batch_size,
-        num_workers=num_workers,
-        device=device,
         local_store=store,
     )
     _sync(torch.device(device))

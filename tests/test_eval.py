@@ -80,7 +80,7 @@ def tiny_net():
 def test_every_test_method_runs_end_to_end(synthetic_root, tiny_net, method):
     folder, name = synthetic_root
     ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112), test_method=method)
-    result = test.evaluate(tiny_net, ds, test_method=method, rerank_num=10, recall_values=[1, 5, 10])
+    result = test.evaluate(tiny_net, ds, test.EvalSettings(test_method=method, rerank_num=10, recall_values=[1, 5, 10]))
     assert result.predictions.shape == (ds.queries_num, 10)
     for q in range(ds.queries_num):  # re-ranking permutes the first-stage candidates
         assert sorted(result.predictions[q]) == sorted(result.first_predictions[q])
@@ -113,7 +113,7 @@ def test_pca_runs_end_to_end(synthetic_root, tmp_path):
 def test_rerank_num_larger_than_database_warns(synthetic_root, tiny_net, caplog):
     folder, name = synthetic_root
     ds = datasets_ws.BaseDataset(folder, name, "val", resize=(112, 112))
-    result = test.evaluate(tiny_net, ds, rerank_num=100, recall_values=[1, 5, 10, 20, 50])
+    result = test.evaluate(tiny_net, ds, test.EvalSettings(rerank_num=100, recall_values=[1, 5, 10, 20, 50]))
     assert "larger than the database" in caplog.text and "capped" in caplog.text
     assert result.predictions.shape == (ds.queries_num, ds.database_num)
     assert result.recalls[-1] == 100.0  # the whole database is in every list
@@ -127,7 +127,7 @@ def test_a_first_stage_capped_by_rerank_num_says_so(synthetic_root, tiny_net, ca
     folder, name = synthetic_root
     ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112))
     with caplog.at_level(logging.INFO):
-        result = test.evaluate(tiny_net, ds, rerank_num=1, recall_values=[1, 5, 10, 20])
+        result = test.evaluate(tiny_net, ds, test.EvalSettings(rerank_num=1, recall_values=[1, 5, 10, 20]))
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First ranking recalls")]
     assert line == (
         f"First ranking recalls: {test.recalls_to_str(result.recalls_first, [1, 5, 10, 20])} (capped at N = 1: "
@@ -135,7 +135,7 @@ def test_a_first_stage_capped_by_rerank_num_says_so(synthetic_root, tiny_net, ca
     )
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        test.evaluate(tiny_net, ds, rerank_num=20, recall_values=[1, 5, 10, 20])
+        test.evaluate(tiny_net, ds, test.EvalSettings(rerank_num=20, recall_values=[1, 5, 10, 20]))
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First ranking recalls")]
     assert "capped" not in line
 

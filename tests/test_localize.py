@@ -356,7 +356,9 @@ def test_utm_names_give_recalls_equal_to_evaluate(synthetic, tmp_path, restore_l
     commons.make_deterministic(0)  # the model main built: same seed, same constructor
     model = network.GeoLocalizationNet(**TINY).eval()
     ds = datasets_ws.BaseDataset(str(tmp_path), "small", "test", resize=(112, 112), test_method=method)
-    expected = test.evaluate(model, ds, test_method=method, rerank_num=4, recall_values=[1, 2], majority_weight=0.3)
+    expected = test.evaluate(
+        model, ds, test.EvalSettings(test_method=method, rerank_num=4, recall_values=[1, 2], majority_weight=0.3)
+    )
     assert f"First ranking recalls: {test.recalls_to_str(expected.recalls_first, [1, 2])}" in log
     assert f"Recalls after re-ranking: {test.recalls_to_str(expected.recalls, [1, 2])}" in log
     for q, r in enumerate(records):

@@ -80,15 +80,17 @@ def test_non_finite_features_are_refused_naming_the_images(tiny_net, local, meth
             Poisoned(tiny_net, local=local),
             loaded,
             range(6),
+            extraction=retrieval.Extraction(batch_size=8, num_workers=0, device="cpu"),
             method=method,
-            batch_size=8,  # one batch: the message names every bad image of the batch
-            num_workers=0,
-            device="cpu",
             local_store=store,
         )
     # The unpoisoned model passes.
     assert retrieval.extract_features(
-        tiny_net, loaded, range(6), method="hard_resize", batch_size=4, num_workers=0, device="cpu"
+        tiny_net,
+        loaded,
+        range(6),
+        extraction=retrieval.Extraction(batch_size=4, num_workers=0, device="cpu"),
+        method="hard_resize",
     ).shape == (6, tiny_net.backbone.embed_dim)
 
 
@@ -103,10 +105,8 @@ def test_single_query_reranks_with_features_at_the_query_size(synthetic_root, ti
         tiny_net,
         ds,
         [ds.database_num],
+        extraction=retrieval.Extraction(batch_size=4, num_workers=0, device="cpu"),
         method="single_query",
-        batch_size=4,
-        num_workers=0,
-        device="cpu",
         local_store=store,
     )
     h, w = img.shape[-2] // 14, img.shape[-1] // 14
@@ -123,12 +123,9 @@ def test_bf16_extraction_is_close_to_fp32(synthetic_root, tiny_net):
             tiny_net,
             ds,
             range(4),
+            extraction=retrieval.Extraction(batch_size=4, num_workers=0, device="cpu", precision=precision),
             method="hard_resize",
-            batch_size=4,
-            num_workers=0,
-            device="cpu",
             local_store=store,
-            precision=precision,
         )
         outs[precision] = (glob, np.stack([store[i] for i in range(4)]))
         assert glob.dtype == np.float32 and store[0].dtype == np.float32
