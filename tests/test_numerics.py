@@ -200,7 +200,8 @@ def _start_train_or_eval(script, extra, monkeypatch, tmp_path):
         monkeypatch.setattr(module, "build_datasets", _stop)
     else:
         monkeypatch.setattr(network, "build_model", _stop)
-    args = selavpr_parser.parse_arguments(["--datasets_folder", str(tmp_path), *TINY_FLAGS, *extra])
+    parse = selavpr_parser.parse_arguments if script == "train" else selavpr_parser.parse_eval_arguments
+    args = parse(["--datasets_folder", str(tmp_path), *TINY_FLAGS, *extra])
     with pytest.raises(Stop):
         module.main(args)
     (log,) = glob.glob(str(tmp_path / ("logs" if script == "train" else "test") / "default" / "*" / "info.log"))
