@@ -99,16 +99,16 @@ class EvaluateSpy:
         self.calls = []
         self.real = test.evaluate
 
-    def __call__(self, model, dataset, **kw):
-        result = self.real(model, dataset, **kw)
+    def __call__(self, model, dataset, settings, **kw):
+        result = self.real(model, dataset, settings, **kw)
         self.calls.append(
             {
                 "folder": dataset.dataset_name,
                 "split": dataset.split,
                 "weights": first_param(model),
                 "queries": dataset.queries_num,
-                "rerank_num": kw["rerank_num"],
-                "recalls": dict(zip(kw["recall_values"], result.recalls)),
+                "rerank_num": settings.rerank_num,
+                "recalls": dict(zip(settings.recall_values, result.recalls)),
                 "times": result.times,
             }
         )
@@ -295,7 +295,9 @@ def test_msls_val_evaluates_exactly_the_built_in_keys_without_any_flag(world, tm
     monkeypatch.setattr(test, "evaluate", spy)
     seen = []
     real = spy.real
-    spy.real = lambda model, dataset, **kw: seen.append(list(dataset.queries_paths)) or real(model, dataset, **kw)
+    spy.real = lambda model, dataset, *a, **kw: (
+        seen.append(list(dataset.queries_paths)) or real(model, dataset, *a, **kw)
+    )
     out = tmp_path / "results"
     reproduce.main(flags(dict(world, data=str(tmp_path / "data")), out, "--only", "msls", pitts=False))
     (paths,) = seen
@@ -336,12 +338,12 @@ def test_nordland_is_named_by_its_counts_and_the_papers_gets_its_2_frame_positiv
     def frame(path):
         return int(os.path.basename(path).split("@")[7])
 
-    def record_positives(model, dataset, **kw):  # {query frame: its positives' frames}
+    def record_positives(model, dataset, *a, **kw):  # {query frame: its positives' frames}
         db_frames = [frame(p) for p in dataset.database_paths]
         positives.append(
             {frame(q): sorted(db_frames[i] for i in p) for q, p in zip(dataset.queries_paths, dataset.get_positives())}
         )
-        return real(model, dataset, **kw)
+        return real(model, dataset, *a, **kw)
 
     spy.real = record_positives
     args = dict(world, data=str(data))
