@@ -46,7 +46,7 @@ def main(args):
     ctx.wait_for_main()
 
     result = test.evaluate(
-        model,
+        network.ranking_model(model, rerank_features=args.rerank_features),
         test_ds,
         test_method=args.test_method,
         rerank_num=args.rerank_num,

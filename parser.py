@@ -285,6 +285,22 @@ def _add_rerank(g: argparse._ArgumentGroup) -> None:
 RERANK = Group("re-ranking", _add_rerank)
 
 
+def _add_rerank_features(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--rerank_features",
+        type=str,
+        default="local",
+        choices=["local", "patch"],
+        help="(ours) dense features that re-rank: local = the local head's (LocalAdapt, the paper's); patch = "
+        "the backbone's L2-normalised patch tokens, which need no trained head (a frozen foundation model's "
+        "own re-ranking)",
+    )
+
+
+# train.py and eval.py only: localize.py's saved databases hold the local head's features.
+RERANK_FEATURES = Group("re-ranking features", _add_rerank_features)
+
+
 def _add_outputs(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--save_dir", type=str, default="default", help="name of the output sub-folder")
     g.add_argument(
@@ -402,8 +418,15 @@ def _add_training(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--train_backbone",
         action="store_true",
-        help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
-        "from random weights; the paper's recipe keeps it frozen",
+        help="(ours) also train the whole backbone, not only adapters and heads (full fine-tuning, or "
+        "training from random weights); the paper's recipe keeps it frozen",
+    )
+    g.add_argument(
+        "--local_loss_weight",
+        type=float,
+        default=1.0,
+        help="(ours) weight of the local mutual-NN loss beside the global triplet loss (the paper: 1); "
+        "0 trains the global adaptation alone",
     )
 
 
@@ -413,6 +436,8 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
             f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
             "SARE loss either); use --criterion triplet"
         )
+    if not values["local_loss_weight"] >= 0:  # also refuses nan
+        p.error(f"--local_loss_weight must be >= 0, got {values['local_loss_weight']}")
     if values["queries_per_epoch"] % values["cache_refresh_rate"] != 0:
         p.error(
             f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
@@ -454,6 +479,7 @@ ALL_GROUPS = (
     EXTRACTION,
     EVALUATION,
     RERANK,
+    RERANK_FEATURES,
     OUTPUTS,
     DESCRIPTORS,
     DATASETS_FOLDER,

@@ -103,12 +103,18 @@ def main(args):
             num_workers=args.num_workers,
             precision=args.precision,
             horizontal_flip=args.horizontal_flip,
-            margin=args.margin,
+            loss_settings=loss.LossSettings(margin=args.margin, local_weight=args.local_loss_weight),
             seed=args.seed,
             last_path=last_path,
         )
         epochs_trained += 1
-        recalls = validate(model, val_ds, ctx=ctx, eval_kwargs=eval_kwargs, recall_values=args.recall_values)
+        recalls = validate(
+            network.ranking_model(model, rerank_features=args.rerank_features),
+            val_ds,
+            ctx=ctx,
+            eval_kwargs=eval_kwargs,
+            recall_values=args.recall_values,
+        )
         is_best = best.record(recalls, patience=args.patience)
         # Saved after updating the best R@5 and the patience counter, so a resume continues exactly from here.
         save_epoch(
@@ -139,6 +145,7 @@ def main(args):
         test_method=args.test_method,
         majority_weight=args.majority_weight,
         recall_values=args.recall_values,
+        rerank_features=args.rerank_features,
     )
     commons.finish(ctx)
 
@@ -299,7 +306,7 @@ def train_epoch(
     num_workers: int,
     precision: str,
     horizontal_flip: bool,
-    margin: float,
+    loss_settings: loss.LossSettings,
     seed: int,
     last_path: str,
 ) -> None:
@@ -344,7 +351,7 @@ def train_epoch(
             optimizer=optimizer,
             precision=precision,
             horizontal_flip=horizontal_flip,
-            margin=margin,
+            loss_settings=loss_settings,
             normaliser=train_batch_size * negs_num_per_query,
             where=f"epoch {epoch_num}, loop {loop_num}",
             last_path=last_path,
@@ -368,7 +375,7 @@ def train_batches(
     optimizer: torch.optim.Optimizer,
     precision: str,
     horizontal_flip: bool,
-    margin: float,
+    loss_settings: loss.LossSettings,
     normaliser: int,
     where: str,
     last_path: str,
@@ -390,9 +397,9 @@ def train_batches(
             train_model, images.to(ctx.device, non_blocking=True), precision=precision
         )
         global_loss, local_loss = loss.triplet_losses(
-            local_features, global_features, triplets_local_indexes, margin=margin, normaliser=normaliser
+            local_features, global_features, triplets_local_indexes, margin=loss_settings.margin, normaliser=normaliser
         )
-        total = global_loss + local_loss
+        total = loss_settings.total(global_loss, local_loss)
         # The global batch's losses on every rank: all stop together on a bad one.
         global_value, local_value, total_value = ctx.sum_over_ranks(
             [global_loss.item(), local_loss.item(), total.item()]
@@ -472,9 +479,11 @@ def final_test(
     test_method: str,
     majority_weight: float,
     recall_values: Sequence[int],
+    rerank_features: str = "local",
 ) -> None:
     """Test the best model (this run's, or the resumed run's copied at the start); without one (no epoch
-    improved on the best R@5 taken from the --resume file), the weights as they are."""
+    improved on the best R@5 taken from the --resume file), the weights as they are. rerank_features:
+    network.ranking_model's."""
     if ctx.broadcast_object(os.path.exists(best_path) if ctx.is_main else None):
         logging.info(f"Testing the weights of {best_path}")
         if ctx.is_main:
@@ -482,7 +491,13 @@ def final_test(
     else:
         logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
-    result = test.evaluate(model, test_ds, test_method=test_method, majority_weight=majority_weight, **eval_kwargs)
+    result = test.evaluate(
+        network.ranking_model(model, rerank_features=rerank_features),
+        test_ds,
+        test_method=test_method,
+        majority_weight=majority_weight,
+        **eval_kwargs,
+    )
     if result is not None:  # rank 0
         logging.info(f"Recalls on {test_ds}: {result.summary(recall_values)}")
 

@@ -107,6 +107,9 @@ def test_dense_size_follows_resize():
         (["--recall_values", "5", "1"], "increasing"),
         (["--resume", "a", "--load_weights", "b"], "not both"),
         (["--save_only_wrong_preds"], "--num_preds_to_save"),
+        (["--local_loss_weight", "-0.5"], "--local_loss_weight must be >= 0"),
+        (["--local_loss_weight", "nan"], "--local_loss_weight must be >= 0"),
+        (["--rerank_features", "dense"], "invalid choice"),
     ],
 )
 def test_bad_flag_combinations_fail_at_parse_time(flags, message, capsys):
@@ -220,6 +223,7 @@ GROUP_FLAGS = {
         "--recall_values",
     },
     "rerank": {"--rerank_num"},
+    "rerank_features": {"--rerank_features"},
     "outputs": {"--save_dir", "--num_preds_to_save", "--save_only_wrong_preds"},
     "descriptors": {"--l2", "--pca_dim", "--pca_dataset_folder"},
     "datasets_folder": {"--datasets_folder"},
@@ -239,6 +243,7 @@ GROUP_FLAGS = {
         "--mining",
         "--train_positives_dist_threshold",
         "--train_backbone",
+        "--local_loss_weight",
     },
     "augmentation": {
         "--brightness",
@@ -261,6 +266,8 @@ OURS = {
     "--save_only_wrong_preds",
     "--query_keys_file",
     "--train_backbone",
+    "--local_loss_weight",
+    "--rerank_features",
 }
 
 
