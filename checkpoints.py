@@ -5,14 +5,18 @@ Every weight file of every command goes through load_weights_file; network.load_
 into a model. Nothing here builds a network (network.py does).
 """
 
+import inspect
 import logging
+import mmap as mmap_module
 import os
 import pickle
 import re
 import struct
 import types
+import zipfile
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +27,32 @@ import backbone as vit
 
 # DataParallel prefix carried by every key of the public SelaVPR checkpoints.
 MODULE_PREFIX = "module."
+
+
+@dataclass(frozen=True)
+class ArgNames:
+    """How messages name the model settings: as command-line flags (`--backbone vit_small`, the scripts)
+    or as Python arguments (`backbone='vit_small'`, the torch.hub entry point), so that each caller's
+    users are told about what they actually typed."""
+
+    python: bool = False
+
+    def __call__(self, name: str) -> str:
+        return f"{name}=" if self.python else f"--{name}"
+
+    def show(self, name: str, value) -> str:
+        return f"{name}={self.value(value)}" if self.python else f"--{name} {value}"
+
+    def value(self, value) -> str:
+        return repr(value) if self.python else str(value)
+
+    @property
+    def kind(self) -> str:
+        return "arguments" if self.python else "flags"
+
+
+FLAGS = ArgNames()
+PYTHON_ARGUMENTS = ArgNames(python=True)
 
 # ---------------------------------------------------------------------------------------------------
 # Weight files
@@ -168,31 +198,88 @@ _BAD_FILE_ERRORS = (
 )
 
 
+def torch_can_map_files() -> bool:
+    """Whether this torch can memory-map a weights file (torch.load's `mmap`, torch >= 2.1) and put the
+    mapped tensors into a model without a copy (load_state_dict's `assign`, torch >= 2.1), with private
+    (copy-on-write) maps: an in-place update of such a weight (an optimizer step) then changes this
+    process's copy of that page, never the file. Asked of torch's own signatures, not of its version
+    number; the oldest supported torch (2.0) has neither and reads files whole, as before. POSIX only."""
+    if os.name != "posix":
+        return False
+    if "mmap" not in inspect.signature(torch.load).parameters:
+        return False
+    if "assign" not in inspect.signature(nn.Module.load_state_dict).parameters:
+        return False
+    # torch >= 2.2 lets a program make its maps shared (writes would then reach the file): not then.
+    options = getattr(torch.serialization, "get_default_mmap_options", None)
+    return options is None or options() == mmap_module.MAP_PRIVATE
+
+
+def _mappable(path: str) -> bool:
+    """torch maps only files in its zip format (every torch.save since 1.6), not the legacy one."""
+    return torch_can_map_files() and zipfile.is_zipfile(path)
+
+
 def _torch_load(path: str, *, restricted: bool, mmap: bool = False):
     """The one torch.load of the project: weights_only=True with the numpy allow-list where torch can
-    express it, else the restricted unpickler. mmap: map the tensors' storage instead of reading it (on
-    the weights_only path, for files in torch's zip format): for a look at a file's small entries."""
+    express it, else the restricted unpickler. mmap: map the tensors' storage instead of reading it, where
+    this torch and the file allow it (_mappable; else the file is read whole): the tensors' pages are read
+    when used, and the pages of tensors never used are never read."""
+    extra = {"mmap": True} if mmap and _mappable(path) else {}
     if restricted:
         restricted_pickle = restricted_pickle_module()
         # torch.load refuses pickle_module together with weights_only=True, so weights_only=False is said
         # explicitly (torch >= 2.6 would otherwise default to True and raise). It is still safe: every
         # global of the file goes through restricted_pickle's find_class (allow-list or RefusedGlobal).
-        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+        return torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False, **extra)
     allow = _numpy_safe_globals()
     with torch.serialization.safe_globals(allow):
-        if mmap:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, **extra)
 
 
-def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None, mmap: bool = False) -> dict:
+def non_finite_tensors(obj, prefix: str = "") -> List[str]:
+    """The names of the floating tensors in `obj` (a checkpoint's nested dicts and lists) that hold NaN or
+    Inf, with what they hold: ["LocalAdapt.upconv2.bias (NaN)", ...]. One reduction per tensor."""
+    found = []
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            kinds = [name for name, bad in (("NaN", torch.isnan(obj).any()), ("Inf", torch.isinf(obj).any())) if bad]
+            found.append(f"{prefix or 'tensor'} ({' and '.join(kinds)})")
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            found += non_finite_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found += non_finite_tensors(value, f"{prefix}[{i}]")
+    return found
+
+
+def check_finite(obj, *, path: str, what: str) -> None:
+    """A clear error, naming the file and its first offending tensors, when a weights file (or a part of
+    it) holds NaN or Inf: such weights give NaN features, on which every candidate scores the same and
+    the faiss search returns no candidates at all, with nothing saying why."""
+    bad = non_finite_tensors(obj)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" … ({len(bad)} tensors in all)" if len(bad) > 5 else "")
+        raise ValueError(
+            f"{what} {path} holds non-finite values (NaN or Inf) in {shown}. A model with such weights "
+            "computes NaN features and meaningless rankings: the file is damaged, or it was saved by a "
+            "training run that had diverged. Use an earlier or another checkpoint."
+        )
+
+
+def load_weights_file(
+    path: str, *, what: str, restricted: Optional[bool] = None, mmap: bool = False, check: bool = True
+) -> dict:
     """Load a weights file safely (tensors, plain containers, numbers and the numpy objects of a training
     checkpoint only); clear errors for bad files.
 
     `what` names the flag the path came from, for the messages. `restricted` chooses the loader (tests
     run both): None = torch.load(weights_only=True) with the numpy allow-list where this torch can
     express it (>= 2.6), else the restricted unpickler; True = the restricted unpickler. mmap: see
-    _torch_load (ignored by the restricted unpickler).
+    _torch_load. check: refuse a file with NaN or Inf in any floating tensor (check_finite); False for a
+    caller that checks what it uses itself (e.g. after putting mapped weights into a model, so that the
+    check reads the pages the model keeps, not a second copy).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path}: no such file. Give the path of an existing weights file.")
@@ -221,6 +308,8 @@ def load_weights_file(path: str, *, what: str, restricted: Optional[bool] = None
         ) from None
     if not isinstance(data, dict):
         raise ValueError(f"{what} {path} holds a {type(data).__name__}, not a state dict or checkpoint dict.")
+    if check:
+        check_finite(data, path=path, what=what)
     return data
 
 
@@ -248,7 +337,9 @@ def _strip_prefix(state: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torc
     return state
 
 
-def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str) -> None:
+def _check_shapes(
+    model: nn.Module, state: Dict[str, torch.Tensor], path: str, what: str, names: ArgNames = FLAGS
+) -> None:
     own = model.state_dict()
     wrong = [
         f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})"
@@ -256,8 +347,9 @@ def _check_shapes(model: nn.Module, state: Dict[str, torch.Tensor], path: str, w
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     ]
     if wrong:
+        settings = " / ".join(names(n) for n in ("backbone", "registers", "backbone_depth"))
         raise ValueError(
-            f"{what} {path} does not fit this model (--backbone / --registers / --backbone_depth?): "
+            f"{what} {path} does not fit this model ({settings}?): "
             f"shape mismatch for {', '.join(wrong[:5])}{' …' if len(wrong) > 5 else ''}"
         )
 
@@ -267,14 +359,46 @@ def _describe(keys, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" … ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_foundation_weights(model: nn.Module, path: str) -> None:
+def _fits_in_place(model: nn.Module, state: Dict[str, torch.Tensor]) -> bool:
+    """Whether `state`'s tensors can become the model's own (load_state_dict's assign) and behave as a copy
+    would: each has the dtype of the model's tensor of that name (assign keeps the file's dtype, a copy
+    converts), lies on the CPU, and no two share memory (assign would tie them, a copy keeps them apart)."""
+    own = model.state_dict()
+    storages = set()
+    for key, tensor in state.items():
+        if key not in own or tensor.dtype != own[key].dtype or tensor.device.type != "cpu":
+            return False
+        storage = tensor.untyped_storage().data_ptr() if tensor.numel() else None
+        if storage is not None and storage in storages:
+            return False
+        storages.add(storage)
+    return True
+
+
+def _put_weights(module: nn.Module, state: Dict[str, torch.Tensor], *, strict: bool, in_place: bool) -> bool:
+    """load_state_dict(state) into `module`; in_place (torch_can_map_files() and _fits_in_place): the
+    file's mapped tensors become the module's parameters (assign=True) instead of being copied into them,
+    so that a model and its weights file are one copy in memory, not two. Every parameter keeps its
+    requires_grad (assign keeps the module's), and its place in the module; the caller moves the model to
+    its device afterwards, as before. Returns whether it was done in place."""
+    in_place = in_place and torch_can_map_files() and _fits_in_place(module, state)
+    if in_place:
+        module.load_state_dict(state, strict=strict, assign=True)
+    else:
+        module.load_state_dict(state, strict=strict)
+    return in_place
+
+
+def load_foundation_weights(model: nn.Module, path: str, *, in_place: bool = False, names: ArgNames = FLAGS) -> None:
     """Load the public DINOv2 file into model.backbone: every key of the file must be used, and only
-    adapter parameters may be missing."""
-    state = load_weights_file(path, what="--foundation_model_path")
+    adapter parameters may be missing. in_place: see _put_weights; names: how messages name settings."""
+    what = names("foundation_model_path").rstrip("=")
+    state = load_weights_file(path, what=what, mmap=in_place, check=False)
     state = _strip_prefix(state, "backbone.")
     own = model.backbone.state_dict()
     unexpected = set(state) - set(own)
     missing = {k for k in set(own) - set(state) if ".adapter" not in k}
+    del own  # the model's initial weights: freed as soon as they are replaced
     if unexpected or missing:
         parts = []
         if missing:
@@ -282,18 +406,23 @@ def load_foundation_weights(model: nn.Module, path: str) -> None:
         if unexpected:
             parts.append(f"unexpected keys: {_describe(unexpected)}")
         hint = (
-            " (a register file needs --registers, a plain one must run without it)"
+            f" (a register file needs {names.show('registers', True)}, a plain one must run without it)"
             if any("register_tokens" in k for k in missing | unexpected)
             else ""
         )
         if "model_state_dict" in state:
-            hint = " (this is a SelaVPR checkpoint: give it with --resume or --load_weights instead)"
+            checkpoint = "checkpoint=" if names.python else "--resume or --load_weights"
+            hint = f" (this is a SelaVPR checkpoint: give it with {checkpoint} instead)"
         raise ValueError(
-            f"--foundation_model_path {path} does not match --backbone {model.backbone_name} "
+            f"{what} {path} does not match {names.show('backbone', model.backbone_name)} "
             f"({len(model.backbone.blocks)} blocks){hint}: {'; '.join(parts)}"
         )
-    _check_shapes(model.backbone, state, path, "--foundation_model_path")
-    model.backbone.load_state_dict(state, strict=False)
+    _check_shapes(model.backbone, state, path, what, names)
+    if not in_place:
+        check_finite(state, path=path, what=what)
+    _put_weights(model.backbone, state, strict=False, in_place=in_place)
+    if in_place:  # after: on the pages the model keeps (see load_model_weights)
+        check_finite(state, path=path, what=what)
     logging.info(f"Loaded foundation weights from {path} ({len(state)} tensors; adapters keep their init)")
 
 
@@ -303,23 +432,40 @@ def checkpoint_model_state(checkpoint: dict) -> Dict[str, torch.Tensor]:
     return _strip_prefix(state, MODULE_PREFIX)
 
 
-def load_model_weights(model: nn.Module, path: str, *, what: str = "--resume") -> dict:
+def load_model_weights(
+    model: nn.Module, path: str, *, what: str = "--resume", in_place: bool = False, names: ArgNames = FLAGS
+) -> dict:
     """Load a SelaVPR checkpoint's weights strictly (with or without `module.`, training dict or bare
-    state dict); returns the whole file's dict for the caller's other entries."""
-    checkpoint = load_weights_file(path, what=what)
+    state dict); returns the whole file's dict for the caller's other entries.
+
+    in_place (a model being built: network.load_model): the file is memory-mapped and its tensors become
+    the model's (_put_weights); the check for NaN / Inf then runs after, on the pages the model keeps, so
+    that the model's initial weights are freed before the file's are read. Otherwise the file is checked,
+    then copied into the model's own tensors."""
+    checkpoint = load_weights_file(path, what=what, mmap=in_place, check=False)
     state = checkpoint_model_state(checkpoint)
     own = model.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
+    del own
     if missing or unexpected:
         parts = [f"missing keys: {_describe(missing)}"] if missing else []
         parts += [f"unexpected keys: {_describe(unexpected)}"] if unexpected else []
         raise ValueError(
-            f"{what} {path} is not a SelaVPR checkpoint of this model (check --backbone, "
-            f"--registers): {'; '.join(parts)}"
+            f"{what} {path} is not a SelaVPR checkpoint of this model (check {names('backbone')}, "
+            f"{names('registers')}): {'; '.join(parts)}"
         )
-    _check_shapes(model, state, path, what)
-    model.load_state_dict(state, strict=True)
-    logging.info(f"Loaded model weights from {what} {path}")
+    _check_shapes(model, state, path, what, names)
+    # The model's tensors under the model's names (no "model_state_dict.module." before them), and the rest.
+    rest = {k: v for k, v in checkpoint.items() if k != "model_state_dict"} if "model_state_dict" in checkpoint else {}
+    everything = dict(state, **rest)
+    if not in_place:
+        check_finite(everything, path=path, what=what)
+    if _put_weights(model, state, strict=True, in_place=in_place):
+        logging.info(f"Loaded model weights from {what} {path} (memory-mapped: one copy in memory)")
+    else:
+        logging.info(f"Loaded model weights from {what} {path}")
+    if in_place:
+        check_finite(everything, path=path, what=what)
     return checkpoint
 
 
@@ -361,6 +507,24 @@ def save_checkpoint(
     }
     checkpoint.update(extra or {})
     atomic_torch_save(checkpoint, path)
+
+
+def estimated_checkpoint_bytes(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> int:
+    """About how many bytes save_checkpoint writes for `model` and `optimizer`: every weight of the model
+    (frozen ones included, as the public layout has them), the optimizer's per-parameter state (Adam: two
+    tensors per trained parameter; SGD with momentum: one) and 1 MiB for the small entries."""
+    inner = model.module if hasattr(model, "module") else model
+    weights = sum(t.numel() * t.element_size() for t in inner.state_dict().values())
+    slots = 0
+    if optimizer is not None:
+        if isinstance(optimizer, torch.optim.Adam):
+            slots = 2
+        elif any(group.get("momentum", 0) for group in optimizer.param_groups):
+            slots = 1
+    trained = sum(
+        p.numel() * p.element_size() for g in (optimizer.param_groups if optimizer else []) for p in g["params"]
+    )
+    return weights + slots * trained + 2**20
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -439,23 +603,29 @@ def saved_model_settings(checkpoint: dict, *, path: str, what: str) -> Optional[
 
 
 def resolve_model_settings(
-    given: Dict[str, object], saved: Optional[dict], defaults: Dict[str, object], *, source: str
+    given: Dict[str, object],
+    saved: Optional[dict],
+    defaults: Dict[str, object],
+    *,
+    source: str,
+    names: ArgNames = FLAGS,
 ) -> Tuple[dict, Optional[str]]:
     """Settings for this run: each flag given on the command line, else the checkpoint's value, else
     its default. Returns (settings, a note for the log or None).
 
-    `given` holds only the flags present on the command line. A given backbone, depth or registers
-    choice that differs from the checkpoint's is an error naming both (those weights cannot fit); a
-    given --resize wins over the size the checkpoint was trained at (any multiple of 14 works).
+    `given` holds only the flags present on the command line (the arguments given, for the hub). A given
+    backbone, depth or registers choice that differs from the checkpoint's is an error naming both (those
+    weights cannot fit); a given --resize wins over the size the checkpoint was trained at (any multiple
+    of 14 works). names: how the messages name the settings (flags, or the hub's Python arguments).
     """
     saved = saved or {}
     conflicts = []
     for flag in ARCHITECTURE_FLAGS:
         if flag in given and flag in saved and given[flag] != saved[flag]:
-            conflicts.append(f"--{flag} {given[flag]} (given) but {saved[flag]} in the file")
+            conflicts.append(f"{names.show(flag, given[flag])} (given) but {names.value(saved[flag])} in the file")
     if conflicts:
         raise ValueError(
-            f"{source} was trained with another model: {'; '.join(conflicts)}. Drop those flags "
+            f"{source} was trained with another model: {'; '.join(conflicts)}. Drop those {names.kind} "
             "(the file's settings are used when they are not given) or give the matching file."
         )
     settings = {flag: given[flag] if flag in given else saved.get(flag, defaults[flag]) for flag in MODEL_FLAGS}

@@ -18,12 +18,12 @@ import logging
 import math
 import numbers
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-import torchvision.transforms as T
 from PIL import Image
 from sklearn.neighbors import NearestNeighbors
 from torch.utils.data import Dataset
@@ -33,8 +33,25 @@ import image_files
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: PIL image -> normalised float tensor (3, H, W).
-base_transform = T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+
+def base_transform(image: Image.Image) -> torch.Tensor:
+    """PIL image (RGB) -> normalised float tensor (3, H, W): torchvision's ToTensor() then
+    Normalize(IMAGENET_MEAN, IMAGENET_STD), step for step (bytes / 255 in float32, then subtract the mean
+    and divide by the std, per channel), so the values are bit-identical (tests compare them).
+
+    Written out in torch rather than imported: evaluation needs nothing else of torchvision, whose import
+    alone costs about 170 MB of resident memory (the training transforms import it when they are built).
+    """
+    if image.mode != "RGB":  # open_image always gives RGB; anything else takes torchvision's own path
+        import torchvision.transforms as T
+
+        return T.Compose([T.ToTensor(), T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])(image)
+    array = np.array(image, dtype=np.uint8, copy=True)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().to(dtype=torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=tensor.dtype).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
 
 #: Query test methods of the public release (the database always uses ``hard_resize``).
 TEST_METHODS = ("hard_resize", "single_query", "central_crop", "five_crops", "nearest_crop", "maj_voting")
@@ -295,6 +312,123 @@ def radius_positives(database_utms: np.ndarray, queries_utms: np.ndarray, radius
     return [np.asarray(p, dtype=np.int64) for p in found]
 
 
+# ----------------------------------------------------------------------------------------------
+# Query key lists (--query_keys_file): the MSLS-val protocol
+# ----------------------------------------------------------------------------------------------
+
+#: Key lists that ship with the project (data/README.md says where each comes from), by the short name
+#: --query_keys_file accepts instead of a path. A name wins over a file of the same name in the working
+#: folder (give ./NAME for that one).
+DATA_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+BUILTIN_QUERY_KEYS = {"msls_val_740": os.path.join(DATA_FOLDER, "msls_val_740_keys.txt")}
+#: The built-in list whose complete match is "the official MSLS-val protocol".
+OFFICIAL_MSLS_KEYS = "msls_val_740"
+
+
+def query_keys_path(value: str) -> str:
+    """The file of a --query_keys_file value: a built-in list's file for its name, else the value itself."""
+    return BUILTIN_QUERY_KEYS.get(value, value)
+
+
+def read_query_keys(value: str) -> list[str]:
+    """The keys of a --query_keys_file (a built-in name or a path), whitespace-separated, as editors save
+    them: UTF-8 with or without a byte-order mark (Windows Notepad writes one), UTF-16 with its mark
+    ("Unicode" in Notepad), any line ends (CRLF included). Order kept, duplicates dropped."""
+    path = query_keys_path(value)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"--query_keys_file {value!r} does not exist: give the path of the whitespace-separated list of "
+            f"query keys, or a built-in list by name ({', '.join(BUILTIN_QUERY_KEYS)})."
+        )
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            text = raw.decode("utf-16")  # the mark tells the byte order and is dropped
+        else:
+            text = raw.decode("utf-8-sig")  # a UTF-8 mark is dropped, its absence is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"--query_keys_file {path!r} is not a text file (UTF-8 or UTF-16) ({e.reason} at byte {e.start}): "
+            "give a plain text list of query keys."
+        ) from None
+    keys = list(dict.fromkeys(text.split()))
+    if not keys:
+        raise ValueError(f"--query_keys_file {path!r} holds no key: give a list of query keys, one per line.")
+    return keys
+
+
+def builtin_keys_name(keys: Sequence[str]) -> str | None:
+    """The name of the built-in list with exactly these keys (given by name or as a copy), else None."""
+    for name in BUILTIN_QUERY_KEYS:
+        if set(read_query_keys(name)) == set(keys):
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class QueryKeys:
+    """What a --query_keys_file kept: the list (`source` as given; `builtin`: the name of the built-in list
+    it equals, else None), how many of its keys matched a query image of the folder, the queries kept and
+    in the folder, and a few unmatched keys for the messages."""
+
+    source: str
+    builtin: str | None
+    keys_num: int
+    found_num: int
+    kept_num: int
+    folder_num: int
+    unmatched: tuple
+
+    @property
+    def official(self) -> bool:
+        """The official MSLS-val protocol: every key of the official list has its query image here."""
+        return self.builtin == OFFICIAL_MSLS_KEYS and self.found_num == self.keys_num
+
+    def describe(self) -> str:
+        """One line for logs and tables, e.g. "official MSLS-val protocol (the 740 keys of msls_val_740)"."""
+        listed = f"kept {self.kept_num} of {self.folder_num} queries"
+        if self.official:
+            return f"official MSLS-val protocol (all {self.keys_num} keys of {self.builtin} found; {listed})"
+        if self.builtin == OFFICIAL_MSLS_KEYS:
+            return (
+                f"PARTIAL MSLS-val protocol: only {self.found_num} of the {self.keys_num} keys of "
+                f"{self.builtin} have a query image here ({listed})"
+            )
+        return f"query keys listed in {self.source}: {self.found_num} of its {self.keys_num} keys found ({listed})"
+
+
+def missing_positives_warning(
+    database_utms: np.ndarray,
+    queries_utms: np.ndarray,
+    positives: Sequence[np.ndarray],
+    *,
+    threshold: float,
+    where: str,
+) -> str | None:
+    """The warning for a data set where more than half the queries have no database image within the
+    positives' radius (their recalls are 0 whatever the model): how many (or "every query"), the distance
+    from a few of them to their nearest database image, and the likely causes. None otherwise."""
+    missing = [q for q, p in enumerate(positives) if len(p) == 0]
+    if not positives or 2 * len(missing) <= len(positives):
+        return None
+    shown = missing[:3]
+    knn = NearestNeighbors(n_neighbors=1).fit(database_utms)
+    nearest = knn.kneighbors(queries_utms[shown], return_distance=True)[0][:, 0]
+    who = (
+        f"Every query ({len(positives)}) of {where} has"
+        if len(missing) == len(positives)
+        else f"{len(missing)} of the {len(positives)} queries of {where} have"
+    )
+    distances = ", ".join(f"{d:,.1f} m" for d in nearest)
+    return (
+        f"{who} no database image within --val_positive_dist_threshold {threshold:g} m "
+        f"(nearest database image of the first {len(shown)}: {distances}): their recalls are 0 whatever the "
+        "model. Likely causes: UTM easting and northing swapped in the file names, database and queries in "
+        "different UTM zones or coordinate systems, or a threshold too small for this data set."
+    )
+
+
 def _query_key(path: str) -> str:
     fields = os.path.basename(path).split("@")
     if len(fields) < 9:
@@ -312,6 +446,10 @@ class BaseDataset(Dataset):
     ``dataset[i] -> (image, i)``: database indexes are always ``hard_resize`` d to (3, *resize);
     query indexes use ``test_method`` (see :func:`apply_test_method` for the shapes).
     """
+
+    #: Warn when most queries have no positive (missing_positives_warning). The training split checks
+    #: its hard positives itself (TripletsDataset).
+    WARN_MISSING_POSITIVES = True
 
     def __init__(
         self,
@@ -368,45 +506,66 @@ class BaseDataset(Dataset):
                     f"Folder {folder!r} contains no .jpg image (the suffix is case-sensitive, hidden "
                     "files are skipped): put the images there or fix --datasets_folder / --dataset_name."
                 )
+        self.query_keys: QueryKeys | None = None
         if query_keys_file is not None:
             queries_paths = self._keep_listed_queries(queries_paths, query_keys_file)
         elif dataset_name.lower().startswith("msls") and split != "train":
             logging.info(
                 f"Evaluating all {len(queries_paths)} queries of {queries_folder} (no --query_keys_file): "
-                "the official MSLS-val protocol uses only its 740 listed queries."
+                f"the official MSLS-val protocol uses only its 740 listed queries (--query_keys_file "
+                f"{OFFICIAL_MSLS_KEYS})."
             )
         self.queries_paths = queries_paths
 
         self.database_utms = np.array([read_utm(p) for p in self.database_paths], dtype=np.float64).reshape(-1, 2)
         self.queries_utms = np.array([read_utm(p) for p in self.queries_paths], dtype=np.float64).reshape(-1, 2)
         self.soft_positives_per_query = radius_positives(self.database_utms, self.queries_utms, positive_dist_threshold)
+        if self.WARN_MISSING_POSITIVES:
+            warning = missing_positives_warning(
+                self.database_utms,
+                self.queries_utms,
+                self.soft_positives_per_query,
+                threshold=positive_dist_threshold,
+                where=f"{dataset_name}/{split}",
+            )
+            if warning:
+                logging.warning(warning)
 
         self.database_num = len(self.database_paths)
         self.queries_num = len(self.queries_paths)
         self.images_paths = list(self.database_paths) + list(self.queries_paths)
 
-    @staticmethod
-    def _keep_listed_queries(queries_paths: list[str], query_keys_file: str) -> list[str]:
-        """Official MSLS-val protocol: only the queries whose key (field 7) is in ``query_keys_file``."""
-        if not os.path.isfile(query_keys_file):
-            raise FileNotFoundError(
-                f"--query_keys_file {query_keys_file!r} does not exist: give the path of the "
-                "whitespace-separated list of query keys (740 for the official MSLS-val)."
-            )
-        with open(query_keys_file, encoding="utf-8") as f:
-            keys = set(f.read().split())
-        kept = [p for p in queries_paths if _query_key(p) in keys]
+    def _keep_listed_queries(self, queries_paths: list[str], query_keys_file: str) -> list[str]:
+        """MSLS-val protocol: only the queries whose key (field 7) is in ``query_keys_file`` (a path or a
+        built-in list's name); self.query_keys says what was kept, and the log says it too: the official
+        protocol only when every key of the official list was found, a warning with the unmatched keys
+        otherwise."""
+        keys = read_query_keys(query_keys_file)
+        listed = set(keys)
+        kept = [p for p in queries_paths if _query_key(p) in listed]
         if not kept:
             raise ValueError(
                 f"None of the {len(queries_paths)} queries has a key listed in --query_keys_file "
                 f"{query_keys_file!r} ({len(keys)} keys): check that the file belongs to this data set."
             )
         found = {_query_key(p) for p in kept}
-        logging.info(
-            f"Query protocol: keys listed in {query_keys_file} (official MSLS-val protocol): kept "
-            f"{len(kept)} of {len(queries_paths)} queries; {len(keys - found)} of the {len(keys)} keys "
-            "have no image."
+        unmatched = [k for k in keys if k not in found]
+        self.query_keys = QueryKeys(
+            source=query_keys_path(query_keys_file),
+            builtin=query_keys_file if query_keys_file in BUILTIN_QUERY_KEYS else builtin_keys_name(keys),
+            keys_num=len(keys),
+            found_num=len(found),
+            kept_num=len(kept),
+            folder_num=len(queries_paths),
+            unmatched=tuple(unmatched[:5]),
         )
+        logging.info(f"Query protocol: {self.query_keys.describe()}")
+        if unmatched:
+            logging.warning(
+                f"{len(unmatched)} of the {len(keys)} keys of --query_keys_file {query_keys_file} match no "
+                f"query image of {self.split} (e.g. {', '.join(unmatched[:5])}): those queries are missing "
+                "from this evaluation, so its recalls are not those of the full list."
+            )
         return kept
 
     def get_positives(self) -> list[np.ndarray]:
@@ -463,6 +622,8 @@ class TripletsDataset(BaseDataset):
     holds GLOBAL indexes [query, best positive, negatives...] and is set by ``mining.py``.
     ``dataset[i] -> (images (2+negs, 3, H, W), triplets_local_indexes (negs, 3), global indexes (2+negs,))``.
     """
+
+    WARN_MISSING_POSITIVES = False  # queries without a hard positive are dropped, and none left is an error
 
     def __init__(
         self,
@@ -522,6 +683,8 @@ class TripletsDataset(BaseDataset):
         notes = [parse_note(read_note(p)) for p in self.queries_paths]
         self.is_night = np.array([n for n, _ in notes], dtype=bool)
         self.is_sideways = np.array([s for _, s in notes], dtype=bool)
+
+        import torchvision.transforms as T  # here: the evaluation needs no torchvision (see base_transform)
 
         # Every training image is resized as a PIL image (bilinear, antialiased by PIL), then normalised.
         self.resized_transform = T.Compose([T.Resize(list(self.resize)), base_transform])

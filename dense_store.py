@@ -11,6 +11,10 @@ from typing import List, Optional
 import numpy as np
 
 import atomic_files
+import leftovers
+
+# Positional reads into a caller's buffer (Linux, macOS 11+); elsewhere os.pread and one more copy.
+_PREADV = hasattr(os, "preadv")
 
 
 class DenseStore:
@@ -25,6 +29,8 @@ class DenseStore:
     # The two files of a saved store (a saved retrieval database keeps its dense features so).
     FEATURES_FILE = "dense_features.f32"
     SHAPES_FILE = "dense_shapes.npy"
+    # A temp store's file: FILE_PREFIX + owner tag + "_" + random hex + ".f32".
+    FILE_PREFIX = "dense_"
 
     def __init__(self, folder: Optional[str] = None) -> None:
         self.folder = folder
@@ -39,8 +45,14 @@ class DenseStore:
         if folder is not None:
             os.makedirs(folder, exist_ok=True)
             # The store belongs to this run alone (a fresh temp file, removed by close()): an interrupted
-            # run leaves nothing that a later run could mistake for complete features.
-            fd, self.path = atomic_files.create_unique_file(folder, prefix="dense_", suffix=".f32")
+            # run leaves nothing that a later run could mistake for complete features. The name records
+            # the owning process (leftovers.owner_tag), so that a store whose process was killed can be
+            # found and reported (find_dead_stores); the registry removes it even when this process is
+            # stopped at once (a second Ctrl-C during the cleanup).
+            fd, self.path = atomic_files.create_unique_file(
+                folder, prefix=f"{self.FILE_PREFIX}{leftovers.owner_tag()}_", suffix=".f32"
+            )
+            leftovers.register(self.path)
             self._writer = os.fdopen(fd, "wb")
 
     @property
@@ -70,20 +82,51 @@ class DenseStore:
         return len(self.shapes)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        """Image i's features (h, w, C) float32: the stored array itself in RAM (no copy), a fresh array
+        read from the file on disk."""
         i = int(i)
         if not self.on_disk:
             return self._arrays[i]
+        out = np.empty(self.feature_shape(i), dtype=np.float32)
+        self.read_into(i, out)
+        return out
+
+    def feature_shape(self, i: int) -> tuple:
+        """The shape of image i's features, without reading them."""
+        return tuple(self.shapes[int(i)])
+
+    def read_into(self, i: int, out: np.ndarray) -> None:
+        """Copy image i's features into `out`, a writable C-contiguous float32 array of its shape: the one
+        copy a reader needs (the re-rank engine's staging buffers, which may be page-locked). On disk the
+        positional read writes straight into `out` (os.preadv; where the platform lacks it, os.pread and
+        a second copy)."""
+        i = int(i)
+        shape = self.feature_shape(i)
+        if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(
+                f"DenseStore.read_into: image {i} needs a writable C-contiguous float32 array of shape "
+                f"{shape}, got {out.dtype} {out.shape}"
+            )
+        if not self.on_disk:
+            np.copyto(out, self._arrays[i])
+            return
         if self._fd is None:
             raise RuntimeError("DenseStore: call finish() before reading an on-disk store")
-        shape = self.shapes[i]
-        nbytes = int(np.prod(shape)) * 4
-        data = os.pread(self._fd, nbytes, self.offsets[i] * 4)
-        if len(data) != nbytes:
-            raise ValueError(
-                f"dense features file {self.path} is shorter than expected (image {i}): it was "
-                "truncated; extract the features again"
-            )
-        return np.frombuffer(data, dtype=np.float32).reshape(shape)
+        target = memoryview(out).cast("B")
+        offset, done = self.offsets[i] * 4, 0
+        while done < len(target):  # a positional read may return fewer bytes than asked; it continues
+            if _PREADV:
+                got = os.preadv(self._fd, [target[done:]], offset + done)
+            else:
+                data = os.pread(self._fd, len(target) - done, offset + done)
+                got = len(data)
+                target[done : done + got] = data
+            if got == 0:
+                raise ValueError(
+                    f"dense features file {self.path} is shorter than expected (image {i}): it was "
+                    "truncated; extract the features again"
+                )
+            done += got
 
     def nbytes(self) -> int:
         return self._size * 4
@@ -96,8 +139,10 @@ class DenseStore:
             os.close(self._fd)
             self._fd = None
         self._arrays = []
-        if self._owns_file and self.path and os.path.exists(self.path):
-            os.remove(self.path)
+        if self._owns_file and self.path:
+            if os.path.exists(self.path):
+                os.remove(self.path)
+            leftovers.forget(self.path)
 
     def save(self, folder: str) -> None:
         """Write the features into `folder`: FEATURES_FILE holds every image's (h, w, C) float32 values
@@ -167,6 +212,12 @@ class DenseStore:
         store._size = total
         store._fd = os.open(features_path, os.O_RDONLY)
         return store
+
+
+def estimated_bytes(images_num: int, feature_shape, *, element_size: int = 4) -> int:
+    """Bytes that the dense features of `images_num` images of shape (h, w, C) take in a store with
+    `element_size` bytes per value (4: float32, this store's): for the free-space check before a run."""
+    return int(images_num) * int(np.prod([int(v) for v in feature_shape])) * int(element_size)
 
 
 def remove_empty_folder(folder: str) -> None:

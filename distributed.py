@@ -5,7 +5,8 @@ LOCAL_RANK, WORLD_SIZE > 1), which hands the scripts a `Context`. `python3 train
 `python3 eval.py ...` stay single processes: no process group, and every `Context` method is then the
 identity (the numbers are those of a plain run, bit for bit). Several processes:
 
-- extraction is sharded: rank r takes a contiguous slice of the requested images (`shard_bounds`);
+- extraction is sharded: rank r takes a contiguous slice of the requested images, whole extraction
+  batches (`shard_bounds`), so that each batch is one of a single process's;
   global descriptors are all-gathered, dense features are streamed to rank 0 in chunks, so rank 0
   holds the whole set in its own DenseStore (RAM, or its own disk with --efficient_ram_testing)
   (`extract_sharded`);
@@ -39,19 +40,32 @@ CHUNK_BYTES = 64 * 2**20
 # ------------------------------------------------------------------------------------------------
 
 
-def shard_bounds(items_num: int, world_size: int, rank: int) -> Tuple[int, int]:
-    """[start, stop) of rank's contiguous share of items_num items; the first items_num % world_size
-    ranks get one more (so rank 0's share is never empty while there is an item)."""
-    if world_size < 1 or not 0 <= rank < world_size or items_num < 0:
-        raise ValueError(f"shard_bounds: bad sizes (items {items_num}, world size {world_size}, rank {rank})")
-    base, extra = divmod(items_num, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+def shard_bounds(items_num: int, world_size: int, rank: int, *, multiple: int = 1) -> Tuple[int, int]:
+    """[start, stop) of rank's contiguous share of items_num items, made of whole blocks of `multiple`
+    items (the last block of all may be shorter): the blocks are spread as evenly as possible, the
+    first (blocks % world_size) ranks getting one more, so rank 0's share is never empty while there is
+    an item (ranks after the last block get none).
+
+    Extraction passes its batch size as `multiple`: every share then starts at a batch boundary and its
+    batches are exactly those of a one-process run (cuBLAS and cuDNN choose their kernels by batch
+    size, so a batch of other images or of another size could round differently)."""
+    if world_size < 1 or not 0 <= rank < world_size or items_num < 0 or multiple < 1:
+        raise ValueError(
+            f"shard_bounds: bad sizes (items {items_num}, world size {world_size}, rank {rank}, multiple {multiple})"
+        )
+    blocks = -(-items_num // multiple)
+    base, extra = divmod(blocks, world_size)
+    first = rank * base + min(rank, extra)
+    last = first + base + (rank < extra)
+    return min(first * multiple, items_num), min(last * multiple, items_num)
 
 
-def shard_counts(items_num: int, world_size: int) -> List[int]:
-    """Number of items of every rank's share, (world_size,)."""
-    return [stop - start for start, stop in (shard_bounds(items_num, world_size, r) for r in range(world_size))]
+def shard_counts(items_num: int, world_size: int, *, multiple: int = 1) -> List[int]:
+    """Number of items of every rank's share (shard_bounds), (world_size,)."""
+    return [
+        stop - start
+        for start, stop in (shard_bounds(items_num, world_size, r, multiple=multiple) for r in range(world_size))
+    ]
 
 
 def chunk_plan(sizes: Sequence[int], max_elements: int) -> List[Tuple[int, int]]:
@@ -168,6 +182,15 @@ class Context:
         holder = [obj if self.is_main else None]
         dist.broadcast_object_list(holder, src=0, group=self._wait_group if long_wait else None)
         return holder[0]
+
+    def gather_objects(self, obj: Any) -> List[Any]:
+        """Every rank's `obj` (picklable, small), in rank order, on every rank; over the gloo wait group,
+        so that no GPU is involved. Single process: [obj]."""
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._wait_group)
+        return out
 
     def wait_for_main(self) -> None:
         """Barrier after work that rank 0 does alone (see broadcast_object's long_wait)."""
@@ -294,6 +317,7 @@ def extract_sharded(
     extract: Callable[[np.ndarray, Any], Optional[np.ndarray]],
     indexes: Sequence[int],
     *,
+    batch_size: int = 1,
     want_global: bool = True,
     store: Any = None,
     new_store: Optional[Callable[[], Any]] = None,
@@ -302,7 +326,9 @@ def extract_sharded(
 
     extract(part_indexes (m,), part_store or None) -> global descriptors (m, ...) or None; it appends
     the part's dense features to part_store when one is given. Single process: extract(indexes, store).
-    Distributed: rank r extracts its contiguous share; the global descriptors (when want_global) are
+    Distributed: rank r extracts its contiguous share, whole batches of `batch_size` (the batches
+    `extract` forms) but for the last one (shard_bounds), so that every batch is one of the single
+    process's; the global descriptors (when want_global) are
     all-gathered and returned on every rank, in `indexes` order; with a `store`, rank 0 appends its
     own share to it directly and then every other rank's share, streamed in rank order, so rank 0's
     `store` ends up as the single process's; other ranks extract into new_store() (a fresh DenseStore,
@@ -312,8 +338,8 @@ def extract_sharded(
     if not ctx.enabled or len(indexes) == 0:
         return extract(indexes, store)
     indexes = np.asarray(indexes, dtype=np.int64)
-    counts = shard_counts(len(indexes), ctx.world_size)
-    start, stop = shard_bounds(len(indexes), ctx.world_size, ctx.rank)
+    counts = shard_counts(len(indexes), ctx.world_size, multiple=batch_size)
+    start, stop = shard_bounds(len(indexes), ctx.world_size, ctx.rank, multiple=batch_size)
     part_store = None
     if store is not None:
         if ctx.is_main:

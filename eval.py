@@ -11,12 +11,25 @@ import parser
 import predictions_io
 import test
 
+# Where the outputs go (test/<save_dir>/<time>/ in the working folder) and how to put them elsewhere: an
+# absolute --save_dir replaces test/<save_dir> (os.path.join keeps the last absolute part).
+MOVED_BY = (
+    "Run eval.py from a folder you can write to (its outputs go to test/<save_dir>/<time>/ there), or give "
+    "--save_dir an absolute path on a disk with room (the run folder is then made inside it)."
+)
+# After a full disk: eval.py has no checkpoint; its files are whole or absent, and its dense store is gone.
+DISK_FULL_NOTE = (
+    "eval.py writes every file to a temp name and renames it, and removes its dense feature store, so "
+    "nothing half-written is left; run it again (--save_dir with an absolute path puts the outputs on "
+    "another disk)."
+)
+
 
 def main(args):
     start_time = datetime.now()
     output_folder = os.path.join("test", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S"))
     # One process unless launched by torchrun; then every rank extracts a share, rank 0 does the rest.
-    ctx = commons.start_run(args, output_folder, note=args.model_settings_note)
+    ctx = commons.start_run(args, output_folder, note=args.model_settings_note, moved_by=MOVED_BY)
 
     model = network.build_model(args, device=ctx.device)
 
@@ -30,6 +43,17 @@ def main(args):
         query_keys_file=args.query_keys_file,
     )
     logging.info(f"Test set: {test_ds}")
+    if ctx.is_main:  # what this run will write must fit on its disk, checked before any work
+        commons.check_free_space(
+            test.planned_writes(
+                test_ds,
+                output_folder=output_folder,
+                efficient_ram_testing=args.efficient_ram_testing,
+                dense_shape=args.dense_feature_map_size,
+                rerank_num=args.rerank_num,
+            ),
+            moved_by="give --save_dir an absolute path on a disk with room.",
+        )
 
     pca = None
     if args.pca_dim is not None and ctx.is_main:  # only rank 0 searches
@@ -85,4 +109,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments())
+    commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)

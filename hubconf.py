@@ -99,6 +99,12 @@ def selavpr(
             here that contradicts the checkpoint's is an error naming both.
         allow_random_weights: return a randomly initialised model when no path is given (tests, demos).
 
+    Numerics: this function leaves torch's process-wide switches to the caller. On NVIDIA GPUs from
+    Ampere on, torch runs convolutions (the patch embedding, LocalAdapt) in TF32 by default, which moves
+    the features by about 1e-4 to 1e-3; for IEEE float32, what the project's commands run with
+    ``--precision fp32``, set ``torch.backends.cudnn.allow_tf32 = False`` and
+    ``torch.backends.cuda.matmul.allow_tf32 = False`` before calling the model.
+
     Returns:
         network.GeoLocalizationNet; ``model(images)`` with images (B, 3, H, W), H and W multiples of 14,
         ImageNet-normalised (datasets_ws.base_transform, then datasets_ws.hard_resize to 224 x 224 as in
@@ -129,10 +135,14 @@ def selavpr(
     saved = None
     if checkpoint is not None:
         saved = checkpoints.saved_model_settings(
-            checkpoints.load_weights_file(checkpoint, what="checkpoint"), path=checkpoint, what="checkpoint"
+            checkpoints.load_weights_file(checkpoint, what="checkpoint", mmap=True, check=False),
+            path=checkpoint,
+            what="checkpoint",
         )
     defaults = {"backbone": "vit_large", "backbone_depth": None, "registers": False, "resize": None}
-    settings, _ = checkpoints.resolve_model_settings(given, saved, defaults, source=f"checkpoint {checkpoint}")
+    settings, _ = checkpoints.resolve_model_settings(
+        given, saved, defaults, source=f"checkpoint {checkpoint}", names=checkpoints.PYTHON_ARGUMENTS
+    )
     model = network.load_model(
         backbone=settings["backbone"],
         registers=settings["registers"],
@@ -142,5 +152,6 @@ def selavpr(
         checkpoint_flag="checkpoint",
         allow_random_weights=allow_random_weights,
         device="cpu",
+        names=checkpoints.PYTHON_ARGUMENTS,
     )
     return model.eval()

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 import commons
 import datasets_ws
+import dense_store
 import image_files
 import network
 import parser
@@ -60,6 +61,16 @@ CHECKED_SETTINGS = (
 # ------------------------------------------------------------------------------------------------
 
 
+def not_a_folder(path: str) -> str:
+    """Why `path` is no image folder, and what to do: a file (e.g. one photo) is not "no such folder"."""
+    if os.path.isfile(path):
+        return (
+            "this is a file, not a folder: give the folder that holds your images (to localise one photo "
+            "alone, put it in a folder of its own and give that folder)"
+        )
+    return "no such folder; give the folder that holds your images"
+
+
 def collect_images(folder: str, *, flag: str = "--database_folder", protect: Sequence[str] = ()) -> List[str]:
     """Every .jpg / .jpeg / .png (any letter case) below `folder`, recursive, ordered by sorted() on the
     full paths as datasets_ws.collect_jpgs; hidden files and folders are skipped, links to folders are
@@ -68,11 +79,7 @@ def collect_images(folder: str, *, flag: str = "--database_folder", protect: Seq
     names the folder's flag in the error messages."""
     if not os.path.isdir(folder):
         broken = image_files.broken_link_hint(folder)
-        raise FileNotFoundError(
-            f"{flag} {broken}"
-            if broken
-            else f"{flag} {folder}: no such folder. Give the folder that holds your images."
-        )
+        raise FileNotFoundError(f"{flag} {broken}" if broken else f"{flag} {folder}: {not_a_folder(folder)}")
     listing = image_files.list_images(
         folder, accept=lambda name: name.lower().endswith(IMAGE_SUFFIXES), protect=protect
     )
@@ -184,7 +191,13 @@ def utm_positives(
         q_utms = np.array([datasets_ws.read_utm(p) for p in queries_paths], dtype=np.float64).reshape(-1, 2)
     except ValueError:
         return None
-    return datasets_ws.radius_positives(db_utms, q_utms, radius)
+    positives = datasets_ws.radius_positives(db_utms, q_utms, radius)
+    warning = datasets_ws.missing_positives_warning(
+        db_utms, q_utms, positives, threshold=radius, where="--queries_folder (UTM from the file names)"
+    )
+    if warning:
+        logging.warning(warning)
+    return positives
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,7 +448,7 @@ def parse_localize_arguments(argv: Optional[List[str]] = None):
     # Inputs and outputs are checked here, before any folder is created or any model is built.
     for flag, folder in (("--queries_folder", args.queries_folder), ("--database_folder", args.database_folder)):
         if folder is not None and not os.path.isdir(folder):
-            p.error(f"{flag} {folder}: no such folder; give the folder that holds your images")
+            p.error(f"{flag} {folder}: {not_a_folder(folder)}")
     if args.load_database and not os.path.isdir(args.load_database):
         p.error(f"--load_database {args.load_database}: no such folder; give a folder written by --save_database")
     if args.output_folder and os.path.exists(args.output_folder):
@@ -478,6 +491,48 @@ def creation_problem(path: str) -> Optional[str]:
     return None
 
 
+def planned_writes(
+    args, *, output_folder: str, queries_num: int, database_paths: Sequence[str], embed_dim: int
+) -> List[commons.PlannedWrite]:
+    """What this run writes: the dense store of the extracted images in output_folder with
+    --efficient_ram_testing (the queries, and the database unless --load_database), a --save_database
+    folder (the database's global descriptors, and its dense features unless they can be hard-linked
+    from the store on the same file system) and predictions.jsonl."""
+    shape = args.dense_feature_map_size
+    db_num = len(database_paths)
+    writes = []
+    if args.efficient_ram_testing:
+        images = queries_num + (0 if args.load_database else db_num)
+        writes.append(
+            commons.PlannedWrite(
+                output_folder,
+                dense_store.estimated_bytes(images, shape),
+                f"dense features of {images} images (--efficient_ram_testing)",
+            )
+        )
+    if args.save_database:
+        linked = args.efficient_ram_testing and same_file_system(output_folder, args.save_database)
+        nbytes = db_num * embed_dim * 4 + (0 if linked else dense_store.estimated_bytes(db_num, shape))
+        writes.append(commons.PlannedWrite(args.save_database, nbytes, f"--save_database of {db_num} images"))
+    k = min(args.rerank_num, db_num)
+    path_bytes = sum(len(os.path.abspath(p)) for p in database_paths) / max(db_num, 1)
+    nbytes = int(queries_num * (2 * k + 1) * (path_bytes + test.PREDICTION_ENTRY_BYTES))
+    writes.append(commons.PlannedWrite(output_folder, nbytes, f"predictions.jsonl of {queries_num} queries"))
+    return writes
+
+
+def same_file_system(a: str, b: str) -> bool:
+    """Whether two paths (existing or not yet) lie on one file system (their nearest existing folders)."""
+
+    def device(path: str) -> int:
+        path = os.path.abspath(path)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        return os.stat(path).st_dev
+
+    return device(a) == device(b)
+
+
 def names_carry_utm(paths: Sequence[str]) -> bool:
     """Whether every file name carries UTM coordinates (``@east@north@...``)."""
     try:
@@ -493,13 +548,17 @@ def main(args) -> None:
     output_folder = args.output_folder or os.path.join(
         "localize", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")
     )
-    commons.setup_logging(output_folder)
+    # The common start of every command (one process: run_main refuses torchrun for this command). A
+    # GPU that cannot run --precision is refused before the output folder exists.
+    ctx = commons.start_run(
+        args,
+        output_folder,
+        note=args.model_settings_note,
+        moved_by="Give --output_folder a folder you can write to.",
+    )
     try:
         # Everything a typo can break is checked before the slow work; a run refused here removes the
         # output folder it has just created, so that the corrected command may use the same one.
-        commons.make_deterministic(args.seed)
-        commons.log_run_header(args, note=args.model_settings_note)
-        logging.info(f"The outputs are being saved in {output_folder}")
         saved_root = None
         if args.load_database:
             manifest = retrieval.read_manifest(os.path.abspath(args.load_database))
@@ -532,12 +591,22 @@ def main(args) -> None:
         settings = model_settings(
             model, backbone=args.backbone, registers=args.registers, resize=args.resize, precision=args.precision
         )
+        commons.check_free_space(
+            planned_writes(
+                args,
+                output_folder=output_folder,
+                queries_num=len(queries_paths),
+                database_paths=database_paths if database_paths is not None else manifest["images"],
+                embed_dim=settings["embed_dim"],
+            ),
+            moved_by="choose --output_folder (and --save_database) on a disk with room.",
+        )
     except (ValueError, OSError):
         commons.discard_output_folder(output_folder)
         raise
     # --efficient_ram_testing: the dense features go to the run's folder, removed at the end (also on
     # errors, Ctrl-C and SIGTERM: the engine's `with`).
-    store_folder = os.path.join(output_folder, "dense_features") if args.efficient_ram_testing else None
+    store_folder = ctx.store_folder() if args.efficient_ram_testing else None
     with retrieval.Retrieval(
         model,
         batch_size=args.infer_batch_size,
@@ -575,7 +644,8 @@ def main(args) -> None:
             f"Positives: database images within --val_positive_dist_threshold "
             f"{args.val_positive_dist_threshold} m (UTM from the file names)"
         )
-        logging.info(f"First ranking recalls: {test.recalls_to_str(first, args.recall_values)}")
+        capped = test.capped_note(args.recall_values, ranking.first_predictions.shape[1])
+        logging.info(f"First ranking recalls: {test.recalls_to_str(first, args.recall_values)}{capped}")
         logging.info(f"Recalls after re-ranking: {test.recalls_to_str(reranked, args.recall_values)}")
 
     records = predictions_io.prediction_records(
@@ -583,7 +653,6 @@ def main(args) -> None:
         database_paths=database.paths,
         ranking=ranking,
         positives=positives,
-        reranked_distances=True,
     )
     predictions_path = os.path.join(output_folder, "predictions.jsonl")
     predictions_io.write_predictions(predictions_path, records)
@@ -595,7 +664,13 @@ def main(args) -> None:
         )
         logging.info(f"Saved {n} prediction pictures in {preds_folder}")
     logging.info(f"Finished in {str(datetime.now() - start_time)[:-7]}")
+    commons.finish(ctx)
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parse_localize_arguments())
+    commons.run_main(
+        main,
+        parse_localize_arguments(),
+        disk_full_note="localize.py writes every file to a temp name and renames it, publishes a --save_database "
+        "folder only when complete and removes its dense store, so nothing half-written is left; run it again.",
+    )

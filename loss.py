@@ -1,6 +1,5 @@
 """Training losses: the global triplet loss and the local mutual-nearest-neighbour loss."""
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 
 import local_matching
+import numerics
 
 
 def local_triplet_loss(
@@ -62,15 +62,13 @@ def forward_features(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The training forward: model(images) -> (local (N, h, w, C), global (N, D)), both float32.
 
-    precision "fp32": the plain call (bit-identical to model(images)). "bf16": the forward runs under
-    bfloat16 autocast on the images' device type (matmuls and convolutions in bf16, faster on GPUs and
-    on CPUs with AMX); the parameters stay float32 (fp32 master weights: the optimizer updates them
+    precision "fp32" and "tf32": the plain call (bit-identical to model(images); TF32 is the
+    process-wide switch a command sets at its start, numerics.set_precision). "bf16": the forward runs
+    under bfloat16 autocast on the images' device type (matmuls and convolutions in bf16, faster on GPUs
+    and on CPUs with AMX); the parameters stay float32 (fp32 master weights: the optimizer updates them
     in float32) and the outputs are cast back to float32, so the losses and their mutual-NN matching
     are computed in float32.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be fp32 or bf16, got {precision!r}")
-    context = torch.autocast(images.device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-    with context:
+    with numerics.autocast(images.device.type, precision):
         local_features, global_features = model(images)
     return local_features.float(), global_features.float()

@@ -82,6 +82,15 @@ class GeoLocalizationNet(nn.Module):
 
     def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> normalised patch tokens as a grid (B, H/14, W/14, D)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            hint = (
+                ": one image needs a batch dimension, e.g. model(image.unsqueeze(0))"
+                if images.dim() == 3 and images.shape[0] == 3
+                else ""
+            )
+            raise ValueError(
+                f"the model takes a batch of RGB images (B, 3, H, W), got a tensor of shape {tuple(images.shape)}{hint}"
+            )
         p = self.backbone.patch_size
         h, w = images.shape[-2] // p, images.shape[-1] // p
         tokens = self.backbone(images)
@@ -154,19 +163,23 @@ def load_model(
     allow_random_weights: bool = False,
     train_backbone: bool = False,
     device: str = "cpu",
+    names: checkpoints.ArgNames = checkpoints.FLAGS,
 ) -> GeoLocalizationNet:
     """The one place that turns model settings and weight files into a ready GeoLocalizationNet.
 
     foundation_model_path: DINOv2 backbone weights (adapters start at zero output); checkpoint: a
     SelaVPR checkpoint (every weight, loaded last; `checkpoint_flag` names it in messages); neither:
     refused unless allow_random_weights (then a loud warning). The backbone is frozen except its adapters
-    (everything trains with train_backbone); the model is moved to `device`.
+    (everything trains with train_backbone); the model is moved to `device`. names: how error messages
+    name the settings (the scripts' flags, or the hub entry's Python arguments).
     """
     model = GeoLocalizationNet(backbone=backbone, registers=registers, backbone_depth=backbone_depth)
+    # in_place: the weights files are memory-mapped and their tensors become the model's where this torch
+    # can (checkpoints.torch_can_map_files): one copy of the weights in memory, not two while loading.
     if foundation_model_path:
-        checkpoints.load_foundation_weights(model, foundation_model_path)
+        checkpoints.load_foundation_weights(model, foundation_model_path, in_place=True, names=names)
     if checkpoint:
-        checkpoints.load_model_weights(model, checkpoint, what=checkpoint_flag)
+        checkpoints.load_model_weights(model, checkpoint, what=checkpoint_flag, in_place=True, names=names)
     if not foundation_model_path and not checkpoint:
         if not allow_random_weights:
             raise ValueError(

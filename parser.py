@@ -22,6 +22,7 @@ import torch
 
 import checkpoints
 import network
+import numerics
 from backbone import FACTORIES
 from datasets_ws import PATCH_SIZE, TEST_METHODS
 
@@ -163,8 +164,8 @@ def _saved_model_settings(p: argparse.ArgumentParser, values: Values) -> Tuple[O
             source = f"--{flag} {file}"
             try:
                 # Memory-mapped where torch can: only the small settings entry is read (the weights are
-                # loaded later, by network.build_model).
-                checkpoint = checkpoints.load_weights_file(file, what=f"--{flag}", mmap=True)
+                # loaded, and checked for NaN / Inf, later, by network.build_model).
+                checkpoint = checkpoints.load_weights_file(file, what=f"--{flag}", mmap=True, check=False)
             except (ValueError, OSError):
                 return None, source  # a bad file: loading the weights reports it, in full, in its place
             try:
@@ -234,10 +235,12 @@ def _add_extraction(g: argparse._ArgumentGroup) -> None:
         "--precision",
         type=str,
         default="fp32",
-        choices=["fp32", "bf16"],
-        help="(ours) precision of feature extraction and of the training forward (bf16 autocast, "
-        "fp32 master weights and losses); faster on GPUs (and CPUs with AMX), changes results "
-        "slightly",
+        choices=list(numerics.PRECISIONS),
+        help="(ours) arithmetic of feature extraction and of the training forward. fp32: IEEE float32 "
+        "everywhere (also on GPUs, where torch would run convolutions in TF32). tf32: TF32 tensor-core "
+        "matmuls and convolutions on NVIDIA Ampere and newer GPUs (as fp32 elsewhere). bf16: bfloat16 "
+        "autocast, fp32 master weights and losses. tf32 and bf16 are faster on GPUs (bf16 also on CPUs "
+        "with AMX) and change results slightly; the re-ranking stays exact",
     )
 
 
@@ -349,7 +352,8 @@ def _add_dataset(g: argparse._ArgumentGroup) -> None:
         "--query_keys_file",
         type=path,
         default=None,
-        help="(ours) official MSLS-val protocol: keep only the queries whose key is in this file",
+        help="(ours) MSLS-val protocol: keep only the queries whose key (field 7 of the file name) is listed "
+        "in this file, or in a built-in list given by name: msls_val_740 (the paper's 740 MSLS-val queries)",
     )
 
 
@@ -428,6 +432,12 @@ def _add_training(g: argparse._ArgumentGroup) -> None:
         help="(ours) weight of the local mutual-NN loss beside the global triplet loss (the paper: 1); "
         "0 trains the global adaptation alone",
     )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="(ours) seeded GPU training reproducible bit for bit: training steps use torch's deterministic "
+        "algorithms and the math attention kernel (slower); seeded CPU runs are reproducible without it",
+    )
 
 
 def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
@@ -438,6 +448,13 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
         )
     if not values["local_loss_weight"] >= 0:  # also refuses nan
         p.error(f"--local_loss_weight must be >= 0, got {values['local_loss_weight']}")
+    if values["deterministic"] and values["seed"] == -1:
+        p.error("--deterministic needs a seeded run: drop --seed -1 (or --deterministic)")
+    if values["deterministic"] and values["train_backbone"] and values["device"] == "cuda":
+        p.error(
+            "--deterministic with --train_backbone on a GPU: the backward of the positional table's bicubic "
+            "interpolation has no deterministic CUDA implementation in torch; drop one of the two"
+        )
     if values["queries_per_epoch"] % values["cache_refresh_rate"] != 0:
         p.error(
             f"--queries_per_epoch ({values['queries_per_epoch']}) must be a multiple of --cache_refresh_rate "
@@ -445,7 +462,7 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
         )
 
 
-TRAINING = Group("training", _add_training, _finish_training)
+TRAINING = Group("training", _add_training, _finish_training, requires=("runtime",))
 
 
 def _add_augmentation(g: argparse._ArgumentGroup) -> None:

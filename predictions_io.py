@@ -21,35 +21,40 @@ def prediction_records(
     database_paths: Sequence[str],
     ranking,
     positives: Optional[Sequence[Sequence[int]]] = None,
-    reranked_distances: bool = False,
 ) -> list:
     """One dict per query of a retrieval.Ranking: its path, positives, first-stage and re-ranked lists
-    (paths, scores, correct).
+    (paths, scores, correct). The one schema of every command's predictions.jsonl:
 
-    `l2_distance` of a first-stage entry is the Euclidean distance between the query's and the database
-    image's global descriptors (ranking.first_distances holds faiss's squared distances; the merged
-    crop lists have none). reranked_distances: the re-ranked entries carry theirs too, where known
-    (localize.py).
-    Without ground truth (positives None) the `positives` and `correct` entries are left out rather
-    than filled with guesses.
+    - `query`, every entry's `path`: absolute paths (os.path.abspath of the paths the command read, so
+      they resolve from any working folder, the output folder included); `query_index`, `index`: the
+      query's and database image's positions in the command's lists.
+    - `first_stage`: the first-stage candidates, nearest first, each with `l2_distance`, the Euclidean
+      distance between the query's and the database image's global descriptors (ranking.first_distances
+      holds faiss's squared distances; the merged five-crop lists of nearest_crop / maj_voting have no
+      single distance per candidate, so none there).
+    - `reranked`: the same candidates re-ranked, each with `mutual_nn` (its score) and the same
+      `l2_distance` as in `first_stage` where that one has it.
+    - With ground truth: `positives` (the query's database indexes) and each entry's `correct`. Without
+      (positives None) both are left out rather than filled with guesses.
     """
+    database_abs = [os.path.abspath(p) for p in database_paths]
     records = []
     for q, query_path in enumerate(queries_paths):
         truth = None if positives is None else set(int(p) for p in positives[q])
         distances = {}
         first = []
         for rank, db in enumerate(ranking.first_predictions[q]):
-            entry = {"path": database_paths[int(db)], "index": int(db)}
+            entry = {"path": database_abs[int(db)], "index": int(db)}
             if ranking.first_distances is not None:
                 entry["l2_distance"] = distances[int(db)] = l2_distance(ranking.first_distances[q][rank])
             first.append(entry)
         reranked = []
         for db, score in zip(ranking.predictions[q], ranking.scores[q]):
-            entry = {"path": database_paths[int(db)], "index": int(db), "mutual_nn": float(score)}
-            if reranked_distances and int(db) in distances:
+            entry = {"path": database_abs[int(db)], "index": int(db), "mutual_nn": float(score)}
+            if int(db) in distances:
                 entry["l2_distance"] = distances[int(db)]
             reranked.append(entry)
-        record = {"query": query_path, "query_index": q, "first_stage": first, "reranked": reranked}
+        record = {"query": os.path.abspath(query_path), "query_index": q, "first_stage": first, "reranked": reranked}
         if truth is not None:
             record["positives"] = sorted(truth)
             for entry in first + reranked:

@@ -1,8 +1,9 @@
 """Reproduce the paper's result tables with one command.
 
     python3 reproduce.py --datasets_folder DIR --msls_checkpoint SelaVPR_msls.pth \
-        --pitts30k_checkpoint SelaVPR_pitts30k.pth [--msls_val_keys FILE] [--rerank_num 100|20|both] \
-        [--output results] [--dataset_folders NAME=FOLDER ...] [--only NAME ...] <model/runtime flags>
+        --pitts30k_checkpoint SelaVPR_pitts30k.pth [--msls_val_keys FILE | --msls_all_queries] \
+        [--rerank_num 100|20|both] [--output results] [--dataset_folders NAME=FOLDER ...] [--only NAME ...] \
+        <model/runtime flags>
 
 Every data set of the paper found under --datasets_folder is evaluated with the checkpoint the paper
 used for it (the MSLS model: msls val, nordland test, st_lucia test; the Pitts30k model: tokyo247,
@@ -10,6 +11,13 @@ pitts30k and pitts250k test), through the same test.evaluate as eval.py. The res
 <output>/results.md: one Markdown row per (data set, rerank_num) with our R@1/5/10 next to the
 published ones, the protocol, timings and peak memory. Data sets or checkpoints that are missing get
 a "skipped" row saying what is missing.
+
+The paper's protocols are built in: MSLS-val evaluates the 740 queries of the built-in list
+msls_val_740 (data/README.md), Nordland is recognised by its image counts (the paper's Nordland-test,
+3,450 + 3,450 images with positives within +-2 frames, or the benchmark downloader's 27,592 + 27,592
+with 25 m), and a row whose data differ from the paper's says so and shows no difference (delta) to the
+paper's numbers. The model settings that a checkpoint written by train.py records (backbone, depth,
+registers, input size) are used as eval.py uses them: flags given on the command line win.
 
 Resumable: each finished evaluation is stored in <output>/results.json under a key made of what
 determines it: the data set split's image list (every image's relative name, size and modification
@@ -19,6 +27,7 @@ with the next data set; a row evaluated again is logged with the reason (e.g. th
 Each run logs to <output>/logs/<date>/.
 """
 
+import argparse
 import hashlib
 import json
 import logging
@@ -29,12 +38,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 import atomic_files
+import checkpoints
 import commons
 import datasets_ws
 import network
+import numerics
 import parser
 import test
 
@@ -50,6 +62,14 @@ CACHE_VERSION = 1
 PAPER_RERANK_NUM = 100
 TABLE_RECALLS = (1, 5, 10)
 MSLS_OFFICIAL_QUERIES = 740
+MSLS_KEYS = datasets_ws.OFFICIAL_MSLS_KEYS  # the built-in list reproduce.py uses for MSLS-val by default
+# Nordland variants, told apart by their (database, queries) image counts. The paper's Nordland-test
+# (its authors' reply in the public repository's issues): positives within +-2 frames. The Visual
+# Geo-localization benchmark downloader's Nordland: positives within 25 m, about +-10 frames there.
+NORDLAND_PAPER_COUNTS = (3450, 3450)
+NORDLAND_PAPER_FRAMES = 2
+NORDLAND_DOWNLOADER_COUNTS = (27592, 27592)
+NORDLAND_PAPER = "the paper's Nordland-test: 3450 + 3450 images, positives within +-2 frames"
 CHECKPOINT_FLAGS = {"msls": "--msls_checkpoint", "pitts30k": "--pitts30k_checkpoint"}
 
 
@@ -114,7 +134,7 @@ def parse_dataset_folders(items: Sequence[str]) -> Dict[str, str]:
 
 # eval.py's model, runtime and evaluation flags; no --resume / --load_weights / --foundation_model_path
 # (the paper's checkpoints have their own flags), no PCA, no prediction pictures, no --query_keys_file
-# (--msls_val_keys), and its own --rerank_num.
+# (the built-in list, --msls_val_keys or --msls_all_queries), and its own --rerank_num.
 REPRODUCE_GROUPS = (parser.MODEL, parser.RUNTIME, parser.EXTRACTION, parser.EVALUATION, parser.DATASETS_FOLDER)
 
 
@@ -139,12 +159,19 @@ def build_parser():
         default=None,
         help="SelaVPR_pitts30k.pth: evaluates tokyo247, pitts30k and pitts250k (test)",
     )
-    own.add_argument(
+    msls = own.add_mutually_exclusive_group()
+    msls.add_argument(
         "--msls_val_keys",
         type=parser.path,
         default=None,
-        help="official MSLS-val protocol: file of the 740 query keys (else all ~11k val queries "
-        "are evaluated and the row is marked non-paper)",
+        help=f"MSLS-val queries: keep those whose key is listed in this file instead of the built-in "
+        f"{MSLS_KEYS} (the paper's 740; a row with another list is marked non-paper)",
+    )
+    msls.add_argument(
+        "--msls_all_queries",
+        action="store_true",
+        help="MSLS-val: evaluate every query of the val folder (~11k) instead of the paper's 740; the row "
+        "is marked non-paper",
     )
     own.add_argument(
         "--output",
@@ -189,11 +216,28 @@ def _finish_arguments(p, values: dict) -> None:
     except ValueError as e:
         p.error(str(e))
     if values["msls_val_keys"] is not None and not os.path.isfile(values["msls_val_keys"]):
-        p.error(f"--msls_val_keys {values['msls_val_keys']}: no such file; give the official MSLS-val query key list")
+        p.error(
+            f"--msls_val_keys {values['msls_val_keys']}: no such file; give a list of MSLS-val query keys (the "
+            f"paper's {MSLS_OFFICIAL_QUERIES} are built in: drop the flag to use them)"
+        )
+
+
+def _given_model_flags(p, argv: Sequence[str]) -> dict:
+    """The model flags (checkpoints.MODEL_FLAGS) present on the command line, with their values: these win
+    over the settings a checkpoint records; the others come from each checkpoint (or the defaults)."""
+    unset = object()
+    seen = vars(p.parse_args(list(argv), namespace=argparse.Namespace(**{f: unset for f in checkpoints.MODEL_FLAGS})))
+    return {flag: seen[flag] for flag in checkpoints.MODEL_FLAGS if seen[flag] is not unset}
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None):
-    return build_parser().parse(argv, finish=_finish_arguments)
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def finish(p, values: dict) -> None:
+        _finish_arguments(p, values)
+        values["given_model_flags"] = _given_model_flags(p, argv)
+
+    return build_parser().parse(argv, finish=finish)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -362,21 +406,98 @@ def peak_rss_bytes() -> Optional[int]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def protocol_text(
-    *, entry: PaperEntry, rerank_num: int, settings: dict, queries_num: Optional[int], keys_file: Optional[str]
-) -> str:
-    """ "paper protocol" or "non-paper protocol (what differs)", with the MSLS query protocol spelled out."""
-    notes, deviations = [], []
-    if entry.name == "msls":
-        if keys_file:
-            notes.append(f"official MSLS-val: {queries_num} queries listed in {os.path.basename(keys_file)}")
-            if queries_num is not None and queries_num != MSLS_OFFICIAL_QUERIES:
-                deviations.append(f"{queries_num} queries kept, the official list has {MSLS_OFFICIAL_QUERIES}")
-        else:
-            deviations.append(
-                f"all {queries_num} val queries; the paper uses the official "
-                f"{MSLS_OFFICIAL_QUERIES}: give --msls_val_keys"
-            )
+@dataclass(frozen=True)
+class DataProtocol:
+    """How a data set's queries and positives compare with the paper's: `note` says what was evaluated
+    (the Protocol cell; "" when there is nothing to add), `deviation` how it differs from the paper's
+    ("" when it is the paper's). Different data give numbers that are not comparable with the paper's:
+    the table then shows no difference (delta) to them."""
+
+    note: str = ""
+    deviation: str = ""
+    own_radius: bool = False  # the positives' radius is the data set's own (Nordland's frames), in `note`
+
+    @property
+    def comparable(self) -> bool:
+        return not self.deviation
+
+
+def msls_protocol(query_keys: Optional[datasets_ws.QueryKeys], *, queries_num: int) -> DataProtocol:
+    """MSLS-val: the paper's protocol is every key of the built-in list found (datasets_ws.QueryKeys)."""
+    paper = f"the paper: the {MSLS_OFFICIAL_QUERIES} queries of {MSLS_KEYS}"
+    if query_keys is None:
+        return DataProtocol(deviation=f"all {queries_num} val queries (--msls_all_queries); {paper}")
+    if query_keys.official:
+        return DataProtocol(note=f"official MSLS-val: all {query_keys.keys_num} keys of {MSLS_KEYS} found")
+    if query_keys.builtin == MSLS_KEYS:
+        return DataProtocol(
+            deviation=f"PARTIAL MSLS-val: only {query_keys.found_num} of the {query_keys.keys_num} keys of "
+            f"{MSLS_KEYS} have a query image here"
+        )
+    return DataProtocol(
+        deviation=f"{query_keys.kept_num} queries listed in {os.path.basename(query_keys.source)} "
+        f"({query_keys.found_num} of its {query_keys.keys_num} keys found); {paper}"
+    )
+
+
+def frame_spacing(utms: np.ndarray) -> Optional[float]:
+    """Metres between consecutive frames when the images stand one per frame along a straight line, as
+    the Nordland formatters name them (frame i at UTM north i * d, east 0; d = 25 / 10.5 m in the VG
+    benchmark downloader, which rounds to 0.1 m), else None. d is the median step between the sorted
+    positions; every step must be d (up to the 0.1 m rounding), bar a few gaps of whole frames."""
+    if len(utms) < 3 or np.ptp(utms[:, 0]) > 0.5:
+        return None
+    steps = np.diff(np.sort(utms[:, 1]))
+    d = float(np.median(steps))
+    if d <= 0.5:
+        return None
+    whole = np.abs(steps / d - np.round(steps / d)) * d <= 0.11
+    return d if whole.mean() >= 0.99 and np.mean(np.round(steps / d) == 1) >= 0.9 else None
+
+
+def nordland_protocol(counts: dict, utms: Optional[np.ndarray], *, threshold: float) -> Tuple[DataProtocol, float]:
+    """(protocol, positives radius in metres) of a Nordland folder, told by its (database, queries) counts.
+
+    The paper's Nordland-test: positives within +-2 frames, i.e. a radius of 2.5 frame steps (frame_spacing
+    of the database's positions `utms`, which the caller reads only for that variant), half a step clear
+    of both the 2nd and the 3rd neighbour; `threshold` (--val_positive_dist_threshold) when not the
+    default 25 m (the user's choice wins, and the row is non-paper). The downloader's: 25 m as its
+    formatter intends (about +-10 frames). Another variant: 25 m, named as unrecognised."""
+    found = (counts.get("database", 0), counts.get("queries", 0))
+    shown = f"{found[0]} + {found[1]} images"
+    if found == NORDLAND_PAPER_COUNTS:
+        spacing = frame_spacing(utms) if utms is not None else None
+        if threshold != 25:
+            return DataProtocol(
+                deviation=f"Nordland-test ({shown}) with positives within {threshold:g} m; {NORDLAND_PAPER}"
+            ), threshold
+        if spacing is None:
+            return DataProtocol(
+                deviation=f"Nordland-test ({shown}), but the file names do not place one image per frame along "
+                "a line (UTM north = frame x step, east 0), so positives within +-2 frames cannot be derived: "
+                f"positives within 25 m; {NORDLAND_PAPER}"
+            ), threshold
+        radius = round((NORDLAND_PAPER_FRAMES + 0.5) * spacing, 3)
+        return DataProtocol(
+            note=f"Nordland-test, {shown}, positives within +-{NORDLAND_PAPER_FRAMES} frames "
+            f"({radius:g} m at {spacing:.2f} m per frame)",
+            own_radius=True,
+        ), radius
+    if found == NORDLAND_DOWNLOADER_COUNTS:
+        return DataProtocol(
+            deviation=f"the benchmark downloader's Nordland ({shown}, positives within {threshold:g} m, about "
+            f"+-10 frames); {NORDLAND_PAPER}"
+        ), threshold
+    return DataProtocol(
+        deviation=f"an unrecognised Nordland variant ({shown}, positives within {threshold:g} m); {NORDLAND_PAPER}"
+    ), threshold
+
+
+def protocol_text(*, rerank_num: int, settings: dict, data: DataProtocol = DataProtocol()) -> str:
+    """ "paper protocol" or "non-paper protocol (what differs)", with the data set's own protocol (`data`:
+    MSLS-val's queries, Nordland's variant and positives) spelled out."""
+    notes = [data.note] if data.note else []
+    deviations = [data.deviation] if data.deviation else []
     if rerank_num != PAPER_RERANK_NUM:
         deviations.append(f"rerank_num {rerank_num} (paper: {PAPER_RERANK_NUM})")
     if settings["test_method"] != "hard_resize":
@@ -392,7 +513,7 @@ def protocol_text(
         )
     if settings["precision"] != "fp32":
         deviations.append(f"{settings['precision']} extraction (paper: fp32)")
-    if settings["val_positive_dist_threshold"] != 25:
+    if settings["val_positive_dist_threshold"] != 25 and not data.own_radius:
         deviations.append(f"positives within {settings['val_positive_dist_threshold']} m (paper: 25 m)")
     if deviations:
         return "non-paper protocol (" + "; ".join(notes + deviations) + ")"
@@ -456,6 +577,28 @@ def evaluate_dataset(
     }
 
 
+def checkpoint_settings(args, path: str, *, flag: str) -> Tuple[dict, Optional[str]]:
+    """(model_settings(args) for the checkpoint `path`, a note for the log or None): the model flags given
+    on the command line, else those the file records (a checkpoint written by train.py), else the
+    defaults, as eval.py resolves them (checkpoints.resolve_model_settings). Only the file's small
+    entries are read (memory-mapped where torch can)."""
+    checkpoint = checkpoints.load_weights_file(path, what=flag, mmap=True, check=False)
+    saved = checkpoints.saved_model_settings(checkpoint, path=path, what=flag)
+    del checkpoint
+    defaults = {name: build_parser().get_default(name) for name in checkpoints.MODEL_FLAGS}
+    resolved, note = checkpoints.resolve_model_settings(
+        args.given_model_flags, saved, defaults, source=f"{flag} {path}"
+    )
+    settings = dict(model_settings(args))
+    settings.update(
+        backbone=resolved["backbone"],
+        backbone_depth=resolved["backbone_depth"],
+        registers=bool(resolved["registers"]),
+        resize=[int(v) for v in resolved["resize"]],
+    )
+    return settings, note
+
+
 def load_checkpoint_model(path: str, *, flag: str, settings: dict) -> network.GeoLocalizationNet:
     """A GeoLocalizationNet of settings' size with all weights from the SelaVPR checkpoint `path`."""
     return network.load_model(
@@ -466,6 +609,15 @@ def load_checkpoint_model(path: str, *, flag: str, settings: dict) -> network.Ge
         checkpoint_flag=flag,
         device=settings["device"],
     ).eval()
+
+
+def database_utms(split_folder: str) -> Optional[np.ndarray]:
+    """The UTM positions of a split's database images from their file names, or None when a name has none."""
+    try:
+        paths = datasets_ws.collect_jpgs(os.path.join(split_folder, "database"))
+        return np.array([datasets_ws.read_utm(p) for p in paths], dtype=np.float64).reshape(-1, 2)
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,7 +674,14 @@ def format_row(row: dict) -> str:
     record = row.get("record") or {}
     ours = _table_recalls(record, "recalls")
     # Differences of the printed (1-decimal) values, so that the row adds up; + 0.0 turns -0.0 into 0.0.
-    delta = None if ours is None else [round(round(o, 1) - p, 1) + 0.0 for o, p in zip(ours, entry.recalls)]
+    # No difference to the paper's numbers when the data are not the paper's (another Nordland, other
+    # MSLS-val queries): those numbers measure something else.
+    comparable = row.get("comparable", record.get("comparable", True))
+    delta = (
+        None
+        if ours is None or not comparable
+        else [round(round(o, 1) - p, 1) + 0.0 for o, p in zip(ours, entry.recalls)]
+    )
     timing = record.get("timing", {})
     if row["status"] == "reused":
         status = f"reused (evaluated {record.get('evaluated_at', '?')})"
@@ -561,7 +720,9 @@ def format_table(rows: Sequence[dict], *, generated_at: str = "") -> str:
     devices = sorted({r["record"]["device"] for r in rows if r.get("record")})
     lines += [
         "",
-        "Paper: the published R@1/5/10 (seed README, rerank_num 100). Δ = ours − paper. Global only = "
+        "Paper: the published R@1/5/10 (seed README, rerank_num 100). Δ = ours − paper, shown only when the "
+        "data are the paper's (a row on other data, e.g. another Nordland or other MSLS-val queries, says "
+        "so in its protocol and has no Δ). Global only = "
         "first-stage (faiss) recalls before re-ranking. Query extraction = time to extract one query's "
         "features (database images cost about the same each); re-rank = mutual-NN scoring of one "
         "query's candidates; total = the whole evaluation, database extraction included. Peak RAM = the "
@@ -591,30 +752,36 @@ def _new_log_folder(output: str) -> str:
 class _Models:
     """The model of one checkpoint at a time (loaded when first needed: a fully reused run loads none)."""
 
-    def __init__(self, settings: dict) -> None:
-        self.settings = settings
+    def __init__(self) -> None:
         self.name, self.model = None, None
 
-    def get(self, name: str, path: str) -> torch.nn.Module:
+    def get(self, name: str, path: str, settings: dict) -> torch.nn.Module:
         if self.name != name:
             self.model = None  # free the other checkpoint's model first
-            if str(self.settings["device"]).startswith("cuda"):
+            if str(settings["device"]).startswith("cuda"):
                 torch.cuda.empty_cache()
-            self.model = load_checkpoint_model(path, flag=CHECKPOINT_FLAGS[name], settings=self.settings)
+            self.model = load_checkpoint_model(path, flag=CHECKPOINT_FLAGS[name], settings=settings)
             self.name = name
         return self.model
 
 
 def main(args) -> None:
-    os.makedirs(args.output, exist_ok=True)
+    precision = numerics.set_precision(args.precision, device=args.device)  # before any folder: may refuse
+    moved_by = "Give --output a folder you can write to."
+    commons.make_output_folder(args.output, moved_by=moved_by, exist_ok=True)
     log_folder = _new_log_folder(args.output)
-    commons.setup_logging(log_folder)
+    commons.setup_logging(log_folder, moved_by=moved_by)
     commons.make_deterministic(args.seed)
     commons.log_run_header(args)
+    precision.log()
+    removed = atomic_files.remove_stale_temp_files(args.output, (CACHE_NAME, TABLE_NAME))
+    if removed:
+        logging.info(f"Removed {len(removed)} temporary file(s) that a killed earlier run left in {args.output}")
+    commons.report_dead_stores(log_folder)  # --efficient_ram_testing stores of killed runs in <output>/logs/
     cache = ResultCache(os.path.join(args.output, CACHE_NAME))
     table_path = os.path.join(args.output, TABLE_NAME)
-    settings = model_settings(args)
-    checkpoints = {"msls": args.msls_checkpoint, "pitts30k": args.pitts30k_checkpoint}
+    checkpoint_paths = {"msls": args.msls_checkpoint, "pitts30k": args.pitts30k_checkpoint}
+    msls_keys = None if args.msls_all_queries else (args.msls_val_keys or MSLS_KEYS)
 
     rows = [
         {
@@ -623,7 +790,7 @@ def main(args) -> None:
             "status": "pending",
             "reason": "",
             "record": None,
-            "checkpoint_name": checkpoints[e.model] and os.path.basename(checkpoints[e.model]),
+            "checkpoint_name": checkpoint_paths[e.model] and os.path.basename(checkpoint_paths[e.model]),
         }
         for e in PAPER_ENTRIES
         for r in args.rerank_num
@@ -634,17 +801,18 @@ def main(args) -> None:
             table_path, format_table(rows, generated_at=datetime.now().isoformat(timespec="seconds"))
         )
 
-    models = _Models(settings)
+    models = _Models()
     bad_checkpoints: Dict[str, str] = {}
     fingerprints: Dict[str, dict] = {}
+    settings_of: Dict[str, dict] = {}
     for row in rows:
         entry, rerank_num = row["entry"], row["rerank_num"]
         label = f"{entry.title} (rerank_num {rerank_num})"
         # An absolute FOLDER of --dataset_folders replaces --datasets_folder (os.path.join semantics).
         folder = os.path.normpath(os.path.join(args.datasets_folder, args.dataset_folders.get(entry.name, entry.name)))
         split_folder = os.path.join(folder, "images", entry.split)
-        ckpt_flag, ckpt_path = CHECKPOINT_FLAGS[entry.model], checkpoints[entry.model]
-        keys_file = args.msls_val_keys if entry.name == "msls" else None
+        ckpt_flag, ckpt_path = CHECKPOINT_FLAGS[entry.model], checkpoint_paths[entry.model]
+        keys = msls_keys if entry.name == "msls" else None
         reasons = []
         if args.only is not None and entry.name not in args.only:
             reasons.append("not selected by --only")
@@ -660,20 +828,52 @@ def main(args) -> None:
             logging.info(f"Skipping {label}: {row['reason']}")
             write_table()
             continue
+        if entry.model in bad_checkpoints:
+            row.update(status="failed", reason=bad_checkpoints[entry.model])
+            write_table()
+            continue
 
         if ckpt_path not in fingerprints:  # a checkpoint is read once per run, however many rows use it
             fingerprints[ckpt_path] = file_fingerprint(ckpt_path)
+            try:
+                settings_of[ckpt_path], note = checkpoint_settings(args, ckpt_path, flag=ckpt_flag)
+            except (ValueError, OSError) as e:
+                bad_checkpoints[entry.model] = str(e)
+                row.update(status="failed", reason=str(e))
+                logging.error(f"Cannot load {ckpt_flag} {ckpt_path}: {e}")
+                write_table()
+                continue
+            if note:
+                logging.info(note)
+        settings = settings_of[ckpt_path]
+        images = images_fingerprint(split_folder)
+        data = DataProtocol()
+        if entry.name == "nordland":
+            # The paper's variant has its own positives (+-2 frames): a radius from the frame step.
+            paper_counts = (images["counts"].get("database"), images["counts"].get("queries"))
+            utms = database_utms(split_folder) if paper_counts == NORDLAND_PAPER_COUNTS else None
+            data, radius = nordland_protocol(images["counts"], utms, threshold=settings["val_positive_dist_threshold"])
+            settings = dict(settings, val_positive_dist_threshold=radius)
         key, key_dict = result_key(
             entry=entry,
-            images=images_fingerprint(split_folder),
+            images=images,
             checkpoint=fingerprints[ckpt_path],
-            keys_file=keys_file,
+            keys_file=keys and datasets_ws.query_keys_path(keys),
             rerank_num=rerank_num,
             settings=settings,
         )
         cached = cache.get(key)
+        if cached is not None and entry.name in ("msls", "nordland") and "comparable" not in cached:
+            # Stored before the query list and the Nordland variant were checked: its label may be wrong.
+            logging.info(f"Evaluating {label} again: its stored result predates the check of its protocol")
+            cached = None
         if cached is not None:
-            row.update(status="reused", record=cached, protocol=cached.get("protocol"))
+            row.update(
+                status="reused",
+                record=cached,
+                protocol=cached.get("protocol"),
+                comparable=cached.get("comparable", True),
+            )
             logging.info(
                 f"Reusing the result of {label} evaluated at {cached.get('evaluated_at')} "
                 f"({CACHE_NAME} key {key}): {test.recalls_to_str(cached['recalls'], cached['recall_values'])}"
@@ -681,12 +881,8 @@ def main(args) -> None:
             write_table()
             continue
 
-        if entry.model in bad_checkpoints:
-            row.update(status="failed", reason=bad_checkpoints[entry.model])
-            write_table()
-            continue
         try:
-            model = models.get(entry.model, ckpt_path)
+            model = models.get(entry.model, ckpt_path, settings)
         except (ValueError, OSError) as e:
             bad_checkpoints[entry.model] = str(e)
             row.update(status="failed", reason=str(e))
@@ -701,15 +897,22 @@ def main(args) -> None:
                 resize=settings["resize"],
                 test_method=settings["test_method"],
                 positive_dist_threshold=settings["val_positive_dist_threshold"],
-                query_keys_file=keys_file,
+                query_keys_file=keys,
             )
-            protocol = protocol_text(
-                entry=entry,
-                rerank_num=rerank_num,
-                settings=settings,
-                queries_num=dataset.queries_num,
-                keys_file=keys_file,
+            if entry.name == "msls":
+                data = msls_protocol(dataset.query_keys, queries_num=dataset.queries_num)
+            commons.check_free_space(
+                test.planned_writes(
+                    dataset,
+                    output_folder=log_folder,
+                    efficient_ram_testing=args.efficient_ram_testing,
+                    dense_shape=parser.expected_dense_size(settings["resize"]),
+                    rerank_num=rerank_num,
+                    predictions=False,
+                ),
+                moved_by="give --output a folder on a disk with room.",
             )
+            protocol = protocol_text(rerank_num=rerank_num, settings=settings, data=data)
             why = rerun_reason(
                 key_dict, cache.earlier_keys(dataset=entry.name, split=entry.split, rerank_num=rerank_num)
             )
@@ -724,12 +927,16 @@ def main(args) -> None:
                 store_folder=os.path.join(log_folder, "dense_features") if args.efficient_ram_testing else None,
             )
         except (ValueError, OSError) as e:  # bad images, key file of another data set, full disk ...
-            row.update(status="failed", reason=str(e))
-            logging.error(f"Evaluation of {label} failed: {e}")
+            reason = str(e)
+            if entry.name == "msls" and keys is not None and "has a key listed" in reason:
+                reason += " (--msls_all_queries evaluates every query of the folder instead)"
+            row.update(status="failed", reason=reason)
+            logging.error(f"Evaluation of {label} failed: {reason}")
             write_table()
             continue
         record.update(
             protocol=protocol,
+            comparable=data.comparable,
             dataset=entry.name,
             rerank_num=rerank_num,
             key=key_dict,
@@ -737,7 +944,7 @@ def main(args) -> None:
             checkpoint_path=os.path.abspath(ckpt_path),
         )
         cache.put(key, record)
-        row.update(status="evaluated", record=record, protocol=protocol)
+        row.update(status="evaluated", record=record, protocol=protocol, comparable=data.comparable)
         timing = record["timing"]
         logging.info(
             f"Recalls on {dataset}: {test.recalls_to_str(record['recalls'], record['recall_values'])} "
@@ -759,4 +966,9 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parse_arguments())
+    commons.run_main(
+        main,
+        parse_arguments(),
+        disk_full_note="Every finished row is kept in results.json: run reproduce.py again to continue with the "
+        "others.",
+    )

@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,7 +35,9 @@ from tqdm import tqdm
 
 import atomic_files
 import distributed
+import leftovers
 import local_matching
+import numerics
 from datasets_ws import FIVE_CROP_METHODS, ImagesSubset
 from dense_store import DenseStore, remove_empty_folder
 
@@ -70,8 +71,7 @@ def extract_features(
     (n, 5, D) for the five-crop methods — or None when want_global is False; dense features
     (B, h', w', 128) are appended to `local_store` when given (not computed otherwise).
     """
-    if method == "single_query":
-        batch_size = 1  # every query keeps its own size
+    batch_size = extraction_batch_size(method, batch_size)
     crops = method in FIVE_CROP_METHODS
     loader = DataLoader(
         ImagesSubset(dataset, indexes, method),
@@ -82,27 +82,60 @@ def extract_features(
     )
     outputs = []
     # bf16 autocast where the features are computed; matmuls and convolutions run in bf16, so results
-    # change slightly (measured in the README); fp32 is the reference.
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    # change slightly (measured in docs/performance.md); fp32 is the reference. (tf32: the process-wide switch.)
     model.eval()
-    with torch.inference_mode(), autocast:
-        for images, _ in tqdm(loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None):
+    with torch.inference_mode(), numerics.autocast(torch.device(device).type, precision):
+        for images, image_indexes in tqdm(
+            loader, desc=desc or f"Extracting {method}", ncols=100, leave=False, disable=None
+        ):
             if crops:  # (B, 5, 3, s, s) -> (B*5, 3, s, s)
                 images = images.flatten(0, 1)
             images = images.to(device, non_blocking=True)
             if local_store is not None:
                 local, glob = model(images)
+                check_finite_features(local, image_indexes, dataset=dataset, what="dense local features")
                 local_store.append(local.float().cpu().numpy())
             elif want_global:
                 glob = model.global_descriptors(images)
             else:
                 raise ValueError("extract_features called with nothing to compute")
             if want_global:
+                check_finite_features(glob, image_indexes, dataset=dataset, what="global descriptors")
                 glob = glob.float().cpu().numpy()
                 outputs.append(glob.reshape(-1, 5, glob.shape[-1]) if crops else glob)
     if not want_global:
         return None
     return np.concatenate(outputs).astype(np.float32, copy=False)
+
+
+def extraction_batch_size(method: str, batch_size: int) -> int:
+    """The batches extract_features forms: --infer_batch_size images, one at a time for single_query
+    (every query keeps its own size). Under torchrun each rank's share starts at a batch boundary
+    (distributed.extract_sharded), so its batches are the one-process run's."""
+    return 1 if method == "single_query" else batch_size
+
+
+def check_finite_features(features: torch.Tensor, image_indexes, *, dataset, what: str) -> None:
+    """A clear error naming the images when a batch's features (B*c, ...) hold NaN or Inf (c = 5 crops per
+    image for the five-crop methods, else 1; image_indexes: the batch's B dataset indexes). One reduction
+    on the features' device per batch; the images are looked for only after a failure.
+
+    Without this, NaN descriptors reach faiss, which then returns no candidate (-1) for those queries, and
+    NaN dense features give every candidate the same score: rankings and recalls without meaning."""
+    if bool(torch.isfinite(features).all()):
+        return
+    indexes = [int(i) for i in image_indexes]
+    rows = ~torch.isfinite(features.reshape(features.shape[0], -1)).all(dim=1).cpu()
+    per_image = max(features.shape[0] // max(len(indexes), 1), 1)
+    bad = sorted({indexes[row // per_image] for row in torch.nonzero(rows).flatten().tolist()})
+    paths = getattr(dataset, "images_paths", None)
+    names = [paths[i] if paths is not None else f"image {i}" for i in bad]
+    raise ValueError(
+        f"the model computed non-finite (NaN or Inf) {what} for {len(bad)} image(s): "
+        f"{', '.join(names[:3])}{' …' if len(names) > 3 else ''}. The weights were checked when loaded, so "
+        "they are finite but too large for these images (a diverged training run, or values beyond "
+        "--precision bf16's range): use another checkpoint, or --precision fp32."
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,9 +314,12 @@ class Database:
         parent = os.path.dirname(folder)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".tmp-", dir=parent)
+        leftovers.register(tmp, kind=leftovers.TREE)  # removed even by a run stopped at once
         try:
             with open(os.path.join(tmp, GLOBAL_FILE), "wb") as f:
                 np.save(f, np.ascontiguousarray(self.global_descriptors, dtype=np.float32))
+                f.flush()
+                os.fsync(f.fileno())
             self.dense.save(os.path.join(tmp, DENSE_FOLDER))
             files = {
                 name: os.path.getsize(os.path.join(tmp, name))
@@ -306,10 +342,14 @@ class Database:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, atomic_files.new_folder_mode())  # mkdtemp makes it private; this is an ordinary folder
+            atomic_files.sync_folder(tmp)  # its entries, then the rename, are on disk before it is called done
             os.rename(tmp, folder)  # atomic; fails if someone created `folder` meanwhile
+            atomic_files.sync_folder(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            leftovers.forget(tmp)
 
     @classmethod
     def load(cls, folder: str, *, paths: Sequence[str] = ()) -> "Database":
@@ -412,9 +452,13 @@ class Retrieval:
         self._stores = []
         if self._created_folder:
             remove_empty_folder(self.store_folder)
+            leftovers.forget(self.store_folder)
 
     def new_store(self) -> DenseStore:
         """An empty dense store (RAM or store_folder), closed with the engine."""
+        if self._created_folder:
+            # The folder goes with its last store, also when the process is stopped at once.
+            leftovers.register(self.store_folder, kind=leftovers.EMPTY_FOLDER)
         store = DenseStore(self.store_folder)
         self._stores.append(store)
         return store
@@ -442,7 +486,13 @@ class Retrieval:
             )
 
         return distributed.extract_sharded(
-            self.dist_ctx, run, indexes, want_global=want_global, store=store, new_store=self.new_store
+            self.dist_ctx,
+            run,
+            indexes,
+            batch_size=extraction_batch_size(method, self.extraction["batch_size"]),
+            want_global=want_global,
+            store=store,
+            new_store=self.new_store,
         )
 
     def build_database(self, dataset, indexes: Sequence[int], *, paths: Sequence[str] = ()) -> Database:
@@ -497,8 +547,9 @@ class Retrieval:
         distances, first = search(db_global, q_global, k, method=queries.method, majority_weight=majority_weight)
         self.times.search_s += time.perf_counter() - start
         start = time.perf_counter()
-        predictions, scores = rerank_predictions(
-            first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
-        )
+        with numerics.ieee_float32():  # exact mutual-NN counts also under --precision tf32
+            predictions, scores = rerank_predictions(
+                first, queries.dense, database.dense, device=self.device, chunk_size=self.rerank_chunk_size
+            )
         self.times.rerank_s += time.perf_counter() - start
         return Ranking(first_predictions=first, first_distances=distances, predictions=predictions, scores=scores)

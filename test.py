@@ -7,6 +7,7 @@ The data's way through (retrieval.py holds every step up to the rankings):
 """
 
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -17,6 +18,8 @@ from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import commons
+import dense_store
 import distributed
 import retrieval
 from datasets_ws import BaseDataset, PCADataset
@@ -83,6 +86,20 @@ def recalls_to_str(recalls: Sequence[float], recall_values: Sequence[int]) -> st
     return ", ".join(f"R@{n}: {r:.1f}" for n, r in zip(recall_values, recalls))
 
 
+def capped_note(recall_values: Sequence[int], k: int) -> str:
+    """ "" when every N of recall_values fits the k candidates of each query, else the note that says the
+    larger ones are capped (the public release's recalls count only the candidates searched): appended
+    to a recalls line, so that "R@1: 13.3, R@5: 13.3" with --rerank_num 1 is not read as a broken search."""
+    capped = [n for n in recall_values if n > k]
+    if not capped:
+        return ""
+    names = ", ".join(f"R@{n}" for n in capped)
+    return (
+        f" (capped at N = {k}: each query has only {k} candidate{'s' if k > 1 else ''} (--rerank_num, "
+        f"or the database size), so {names} equal{'s' if len(capped) == 1 else ''} R@{k})"
+    )
+
+
 def ranking_recalls(ranking: retrieval.Ranking, positives: Sequence[np.ndarray], recall_values: Sequence[int]):
     """(first-stage recalls, re-ranked recalls) of `ranking` (compute_recalls), with a warning when
     some N of recall_values is above the number of candidates (those recalls are capped)."""
@@ -93,6 +110,49 @@ def ranking_recalls(ranking: retrieval.Ranking, positives: Sequence[np.ndarray],
         compute_recalls(ranking.first_predictions, positives, recall_values),
         compute_recalls(ranking.predictions, positives, recall_values),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# What an evaluation writes (for the free-space check before it starts)
+# ------------------------------------------------------------------------------------------------
+
+# Bytes of a predictions.jsonl entry beside its path (index, scores, distance, flags, JSON syntax).
+PREDICTION_ENTRY_BYTES = 110
+
+
+def planned_writes(
+    dataset: BaseDataset,
+    *,
+    output_folder: str,
+    efficient_ram_testing: bool,
+    dense_shape: Sequence[int],
+    rerank_num: int,
+    predictions: bool = True,
+    element_size: int = 4,
+) -> List[commons.PlannedWrite]:
+    """What evaluating `dataset` writes below output_folder: with --efficient_ram_testing the dense store
+    (every database image and query at the dense map size (h, w, C), `element_size` bytes a value; a
+    single_query query's map follows its own aspect ratio, so that part is an estimate), and, with
+    `predictions`, predictions.jsonl (2 lists of min(rerank_num, database) entries per query)."""
+    writes = []
+    if efficient_ram_testing:
+        images = dataset.database_num + dataset.queries_num
+        writes.append(
+            commons.PlannedWrite(
+                output_folder,
+                dense_store.estimated_bytes(images, dense_shape, element_size=element_size),
+                f"dense features of {images} images (--efficient_ram_testing)",
+            )
+        )
+    if predictions:
+        k = min(rerank_num, dataset.database_num)
+        paths = dataset.database_paths
+        path_bytes = sum(len(os.path.abspath(p)) for p in paths) / max(len(paths), 1)
+        nbytes = int(dataset.queries_num * (2 * k + 1) * (path_bytes + PREDICTION_ENTRY_BYTES))
+        writes.append(
+            commons.PlannedWrite(output_folder, nbytes, f"predictions.jsonl of {dataset.queries_num} queries")
+        )
+    return writes
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,7 +218,8 @@ def evaluate(
         ranking = engine.rank(database, queries, rerank_num=rerank_num, majority_weight=majority_weight, pca=pca)
     positives = eval_ds.get_positives()
     recalls_first, recalls = ranking_recalls(ranking, positives, recall_values)
-    logging.info(f"First ranking recalls: {recalls_to_str(recalls_first, recall_values)}")
+    capped = capped_note(recall_values, ranking.first_predictions.shape[1])
+    logging.info(f"First ranking recalls: {recalls_to_str(recalls_first, recall_values)}{capped}")
     return EvalResult(
         **vars(ranking), recalls_first=recalls_first, recalls=recalls, positives=positives, times=engine.times
     )

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, List, Sequence, Tuple
 
@@ -20,26 +21,45 @@ import atomic_files
 import checkpoints
 import commons
 import datasets_ws
+import dense_store
 import distributed
 import loss
 import mining
 import network
+import numerics
 import parser
 import retrieval
 import test
+
+# Where the outputs go (logs/<save_dir>/<time>/ in the working folder) and how to put them elsewhere: an
+# absolute --save_dir replaces logs/<save_dir> (os.path.join keeps the last absolute part).
+MOVED_BY = (
+    "Run train.py from a folder you can write to (its outputs go to logs/<save_dir>/<time>/ there), or give "
+    "--save_dir an absolute path on a disk with room (the run folder is then made inside it)."
+)
+DISK_FULL_NOTE = (
+    "Checkpoints are written to a temp name and renamed, so the last complete one (last_model.pth, to "
+    "--resume from) is intact."
+)
 
 
 def main(args):
     start_time = datetime.now()
     # As the public train.py: cuDNN autotuning on; seeding (any --seed but -1) turns it off again so that
-    # runs are deterministic.
+    # cuDNN picks the same kernels every run (a GPU training step repeats bit for bit only with
+    # --deterministic: numerics.deterministic_training).
     torch.backends.cudnn.benchmark = True
+    # --deterministic on a GPU sets cuBLAS's workspace variable, which must come before CUDA starts.
+    deterministic_note = numerics.prepare_deterministic(device=args.device) if args.deterministic else None
     # One process unless launched by torchrun; then rank 0 alone logs to files, validates and saves.
     ctx = commons.start_run(
         args,
         os.path.join("logs", args.save_dir, start_time.strftime("%Y-%m-%d_%H-%M-%S")),
         note=args.model_settings_note,
+        moved_by=MOVED_BY,
     )
+    if deterministic_note:
+        logging.info(deterministic_note)
     distributed.check_train_batch_size(args.train_batch_size, ctx.world_size)
 
     triplets_ds, val_ds, test_ds = build_datasets(
@@ -63,11 +83,29 @@ def main(args):
     )
     model = network.build_model(args, device=ctx.device, train_backbone=args.train_backbone)
     optimizer = build_optimizer(model, optim=args.optim, lr=args.lr)
+    if ctx.is_main:  # the checkpoints (and a dense store) must fit on the disk, checked before any epoch
+        commons.check_free_space(
+            planned_writes(
+                model,
+                optimizer,
+                output_folder=ctx.output_folder,
+                eval_sets=(val_ds, test_ds) if args.efficient_ram_testing else (),
+                dense_shape=args.dense_feature_map_size,
+            ),
+            moved_by="give --save_dir an absolute path on a disk with room.",
+        )
     miner_state = mining.MiningState(triplets_ds.queries_num)
     last_path = os.path.join(ctx.output_folder, "last_model.pth")
     best_path = os.path.join(ctx.output_folder, "best_model.pth")
     start_epoch, best = resume_training(
-        args.resume, model=model, optimizer=optimizer, miner_state=miner_state, best_path=best_path, is_main=ctx.is_main
+        args.resume,
+        model=model,
+        optimizer=optimizer,
+        miner_state=miner_state,
+        best_path=best_path,
+        is_main=ctx.is_main,
+        device=ctx.device,
+        flags=training_flags(args, world_size=ctx.world_size),
     )
     # DDP syncs the trainable parameters' gradients; with --train_backbone the backbone's mask token is
     # trainable but never used, which DDP must be told about.
@@ -101,7 +139,7 @@ def main(args):
             train_batch_size=args.train_batch_size,
             infer_batch_size=args.infer_batch_size,
             num_workers=args.num_workers,
-            precision=args.precision,
+            compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
             horizontal_flip=args.horizontal_flip,
             loss_settings=loss.LossSettings(margin=args.margin, local_weight=args.local_loss_weight),
             seed=args.seed,
@@ -121,10 +159,13 @@ def main(args):
             ctx=ctx,
             model=model,
             optimizer=optimizer,
-            miner_state=miner_state,
-            epoch_num=epoch_num,
-            recalls=recalls,
-            best=best,
+            state=TrainingState(
+                miner_state=miner_state,
+                epoch_num=epoch_num,
+                recalls=recalls,
+                best=best,
+                flags=training_flags(args, world_size=ctx.world_size),
+            ),
             is_best=is_best,
             resize=args.resize,
             last_path=last_path,
@@ -213,6 +254,36 @@ def build_optimizer(model: torch.nn.Module, *, optim: str, lr: float) -> torch.o
     return torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=0.001)
 
 
+def planned_writes(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    output_folder: str,
+    eval_sets: Sequence[datasets_ws.BaseDataset],
+    dense_shape: Sequence[int],
+) -> List[commons.PlannedWrite]:
+    """What training writes below output_folder at most at one time: last_model.pth, best_model.pth and
+    the temporary copy while one of them is replaced (3 checkpoints), and, with --efficient_ram_testing
+    (eval_sets: the validation and test sets), the larger of their dense stores."""
+    size = checkpoints.estimated_checkpoint_bytes(model, optimizer)
+    writes = [
+        commons.PlannedWrite(
+            output_folder, 3 * size, f"checkpoints (last, best and a temporary copy, {commons.format_bytes(size)} each)"
+        )
+    ]
+    if eval_sets:
+        largest = max(eval_sets, key=lambda ds: ds.database_num + ds.queries_num)
+        images = largest.database_num + largest.queries_num
+        writes.append(
+            commons.PlannedWrite(
+                output_folder,
+                dense_store.estimated_bytes(images, dense_shape),
+                f"dense features of {images} images (--efficient_ram_testing)",
+            )
+        )
+    return writes
+
+
 class BestRecall:
     """The best validation R@5 so far and the number of epochs since it last improved (patience)."""
 
@@ -234,6 +305,55 @@ class BestRecall:
         return False
 
 
+# The flags that decide what a training epoch does, beyond the model and the data set: a resume with
+# other values trains on, but is no longer an exact continuation of the run it resumes.
+CONTINUATION_FLAGS = (
+    "mining",
+    "cache_refresh_rate",
+    "queries_per_epoch",
+    "neg_samples_num",
+    "negs_num_per_query",
+    "train_batch_size",
+    "infer_batch_size",
+    "train_positives_dist_threshold",
+    "optim",
+    "lr",
+    "margin",
+    "train_backbone",
+    "precision",
+    "seed",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "rand_perspective",
+    "random_resized_crop",
+    "random_rotation",
+    "horizontal_flip",
+)
+FLAGS_KEY = "training_flags"  # the checkpoint entry that records them (plain types: weights_only loads it)
+
+
+def training_flags(args, *, world_size: int) -> dict:
+    """The CONTINUATION_FLAGS of this run, and its number of processes (torchrun splits each batch)."""
+    flags = {name: getattr(args, name) for name in CONTINUATION_FLAGS}
+    flags["processes"] = int(world_size)
+    return flags
+
+
+def continuation_changes(saved, current: dict) -> List[str]:
+    """How this run's training flags differ from those a checkpoint recorded ("--lr 1e-05 -> 0.0001"),
+    [] when equal; None when the file records none (released or older files)."""
+    if not isinstance(saved, dict):
+        return None
+    changes = []
+    for name, value in current.items():
+        if name in saved and saved[name] != value:
+            shown = "processes (torchrun)" if name == "processes" else f"--{name}"
+            changes.append(f"{shown} {saved[name]} -> {value}")
+    return changes
+
+
 def resume_training(
     resume: str | None,
     *,
@@ -242,15 +362,29 @@ def resume_training(
     miner_state: mining.MiningState,
     best_path: str,
     is_main: bool,
+    device: str,
+    flags: dict,
 ) -> Tuple[int, BestRecall]:
     """(first epoch to train, best R@5 so far): a fresh start without `resume`; else resume_from's
     (the weights were loaded by build_model), and, as the public code, a resumed run's last_model.pth
     carries that run's best model along (rank 0 copies it to best_path), so that a run that never
-    improves on it tests it at the end."""
+    improves on it tests it at the end. `device`: this process's (the CUDA random state restored is
+    that GPU's).
+
+    Rank 0 first removes the temp files that a kill while saving left beside the resume file, and logs
+    whether this run, with its `flags` (training_flags), continues that run exactly."""
     if not resume:
         return 0, BestRecall()
+    if is_main:
+        folder = os.path.dirname(os.path.abspath(resume))
+        removed = atomic_files.remove_stale_temp_files(folder, ("last_model.pth", "best_model.pth"))
+        if removed:
+            logging.info(
+                f"Removed {len(removed)} temporary file(s) left in {folder} by a run killed while saving: "
+                + ", ".join(os.path.basename(p) for p in removed)
+            )
     start_epoch, best_r5, not_improved_num = resume_from(
-        resume, model=model, optimizer=optimizer, miner_state=miner_state
+        resume, model=model, optimizer=optimizer, miner_state=miner_state, device=device, flags=flags
     )
     resumed_best = resumed_best_model(resume)
     if resumed_best is not None and is_main:
@@ -284,7 +418,8 @@ def mining_descriptors(
             desc="Mining features",
         )
 
-    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes)
+    # torchrun: each rank's share starts on a batch boundary, so its batches are a one-process run's.
+    return lambda global_indexes: distributed.extract_sharded(ctx, extract, global_indexes, batch_size=batch_size)
 
 
 def train_epoch(
@@ -304,7 +439,7 @@ def train_epoch(
     train_batch_size: int,
     infer_batch_size: int,
     num_workers: int,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     loss_settings: loss.LossSettings,
     seed: int,
@@ -313,11 +448,11 @@ def train_epoch(
     """One epoch: queries_per_epoch // cache_refresh_rate loops, each mining cache_refresh_rate triplets
     with the current model, then training on them in global batches of train_batch_size queries; logs
     the average losses. `model` is the bare model (mining), `train_model` the one trained (DDP's wrapper
-    under torchrun)."""
+    under torchrun); `compute`: --precision (mining and training) and --deterministic (training steps)."""
     logging.info(f"Start training epoch: {epoch_num:02d}")
     epoch_start = datetime.now()
     descriptors_fn = mining_descriptors(
-        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=precision
+        ctx, model, triplets_ds, batch_size=infer_batch_size, num_workers=num_workers, precision=compute.precision
     )
     loops_num = queries_per_epoch // cache_refresh_rate
     epoch_losses = []
@@ -349,7 +484,7 @@ def train_epoch(
             ctx=ctx,
             train_model=train_model,
             optimizer=optimizer,
-            precision=precision,
+            compute=compute,
             horizontal_flip=horizontal_flip,
             loss_settings=loss_settings,
             normaliser=train_batch_size * negs_num_per_query,
@@ -373,7 +508,7 @@ def train_batches(
     ctx: distributed.Context,
     train_model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    precision: str,
+    compute: numerics.Compute,
     horizontal_flip: bool,
     loss_settings: loss.LossSettings,
     normaliser: int,
@@ -385,6 +520,7 @@ def train_batches(
 
     normaliser: train_batch_size * negs_num_per_query of the global batch. A non-finite loss stops
     training with a message naming `where` (e.g. "epoch 0, loop 1") and the last good checkpoint.
+    compute.deterministic: each step runs in numerics.deterministic_training (on a GPU).
     """
     train_model.train()
     losses = []
@@ -393,29 +529,34 @@ def train_batches(
     ):
         if horizontal_flip:  # the whole batch or none
             images = ctx.flip_together(images)
-        local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
-            train_model, images.to(ctx.device, non_blocking=True), precision=precision
-        )
-        global_loss, local_loss = loss.triplet_losses(
-            local_features, global_features, triplets_local_indexes, margin=loss_settings.margin, normaliser=normaliser
-        )
-        total = loss_settings.total(global_loss, local_loss)
-        # The global batch's losses on every rank: all stop together on a bad one.
-        global_value, local_value, total_value = ctx.sum_over_ranks(
-            [global_loss.item(), local_loss.item(), total.item()]
-        )
-        if not math.isfinite(total_value):
-            raise ValueError(
-                f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
-                f"local {local_value}); stopping. The last good checkpoint is "
-                f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+        with numerics.deterministic_training(enabled=compute.deterministic, device_type=torch.device(ctx.device).type):
+            local_features, global_features = loss.forward_features(  # bf16 autocast with --precision bf16
+                train_model, images.to(ctx.device, non_blocking=True), precision=compute.precision
             )
-        optimizer.zero_grad(set_to_none=True)
-        # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
-        # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
-        # process: bit-identical).
-        (total * ctx.world_size).backward()
-        optimizer.step()
+            global_loss, local_loss = loss.triplet_losses(
+                local_features,
+                global_features,
+                triplets_local_indexes,
+                margin=loss_settings.margin,
+                normaliser=normaliser,
+            )
+            total = loss_settings.total(global_loss, local_loss)
+            # The global batch's losses on every rank: all stop together on a bad one.
+            global_value, local_value, total_value = ctx.sum_over_ranks(
+                [global_loss.item(), local_loss.item(), total.item()]
+            )
+            if not math.isfinite(total_value):
+                raise ValueError(
+                    f"the training loss became {total_value} at {where}, batch {batch_num} (global {global_value}, "
+                    f"local {local_value}); stopping. The last good checkpoint is "
+                    f"{last_path if os.path.exists(last_path) else 'none yet'}; try a lower --lr."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            # A rank's loss is its share of the global batch's sum / (train_batch_size * negs); DDP averages
+            # the ranks' gradients, so x world_size makes the update the single-process one (x 1 for one
+            # process: bit-identical).
+            (total * ctx.world_size).backward()
+            optimizer.step()
         losses.append((global_value, local_value))
     return losses
 
@@ -436,15 +577,25 @@ def validate(
     return recalls
 
 
+@dataclass(frozen=True)
+class TrainingState:
+    """What an epoch's checkpoint records beside the weights and the optimizer: the mining cache, the
+    epoch just finished, its validation recalls, the best R@5 and patience counter, and the training
+    flags (training_flags) that a resume compares with its own."""
+
+    miner_state: mining.MiningState
+    epoch_num: int
+    recalls: Sequence[float]
+    best: BestRecall
+    flags: dict
+
+
 def save_epoch(
     *,
     ctx: distributed.Context,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    miner_state: mining.MiningState,
-    epoch_num: int,
-    recalls: Sequence[float],
-    best: BestRecall,
+    state: TrainingState,
     is_best: bool,
     resize: Sequence[int] | None,
     last_path: str,
@@ -457,12 +608,16 @@ def save_epoch(
             last_path,
             model=model,
             optimizer=optimizer,
-            epoch_num=epoch_num,
-            recalls=recalls,
-            best_r5=best.best_r5,
-            not_improved_num=best.not_improved_num,
+            epoch_num=state.epoch_num,
+            recalls=state.recalls,
+            best_r5=state.best.best_r5,
+            not_improved_num=state.best.not_improved_num,
             resize=resize,
-            extra={"rng_states": commons.get_rng_states(), "mining_state": miner_state.state_dict()},
+            extra={
+                "rng_states": commons.get_rng_states(device=ctx.device),
+                "mining_state": state.miner_state.state_dict(),
+                FLAGS_KEY: dict(state.flags),
+            },
         )
         if is_best:
             atomic_files.atomic_write(best_path, lambda tmp: shutil.copyfile(last_path, tmp))
@@ -535,15 +690,29 @@ def optimizer_state_layout(saved: dict, *, model: torch.nn.Module, optimizer: to
 
 
 def resume_from(
-    path: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, miner_state: mining.MiningState
+    path: str,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    miner_state: mining.MiningState,
+    device: str = "cpu",
+    flags: dict | None = None,
 ):
     """Training state of a checkpoint (its weights were loaded by build_model): returns (start epoch,
-    best R@5, patience counter) and restores optimizer, random and mining states when the file has them.
+    best R@5, patience counter) and restores optimizer, random and mining states when the file has them
+    (the CUDA random state of `device`'s GPU only: see commons.set_rng_states).
+    A file written by a run of another number of processes is resumed, and the log says so (the
+    continuation then equals the uninterrupted run within float rounding only).
 
     A file written by the public train.py holds the state of an Adam built over all the model's
     parameters; the public resume never loads it, so neither do we: the optimizer starts fresh, as there.
     """
-    checkpoint = checkpoints.load_weights_file(path, what="--resume")
+    # Mapped, not read again whole: build_model has loaded (and checked) its weights; the rest is checked here.
+    checkpoint = checkpoints.load_weights_file(path, what="--resume", mmap=True, check=False)
+    if "model_state_dict" in checkpoint:
+        checkpoints.check_finite(
+            {k: v for k, v in checkpoint.items() if k != "model_state_dict"}, path=path, what="--resume"
+        )
     epoch_num = int(checkpoint.get("epoch_num", -1))
     best_r5 = float(checkpoint.get("best_r5", 0.0))
     not_improved_num = int(checkpoint.get("not_improved_num", 0))
@@ -580,16 +749,31 @@ def resume_from(
     else:
         logging.info(f"--resume {path} has no optimizer state (a released model): the optimizer starts fresh")
     if "rng_states" in checkpoint:
-        commons.set_rng_states(checkpoint["rng_states"])
-        taken.append("random states")
+        taken.append(commons.set_rng_states(checkpoint["rng_states"], device=device))
     if "mining_state" in checkpoint:
         saved = mining.MiningState.from_state_dict(checkpoint["mining_state"])
         if saved.queries_num == miner_state.queries_num:
             miner_state.load_state_dict(checkpoint["mining_state"])
             taken.append("mining cache")
     logging.info(f"Resuming from {path}: took {', '.join(taken)}; training starts at epoch {epoch_num + 1}")
+    changes = continuation_changes(checkpoint.get(FLAGS_KEY), flags or {})
+    if changes:
+        logging.warning(
+            f"This run is not an exact continuation of the run that wrote --resume {path}: its training "
+            f"flags changed ({'; '.join(changes)}). It trains on from that state with the new flags; give "
+            "the old values to continue it exactly."
+            + (
+                " (Another number of processes keeps the global batches (--train_batch_size): training "
+                "continues as the first run would have within float rounding, not bit for bit; with random "
+                "augmentations the processes other than rank 0 draw other ones.)"
+                if any(change.startswith("processes") for change in changes)
+                else ""
+            )
+        )
+    elif changes is None and flags:
+        logging.info(f"--resume {path} records no training flags (a released or older file): not compared")
     return epoch_num + 1, best_r5, not_improved_num
 
 
 if __name__ == "__main__":
-    commons.run_main(main, parser.parse_arguments())
+    commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)

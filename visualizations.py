@@ -103,17 +103,9 @@ def _rgb(image: Image.Image, *, name: str) -> Image.Image:
 # geometry
 # --------------------------------------------------------------------------------------
 def grid_indices_to_pixels(indices, grid: Sequence[int], image_size: Sequence[int]) -> np.ndarray:
-    """Pixel centres of feature-grid cells.
-
-    Args:
-        indices: (N,) int, row-major flat indices into a grid of ``grid = (h, w)`` cells.
-        grid: (h, w) feature-grid size.
-        image_size: (W, H) size of the picture the points are drawn on (PIL's ``.size``).
-
-    Returns:
-        (N, 2) float64 ``(x, y)`` cell centres scaled to the picture:
-        ``x = (col + 0.5) * W / w``, ``y = (row + 0.5) * H / h``.
-    """
+    """Pixel centres of feature-grid cells: (N,) row-major flat indices into a ``grid = (h, w)`` grid ->
+    (N, 2) float64 ``(x, y)`` centres on a picture of ``image_size = (W, H)`` (PIL's ``.size``):
+    ``x = (col + 0.5) * W / w``, ``y = (row + 0.5) * H / h``."""
     h, w = _check_grid(grid, name="grid")
     width, height = (float(v) for v in image_size)
     flat = _to_numpy(indices, name="indices")
@@ -135,11 +127,8 @@ def opencv():
     """The ``cv2`` module, imported on first use.
 
     OpenCV is an optional dependency of the RANSAC check of matches only (``fundamental_ransac``,
-    ``tools/draw_matches.py``): everything else here, and the rest of the project, runs without it.
-
-    Raises:
-        ValueError: OpenCV is missing (or cannot be loaded), with the package and the command that
-            installs it.
+    ``tools/draw_matches.py``): everything else here, and the rest of the project, runs without it. When
+    it is missing (or cannot be loaded), a ValueError names the package and the command that installs it.
     """
     try:
         import cv2
@@ -165,20 +154,12 @@ def fundamental_ransac(
     correspondences OpenCV fits by least median of squares instead, whose inlier rule does not
     use ``threshold``.
 
-    Args:
-        pts_a, pts_b: (N, 2) matched ``(x, y)`` pixel coordinates in images A and B.
-        threshold: inlier distance in pixels (> 0).
-        iterations: most hypotheses to try (>= 1).
-        confidence: in (0, 1).
-
-    Returns:
-        ``(F, inlier_mask)``: F (3, 3) float64 with unit Frobenius norm and
-        ``x_b^T F x_a = 0``, and a (N,) bool mask. With fewer than 8 correspondences, or when
-        no fit is found (degenerate points: all equal, all on one line, ...), F is None and the
-        mask is all False (nothing can be verified, so nothing is kept).
-
-    Raises:
-        ValueError: bad arguments, or OpenCV missing (see ``opencv``).
+    pts_a, pts_b: (N, 2) matched ``(x, y)`` pixel coordinates in images A and B; threshold in pixels
+    (> 0); iterations >= 1; confidence in (0, 1). Returns ``(F, inlier_mask)``: F (3, 3) float64 with
+    unit Frobenius norm and ``x_b^T F x_a = 0``, and a (N,) bool mask. With fewer than 8
+    correspondences, or when no fit is found (degenerate points: all equal, all on one line, ...), F is
+    None and the mask is all False (nothing can be verified, so nothing is kept). Bad arguments, or
+    OpenCV missing (see ``opencv``), raise ValueError.
     """
     pts_a = _check_points(pts_a, name="pts_a")
     pts_b = _check_points(pts_b, name="pts_b")
@@ -263,28 +244,21 @@ def draw_matches(
     gap: int = 0,
     line_width: int = 1,
 ) -> Image.Image:
-    """Two images side by side with one coloured line per feature match.
+    """Two images side by side with one coloured line per feature match -> an RGB PIL image of size
+    (W_a' + gap + W_b', height'), the lines drawn over it.
 
-    Args:
-        image_a, image_b: the pictures the features were computed on (any size: grid
-            cells are mapped to each picture's own size, see the module docstring).
-        idx_a, idx_b: (M,) int flat row-major grid indices of matched cells, e.g. from
-            ``local_matching.mutual_nn_pairs``; ``idx_a[k]`` matches ``idx_b[k]``.
-        grid_a, grid_b: (h, w) feature-grid sizes of A and B.
-        ransac: keep only matches consistent with a RANSAC fundamental matrix, computed in
-            the pixel coordinates of ``image_a`` / ``image_b`` as given (before the display
-            resize below), by ``fundamental_ransac`` (needs OpenCV). With fewer than 8
-            matches nothing can be verified and no line is drawn.
-        threshold: RANSAC inlier distance in those pixels.
-        max_lines: draw at most this many lines (an evenly spaced subset of the kept
-            matches, in their given order); None draws all.
-        height: display height of both pictures (aspect ratios kept); None keeps image A's
-            height and resizes B to it.
-        gap: white pixels between the two pictures.
-        line_width: line width in pixels.
+    image_a, image_b: the pictures the features were computed on (any size: grid cells are mapped to
+    each picture's own size, see the module docstring). idx_a, idx_b: (M,) int flat row-major grid
+    indices of matched cells, e.g. from ``local_matching.mutual_nn_pairs``; ``idx_a[k]`` matches
+    ``idx_b[k]``. grid_a, grid_b: (h, w) feature-grid sizes of A and B.
 
-    Returns:
-        RGB PIL image of size (W_a' + gap + W_b', height'), the lines drawn over it.
+    ransac keeps only matches consistent with a RANSAC fundamental matrix, computed in the pixel
+    coordinates of ``image_a`` / ``image_b`` as given (before the display resize below), by
+    ``fundamental_ransac`` (needs OpenCV), with ``threshold`` as the inlier distance in those pixels.
+    With fewer than 8 matches nothing can be verified and no line is drawn. max_lines draws at most
+    this many lines (an evenly spaced subset of the kept matches, in their given order; None: all).
+    height is the display height of both pictures (aspect ratios kept; None keeps image A's height and
+    resizes B to it); gap the white pixels between them; line_width in pixels.
     """
     image_a = _rgb(image_a, name="image_a")
     image_b = _rgb(image_b, name="image_b")
@@ -325,11 +299,8 @@ def draw_matches(
 def feature_heatmap(feature_map) -> np.ndarray:
     """Heat map of a feature map: the NEGATED channel mean, min-max scaled to [0, 1].
 
-    Args:
-        feature_map: (C, h, w) numpy array or torch tensor (any device/dtype).
-
-    Returns:
-        (h, w) float64 in [0, 1]; a constant map gives all zeros.
+    feature_map (C, h, w), numpy array or torch tensor (any device/dtype) -> (h, w) float64 in [0, 1];
+    a constant map gives all zeros.
     """
     array = _to_numpy(feature_map, name="feature_map")
     if array.ndim != 3 or 0 in array.shape:
@@ -351,13 +322,7 @@ def jet_colormap(values) -> np.ndarray:
     """Jet-like colour map: 0 -> dark blue, 0.375 -> cyan, 0.625 -> yellow, 1 -> dark red.
 
     Each channel is the classic piecewise-linear jet ramp ``clip(1.5 - |4 v - k|, 0, 1)``
-    with k = 3 (red), 2 (green), 1 (blue).
-
-    Args:
-        values: (...) floats; clipped to [0, 1].
-
-    Returns:
-        (..., 3) uint8 RGB.
+    with k = 3 (red), 2 (green), 1 (blue). values (...) floats, clipped to [0, 1] -> (..., 3) uint8 RGB.
     """
     v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
     rgb = np.stack([np.clip(1.5 - np.abs(4.0 * v - k), 0.0, 1.0) for k in (3.0, 2.0, 1.0)], axis=-1)
@@ -370,14 +335,8 @@ def overlay_heatmap(image: Image.Image, heat, *, alpha: float = 0.6) -> Image.Im
     ``heat`` is upsampled to the image size with PIL's bilinear filter, coloured by
     ``jet_colormap``, and blended per pixel as ``alpha * heat_colour + (1 - alpha) * image``
     (alpha weighs the heat colours; the default 0.6 is the public release's), rounded to uint8.
-
-    Args:
-        image: PIL image (converted to RGB).
-        heat: (h, w) floats in [0, 1] (e.g. from ``feature_heatmap``).
-        alpha: weight of the heat colours, in [0, 1].
-
-    Returns:
-        RGB PIL image of the same size as ``image``.
+    image: a PIL image (converted to RGB); heat: (h, w) floats in [0, 1] (e.g. from
+    ``feature_heatmap``); alpha in [0, 1]. Returns an RGB PIL image of the same size as ``image``.
     """
     image = _rgb(image, name="image")
     heat = _to_numpy(heat, name="heat").astype(np.float32, copy=False)
@@ -450,20 +409,13 @@ def prediction_row(
     Every picture is resized to ``tile_height`` pixels high (aspect kept) and framed by
     ``border`` pixels: blue (``QUERY_FRAME_COLOUR``) for the query, ``CORRECT_FRAME_COLOUR``
     or ``WRONG_FRAME_COLOUR`` for prediction k (label ``#k``, plus the score when given,
-    drawn with ImageDraw's default font). Tiles are separated by ``spacing`` white pixels.
+    drawn with ImageDraw's default font). Tiles are separated by ``spacing`` white pixels (None: the
+    border width).
 
-    Args:
-        query_path: path of the query image (a PIL image is accepted too).
-        prediction_paths: paths (or PIL images) of the top-N predictions, best first.
-        correct_flags: (N,) bools, whether each prediction is a true positive.
-        tile_height: picture height in pixels inside each frame.
-        border: frame width in pixels (>= 0).
-        scores: optional (N,) numbers shown after the rank (e.g. re-ranking scores).
-        spacing: white gap between tiles; None uses ``border``.
-
-    Returns:
-        RGB image of height ``tile_height + 2 * border`` and width
-        ``sum(tile widths) + spacing * N``.
+    query_path: the query image's path (or a PIL image); prediction_paths: the top-N predictions'
+    paths (or PIL images), best first; correct_flags: (N,) bools, whether each prediction is a true
+    positive; scores: optional (N,) numbers shown after the rank (e.g. re-ranking scores). Returns an
+    RGB image of height ``tile_height + 2 * border`` and width ``sum(tile widths) + spacing * N``.
     """
     if tile_height < 1 or border < 0:
         raise ValueError(f"tile_height must be >= 1 and border >= 0, got {tile_height} and {border}")
@@ -519,10 +471,7 @@ def save_image_atomic(image: Image.Image, path, *, quality: int = 95) -> Path:
     """Write ``image`` to ``path`` atomically: a temp file in the same folder, then
     ``os.replace`` (readers never see a half-written picture; a failure leaves no temp
     file behind). The format follows the extension (.jpg, .png, ...); missing parent
-    folders are created. JPEG output is written as RGB at ``quality``.
-
-    Returns:
-        The destination path.
+    folders are created. JPEG output is written as RGB at ``quality``. Returns the destination path.
     """
     if not isinstance(image, Image.Image):
         raise ValueError(f"image: expected a PIL.Image, got {type(image).__name__}")

@@ -16,11 +16,16 @@ and tens of seconds per query at k = 100); scores are compared on the queries bo
 
     python3 benchmarks/rerank.py                       # k = 20 and 100, 2 queries, CPU (~2 min)
     python3 benchmarks/rerank.py --queries 4 --k 20 50 100 --device cpu
+    python3 benchmarks/rerank.py --gpu_engine --k 20 --queries 1   # the GPU engine, forced on the CPU
 
 Prints, per k:
     k=100: project 1.60 s/query, reference 8.30 s/query, 5.2x, scores identical
     k=100: peak RSS project 0.45 GB, reference 6.02 GB
-and exits with status 1 (printing "scores DIFFER") if any score differs.
+and exits with status 1 (printing "scores DIFFER") if any score differs. With --gpu_engine the project
+side runs the GPU engine (local_matching/device_engine.py; on the CPU its bf16 product is emulated in
+float32, so only its exactness and the share of rows / columns its screen leaves to recompute mean
+anything there) and prints that share:
+    k=20: GPU engine recomputed 4.1% of rows, 0.4% of columns
 """
 
 from __future__ import annotations
@@ -103,21 +108,26 @@ def reference_scores(
 
 
 def project_scores(
-    query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray, device: torch.device
+    query_local: np.ndarray, database: np.ndarray, candidates: np.ndarray, device: torch.device, gpu_engine=None
 ) -> torch.Tensor:
     import local_matching
 
     query = torch.from_numpy(np.array(query_local)).to(device)
-    return local_matching.mutual_nn_scores(query, database, candidates)
+    return local_matching.mutual_nn_scores(query, database, candidates, gpu_engine=gpu_engine)
 
 
-def run_child(side: str, folder: str, k: int, queries: int, device: str) -> None:
-    """Time `side` on the first `queries` queries; print one JSON line (times, scores, peak RSS)."""
+def run_child(side: str, folder: str, k: int, queries: int, device: str, gpu_engine: bool) -> None:
+    """Time `side` on the first `queries` queries; print one JSON line (times, scores, peak RSS, and
+    the GPU engine's recomputed shares when it ran)."""
+    from local_matching import device_engine
+
     dev = torch.device(device)
     q_store = np.load(os.path.join(folder, "queries.npy"), mmap_mode="r")
     database = np.load(os.path.join(folder, "database.npy"), mmap_mode="r")
     k_max = database.shape[0] // q_store.shape[0]
-    fn = project_scores if side == "project" else reference_scores
+    fn = reference_scores
+    if side == "project":
+        fn = (lambda *a: project_scores(*a, gpu_engine=True)) if gpu_engine else project_scores
     times, scores = [], []
     for q in range(queries):
         candidates = np.arange(q * k_max, q * k_max + k)
@@ -129,10 +139,16 @@ def run_child(side: str, folder: str, k: int, queries: int, device: str) -> None
         times.append(time.perf_counter() - start)
         scores.append(s.tolist())
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"times": times, "scores": scores, "peak_rss_gb": peak_kb / 1024**2}))
+    stats = device_engine.STATS
+    shares = (
+        {"rows": stats["rows_recomputed"] / stats["rows"], "columns": stats["columns_recomputed"] / stats["columns"]}
+        if stats["rows"]
+        else None
+    )
+    print(json.dumps({"times": times, "scores": scores, "peak_rss_gb": peak_kb / 1024**2, "recomputed": shares}))
 
 
-def _spawn(side: str, folder: str, k: int, queries: int, device: str) -> dict:
+def _spawn(side: str, folder: str, k: int, queries: int, device: str, gpu_engine: bool = False) -> dict:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -146,7 +162,7 @@ def _spawn(side: str, folder: str, k: int, queries: int, device: str) -> dict:
         str(queries),
         "--device",
         device,
-    ]
+    ] + (["--gpu_engine"] if gpu_engine else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmarks/rerank.py: the {side} run failed (k={k}):\n{proc.stderr.strip()}")
@@ -171,6 +187,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, nargs="+", default=[20, 100], help="candidates per query (default 20 100)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--gpu_engine",
+        action="store_true",
+        help="project side: the GPU engine (forced on the CPU too), and print the share it recomputed",
+    )
     p.add_argument("--_child", choices=["project", "reference"], help=argparse.SUPPRESS)
     p.add_argument("--_data", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -186,14 +207,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args._child:
-        run_child(args._child, args._data, args.k[0], args.queries, args.device)
+        run_child(args._child, args._data, args.k[0], args.queries, args.device, args.gpu_engine)
         return 0
     identical = True
     with tempfile.TemporaryDirectory(prefix="rerank_bench_") as folder:
         make_data(folder, args.queries, max(args.k), args.seed)
         for k in args.k:
             ref_q = args.reference_queries or (args.queries if k <= 20 else 1)
-            proj = _spawn("project", folder, k, args.queries, args.device)
+            proj = _spawn("project", folder, k, args.queries, args.device, args.gpu_engine)
             ref = _spawn("reference", folder, k, ref_q, args.device)
             same = proj["scores"][:ref_q] == ref["scores"]
             identical &= same
@@ -208,6 +229,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"k={k}: peak RSS project {proj['peak_rss_gb']:.2f} GB, reference {ref['peak_rss_gb']:.2f} GB",
                 flush=True,
             )
+            if proj["recomputed"]:
+                shares = proj["recomputed"]
+                print(
+                    f"k={k}: GPU engine recomputed {100 * shares['rows']:.1f}% of rows, "
+                    f"{100 * shares['columns']:.1f}% of columns",
+                    flush=True,
+                )
     return 0 if identical else 1
 
 

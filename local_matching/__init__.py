@@ -17,21 +17,26 @@ occurrence (row-major) of the global maximum of S. reference.py is this definiti
 - mutual_nn_similarity: the differentiable training similarity, the mean of S[i, nn12[i]] over
   the mutual pairs.
 
-All of them find the pairs with the engine (engine.py), which is exact: the same decisions as the
+The first three find the pairs with the engine (engine.py); the training similarity uses the plain
+definition (reference.py), one pair at a time, which is cheap there. The engine is exact: the same decisions as the
 reference (one float32 matmul of the whole candidate, then max both ways) on the same device, ties
-included, in memory that does not grow with the number of candidates. How: engine.py; its proofs:
-screening.py (bfloat16 screen and error bound), exact.py (float32 products on parts of S),
-self_check.py (the run-time check of what exact.py relies on, and engine_paths()).
+included, in memory that does not grow with the number of candidates. How: engine.py (the CPU
+engine, and the dispatch) and device_engine.py (the GPU engine); their proofs: screening.py (the
+bfloat16 screens and their error bounds), exact.py (float32 products on parts of S), self_check.py
+(the run-time check of what the exact recomputations rely on, and engine_paths()). staging.py brings
+the candidates to the device with at most one host copy each.
 """
 
+import os
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .engine import check_sizes, matches
-from .reference import reference_scores
-from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
+from .reference import mutual_rows, nearest_neighbours, reference_scores
+from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, engine_paths, tile_self_check
+from .staging import CandidateStager
 
 __all__ = [
     "mutual_nn_scores",
@@ -44,6 +49,7 @@ __all__ = [
     "PATH_SCREENED",
     "PATH_TILED",
     "PATH_PLAIN",
+    "PATH_GPU_SCREENED",
 ]
 
 
@@ -55,20 +61,26 @@ def mutual_nn_scores(
     chunk_size: int = 4,
     row_tile: int = 512,
     fast_path: Optional[bool] = None,
+    gpu_engine: Optional[bool] = None,
 ) -> torch.Tensor:
     """Re-rank scores: the number of mutual nearest neighbours between the query and each candidate.
 
     Args:
         query_local: (Lq, C) or (h, w, C) tensor or array; its device is where the work runs.
         database_store: indexable by an int database index, returning that image's dense features
-            (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object.
+            (L, C) or (h, w, C): a numpy array / memmap, a torch tensor, or a store object (a
+            dense_store.DenseStore is read straight into the staging buffers, staging.py).
         candidate_indices: (K,) ints, database indices of the candidates.
         chunk_size: at most this many candidates are loaded and processed together (one batched
-            matmul on the plain path; on the CPU engine, batches of at most 4); a few such chunks
-            are in memory at once, so peak memory is independent of K.
-        row_tile: rows of S per tile on the CPU engine (a multiple of 32).
-        fast_path: None = bfloat16 screen when the CPU has bf16 matrix hardware; True / False forces
-            it on / off. Results are identical either way; only the speed differs.
+            matmul on the plain path and on the GPU engine; on the CPU engine, batches of at most 4);
+            a few such chunks are in memory at once, so peak memory is independent of K.
+        row_tile: rows of S per tile on the CPU engine, per exact recomputation on the GPU engine (a
+            multiple of 32).
+        fast_path: None = the bfloat16 screen where it pays (a CPU with bf16 matrix hardware; a GPU
+            with torch's bfloat16 -> float32 matmul); True / False forces it on / off. Results are
+            identical either way; only the speed differs.
+        gpu_engine: None = the GPU engine (engine.py) on any device but the CPU; True runs it on the
+            CPU too (tests), False never.
     Returns:
         float32 tensor (K,) on query_local's device. Exact: equal to counting on the full float32
         similarity matrix (ties included). Exactly one mutual pair scores 1 (see module doc).
@@ -86,27 +98,27 @@ def mutual_nn_scores(
             f"candidate_indices contains the negative index {indices.min()} (faiss pads "
             f"missing results with -1): search at most the database size."
         )
-    with torch.no_grad():
+    # A GPU reads the next candidates into page-locked buffers on a few threads while it works.
+    readers = min(4, os.cpu_count() or 1) if query.device.type == "cuda" else 0
+    with (
+        torch.no_grad(),
+        CandidateStager(
+            database_store, indices.tolist(), query.device, buffers=2 * chunk_size, readers=readers
+        ) as stager,
+    ):
         query = query.detach()
-
-        def load():
-            for k, db_index in enumerate(indices.tolist()):
-                try:
-                    feats = database_store[int(db_index)]
-                except (IndexError, KeyError) as err:
-                    raise ValueError(
-                        f"candidate_indices[{k}] = {db_index} is not in the database "
-                        f"store ({err}); check the retrieval step."
-                    ) from err
-                yield _as_feature_matrix(feats, f"database_store[{db_index}]", query.device).detach()
-
-        counts = [
-            mutual.sum()
-            for _, mutual in matches(query, load(), chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path)
-        ]
-    if not counts:
+        mutuals = []
+        found = matches(
+            query, stager, chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path, gpu_engine=gpu_engine
+        )
+        for k, (_, mutual) in enumerate(found):
+            mutuals.append(mutual)
+            stager.release(k)
+    if not mutuals:
         return torch.zeros(0, dtype=torch.float32, device=query.device)
-    return torch.stack(counts).to(device=query.device, dtype=torch.float32)
+    if all(m.shape == mutuals[0].shape for m in mutuals):  # one reduction, not one per candidate
+        return torch.stack(mutuals).sum(dim=1).to(device=query.device, dtype=torch.float32)
+    return torch.stack([m.sum() for m in mutuals]).to(device=query.device, dtype=torch.float32)
 
 
 def rerank(scores: Any) -> np.ndarray:
@@ -145,9 +157,12 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
 
     query_local, cand_local: (B, L, C) or (B, h, w, C) (L may differ between the two). Per item,
     S = cand @ query.T; returns (B,) = mean of S[i, nn12[i]] over the mutual pairs i. The pairs are
-    found exactly by the re-rank engine (no gradient flows through an arg-max); the values are the
-    dot products cand[i] . query[nn12[i]], recomputed with autograd (equal to S's entries up to
-    float32 summation order). Exactly one pair -> that pair's similarity (the public release uses
+    found by the plain definition (reference.py: the whole float32 product, arg-max both ways; no
+    gradient flows through an arg-max), not by the re-rank engine: in a training step one pair at a
+    time is all there is, and the plain product costs 4% of a ViT-L/14 step on the CPU, less than the
+    engine's set-up at the demo's size (benchmarks/train_step_local.py); the engine's decisions are the
+    same. The values are the dot products cand[i] . query[nn12[i]], recomputed with autograd (equal to
+    S's entries up to float32 summation order). Exactly one pair -> that pair's similarity (the public release uses
     the aligned-position mean there through a squeeze() quirk; we do not). No pair at all only
     happens with non-finite input: then, as the public release, the mean dot product of aligned
     positions i (i < min(Lc, Lq)) is returned (NaN with NaN input).
@@ -163,16 +178,8 @@ def mutual_nn_similarity(query_local: torch.Tensor, cand_local: torch.Tensor) ->
     for b in range(q.shape[0]):
         qb, xb = q[b], x[b]
         with torch.no_grad():
-            ((nn12, mutual),) = list(
-                matches(
-                    qb.detach().float().contiguous(),
-                    [xb.detach().float().contiguous()],
-                    chunk_size=1,
-                    row_tile=512,
-                    fast_path=None,
-                    workers=False,
-                )
-            )
+            nn12, nn21 = nearest_neighbours(xb.detach().float().unsqueeze(0), qb.detach().float())
+            nn12, mutual = nn12[0], mutual_rows(nn12, nn21)[0]
         rows = mutual.nonzero().flatten()
         if rows.numel():
             vals = (xb[rows] * qb[nn12[rows]]).sum(dim=-1)
@@ -210,12 +217,7 @@ def _as_feature_matrix(features: Any, name: str, device: Optional[torch.device] 
             f"{name}: dense local features are empty (shape {tuple(t.shape)}); check the feature extraction."
         )
     if device is not None and t.device != device:
-        if device.type == "cuda" and t.device.type == "cpu":
-            # Page-locked host memory makes the copy asynchronous (no host synchronisation per
-            # candidate); torch keeps the pinned block alive until the copy is done.
-            t = t.pin_memory().to(device, non_blocking=True)
-        else:
-            t = t.to(device)
+        t = t.to(device)  # one map of a pair (mutual_nn_pairs): candidates go through staging.py
     return t.float().contiguous()
 
 

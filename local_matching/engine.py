@@ -8,11 +8,16 @@ On the CPU, candidates go through, in row tiles (peak memory: one tile per worke
 2. otherwise, the exact float32 tiled arg-maxes (exact.nn_tiled_exact).
 The exact float32 products on parts of S (exact.py) equal the whole product bit for bit on the
 CPU's BLAS; that is checked at run time on the real shapes, once per process, device and shape
-(self_check.tile_self_check). Where it fails, and elsewhere (CUDA, queries or candidates with
-fewer than MIN_TILED_SIDE positions, non-finite or huge values) the plain computation
-(reference.py) runs, in chunks of candidates, so peak memory never depends on K either.
-engine_paths() tells which path served each shape. Chunks of candidates run on worker threads
-(_CpuWorkers).
+(self_check.tile_self_check). Where it fails, and elsewhere (queries or candidates with fewer than
+MIN_TILED_SIDE positions, non-finite or huge values) the plain computation (reference.py) runs, in
+chunks of candidates, so peak memory never depends on K either. Chunks of candidates run on worker
+threads (_CpuWorkers).
+
+On a GPU (any device but the CPU; or gpu_engine=True, which the tests use on the CPU), whole groups
+of candidates go through device_engine.py instead: a split-bfloat16 tensor-core screen with float32 output,
+proven decisions, fixed-shape exact recomputations; it runs where its own self-check (the same
+function, gpu_engine=True) and the screen's soundness probe pass on the device, else the plain path.
+engine_paths() tells which path served each shape.
 """
 
 import threading
@@ -22,10 +27,18 @@ from typing import Deque, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import device_engine
 from .exact import BLOCK, nn_tiled_exact, pad_rows
 from .reference import mutual_rows, nearest_neighbours
-from .screening import ScreenQuery, bf16_available, nn_screened
-from .self_check import PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
+from .screening import (
+    ScreenQuery,
+    bf16_available,
+    fp32_screen_is_sound,
+    native_bf16_fp32_matmul,
+    nn_screened,
+    screen_unavailable,
+)
+from .self_check import PATH_GPU_SCREENED, PATH_PLAIN, PATH_SCREENED, PATH_TILED, note_path, tile_self_check
 
 # Queries and candidates with fewer positions use the plain path: the whole product then has fewer
 # than 64 rows or columns, so tiling has little memory or work to save.
@@ -42,6 +55,11 @@ def is_safe(t: torch.Tensor) -> bool:
     """Finite and small enough that neither the screen nor the reference can overflow (amax
     propagates NaN, and NaN <= x is False)."""
     return float(t.abs().amax()) <= MAX_SAFE_ABS
+
+
+def _query_is_safe(query: torch.Tensor) -> bool:
+    """is_safe for the GPU engine's query: one host synchronisation per query."""
+    return device_engine._flag(query.abs().amax() <= MAX_SAFE_ABS)
 
 
 class QueryPlan:
@@ -112,11 +130,7 @@ def _process_chunk(
                 continue
             reason = "tile self-check failed"
         elif plan is None:
-            reason = (
-                "the tiled engine runs on the CPU only"
-                if query.device.type != "cpu"
-                else f"query with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
-            )
+            reason = f"query with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
         else:
             reason = f"candidate with fewer than {MIN_TILED_SIDE} positions or non-finite / huge values"
         note_path(query.device, lc, query.shape[0], query.shape[1], f"{PATH_PLAIN} ({reason})")
@@ -160,6 +174,23 @@ class _CpuWorkers:
         torch.set_num_threads(self.restore)
 
 
+def _chunks(query: torch.Tensor, candidates: Iterable[torch.Tensor], size: int) -> Iterable[List[torch.Tensor]]:
+    """Candidates in lists of at most `size`, their channels checked against the query's."""
+    chunk: List[torch.Tensor] = []
+    for x in candidates:
+        if x.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"candidate dense features have {x.shape[1]} channels but the query has "
+                f"{query.shape[1]}; both must come from the same model."
+            )
+        chunk.append(x)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def matches(
     query: torch.Tensor,
     candidates: Iterable[torch.Tensor],
@@ -168,12 +199,18 @@ def matches(
     row_tile: int,
     fast_path: Optional[bool],
     workers: bool = True,
+    gpu_engine: Optional[bool] = None,
 ) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
     """Yield (nn12 (Lc,), mutual (Lc,) bool) for each candidate (L, C) float32 tensor, on the query's
     device, in order. Candidates arrive as an iterable and are taken `chunk_size` at a time, so
     that at most a few chunks (and their similarity matrices on the plain path) are held at once.
-    workers=False runs in the calling thread (single pairs: not worth starting threads)."""
+    workers=False runs in the calling thread (single pairs: not worth starting threads).
+    gpu_engine: None = the GPU engine on any device but the CPU; True / False forces it on / off
+    (True on the CPU runs the GPU engine's arithmetic there: the tests)."""
     device = query.device
+    if device.type != "cpu" if gpu_engine is None else gpu_engine:
+        yield from _matches_gpu(query, candidates, chunk_size=chunk_size, row_tile=row_tile, fast_path=fast_path)
+        return
 
     def make_plan() -> Optional[QueryPlan]:
         if device.type == "cpu" and query.shape[0] >= MIN_TILED_SIDE and is_safe(query):
@@ -182,37 +219,109 @@ def matches(
         return None
 
     job_size = min(chunk_size, CPU_BATCH) if device.type == "cpu" else chunk_size
-
-    def chunks():
-        chunk: List[torch.Tensor] = []
-        for x in candidates:
-            if x.shape[1] != query.shape[1]:
-                raise ValueError(
-                    f"candidate dense features have {x.shape[1]} channels but the query has "
-                    f"{query.shape[1]}; both must come from the same model."
-                )
-            chunk.append(x)
-            if len(chunk) >= job_size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
     n_workers = torch.get_num_threads() if device.type == "cpu" and workers else 1
     if n_workers <= 1:
         plan = make_plan()
-        for chunk in chunks():
+        for chunk in _chunks(query, candidates, job_size):
             yield from _process_chunk(query, plan, chunk, row_tile)
         return
     with _CpuWorkers(n_workers) as pool:
         plan = pool.submit(make_plan).result()  # single-threaded too
         in_flight: Deque = deque()
-        for chunk in chunks():
+        for chunk in _chunks(query, candidates, job_size):
             in_flight.append(pool.submit(_process_chunk, query, plan, chunk, row_tile))
             if len(in_flight) > n_workers:
                 yield from in_flight.popleft().result()
         while in_flight:
             yield from in_flight.popleft().result()
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU engine's dispatch (device_engine.py does the work)
+# ------------------------------------------------------------------------------------------------
+def _gpu_plan(query: torch.Tensor, fast_path: Optional[bool]) -> Tuple[Optional[device_engine.GpuQueryPlan], str]:
+    """The GPU engine's plan for this query, or None and why the plain path serves it."""
+    device = query.device
+    precision = torch.get_float32_matmul_precision()
+    if query.shape[0] < MIN_TILED_SIDE:
+        return None, f"query with fewer than {MIN_TILED_SIDE} positions"
+    if fast_path is False:
+        return None, "bfloat16 screen switched off (fast_path=False)"
+    if precision != "highest":
+        return None, (
+            f"float32 matmul precision '{precision}': TF32 products, the screen's bound is for IEEE float32 ones"
+        )
+    unavailable = screen_unavailable(device) if fast_path is None and device.type != "cpu" else None
+    if unavailable:
+        return None, unavailable
+    if not _query_is_safe(query):
+        return None, "query with non-finite or huge values"
+    return device_engine.GpuQueryPlan(query), ""
+
+
+def _process_group_gpu(
+    query: torch.Tensor,
+    plan: Optional[device_engine.GpuQueryPlan],
+    reason: str,
+    group: List[torch.Tensor],
+    row_tile: int,
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(nn12, mutual) of a group of candidates of one shape: the screened GPU engine where its
+    self-check and the screen's soundness probe passed for this device and shape, else the plain
+    path (the whole float32 product of the group, as the reference)."""
+    device = query.device
+    lc, c = group[0].shape
+    xs = torch.stack(group)
+    if plan is None:
+        why = reason
+    elif lc < MIN_TILED_SIDE:
+        why = f"candidate with fewer than {MIN_TILED_SIDE} positions"
+    else:
+        exact_tiles, _ = tile_self_check(
+            candidate_positions=lc,
+            query_positions=plan.lq,
+            channels=c,
+            device=device,
+            row_tile=row_tile,
+            gpu_engine=True,
+            batch=len(group),
+        )
+        lcp = -(-lc // BLOCK) * BLOCK
+        if not exact_tiles:
+            why = "tile self-check failed"
+        elif not fp32_screen_is_sound(len(group) * lcp, plan.inner, plan.lqp, device):
+            why = "the bfloat16 screen failed its soundness check on this device"
+        else:
+            result = device_engine.nn_screened_gpu(xs, plan, row_tile, MAX_SAFE_ABS)
+            if result is not None:
+                product = "bf16 matmul, float32 output" if native_bf16_fp32_matmul(device) else "float32 emulation"
+                note_path(device, lc, plan.lq, c, f"{PATH_GPU_SCREENED} (tile self-check passed; screen: {product})")
+                return device_engine.split(result)
+            why = "candidate with non-finite or huge values"
+    note_path(device, lc, query.shape[0], c, f"{PATH_PLAIN} ({why})")
+    nn12, nn21 = nearest_neighbours(xs, query)
+    return list(zip(nn12.unbind(0), mutual_rows(nn12, nn21).unbind(0)))
+
+
+def _matches_gpu(
+    query: torch.Tensor,
+    candidates: Iterable[torch.Tensor],
+    *,
+    chunk_size: int,
+    row_tile: int,
+    fast_path: Optional[bool],
+) -> Iterable[Tuple[torch.Tensor, torch.Tensor]]:
+    """matches() on the GPU engine, in the calling thread: chunks of chunk_size candidates, each cut
+    into groups of consecutive candidates of one shape."""
+    plan, reason = _gpu_plan(query, fast_path)
+    for chunk in _chunks(query, candidates, chunk_size):
+        start = 0
+        while start < len(chunk):
+            end = start + 1
+            while end < len(chunk) and chunk[end].shape == chunk[start].shape:
+                end += 1
+            yield from _process_group_gpu(query, plan, reason, chunk[start:end], row_tile)
+            start = end
 
 
 def check_sizes(chunk_size: int, row_tile: int) -> None:

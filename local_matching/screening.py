@@ -145,10 +145,15 @@ def bf16_available(device: torch.device) -> bool:
 
 def screen_operand(side: Bf16Side, channels: int) -> torch.Tensor:
     """bfloat16 operand rows [hi, 0...]: the inner size rounded up to a multiple of 32 with zeros,
-    the granularity of the bf16 kernels (zeros add nothing to any sum)."""
-    out = torch.zeros(side.hi.shape[0], -(-channels // 32) * 32, dtype=torch.bfloat16)
+    the granularity of the bf16 kernels (zeros add nothing to any sum). On side.hi's device."""
+    out = torch.zeros(side.hi.shape[0], inner_size(channels), dtype=torch.bfloat16, device=side.hi.device)
     out[:, :channels] = side.hi
     return out
+
+
+def inner_size(channels: int) -> int:
+    """The screen's inner size: the channels rounded up to a multiple of 32 (padded with zeros)."""
+    return -(-channels // 32) * 32
 
 
 def row_block_width(lq: int) -> int:
@@ -362,3 +367,181 @@ def _finish_screened(
             lookup[cols] = exact_columns(xp, cols, sq.q)
         mutual[ui] = lookup[j[ui]] == ui
     return nn12, mutual
+
+
+# ------------------------------------------------------------------------------------------------
+# The float32-output screen of the GPU engine (device_engine.py)
+# ------------------------------------------------------------------------------------------------
+# Relative slack on every bound below for the float64 arithmetic that computes the bounds and compares
+# them with the screen's values (a few roundings of 2^-53 each; the values compared are at most ~2^9
+# times the bound, see fp32_output_bound).
+_BOUND_ARITHMETIC = 1.0 + 2.0**-20
+_NATIVE_BF16_FP32: Dict[str, bool] = {}
+_FP32_SCREEN_SOUND: Dict[Tuple[str, int, int, int], bool] = {}
+
+
+def gamma_any_order(terms: int) -> float:
+    """8 n u / (1 - 8 n u), u = 2^-24: relative bound (to the sum of |terms|) on the error of ANY
+    float32 summation of n terms, for the accumulators found in tensor cores as well as IEEE ones.
+
+    Model. The terms are exact, or each rounded once (an unfused float32 product). They are summed
+    by a tree of nodes, in any order and grouping (sequential, blocked, pairwise, split-K with
+    float32 partial sums). A node adds m >= 2 values c_1..c_m (m = 2 for an ordinary addition or a
+    fused multiply-add, more for a tensor core's multi-term adder): it aligns them to the exponent E
+    of the largest (2^E <= max |c_i| < 2^(E+1)) keeping at least 24 bits below its leading bit,
+    dropping (truncating) the rest, adds exactly, and rounds the result to float32 at most twice
+    (normalisation, a conversion), each time to nearest OR toward zero.
+      Alignment: each input loses < 2^(E-23) <= 2u max |c_i|: in all < 2u m sum |c_i|.
+      Each rounding: < ulp(result) <= 2u |result| (toward zero; half that to nearest).
+    So a node's error is <= delta_v sum |c_i| with delta_v = 2u (m + 2) (1 + O(u)): replacing u by
+    2u per rounding is exactly what covers truncation; the m is what covers multi-term adders.
+    Induction over the tree (children within W_i - 1 of their exact sums A_i, relative) gives
+    |computed - exact| <= (W - 1) sum |terms|, W = max over root-to-leaf paths of prod (1 + delta_v)
+    <= exp(sum over the path of delta_v). On any path, sum (m_v - 1) <= n - 1 (the siblings left off
+    the path hold disjoint leaves) and the path has <= n - 1 nodes (every node has >= 2 children),
+    so sum delta_v <= 2u ((n - 1) + 3 (n - 1)) (1 + O(u)) + 2u (a leaf's own rounding) <= 8 n u,
+    and exp(x) - 1 <= x / (1 - x). What the model does not cover - accumulators keeping fewer than
+    24 bits, bfloat16 partial sums, a bfloat16 output - the soundness probe rejects
+    (fp32_screen_is_sound). Subnormals flushed to zero are the absolute slack's (fp32_output_slack).
+    For 128 channels: 6.2e-5 (129 terms), 1.8e-4 for the GPU screen's 385 (fp32_output_bound)."""
+    x = 8.0 * terms * _U32
+    return x / (1.0 - x)
+
+
+class SplitSide:
+    """One side of the GPU screen (n vectors, C channels) split into two bfloat16 parts, v = hi + lo +
+    r2 with hi = bf16(v), lo = bf16(v - hi) and r2 = v - hi - lo (both differences exact in float32:
+    each part is within a factor 2 of what it rounds), with the norms the bound needs (float64,
+    rounded up, as Bf16Side's): n = ||v||, n_hi, n_lo, n_r2."""
+
+    FACTORS = ("n", "n_hi", "n_lo", "n_r2")
+
+    def __init__(self, v: torch.Tensor):
+        self.hi = v.bfloat16()
+        r1 = v - self.hi.float()
+        self.lo = r1.bfloat16()
+        self.n = _norm_up(v)
+        self.n_hi = _norm_up(self.hi.float())
+        self.n_lo = _norm_up(self.lo.float())
+        self.n_r2 = _norm_up(r1 - self.lo.float())
+
+    def operand(self, order: Tuple[str, str, str], channels: int) -> torch.Tensor:
+        """bfloat16 rows [p1, 0.., p2, 0.., p3, 0..] of the parts named in `order`, each padded with zeros
+        to inner_size(channels): the screen is one product of inner size 3 K'."""
+        k = inner_size(channels)
+        out = torch.zeros(self.hi.shape[0], 3 * k, dtype=torch.bfloat16, device=self.hi.device)
+        for i, name in enumerate(order):
+            out[:, i * k : i * k + channels] = getattr(self, name)
+        return out
+
+
+# The screen's three products, x_hi.q_hi + x_hi.q_lo + x_lo.q_hi, as one: x's operand rows are
+# [hi, hi, lo], q's [hi, lo, hi].
+X_PARTS = ("hi", "hi", "lo")
+Q_PARTS = ("hi", "lo", "hi")
+
+
+def fp32_output_bound(x, q, *, inner: int, channels: int):
+    """Bound on |O - S| for a screen value O = x_hi.q_hi + x_hi.q_lo + x_lo.q_hi (one product of the
+    SplitSide operands, inner size `inner` = 3 K' with the padding zeros, float32 accumulation in any
+    order and with any accumulator gamma_any_order covers, float32 output: no output rounding) and the
+    reference S (the float32 product of x and q over `channels`, any order). x, q: SplitSide factors
+    (tensors, broadcasting).
+
+    With x = x_hi + x_lo + x_2 (exact), x.q minus the three products screened is
+      x_hi.q_2 + x_lo.q_lo + x_lo.q_2 + x_2.q_hi + x_2.q_lo + x_2.q_2    (D, by Cauchy-Schwarz)
+    the screen's accumulation of exact products (bfloat16 x bfloat16 fits float32):
+      |O - screened| <= gamma_any_order(inner + 1) (|x_hi||q_hi| + |x_hi||q_lo| + |x_lo||q_hi|)   (A)
+    (+ 1: the accumulator's start), and the reference's own float32 dot product:
+      |S - x.q| <= gamma_any_order(channels + 1) ||x|| ||q||                                (G).
+    For unit vectors D ~ 2^-17 and A ~ 2e-4 (the truncation-safe gamma over 385 terms): the bound is
+    ~10x below a single bfloat16 product's, which leaves ~10x fewer decisions to recompute on smooth
+    dense features (measured: 4.5% of rows instead of 51%). The factor _BOUND_ARITHMETIC covers the
+    float64 arithmetic of the bound and of the comparisons made with it: A alone is at least
+    gamma_any_order(inner + 1) >= 2^-21 times any value compared, whose float64 roundings are
+    2^-53 relative."""
+    d = x.n_hi * q.n_r2 + x.n_lo * q.n_lo + x.n_lo * q.n_r2 + x.n_r2 * q.n_hi + x.n_r2 * q.n_lo + x.n_r2 * q.n_r2
+    a = gamma_any_order(inner + 1) * (x.n_hi * q.n_hi + x.n_hi * q.n_lo + x.n_lo * q.n_hi)
+    g = gamma_any_order(channels + 1) * (x.n * q.n)
+    return (d + a + g) * _BOUND_ARITHMETIC
+
+
+def fp32_output_slack(x, q, *, inner: int, channels: int):
+    """Absolute slack for subnormals flushed to zero (inputs of either side, products, partial sums
+    of the screen and of the reference: each loses < 2^-126 times 1 + ||x|| + ||q||), counted
+    generously: 8 (inner + channels) + 8 of them, times 2^16 for good measure. x, q: factors with the
+    largest norms (tensors, broadcasting). ~1e-29 for unit vectors."""
+    scale = 1.0 + x.n + q.n
+    return 2.0**-110 * (8 * (inner + channels) + 8) * scale * scale
+
+
+def native_bf16_fp32_matmul(device: torch.device) -> bool:
+    """Does this torch offer a bfloat16 x bfloat16 -> float32 matmul on `device` (torch.mm with
+    out_dtype: torch >= 2.8 on CUDA; not on the CPU)? Tried once per device."""
+    key = str(torch.device(device))
+    if key not in _NATIVE_BF16_FP32:
+        a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            out = torch.mm(a, a, out_dtype=torch.float32)
+            _NATIVE_BF16_FP32[key] = out.dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):  # older torch, or no kernel there
+            _NATIVE_BF16_FP32[key] = False
+    return _NATIVE_BF16_FP32[key]
+
+
+def screen_unavailable(device: torch.device) -> Optional[str]:
+    """Why the GPU screen would not pay on `device` (None: it would): it needs torch's bfloat16 ->
+    float32 matmul, and on CUDA bfloat16 tensor cores (compute capability 8.0, Ampere, or newer;
+    elsewhere the three bfloat16 products run slower than the plain float32 one)."""
+    device = torch.device(device)
+    if not native_bf16_fp32_matmul(device):
+        return (
+            f"torch {torch.__version__} has no bfloat16 x bfloat16 -> float32 matmul on {device.type} "
+            "(torch.mm out_dtype, torch >= 2.8)"
+        )
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        return f"{name} has no bfloat16 tensor cores (compute capability < 8.0)"
+    return None
+
+
+def screen_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The GPU engine's screen: a (m, K) @ b (K, n), both bfloat16, float32 accumulation and float32
+    output. Natively (tensor cores) where this torch has it; elsewhere the same arithmetic in float32
+    (products of bfloat16 numbers are exact in float32): the CPU's tests, and torch < 2.8 when asked
+    for explicitly (no faster than the plain path there)."""
+    if native_bf16_fp32_matmul(a.device):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def fp32_screen_is_sound(rows: int, inner: int, cols: int, device: torch.device) -> bool:
+    """Does screen_product, for this shape on this device, compute what fp32_output_bound assumes:
+    exact products, accumulation keeping 24 bits (rounding to nearest or truncating, any order),
+    float32 output? `inner` is the product's inner size (3 K'). Checked once per device and shape
+    (the BLAS picks kernels by shape) on integers whose sums need exactly 24 bits: every partial sum
+    is then an integer below 2^24, exact for such an accumulator whatever its order or rounding, so
+    the output must equal the exact sum; an odd sum >= 2^23 cannot be held in fewer bits (nor in
+    bfloat16), so a narrower accumulator, bfloat16 partial sums or a bfloat16 output differ there.
+    Row r holds 2^12 at position r mod inner, column c 2^11 at position c mod inner (so the 2^23
+    product sits at every position of the sum in some entries, the sums stay below 2^24), the rest
+    integers 0..15; half the rows negated."""
+    key = (str(device), rows, inner, cols)
+    if key not in _FP32_SCREEN_SOUND:
+        gen = torch.Generator().manual_seed(24)
+        a = torch.randint(0, 16, (rows, inner), generator=gen).float()
+        b = torch.randint(0, 16, (cols, inner), generator=gen).float()
+        a[torch.arange(rows), torch.arange(rows) % inner] = 4096.0
+        b[torch.arange(cols), torch.arange(cols) % inner] = 2048.0
+        a[1::2] = -a[1::2]
+        got = screen_product(
+            a.bfloat16().to(device), b.bfloat16().to(device).t().contiguous()
+        )  # the engine's layouts: (m, K') and (K', n) contiguous
+        # Rows checked: a run of `inner` consecutive ones (every position of the large product), random others.
+        start = int(torch.randint(0, max(1, rows - inner + 1), (1,), generator=gen))
+        sample = torch.cat(
+            [torch.arange(start, min(rows, start + inner)), torch.randint(0, rows, (64,), generator=gen)]
+        )
+        exact = a[sample].double() @ b.double().t()  # integers below 2^24: exact in float64
+        _FP32_SCREEN_SOUND[key] = bool(torch.equal(got[sample.to(got.device)].cpu().double(), exact))
+    return _FP32_SCREEN_SOUND[key]

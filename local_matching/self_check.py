@@ -10,6 +10,11 @@ flip silently. So before the tiled engine serves a shape, it checks the property
 bit for bit, once per process, device, matmul setting, thread count and shape; when the check
 fails, those candidates take the plain path (the whole product, as the reference), whose equality
 does not depend on any tiling. The path taken is logged once per shape.
+
+The GPU engine (device_engine.py) recomputes with other products - fixed-shape row tiles and
+batched column products - and cuBLAS may also pick kernels by the batch size of the whole product,
+so its check (gpu_engine=True) compares them with the plain path's product of a group of exactly as
+many candidates as the group it is about to serve.
 """
 
 import logging
@@ -18,12 +23,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import device_engine
 from .exact import BLOCK, MIN_EXACT_SIDE, SEG, pad_index, pad_rows
 from .screening import row_block_width
 
 PATH_SCREENED = "screened-bf16+tiled-fp32"
 PATH_TILED = "tiled-fp32"
 PATH_PLAIN = "plain-fp32"
+PATH_GPU_SCREENED = "gpu-screened-bf16x3+fp32"
 
 _TILE_CHECK: Dict[tuple, Tuple[bool, str]] = {}
 _TILE_CHECK_LOCK = threading.Lock()
@@ -127,6 +134,44 @@ def _self_check_tiles(*, lc: int, lq: int, c: int, width: int, row_tile: int, de
     return True, f"{checked} tile / segment products bit-identical to the whole product"
 
 
+def _self_check_gpu(*, b: int, lc: int, lq: int, c: int, row_tile: int, device: torch.device) -> Tuple[bool, str]:
+    """The GPU engine's products (device_engine.row_product: row_tile gathered rows x all Lq query
+    columns; device_engine.column_product: COLUMN_JOBS batched (Lc, C) x (C, COLUMN_TILE)) against
+    the plain path's product of a group of b candidates (one batched matmul, as
+    reference.nearest_neighbours), bit for bit. Rows and columns are drawn from every candidate, with
+    the repeats the engine pads with. Returns (all equal, what differed or what was checked)."""
+    gen = torch.Generator().manual_seed(20240614)
+    x = torch.randn(b, lc, c, generator=gen).to(device)
+    q = torch.randn(lq, c, generator=gen).to(device)
+    ref = _tile_check_matmul(x, q.unsqueeze(0).transpose(1, 2))  # (b, lc, lq)
+    problems: List[str] = []
+    for trial in range(3):
+        cand = torch.randint(0, b, (row_tile,), generator=gen)
+        rows = torch.randint(0, lc, (row_tile,), generator=gen)
+        if trial == 1:  # a sorted run, as the engine's undecided rows come
+            rows = torch.arange(row_tile) % lc
+        if trial == 2:  # the last tile's padding: repeats of its last row
+            cand[row_tile // 3 :], rows[row_tile // 3 :] = cand[row_tile // 3 - 1], rows[row_tile // 3 - 1]
+        cand, rows = cand.to(device), rows.to(device)
+        tile = _tile_check_matmul(x[cand, rows], q.t())
+        if not torch.equal(tile, ref[cand, rows]):
+            problems.append(f"row tile {trial} ({row_tile} rows x {lq} columns)")
+    jobs, width = device_engine.COLUMN_JOBS, device_engine.COLUMN_TILE
+    for trial in range(2):
+        cand = torch.randint(0, b, (jobs,), generator=gen).to(device)
+        cols = torch.randint(0, lq, (jobs, width), generator=gen)
+        if trial == 1:
+            cols[:, width // 2 :] = cols[:, width // 2 - 1 : width // 2]
+        cols = cols.to(device)
+        got = device_engine.column_product(x.index_select(0, cand), q[cols.reshape(-1)].view(jobs, width, c))
+        want = ref.index_select(0, cand).gather(2, cols.unsqueeze(1).expand(jobs, lc, width))
+        if not torch.equal(got, want):
+            problems.append(f"column product {trial} ({jobs} x {lc} rows x {width} columns)")
+    if problems:
+        return False, "differs from the whole product: " + ", ".join(problems)
+    return True, f"5 row-tile / column products bit-identical to the whole product of {b} candidates"
+
+
 def _tile_check_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The product the self-check uses for the reference and for 2-D tiles (torch.matmul, as the
     engine's `@`); a separate name so a test can make the BLAS disagree with itself."""
@@ -141,10 +186,14 @@ def tile_self_check(
     device: Any = "cpu",
     row_tile: int = 512,
     screen: bool = False,
+    gpu_engine: bool = False,
+    batch: int = 2,
 ) -> Tuple[bool, str]:
     """Run (or return the cached result of) the exactness self-check of the tiled engine for
     candidates (candidate_positions, channels) against a query (query_positions, channels) on
-    `device`: (passed, description). `screen` selects the column-block width the screen uses."""
+    `device`: (passed, description). `screen` selects the column-block width the CPU screen uses;
+    gpu_engine=True checks the GPU engine's products instead, against the plain path's product of a
+    group of `batch` candidates (cuBLAS may pick kernels by the batch size too)."""
     device = torch.device(device)
     width = row_block_width(query_positions) if screen else BLOCK
     # The calling thread's intra-op thread count is part of the key: a BLAS may split a product
@@ -158,22 +207,35 @@ def tile_self_check(
         channels,
         width,
         row_tile,
+        "gpu" if gpu_engine else "cpu",
+        batch if gpu_engine else None,
     )
     with _TILE_CHECK_LOCK:
         if key not in _TILE_CHECK:
             with torch.no_grad():
-                ok, detail = _self_check_tiles(
-                    lc=candidate_positions,
-                    lq=query_positions,
-                    c=channels,
-                    width=width,
-                    row_tile=row_tile,
-                    device=device,
-                )
+                if gpu_engine:
+                    ok, detail = _self_check_gpu(
+                        b=batch,
+                        lc=candidate_positions,
+                        lq=query_positions,
+                        c=channels,
+                        row_tile=row_tile,
+                        device=device,
+                    )
+                else:
+                    ok, detail = _self_check_tiles(
+                        lc=candidate_positions,
+                        lq=query_positions,
+                        c=channels,
+                        width=width,
+                        row_tile=row_tile,
+                        device=device,
+                    )
             _TILE_CHECK[key] = (ok, detail)
             log = logging.info if ok else logging.warning
             log(
-                f"re-rank engine self-check on {device} (float32 matmul precision '{key[1]}'), candidates "
+                f"re-rank engine self-check on {device} ({key[-2]} engine, float32 matmul precision "
+                f"'{key[1]}'), candidates "
                 f"{candidate_positions}x{channels} vs query {query_positions}x{channels}: "
                 + (
                     f"passed, {detail}"

@@ -217,3 +217,14 @@ def test_memory_bad_options(memory):
         memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=3, dense_size=(3, 3, 2))
     with pytest.raises(ValueError, match="--dense_size"):
         memory.run_benchmark(database_num=4, queries_num=2, rerank_queries=1, dense_size=(3, 0, 2))
+
+
+def test_rerank_staging_benchmark_runs_and_prints_ratios():
+    result = _run(["benchmarks/rerank_staging.py", "--images", "3", "--rounds", "2"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for store in ("memmap (read-only)", "DenseStore in RAM", "DenseStore on disk"):
+        assert re.search(
+            rf"^{re.escape(store)} -> cpu: before {FLOAT} ms/candidate, staged {FLOAT} ms/candidate",
+            result.stdout,
+            re.M,
+        ), result.stdout

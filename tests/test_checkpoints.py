@@ -196,7 +196,7 @@ def test_restricted_unpickler_gives_what_torch_load_gives(tmp_path, tiny_model):
         optimizer=optimizer,
         epoch_num=1,
         recalls=None,
-        extra={"rng_states": commons.get_rng_states(), "bf16": torch.ones(3, dtype=torch.bfloat16)},
+        extra={"rng_states": commons.get_rng_states(device="cpu"), "bf16": torch.ones(3, dtype=torch.bfloat16)},
     )
     reference = torch.load(path, map_location="cpu", weights_only=False)  # our own file: the reference reading
     restricted = checkpoints.load_weights_file(str(path), what="--resume", restricted=True)
@@ -307,3 +307,130 @@ def test_bad_weight_paths_have_clear_messages(tmp_path):
     torch.save(other.state_dict(), tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model|does not fit"):
         checkpoints.load_model_weights(model, str(tmp_path / "other.pth"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Non-finite weights, and weights memory-mapped into the model (one copy)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _poisoned(tmp_path, tiny_model, poison, name="poisoned.pth"):
+    """A train.py-layout checkpoint of tiny_model whose state `poison` edits in place."""
+    state = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    poison(state)
+    path = str(tmp_path / name)
+    torch.save({"model_state_dict": {checkpoints.MODULE_PREFIX + k: v for k, v in state.items()}}, path)
+    return path
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_nan_or_inf_weights_are_refused_naming_the_file_and_the_tensors(tmp_path, tiny_model, in_place):
+    """NaN in the local head gave NaN dense features and equal scores for every candidate; NaN in an adapter
+    or GeM's p, NaN descriptors and faiss's -1 padding: now the file is refused when it is loaded."""
+
+    def poison(state):
+        state["LocalAdapt.upconv2.bias"][3] = float("nan")
+        state["backbone.blocks.1.adapter1.D_fc1.weight"][0, 0] = float("inf")
+        state["aggregation.1.p"][0] = float("nan")
+
+    path = _poisoned(tmp_path, tiny_model, poison)
+    with pytest.raises(ValueError) as info:
+        checkpoints.load_model_weights(network.GeoLocalizationNet(**TINY), path, in_place=in_place)
+    message = str(info.value)
+    assert message.startswith(f"--resume {path} holds non-finite values (NaN or Inf) in ")
+    for shown in (
+        "LocalAdapt.upconv2.bias (NaN)",
+        "aggregation.1.p (NaN)",
+        "backbone.blocks.1.adapter1.D_fc1.weight (Inf)",
+    ):
+        assert shown in message
+    # Through the one model loader, and the file reader itself (every command's weights go there).
+    with pytest.raises(ValueError, match="--load_weights .* holds non-finite values"):
+        network.load_model(**TINY, checkpoint=path, checkpoint_flag="--load_weights")
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        checkpoints.load_weights_file(path, what="--resume")
+    assert checkpoints.load_weights_file(path, what="--resume", check=False)  # for callers that check later
+
+
+def test_nan_in_foundation_weights_is_refused(tmp_path):
+    state = _tiny_foundation_state()
+    state["blocks.0.norm1.weight"][1] = float("-inf")
+    torch.save(state, tmp_path / "dinov2.pth")
+    with pytest.raises(ValueError, match=r"--foundation_model_path .*dinov2\.pth holds .* blocks\.0\.norm1\.weight"):
+        network.load_model(**TINY, foundation_model_path=str(tmp_path / "dinov2.pth"))
+
+
+def _sha(path):
+    import hashlib
+
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_weights_are_mapped_into_the_model_once_and_the_file_is_never_written(tmp_path, tiny_model):
+    """load_model memory-maps the file and its tensors become the model's (no second copy); the model is
+    the one a copy gives (values, frozen flags, device), and training it in place leaves the file as it was
+    (a private, copy-on-write map)."""
+    if not checkpoints.torch_can_map_files():
+        pytest.skip("this torch cannot map weight files (torch 2.0): the copy path is tested below")
+    _perturbed(tiny_model)
+    path = str(tmp_path / "ckpt.pth")
+    checkpoints.save_checkpoint(path, model=tiny_model)
+    before = _sha(path)
+    mapped = network.load_model(**TINY, checkpoint=path)
+    copied = network.load_model(**TINY, allow_random_weights=True)  # random weights, then the file copied in
+    checkpoints.load_model_weights(copied, path)
+    for (name, p), (_, q) in zip(mapped.named_parameters(), copied.named_parameters()):
+        assert torch.equal(p, q) and p.requires_grad == q.requires_grad and p.device == q.device, name
+        assert isinstance(p, torch.nn.Parameter)
+    assert mapped.backbone.blocks[0].adapter1.D_fc1.weight.requires_grad
+    assert not mapped.backbone.blocks[0].attn.qkv.weight.requires_grad  # frozen, as before
+    # The parameters live in the file's pages, mapped into this process (Linux lists the maps): they are
+    # what torch mapped from it, not copies.
+    with open("/proc/self/maps") as f:
+        ranges = [[int(a, 16) for a in line.split()[0].split("-")] for line in f if line.rstrip().endswith(path)]
+    assert ranges, "the weights file is not mapped"
+    for name, p in mapped.named_parameters():
+        assert any(start <= p.data_ptr() < stop for start, stop in ranges), name
+    assert not any(start <= copied.LocalAdapt.upconv1.weight.data_ptr() < stop for start, stop in ranges)
+    # An optimizer step on the mapped weights changes them in memory only.
+    optimizer = torch.optim.Adam([p for p in mapped.parameters() if p.requires_grad], lr=0.1)
+    local, glob = mapped(torch.randn(2, 3, 56, 56))
+    (local.sum() + glob.sum()).backward()
+    optimizer.step()
+    assert not torch.equal(mapped.LocalAdapt.upconv2.weight, copied.LocalAdapt.upconv2.weight)
+    assert _sha(path) == before
+
+
+def test_the_copy_path_where_torch_cannot_map(tmp_path, tiny_model, monkeypatch):
+    """The oldest supported torch has neither torch.load(mmap) nor load_state_dict(assign): the file is read
+    whole and copied in, as before; so is a file whose dtypes differ from the model's (a copy converts,
+    mapping would not)."""
+    _perturbed(tiny_model)
+    path = str(tmp_path / "ckpt.pth")
+    checkpoints.save_checkpoint(path, model=tiny_model)
+    monkeypatch.setattr(checkpoints, "torch_can_map_files", lambda: False)
+    model = network.load_model(**TINY, checkpoint=path)
+    assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in model.state_dict().items())
+    monkeypatch.undo()
+    half = str(tmp_path / "half.pth")
+    torch.save({k: v.half() for k, v in tiny_model.state_dict().items()}, half)
+    model = network.load_model(**TINY, checkpoint=half)
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    assert torch.equal(model.LocalAdapt.upconv1.weight, tiny_model.LocalAdapt.upconv1.weight.half().float())
+
+
+def test_torch_can_map_files_asks_torch_itself(monkeypatch):
+    """The feature test reads torch's signatures (not its version) and refuses shared maps."""
+    import inspect
+
+    expected = (
+        os.name == "posix"
+        and "mmap" in inspect.signature(torch.load).parameters
+        and "assign" in inspect.signature(torch.nn.Module.load_state_dict).parameters
+    )
+    assert checkpoints.torch_can_map_files() == expected
+    if expected and hasattr(torch.serialization, "get_default_mmap_options"):
+        import mmap
+
+        monkeypatch.setattr(torch.serialization, "get_default_mmap_options", lambda: mmap.MAP_SHARED)
+        assert not checkpoints.torch_can_map_files()

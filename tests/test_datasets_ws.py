@@ -452,3 +452,135 @@ def test_positives_of_the_synthetic_set_equal_brute_force(synthetic_root, split)
         for q in range(tds.queries_num):
             assert sorted(tds.hard_positives_per_query[q].tolist()) == np.flatnonzero(brute[q] <= 10).tolist()
             assert sorted(tds.soft_positives_per_query[q].tolist()) == np.flatnonzero(brute[q] <= 25).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Query key files as editors save them, the built-in MSLS-val list, and labels that cannot match
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "encoding,newline",
+    [("utf-8-sig", "\r\n"), ("utf-8-sig", "\n"), ("utf-16", "\r\n"), ("utf-8", "\r\n"), ("utf-8", "\r")],
+    ids=["bom_crlf", "bom_lf", "utf16_crlf", "crlf", "cr"],
+)
+def test_key_files_as_editors_save_them(tmp_path, caplog, encoding, newline):
+    """A byte-order mark (Windows Notepad) used to glue itself to the first key, which then matched no
+    query: that query was silently dropped."""
+    queries = [(i, 0, f"k{i}") for i in range(6)]
+    make_dataset(str(tmp_path), name="msls", split="val", database=[(0, 0), (3, 0)], queries=queries)
+    keys = tmp_path / "keys.txt"
+    keys.write_bytes(newline.join(["k1", "k3", "k5", ""]).encode(encoding))
+    with caplog.at_level(logging.INFO):
+        ds = dw.BaseDataset(str(tmp_path), "msls", "val", query_keys_file=str(keys))
+    assert [os.path.basename(p).split("@")[7] for p in ds.queries_paths] == ["k1", "k3", "k5"]
+    assert ds.query_keys.found_num == ds.query_keys.keys_num == 3 and not ds.query_keys.unmatched
+    assert "match no query image" not in caplog.text
+
+
+def test_unmatched_keys_are_a_warning_with_their_count_and_examples(tmp_path, caplog):
+    queries = [(i, 0, f"k{i}") for i in range(4)]
+    make_dataset(str(tmp_path), name="msls", split="val", database=[(0, 0)], queries=queries)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("k0 k2 gone1 gone2 gone3 gone4 gone5 gone6\n")
+    with caplog.at_level(logging.INFO):
+        ds = dw.BaseDataset(str(tmp_path), "msls", "val", query_keys_file=str(keys))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "6 of the 8 keys of --query_keys_file" in warnings[0]
+    assert "e.g. gone1, gone2, gone3, gone4, gone5)" in warnings[0]
+    assert ds.query_keys.describe() == f"query keys listed in {keys}: 2 of its 8 keys found (kept 2 of 4 queries)"
+    assert not ds.query_keys.official
+
+
+def _msls_like(root, keys, extra=()):
+    """An MSLS-val-like split whose query file names carry `keys` (+ `extra` keys) in field 7."""
+    folder = os.path.join(root, "msls", "images", "val")
+    write_jpg(os.path.join(folder, "database", utm_name(BASE_E, BASE_N)), seed=1)
+    source = write_jpg(os.path.join(folder, "queries", "source.jpg"), seed=2)
+    for i, key in enumerate(list(keys) + list(extra)):
+        os.link(source, os.path.join(folder, "queries", utm_name(BASE_E + i % 7, BASE_N, key)))
+    os.remove(source)
+
+
+def test_the_built_in_msls_val_list_by_name_and_the_official_label(tmp_path, caplog):
+    """--query_keys_file msls_val_740 is the shipped list (data/); the run is called the official MSLS-val
+    protocol only when every one of its 740 keys has its query here, "PARTIAL" (a warning) otherwise."""
+    official = dw.read_query_keys("msls_val_740")
+    assert len(official) == 740 and len(set(official)) == 740 and all(len(k) == 22 for k in official)
+    assert dw.query_keys_path("msls_val_740").startswith(dw.DATA_FOLDER)
+    _msls_like(str(tmp_path), official, extra=["notInTheList_000000000", "notInTheList_000000001"])
+    with caplog.at_level(logging.INFO):
+        ds = dw.BaseDataset(str(tmp_path), "msls", "val", query_keys_file="msls_val_740")
+    assert ds.queries_num == 740 and ds.query_keys.official
+    assert {os.path.basename(p).split("@")[7] for p in ds.queries_paths} == set(official)
+    assert "official MSLS-val protocol (all 740 keys of msls_val_740 found; kept 740 of 742 queries)" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    partial = tmp_path / "partial"
+    _msls_like(str(partial), official[:700])
+    copy = tmp_path / "copy_of_the_list.txt"  # the same keys in a file of the user's: the same protocol
+    copy.write_text("\r\n".join(official), encoding="utf-8-sig")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ds = dw.BaseDataset(str(partial), "msls", "val", query_keys_file=str(copy))
+    assert ds.query_keys.builtin == "msls_val_740" and not ds.query_keys.official
+    assert "PARTIAL MSLS-val protocol: only 700 of the 740 keys of msls_val_740 have a query image" in caplog.text
+    assert "40 of the 740 keys of --query_keys_file" in caplog.text and "official MSLS-val protocol" not in caplog.text
+
+
+def test_a_key_file_that_is_no_text_or_holds_no_key(tmp_path):
+    make_dataset(str(tmp_path), name="msls", split="val", database=[(0, 0)], queries=[(0, 0, "k0")])
+    cases = ((b"\xff\x00\xfe\x81garbage", "is not a text file"), (b"\xef\xbb\xbf \r\n", "holds no key"))
+    for content, message in cases:
+        (tmp_path / "keys.txt").write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            dw.BaseDataset(str(tmp_path), "msls", "val", query_keys_file=str(tmp_path / "keys.txt"))
+
+
+def test_labels_that_cannot_match_are_a_warning(tmp_path, caplog):
+    """Easting and northing swapped (or another zone, or too small a threshold): recalls 0.0 and exit 0 used
+    to be all the user saw."""
+    database = [(i * 10.0, 0) for i in range(5)]
+    make_dataset(str(tmp_path), name="ok", database=database, queries=[(i * 10.0 + 2, 0) for i in range(4)])
+    with caplog.at_level(logging.INFO):
+        dw.BaseDataset(str(tmp_path), "ok", "test")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    # The queries' coordinates swapped: 4 of them, none with a database image within 25 m.
+    folder = os.path.join(str(tmp_path), "swapped", "images", "test")
+    for i, (e, n) in enumerate(database):
+        write_jpg(os.path.join(folder, "database", utm_name(BASE_E + e, BASE_N + n)), seed=i)
+    for i in range(4):
+        write_jpg(os.path.join(folder, "queries", utm_name(BASE_N, BASE_E + i * 10.0 + 2, f"k{i}")), seed=9 + i)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        ds = dw.BaseDataset(str(tmp_path), "swapped", "test")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(
+        "Every query (4) of swapped/test has no database image within --val_positive_dist_threshold 25 m"
+    )
+    nearest = np.sqrt(((ds.queries_utms[:3, None] - ds.database_utms[None]) ** 2).sum(-1)).min(1)
+    assert "(nearest database image of the first 3: " + ", ".join(f"{d:,.1f} m" for d in nearest) + ")" in warning
+    assert "easting and northing swapped" in warning
+
+    # More than half, not all: counted.
+    make_dataset(
+        str(tmp_path), name="half", database=database, queries=[(2, 0), (5000, 0), (6000, 0), (7000, 0), (8000, 0)]
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        dw.BaseDataset(str(tmp_path), "half", "test", positive_dist_threshold=25)
+    assert "4 of the 5 queries of half/test have no database image within" in caplog.text
+
+
+@pytest.mark.parametrize("size", [(14, 10), (224, 224), (333, 517), (1, 1)])
+def test_base_transform_is_torchvisions_to_the_bit(size):
+    """base_transform is written in torch (evaluation then never imports torchvision, ~170 MB of RSS): it
+    must give exactly torchvision's ToTensor + Normalize."""
+    rng = np.random.default_rng(size[0])
+    image = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    reference = T.Compose([T.ToTensor(), T.Normalize(mean=dw.IMAGENET_MEAN, std=dw.IMAGENET_STD)])
+    ours = dw.base_transform(image)
+    assert ours.dtype == torch.float32 and ours.is_contiguous()
+    assert torch.equal(ours, reference(image))

@@ -64,3 +64,28 @@ def test_remove_empty_folder_keeps_a_folder_with_other_files(tmp_path):
     remove_empty_folder(str(tmp_path / "empty"))
     remove_empty_folder(str(tmp_path / "missing"))  # nothing to do, no error
     assert sorted(os.listdir(tmp_path)) == ["full"]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_read_into_fills_a_callers_buffer(tmp_path, on_disk, monkeypatch):
+    store, a, b = _ragged_store(str(tmp_path / "store") if on_disk else None)
+    assert store.feature_shape(2) == (7, 2, 3)
+    out = np.full((7, 2, 3), -1.0, dtype=np.float32)
+    if on_disk and hasattr(os, "preadv"):  # positional reads may return part of what was asked
+        real = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [memoryview(bufs[0])[:10]], off))
+    store.read_into(2, out)
+    assert np.array_equal(out, b[0])
+    with pytest.raises(ValueError, match="writable C-contiguous float32 array of shape"):
+        store.read_into(2, np.zeros((7, 2, 3), dtype=np.float64))
+    with pytest.raises(ValueError, match=r"shape \(5, 4, 3\)"):
+        store.read_into(0, out)
+    store.close()
+
+
+def test_read_into_says_when_the_file_was_truncated(tmp_path):
+    store, a, b = _ragged_store(str(tmp_path / "store"))
+    os.truncate(store.path, 4 * a.size + 8)
+    with pytest.raises(ValueError, match="truncated"):
+        store.read_into(2, np.empty((7, 2, 3), dtype=np.float32))
+    store.close()

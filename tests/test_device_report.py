@@ -47,17 +47,25 @@ def test_quick_report_runs_every_row(tmp_path):
     for k in (5, 10):
         assert exact[f"k{k}"]["queries_run"] == 2 and exact[f"k{k}"]["differing_scores"] == 0
         assert exact[f"k{k}"]["queries_with_differing_order"] == 0
+        assert exact[f"k{k}"]["gpu_engine_forced"]["differing_scores"] == 0  # the GPU engine's code ran too
     assert exact["engine_path"].startswith(("screened-bf16+tiled-fp32", "tiled-fp32")), exact["engine_path"]
-    assert exact["tile_self_check"]["passed"]
-    speed = rows["rerank_speed"]["k10"]
-    assert speed["engine_ms_per_query"] > 0 and speed["plain_ms_per_query"] > 0
+    assert exact["gpu_engine_forced_path"].startswith("gpu-screened-bf16x3+fp32"), exact["gpu_engine_forced_path"]
+    assert exact["tile_self_check"]["passed"] and exact["tile_self_check"]["needed_by"]
+    assert 0 <= exact["recomputed"]["rows"] < 0.5
+    assert "tile self-check (needed by the tiled / screened paths only): passed" in exact["summary"]
+    speed = rows["rerank_speed"]
+    assert speed["queries_with_scores_unequal_to_plain"] == 0
+    assert speed["k10"]["engine_ms_per_query"] > 0 and speed["k10"]["plain_ms_per_query"] > 0
+    assert speed["k10"]["engine_from_host_ms_per_query"] > 0
     train = rows["training_step"]
     assert train["fp32"]["s_per_step"] > 0 and train["bf16"]["s_per_step"] > 0
     assert train["first_losses_fp32"]["max_relative_difference"] == 0.0  # CPU vs CPU here
     extraction = rows["extraction"]
     assert 0 < extraction["max_abs_deviation_bf16"]["local"] < 0.1
     assert extraction["bf16_vs_fp32_orders"]["queries"] == 8
-    assert rows["end_to_end"]["identical_recalls"] and rows["end_to_end"]["identical_predictions"]
+    e2e = rows["end_to_end"]
+    assert e2e["identical_recalls"] and e2e["identical_predictions"]  # CPU vs CPU here
+    assert e2e["rankings"]["rankings_ok"] and e2e["rankings"]["identical_reranked"] == e2e["rankings"]["queries"]
     probe = rows["torchrun"]["group_probe"]
     assert probe["backend"] == "gloo" and probe["all_ok"] and len(probe["checks"]) == 6
     assert rows["torchrun"]["train"]["reranked"].startswith("R@1:")
@@ -86,3 +94,31 @@ def test_over_budget_rows_are_skipped_and_json_is_written(tmp_path):
     assert _load().main(["--quick", "--json", str(out_json), "--budget_s", "1", "--rows", "rerank_speed"]) == 1
     report = json.loads(out_json.read_text())
     assert report["rows"][0]["status"] == "skipped" and "over budget" in report["rows"][0]["summary"]
+
+
+def _record(first, reranked):
+    return dict(
+        first_stage=[dict(index=i, l2_distance=d) for i, d in first],
+        reranked=[dict(index=i, mutual_nn=m) for i, m in reranked],
+    )
+
+
+def test_predictions_are_compared_as_rankings_with_tolerances():
+    """Not as text: float distances that differ in the last digits and swaps of near-tied candidates
+    pass, within the tolerances; a real change of order does not."""
+    report = _load()
+    tol = report.TOLERANCES["fp32"]
+    cpu = [_record([(3, 0.5), (7, 0.50001), (1, 0.9)], [(7, 400.0), (3, 398.0), (1, 20.0)])]
+    same = [_record([(3, 0.5000004), (7, 0.5000104), (1, 0.9)], [(7, 400.0), (3, 398.0), (1, 20.0)])]
+    out = report.compare_predictions(cpu, same, tol=tol)
+    assert out["rankings_ok"] and out["identical_first_stage"] == 1 and out["identical_reranked"] == 1
+    assert 0 < out["max_l2_distance_difference"] < 1e-5
+    swapped = [_record([(7, 0.50001), (3, 0.5), (1, 0.9)], [(3, 399.0), (7, 399.0), (1, 20.0)])]
+    out = report.compare_predictions(cpu, swapped, tol=tol)
+    assert out["rankings_ok"] and out["near_tie_first"] == 1 and out["near_tie_reranked"] == 1
+    moved = [_record([(1, 0.5), (3, 0.5), (7, 0.50001)], [(1, 400.0), (7, 398.0), (3, 20.0)])]
+    out = report.compare_predictions(cpu, moved, tol=tol)
+    assert not out["rankings_ok"]
+    far = [_record([(3, 0.5), (7, 0.5003), (1, 0.9)], [(7, 400.0), (3, 398.0), (1, 20.0)])]
+    assert not report.compare_predictions(cpu, far, tol=tol)["rankings_ok"]  # a distance beyond 1e-4
+    assert report.compare_predictions(cpu, far, tol=report.TOLERANCES["tf32"])["rankings_ok"]

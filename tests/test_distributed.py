@@ -95,6 +95,36 @@ def test_shards_cover_every_item_once_in_order(items_num, world_size):
         assert counts[0] >= 1  # rank 0 always has a share: it broadcasts the descriptors' shape
 
 
+@pytest.mark.parametrize(
+    "items_num,world_size,batch_size",
+    [(40, 2, 8), (15, 2, 8), (41, 3, 8), (7, 4, 8), (3, 2, 8), (17, 3, 1), (0, 2, 8), (33, 4, 5), (16, 2, 16)],
+)
+def test_shards_are_whole_batches_but_the_last(items_num, world_size, batch_size):
+    """Each rank's share starts at a batch boundary and is whole batches, but for the share holding the
+    last item; the shares cover every item once, in order; fewer batches than ranks leave the last ranks
+    without a share, never rank 0."""
+    bounds = [distributed.shard_bounds(items_num, world_size, r, multiple=batch_size) for r in range(world_size)]
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(items_num))
+    assert distributed.shard_counts(items_num, world_size, multiple=batch_size) == [b - a for a, b in bounds]
+    for start, stop in bounds:
+        if stop > start:
+            assert start % batch_size == 0
+            assert (stop - start) % batch_size == 0 or stop == items_num
+    batches = [len(range(start, stop, batch_size)) for start, stop in bounds]
+    assert max(batches) - min(batches) <= 1  # as even as whole batches allow
+    if items_num:
+        assert bounds[0][1] > 0
+
+
+def test_shard_bounds_examples():
+    assert [distributed.shard_bounds(40, 2, r, multiple=8) for r in range(2)] == [(0, 24), (24, 40)]
+    assert [distributed.shard_bounds(41, 3, r, multiple=8) for r in range(3)] == [(0, 16), (16, 32), (32, 41)]
+    assert [distributed.shard_bounds(7, 4, r, multiple=8) for r in range(4)] == [(0, 7), (7, 7), (7, 7), (7, 7)]
+    assert [distributed.shard_bounds(7, 2, r, multiple=1) for r in range(2)] == [(0, 4), (4, 7)]  # the even split
+    with pytest.raises(ValueError, match="multiple 0"):
+        distributed.shard_bounds(7, 2, 0, multiple=0)
+
+
 def test_chunk_plan_groups_consecutive_items_under_the_limit():
     sizes = [5, 5, 5, 20, 1, 1, 9]
     plan = distributed.chunk_plan(sizes, 10)
@@ -211,15 +241,17 @@ def test_single_process_loss_sums_are_the_items():
 # ------------------------------------------------------------------------------------------------
 
 COLLECTIVES = r"""
-import os, sys, tempfile
+import itertools, os, sys, tempfile
 import numpy as np, torch
 sys.path.insert(0, {root!r})
 from types import SimpleNamespace
+import torch.distributed as dist
 import commons, distributed
 from dense_store import DenseStore
 distributed.CHUNK_BYTES = 200  # many chunks per rank
 run_folders = {run_folders!r}
-ctx = commons.start_run(SimpleNamespace(device="cpu", seed=0), run_folders[int(os.environ["RANK"])])
+args = SimpleNamespace(device="cpu", seed=0, precision="fp32")
+ctx = commons.start_run(args, run_folders[int(os.environ["RANK"])])
 assert ctx.enabled and ctx.world_size == 2 and ctx.backend == "gloo"
 assert ctx.output_folder == run_folders[0], ctx.output_folder  # rank 0's folder, created by rank 0 only
 assert os.path.isfile(os.path.join(run_folders[0], "info.log")) and not os.path.exists(run_folders[1])
@@ -236,28 +268,37 @@ def extract(part, store):
             store.append(features[i][None])
     return descriptors[np.asarray(part)]
 
+def batches(parts, size):  # what extraction's DataLoader makes of each part
+    return [list(part[i : i + size]) for part in parts for i in range(0, len(part), size)]
+
 work = tempfile.mkdtemp()
-for indexes in ([0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5], [4]):  # [4]: rank 1's share is empty
-    for on_disk in (False, True):
-        calls.clear()
-        store = DenseStore(os.path.join(work, "r%d" % ctx.rank) if on_disk else None)
-        worker_folder = os.path.join(work, "w%d" % ctx.rank) if on_disk else None
-        out = distributed.extract_sharded(ctx, extract, indexes, store=store,
-                                          new_store=lambda: DenseStore(worker_folder))
-        store.finish()
-        start, stop = distributed.shard_bounds(len(indexes), 2, ctx.rank)
-        assert calls == ([indexes[start:stop]] if stop > start else []), calls
-        assert np.array_equal(out, descriptors[indexes]), "gathered descriptors differ"
-        if ctx.is_main:
-            assert len(store) == len(indexes)
-            for row, i in enumerate(indexes):
-                assert np.array_equal(store[row], features[i]), (indexes, row)
-        else:
-            assert len(store) == 0
-        store.close()
-        if on_disk and not ctx.is_main:
-            assert not os.listdir(os.path.join(work, "w%d" % ctx.rank)), "a worker store file was left behind"
-    assert distributed.extract_sharded(ctx, extract, indexes, want_global=False) is None
+# 9 in batches of 4: shares 8 + 1; [8, 2, 5] and [4] in batches of 4: one batch, rank 1's share is empty;
+# batch 1 (single_query): shares as even as they go.
+cases = itertools.product(([0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 2, 5], [4]), (1, 2, 4), (False, True))
+for indexes, batch_size, on_disk in cases:
+    calls.clear()
+    store = DenseStore(os.path.join(work, "r%d" % ctx.rank) if on_disk else None)
+    worker_folder = os.path.join(work, "w%d" % ctx.rank) if on_disk else None
+    out = distributed.extract_sharded(ctx, extract, indexes, batch_size=batch_size, store=store,
+                                      new_store=lambda: DenseStore(worker_folder))
+    store.finish()
+    start, stop = distributed.shard_bounds(len(indexes), 2, ctx.rank, multiple=batch_size)
+    assert calls == ([indexes[start:stop]] if stop > start else []), calls
+    every_rank = [None, None]
+    dist.all_gather_object(every_rank, batches(calls, batch_size))
+    # The job's batches, in rank order, are exactly the one-process run's.
+    assert every_rank[0] + every_rank[1] == batches([indexes], batch_size), (indexes, batch_size, every_rank)
+    assert np.array_equal(out, descriptors[indexes]), "gathered descriptors differ"
+    if ctx.is_main:
+        assert len(store) == len(indexes)
+        for row, i in enumerate(indexes):
+            assert np.array_equal(store[row], features[i]), (indexes, row)
+    else:
+        assert len(store) == 0
+    store.close()
+    if on_disk and not ctx.is_main:
+        assert not os.listdir(os.path.join(work, "w%d" % ctx.rank)), "a worker store file was left behind"
+    assert distributed.extract_sharded(ctx, extract, indexes, batch_size=batch_size, want_global=False) is None
 
 assert ctx.sum_over_ranks([ctx.rank + 1.0, 2.0]) == [3.0, 4.0]
 assert ctx.broadcast_object("from %d" % ctx.rank, long_wait=True) == "from 0"
@@ -336,6 +377,7 @@ def test_two_process_training_equals_one_process(trained):
         assert torch.allclose(moments_one[i]["exp_avg"], moments_two[i]["exp_avg"], rtol=1e-3, atol=1e-7), i
         assert torch.allclose(moments_one[i]["exp_avg_sq"], moments_two[i]["exp_avg_sq"], rtol=1e-3, atol=1e-12), i
     assert ckpt_one["epoch_num"] == ckpt_two["epoch_num"] == 1
+    assert (ckpt_one["training_flags"]["processes"], ckpt_two["training_flags"]["processes"]) == (1, 2)
     assert np.array_equal(ckpt_one["recalls"], ckpt_two["recalls"])
     assert torch.equal(ckpt_one["mining_state"]["negatives"], ckpt_two["mining_state"]["negatives"])
 

@@ -61,6 +61,11 @@ def test_eval_cli_normal_and_efficient_ram_give_identical_results(synthetic_root
         scores = [c["mutual_nn"] for c in r["reranked"]]
         assert scores == sorted(scores, reverse=True)
         assert all(c["correct"] == (c["index"] in r["positives"]) for c in r["reranked"])
+        # localize.py's schema: absolute paths, and each re-ranked entry's first-stage L2 distance.
+        assert os.path.isabs(r["query"]) and os.path.isfile(r["query"])
+        assert all(os.path.isabs(c["path"]) and os.path.isfile(c["path"]) for c in r["first_stage"] + r["reranked"])
+        distance = {c["index"]: c["l2_distance"] for c in r["first_stage"]}
+        assert all(c["l2_distance"] == distance[c["index"]] for c in r["reranked"])
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +156,56 @@ def test_rerank_features_patch_counts_mutual_neighbours_of_the_patch_tokens(synt
         patch_scores += [c["mutual_nn"] for c in rp["reranked"]]
         local_scores += [c["mutual_nn"] for c in rl["reranked"]]
     assert max(patch_scores) <= 64 < max(local_scores)  # 8x8 patch grids, 29x29 local maps at 112x112
+
+
+def test_a_first_stage_capped_by_rerank_num_says_so(synthetic_root, tiny_net, caplog):
+    """--rerank_num 1 gives R@1 = R@5 = R@10 = R@20 (the public code counts only the candidates searched):
+    the line says it is capped and at which N, instead of looking like a broken search."""
+    import logging
+
+    folder, name = synthetic_root
+    ds = datasets_ws.BaseDataset(folder, name, "test", resize=(112, 112))
+    with caplog.at_level(logging.INFO):
+        result = test.evaluate(tiny_net, ds, rerank_num=1, recall_values=[1, 5, 10, 20])
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First ranking recalls")]
+    assert line == (
+        f"First ranking recalls: {test.recalls_to_str(result.recalls_first, [1, 5, 10, 20])} (capped at N = 1: "
+        "each query has only 1 candidate (--rerank_num, or the database size), so R@5, R@10, R@20 equal R@1)"
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        test.evaluate(tiny_net, ds, rerank_num=20, recall_values=[1, 5, 10, 20])
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First ranking recalls")]
+    assert "capped" not in line
+
+
+def _msls_like_test_split(synthetic_root, root, keys, extra):
+    """A data set laid out like MSLS-val in the test split: the synthetic test database, and one synthetic
+    query linked under a name per key (field 7), near the database."""
+    folder, name = synthetic_root
+    source = os.path.join(folder, name, "images", "test")
+    target = os.path.join(root, "msls_like", "images", "test")
+    os.makedirs(os.path.join(target, "queries"))
+    import shutil
+
+    shutil.copytree(os.path.join(source, "database"), os.path.join(target, "database"))
+    query = sorted(glob.glob(os.path.join(source, "queries", "*.jpg")))[0]
+    fields = os.path.basename(query).split("@")
+    for i, key in enumerate(list(keys) + list(extra)):
+        fields[7] = key
+        fields[2] = f"{float(fields[2]) + (i % 5):.2f}"
+        os.link(query, os.path.join(target, "queries", "@".join(fields)))
+    return root
+
+
+def test_eval_takes_the_built_in_msls_val_list_by_name(synthetic_root, tmp_path):
+    keys = datasets_ws.read_query_keys("msls_val_740")
+    data = _msls_like_test_split(synthetic_root, str(tmp_path / "data"), keys, ["notAKey_0000000000000a"])
+    flags = tiny_eval_flags((data, "msls_like"), "--save_dir", "keys", "--rerank_num", "2", "--recall_values", "1")
+    result = run_script(["eval.py", *flags, "--query_keys_file", "msls_val_740"], cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = open(os.path.join(_output_folder(str(tmp_path), "keys"), "info.log")).read()
+    assert "official MSLS-val protocol (all 740 keys of msls_val_740 found; kept 740 of 741 queries)" in log
+    assert "#queries: 740 >" in log
+    records = _read_predictions(_output_folder(str(tmp_path), "keys"))
+    assert {os.path.basename(r["query"]).split("@")[7] for r in records} == set(keys)

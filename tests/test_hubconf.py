@@ -120,12 +120,15 @@ def test_clear_errors_for_missing_files_and_missing_weights(saved, tmp_path):
         hubconf.selavpr(foundation_model_path=str(tmp_path / "missing.pth"), backbone="vit_tiny", backbone_depth=2)
     with pytest.raises(ValueError, match="no weights given.*allow_random_weights=True"):
         hubconf.selavpr(backbone="vit_tiny", backbone_depth=2)
-    with pytest.raises(ValueError, match=r"trained with another model: --backbone_depth 3 \(given\) but 2"):
+    # The hub's messages name its Python arguments, not the scripts' command-line flags.
+    with pytest.raises(
+        ValueError, match=r"another model: backbone_depth=3 \(given\) but 2 in the file\. Drop those arg"
+    ):
         hubconf.selavpr(saved[1], backbone="vit_tiny", backbone_depth=3)  # the file records 2 blocks
     public = str(tmp_path / "public_layout.pth")  # no recorded settings: the keys decide
     checkpoint = checkpoints.load_weights_file(saved[1], what="test")
     torch.save({"model_state_dict": checkpoint["model_state_dict"]}, public)
-    with pytest.raises(ValueError, match="not a SelaVPR checkpoint of this model"):
+    with pytest.raises(ValueError, match=r"not a SelaVPR checkpoint of this model \(check backbone=, registers=\)"):
         hubconf.selavpr(public, backbone="vit_tiny", backbone_depth=3)
     model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
     assert not model.training and len(model.backbone.blocks) == 2
@@ -147,5 +150,31 @@ def test_a_project_checkpoint_rebuilds_its_model_without_arguments(saved, no_dow
     model = torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint)
     assert model.backbone_name == "vit_tiny" and len(model.backbone.blocks) == 2
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match=r"--backbone vit_small \(given\) but vit_tiny in the file"):
+    with pytest.raises(ValueError, match=r"backbone='vit_small' \(given\) but 'vit_tiny' in the file") as info:
         torch.hub.load(ROOT, "selavpr", source="local", checkpoint=checkpoint, backbone="vit_small")
+    assert "--" not in str(info.value).replace(checkpoint, "")  # no command-line flag in the hub's message
+
+
+def test_one_image_without_its_batch_dimension_is_explained():
+    """A (3, H, W) tensor (one image) gets a message with the expected shape and the fix, not "not enough
+    values to unpack"."""
+    hubconf = importlib.import_module("hubconf")
+    model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
+    image = torch.zeros(3, 56, 56)
+    for call in (model, model.global_descriptors):
+        with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got a tensor of shape \(3, 56, 56\).*unsqueeze\(0\)"):
+            call(image)
+    local, glob = model(image.unsqueeze(0))
+    assert local.shape[0] == glob.shape[0] == 1
+
+
+def test_weights_with_nan_are_refused_through_the_hub(tmp_path):
+    hubconf = importlib.import_module("hubconf")
+    torch.manual_seed(0)
+    model = hubconf.selavpr(backbone="vit_tiny", backbone_depth=2, allow_random_weights=True)
+    with torch.no_grad():
+        model.LocalAdapt.upconv2.bias.fill_(float("nan"))
+    path = str(tmp_path / "nan.pth")
+    checkpoints.save_checkpoint(path, model=model)
+    with pytest.raises(ValueError, match=r"checkpoint .*nan\.pth holds non-finite values .*LocalAdapt\.upconv2\.bias"):
+        hubconf.selavpr(path)

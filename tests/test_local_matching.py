@@ -14,7 +14,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import local_matching as lm
-from local_matching import engine, exact, screening, self_check
+from dense_store import DenseStore
+from local_matching import device_engine, engine, exact, screening, self_check, staging
 
 C = 128
 
@@ -466,3 +467,436 @@ def test_plain_path_is_logged_for_small_inputs(fresh_self_check, caplog):
         assert torch.equal(lm.mutual_nn_scores(q, x, np.arange(2)), ref_scores(q, x))
     assert lm.engine_paths()["cpu 30x128 vs 40x128"].startswith(f"{lm.PATH_PLAIN} (query with fewer than 64")
     assert "path plain-fp32" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU engine (device_engine.py), run on the CPU with gpu_engine=True: the same code, the screen's
+# bfloat16 product emulated in float32 (exact products, float32 accumulation: what the bound assumes)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def recomputed(monkeypatch):
+    """Counts of the rows and (candidate, column) pairs the GPU engine recomputed exactly."""
+    counts = {"rows": 0, "columns": 0}
+    rows, columns = device_engine._exact_rows, device_engine._exact_columns
+
+    def count_rows(xs, pairs, q, row_tile):
+        counts["rows"] += pairs.shape[0]
+        return rows(xs, pairs, q, row_tile)
+
+    def count_columns(xs, pairs, q):
+        counts["columns"] += pairs.shape[0]
+        return columns(xs, pairs, q)
+
+    monkeypatch.setattr(device_engine, "_exact_rows", count_rows)
+    monkeypatch.setattr(device_engine, "_exact_columns", count_columns)
+    return counts
+
+
+def _gpu_engine_results(q, x, chunk_size=3, row_tile=64):
+    """(nn12, mutual) of every candidate from the GPU engine, forced on the CPU."""
+    return list(engine.matches(q, list(x), chunk_size=chunk_size, row_tile=row_tile, fast_path=None, gpu_engine=True))
+
+
+def _assert_gpu_engine_is_the_reference(q, x, **kwargs):
+    got = _gpu_engine_results(q, x, **kwargs)
+    nn12, nn21 = ref_nn(x, q)
+    for k, (got_nn12, got_mutual) in enumerate(got):
+        assert torch.equal(got_nn12, nn12[k])  # every row's arg-max, not only the mutual rows'
+        assert torch.equal(got_mutual, nn21[k][nn12[k]] == torch.arange(x.shape[1]))
+    scores = lm.mutual_nn_scores(q, x, np.arange(x.shape[0]), chunk_size=kwargs.get("chunk_size", 3), gpu_engine=True)
+    assert torch.equal(scores, ref_scores(q, x))
+
+
+@pytest.mark.parametrize("hq,wq,hc,wc,k", [(20, 23, 17, 19, 5), (9, 9, 12, 11, 4)])
+def test_gpu_engine_equals_the_reference(hq, wq, hc, wc, k, fresh_self_check, recomputed):
+    q, x = scene_and_candidates(1, hq, wq, hc, wc, k)
+    _assert_gpu_engine_is_the_reference(q, x)  # groups of 3 and of 2 / 1 candidates
+    path = lm.engine_paths()[f"cpu {hc * wc}x{C} vs {hq * wq}x{C}"]
+    assert path.startswith(lm.PATH_GPU_SCREENED), path
+    assert recomputed["rows"] > 0  # the recomputation ran, and the screen decided most rows
+    assert recomputed["rows"] < 2 * 0.25 * k * hc * wc  # (the helper runs the engine twice)
+
+
+def test_gpu_engine_on_full_size_and_random_features(fresh_self_check, recomputed):
+    q, x = scene_and_candidates(7, 61, 61, 61, 61, 2)
+    _assert_gpu_engine_is_the_reference(q, x, chunk_size=2, row_tile=512)
+    assert 0 < recomputed["rows"] < 2 * 0.1 * 2 * 3721 and recomputed["columns"] > 0  # two runs of 2 x 3721
+    gen = torch.Generator().manual_seed(2)
+    q = F.normalize(torch.randn(300, C, generator=gen), dim=1)
+    x = F.normalize(torch.randn(4, 250, C, generator=gen), dim=1) * torch.rand(4, 250, 1, generator=gen)
+    _assert_gpu_engine_is_the_reference(q, x * 37.0)  # not unit-norm either
+
+
+def test_gpu_engine_exact_ties_and_one_ulp_near_ties(fresh_self_check, recomputed):
+    q, x = scene_and_candidates(4, 20, 20, 20, 20, 3)
+    q, x = q.clone(), x.clone()
+    q[200:260] = q[100:160]  # exact ties in rows of S
+    q[399] = q[0]
+    x[:, 300:380] = x[:, 10:90]  # exact ties in columns
+    x[1, 399] = x[1, 398]
+    x[2, ::2] = x[2, 1::2]
+    _assert_gpu_engine_is_the_reference(q, x)
+    ties = recomputed["rows"]
+    assert ties > 0 and recomputed["columns"] > 0
+    for seed in (5, 6):
+        q, x = _near_tie_data(seed)
+        _assert_gpu_engine_is_the_reference(q, x)
+    assert recomputed["rows"] > ties
+    # All-equal features: every entry of S ties; the only pair is (0, 0).
+    q, x = torch.full((100, C), 0.25), torch.full((2, 90, C), -0.5)
+    _assert_gpu_engine_is_the_reference(q, x)
+
+
+def test_gpu_engine_non_finite_and_small_inputs_take_the_plain_path(fresh_self_check):
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(100, C, generator=gen)
+    x = torch.randn(3, 90, C, generator=gen)
+    x[1, 5, 7] = float("nan")
+    x[2, 3, 3] = float("inf")
+    _assert_gpu_engine_is_the_reference(q, x, chunk_size=1)
+    assert lm.engine_paths()["cpu 90x128 vs 100x128"].startswith(f"{lm.PATH_PLAIN} (candidate with non-finite")
+    small = torch.randn(2, 30, C, generator=gen)
+    _assert_gpu_engine_is_the_reference(q, small)
+    assert lm.engine_paths()["cpu 30x128 vs 100x128"].startswith(f"{lm.PATH_PLAIN} (candidate with fewer than 64")
+    q[0, 0] = float("nan")
+    _assert_gpu_engine_is_the_reference(q, x[:1])
+    assert "query with non-finite" in lm.engine_paths()["cpu 90x128 vs 100x128"]
+
+
+@pytest.mark.parametrize("failing", ["self_check", "screen"])
+def test_the_self_check_and_the_screen_probe_decide_the_gpu_path(fresh_self_check, monkeypatch, caplog, failing):
+    """On any device: a failing tile self-check (the BLAS one ulp off on row tiles) or a screen whose
+    arithmetic the bound does not cover (a bfloat16 output) sends the group to the plain path, which
+    the log says; the screened engine never runs; the scores are still the reference's."""
+    if failing == "self_check":
+        monkeypatch.setattr(self_check, "_tile_check_matmul", _one_ulp_off_on_tiles())
+    else:
+        monkeypatch.setattr(screening, "_FP32_SCREEN_SOUND", {})
+        monkeypatch.setattr(screening, "screen_product", lambda a, b: torch.mm(a.float(), b.float()).bfloat16().float())
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the screened GPU engine ran although its checks failed")
+
+    monkeypatch.setattr(device_engine, "nn_screened_gpu", must_not_run)
+    q, x = _near_tie_data(5)
+    with caplog.at_level("INFO"):
+        _assert_gpu_engine_is_the_reference(q, x)
+    reason = "tile self-check failed" if failing == "self_check" else "failed its soundness check"
+    path = lm.engine_paths()["cpu 324x128 vs 324x128"]
+    assert path.startswith(lm.PATH_PLAIN) and reason in path, path
+    assert f"path {lm.PATH_PLAIN} (" in caplog.text and reason in caplog.text
+    if failing == "self_check":
+        assert "FAILED" in caplog.text and "gpu engine" in caplog.text
+
+
+def test_gpu_engine_self_check_passes_here_and_sees_a_one_ulp_difference(fresh_self_check, monkeypatch):
+    ok, detail = lm.tile_self_check(
+        candidate_positions=250, query_positions=300, channels=C, row_tile=64, gpu_engine=True, batch=3
+    )
+    assert ok and "bit-identical" in detail, detail
+    monkeypatch.setattr(self_check, "_tile_check_matmul", _one_ulp_off_on_tiles())
+    ok, detail = lm.tile_self_check(
+        candidate_positions=250, query_positions=300, channels=C, row_tile=64, gpu_engine=True, batch=2
+    )
+    assert not ok and "row tile" in detail
+    # The batch size is part of what is checked (cuBLAS picks kernels by it): cached per batch.
+    assert lm.tile_self_check(
+        candidate_positions=250, query_positions=300, channels=C, row_tile=64, gpu_engine=True, batch=3
+    )[0]
+
+
+def test_gpu_plan_refuses_tf32_products_and_missing_kernels(monkeypatch):
+    q = torch.randn(100, C)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        plan, reason = engine._gpu_plan(q, None)
+        assert plan is None and "TF32" in reason
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert engine._gpu_plan(q, None)[0] is not None  # the CPU: the float32 emulation
+    assert "fast_path=False" in engine._gpu_plan(q, False)[1]
+    # A GPU whose torch has no bfloat16 -> float32 matmul: the plain path unless forced.
+    monkeypatch.setitem(screening._NATIVE_BF16_FP32, "meta", False)
+    meta = q.to("meta")
+    monkeypatch.setattr(engine, "_query_is_safe", lambda query: True)
+    plan, reason = engine._gpu_plan(meta, None)
+    assert plan is None and "bfloat16 x bfloat16 -> float32" in reason
+    assert engine._gpu_plan(meta, True)[0] is not None
+    # A GPU without bfloat16 tensor cores (V100, T4): the three bf16 products would be slower than one
+    # float32 product there.
+    monkeypatch.setitem(screening._NATIVE_BF16_FP32, "cuda", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    assert screening.screen_unavailable(torch.device("cuda")) == (
+        "Tesla V100-SXM2-16GB has no bfloat16 tensor cores (compute capability < 8.0)"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert screening.screen_unavailable(torch.device("cuda")) is None
+
+
+def test_gpu_engine_runs_on_the_meta_device(monkeypatch):
+    """The whole GPU path on `meta` tensors (shapes only; any CPU tensor mixed into the device
+    computation raises there), the host synchronisation points faked."""
+    monkeypatch.setattr(engine, "tile_self_check", lambda **kwargs: (True, "not run on meta"))
+    monkeypatch.setattr(engine, "fp32_screen_is_sound", lambda *args: True)
+    monkeypatch.setattr(engine, "_query_is_safe", lambda query: True)
+    monkeypatch.setattr(device_engine, "_flag", lambda t: False)
+    monkeypatch.setattr(
+        device_engine, "_nonzero", lambda m: torch.zeros((5, m.dim()), dtype=torch.long, device=m.device)
+    )
+    monkeypatch.setattr(device_engine, "_to_host", lambda t: np.array([[0, 3], [0, 7], [1, 2]]))
+    monkeypatch.setattr(self_check, "_PATHS", {})
+    q = torch.empty(3721, C, device="meta")
+    x = torch.empty(5, 3721, C, device="meta")
+    scores = lm.mutual_nn_scores(q, x, np.arange(5), chunk_size=2, fast_path=True)
+    assert scores.device.type == "meta" and scores.shape == (5,)
+    assert lm.engine_paths()["meta 3721x128 vs 3721x128"].startswith(lm.PATH_GPU_SCREENED)
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU screen's bound and its soundness probe, with emulated accumulators
+# ------------------------------------------------------------------------------------------------
+def _keep_bits(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """float64 values truncated (toward zero) to `bits` significant bits."""
+    mant, exp = torch.frexp(v)
+    return torch.ldexp(torch.trunc(mant * 2.0**bits) / 2.0**bits, exp)
+
+
+def _sequential_product(bits: int, output=None):
+    """A screen product whose accumulator keeps `bits` bits and truncates after every addition
+    (sequential order over the inner dimension), then optionally rounds its output (`output`)."""
+
+    def product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a64, b64 = a.double(), b.double()
+        acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64)
+        for k in range(a.shape[1]):
+            acc = _keep_bits(acc + a64[:, k : k + 1] * b64[k : k + 1, :], bits)
+        out = acc.float()
+        return output(out) if output else out
+
+    return product
+
+
+def test_bound_of_the_gpu_screen_holds_for_truncating_accumulators():
+    """|O - S| <= fp32_output_bound + slack for every entry, with the screen computed by the float32
+    emulation and by a 24-bit accumulator that truncates after every addition."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(96, C, generator=gen) * 3.0
+    x = torch.randn(64, C, generator=gen) * torch.rand(64, 1, generator=gen)
+    qs, xs = screening.SplitSide(q), screening.SplitSide(x)
+    a, b = xs.operand(screening.X_PARTS, C), qs.operand(screening.Q_PARTS, C).t().contiguous()
+    inner = a.shape[1]
+    ref = (x @ q.t()).double()
+    xn = device_engine.Norms.of(xs).map(lambda t: t.unsqueeze(1))
+    qn = device_engine.Norms.of(qs).map(lambda t: t.unsqueeze(0))
+    bound = screening.fp32_output_bound(xn, qn, inner=inner, channels=C)
+    bound = bound + screening.fp32_output_slack(xn, qn, inner=inner, channels=C)
+    errors = {}
+    for name, product in (("emulated", screening.screen_product), ("truncating", _sequential_product(24))):
+        err = (product(a, b).double() - ref).abs()
+        assert (err <= bound).all(), name
+        errors[name] = err
+    assert (errors["truncating"] > errors["emulated"]).float().mean() > 0.5  # truncation costs more
+    # The bound's size is the docstring's: ~2.6e-4 relative (the worst-case accumulation term dominates;
+    # real errors, even truncating ones, are ~100x smaller).
+    assert (bound <= 3e-4 * xn.n * qn.n).all() and (errors["truncating"] > 0).any()
+    # The 3-part split is far tighter than a single bfloat16 product's bound (the CPU screen's).
+    single = screening.base_bound(_col(screening.Bf16Side(x)), _row(screening.Bf16Side(q), 96), C)
+    assert (bound < 0.25 * single).all()
+
+
+@pytest.mark.parametrize(
+    "accumulator,sound",
+    [
+        ("float32 emulation", True),
+        ("24 bits, truncating", True),
+        ("23 bits, truncating", False),
+        ("bfloat16 output", False),
+        ("bfloat16 partial sums", False),
+    ],
+)
+def test_screen_probe_accepts_truncating_accumulators_iff_the_bound_covers_them(monkeypatch, accumulator, sound):
+    products = {
+        "float32 emulation": lambda a, b: torch.mm(a.float(), b.float()),
+        "24 bits, truncating": _sequential_product(24),
+        "23 bits, truncating": _sequential_product(23),
+        "bfloat16 output": lambda a, b: torch.mm(a.float(), b.float()).bfloat16().float(),
+        "bfloat16 partial sums": lambda a, b: sum(
+            torch.mm(a[:, s : s + 32].float(), b[s : s + 32].float()).bfloat16().float()
+            for s in range(0, a.shape[1], 32)
+        ),
+    }
+    monkeypatch.setattr(screening, "_FP32_SCREEN_SOUND", {})
+    monkeypatch.setattr(screening, "screen_product", products[accumulator])
+    assert screening.fp32_screen_is_sound(200, 3 * C, 96, torch.device("cpu")) is sound
+
+
+def test_gamma_any_order_covers_multi_term_truncating_adders():
+    """A tensor-core-like adder: 8 products and the accumulator aligned to the largest, keeping 24
+    bits below its leading bit, truncated, then the sum truncated to float32 - on adversarial terms
+    (one large, many just below its last kept bit): the error stays within gamma_any_order."""
+    gen = torch.Generator().manual_seed(3)
+    n = 384
+    terms = torch.rand(500, n, generator=gen, dtype=torch.float64) * 2.0**-23
+    terms[:, ::9] = 1.0 + torch.rand(500, (n + 8) // 9, generator=gen, dtype=torch.float64)
+    acc = torch.zeros(500, dtype=torch.float64)
+    for s in range(0, n, 8):
+        group = torch.cat([acc.unsqueeze(1), terms[:, s : s + 8]], dim=1)
+        ulp = torch.ldexp(torch.ones_like(acc), torch.frexp(group.abs().amax(dim=1))[1] - 24)
+        aligned = torch.trunc(group / ulp.unsqueeze(1)) * ulp.unsqueeze(1)
+        acc = _keep_bits(aligned.sum(dim=1), 24)
+    err = (acc - terms.sum(dim=1)).abs()
+    bound = screening.gamma_any_order(n + 1) * terms.abs().sum(dim=1)
+    assert (err <= bound).all() and (err > 0).all()  # every sum lost its small terms, within the bound
+
+
+# ------------------------------------------------------------------------------------------------
+# Staging (staging.py): host copies per candidate, counted on the stores and buffers
+# ------------------------------------------------------------------------------------------------
+class _CountingStore(DenseStore):
+    """A DenseStore that counts how its features are taken: read_into (with each destination's
+    address) and __getitem__."""
+
+    def __init__(self, folder):
+        super().__init__(folder)
+        self.reads, self.items = [], 0
+
+    def read_into(self, i, out):
+        self.reads.append((int(i), out.ctypes.data, out.nbytes))
+        super().read_into(i, out)
+
+    def __getitem__(self, i):
+        self.items += 1
+        return super().__getitem__(i)
+
+
+def _counting_store(folder, x):
+    store = _CountingStore(folder)
+    store.append(x.view(x.shape[0], 12, -1, C).numpy())
+    return store.finish()
+
+
+def _spy_engine(monkeypatch):
+    """Replace the engine by one that records the tensors it receives (data pointer, values)."""
+    seen = []
+
+    def spy(query, candidates, **kwargs):
+        for x in candidates:
+            seen.append((x.data_ptr(), x.clone()))
+            yield torch.zeros(x.shape[0], dtype=torch.long), torch.ones(x.shape[0], dtype=torch.bool)
+
+    monkeypatch.setattr(lm, "matches", spy)
+    return seen
+
+
+@pytest.mark.parametrize("preadv", [True, False])
+def test_disk_store_candidates_are_read_once_straight_into_the_engines_tensors(tmp_path, monkeypatch, preadv):
+    """One host copy per candidate from a disk store: one positional read per candidate, written
+    directly into the memory of the tensor the engine then reads (so there is no room for another
+    copy); the store's __getitem__ (which makes a copy of its own) is never used."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 144, C, generator=gen)
+    store = _counting_store(str(tmp_path), x)
+    syscalls = []
+    real_preadv, real_pread = getattr(os, "preadv", None), os.pread
+    if preadv and real_preadv is not None:
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: syscalls.append(1) or real_preadv(fd, bufs, off))
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: syscalls.append(1) or real_pread(fd, n, off))
+    if not preadv:  # a platform without os.preadv: still one read per candidate (plus one copy)
+        monkeypatch.setattr(sys.modules["dense_store"], "_PREADV", False)
+    seen = _spy_engine(monkeypatch)
+    order = [4, 0, 4, 2]
+    lm.mutual_nn_scores(torch.randn(100, C), store, np.array(order), chunk_size=2)
+    assert store.items == 0
+    assert [i for i, _, _ in store.reads] == order and len(syscalls) == len(order)
+    for (i, address, nbytes), (pointer, values) in zip(store.reads, seen):
+        assert nbytes == 144 * C * 4 and torch.equal(values, x[i])
+        if preadv:
+            assert address == pointer  # the read's destination is the engine's tensor
+    store.close()
+
+
+def test_ram_store_candidates_reach_the_cpu_engine_without_a_copy(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 144, C, generator=gen)
+    store = _counting_store(None, x)
+    seen = _spy_engine(monkeypatch)
+    lm.mutual_nn_scores(torch.randn(100, C), store, np.array([3, 1, 3]), chunk_size=2)
+    assert store.reads == []
+    for i, (pointer, values) in zip([3, 1, 3], seen):
+        assert pointer == store._arrays[i].ctypes.data and torch.equal(values, x[i])  # the stored array itself
+    # A numpy array store: in place when float32 and writable; one copy (with the float32 conversion)
+    # when it is a read-only memory map or float16.
+    seen.clear()
+    array = x.numpy().copy()
+    lm.mutual_nn_scores(torch.randn(100, C), array, np.array([2]))
+    assert seen[0][0] == array[2].ctypes.data
+    seen.clear()
+    lm.mutual_nn_scores(torch.randn(100, C), array.astype(np.float16), np.array([2]))
+    assert seen[0][0] != array[2].ctypes.data and torch.equal(seen[0][1], torch.from_numpy(array[2]).half().float())
+
+
+class _FakeEvent:
+    """A CUDA event stand-in: done once the fake device has run `lag` more transfers, or when waited
+    for; remembers whether it was waited for."""
+
+    clock = 0
+
+    def __init__(self, lag):
+        self.due = _FakeEvent.clock + lag
+        self.waited = False
+
+    def query(self):
+        return _FakeEvent.clock >= self.due
+
+    def synchronize(self):
+        self.waited = True
+        self.due = min(self.due, _FakeEvent.clock)
+
+
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_device_staging_reuses_a_buffer_only_after_its_transfer_is_done(tmp_path, monkeypatch, on_disk):
+    """The device path (on `meta`, with fake CUDA events): one host copy per candidate (the read into
+    a staging buffer), at most `buffers` buffers, and a buffer is refilled only once the event behind
+    its previous transfer says that transfer is done (else the stager waits for it)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 144, C, generator=gen)
+    store = _counting_store(str(tmp_path) if on_disk else None, x)
+    events = {}  # buffer address -> the event of its last transfer
+    refills_in_flight = []
+    real_read = store.read_into
+
+    def read_into(i, out):
+        event = events.get(out.ctypes.data)
+        refills_in_flight.append(event is not None and not event.query())
+        real_read(i, out)
+
+    monkeypatch.setattr(store, "read_into", read_into)
+    _FakeEvent.clock = 0
+    made = []
+
+    def new_event(device):
+        made.append(_FakeEvent(lag=6))
+        return made[-1]
+
+    def record(event, device):
+        _FakeEvent.clock += 1
+
+    monkeypatch.setattr(staging, "_new_event", new_event)
+    monkeypatch.setattr(staging, "_record", record)
+    real_deliver = staging.CandidateStager._deliver
+
+    def deliver(self, k, shape, slot, work):
+        out = real_deliver(self, k, shape, slot, work)
+        events[slot.host.data_ptr()] = slot.event
+        return out
+
+    monkeypatch.setattr(staging.CandidateStager, "_deliver", deliver)
+    with staging.CandidateStager(store, list(range(9)) * 2, torch.device("meta"), buffers=4, readers=2) as stager:
+        got = list(stager)
+        assert len(stager.slots) <= 4
+    assert len(got) == 18 and all(t.device.type == "meta" and t.shape == (144, C) for t in got)
+    assert store.items == 0 and len(store.reads) == 18  # one copy (the read) per candidate
+    assert not any(refills_in_flight)
+    assert any(e.waited for e in made)  # 4 buffers, a device 6 transfers behind: it had to wait

@@ -110,6 +110,8 @@ def test_dense_size_follows_resize():
         (["--local_loss_weight", "-0.5"], "--local_loss_weight must be >= 0"),
         (["--local_loss_weight", "nan"], "--local_loss_weight must be >= 0"),
         (["--rerank_features", "dense"], "invalid choice"),
+        (["--precision", "fp16"], "invalid choice"),
+        (["--deterministic", "--seed", "-1"], "--deterministic needs a seeded run"),
     ],
 )
 def test_bad_flag_combinations_fail_at_parse_time(flags, message, capsys):
@@ -124,6 +126,34 @@ def test_cuda_requested_without_cuda(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         parse("--device", "cuda")
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_precision_values_and_deterministic_training(monkeypatch, capsys):
+    import localize
+    import reproduce
+
+    assert [parse("--device", "cpu", "--precision", p).precision for p in ("fp32", "tf32", "bf16")] == [
+        "fp32",
+        "tf32",
+        "bf16",
+    ]
+    assert parse("--device", "cpu").precision == "fp32" and not parse("--device", "cpu").deterministic
+    folder = os.path.dirname(os.path.abspath(__file__))
+    assert (
+        localize.parse_localize_arguments(
+            ["--queries_folder", folder, "--database_folder", folder, "--device", "cpu", "--precision", "tf32"]
+        ).precision
+        == "tf32"
+    )
+    assert reproduce.parse_arguments(["--datasets_folder", "/d", "--device", "cpu", "--precision", "tf32"]).precision
+    assert parse("--device", "cpu", "--deterministic", "--train_backbone").deterministic  # on the CPU: fine
+    # On a GPU, the positional table's bicubic backward (trained with --train_backbone) has no
+    # deterministic CUDA kernel.
+    monkeypatch.setattr(selavpr_parser.torch.cuda, "is_available", lambda: True)
+    assert parse("--device", "cuda", "--deterministic").deterministic
+    with pytest.raises(SystemExit):
+        parse("--device", "cuda", "--deterministic", "--train_backbone")
+    assert "no deterministic CUDA implementation" in capsys.readouterr().err
 
 
 def _project_checkpoint(path, *, resize=(112, 112), depth=2, registers=False):
@@ -244,6 +274,7 @@ GROUP_FLAGS = {
         "--train_positives_dist_threshold",
         "--train_backbone",
         "--local_loss_weight",
+        "--deterministic",
     },
     "augmentation": {
         "--brightness",
@@ -268,6 +299,7 @@ OURS = {
     "--train_backbone",
     "--local_loss_weight",
     "--rerank_features",
+    "--deterministic",
 }
 
 
@@ -302,6 +334,7 @@ def _command_parsers():
                 "--msls_checkpoint",
                 "--pitts30k_checkpoint",
                 "--msls_val_keys",
+                "--msls_all_queries",
                 "--output",
                 "--dataset_folders",
                 "--only",
@@ -444,9 +477,15 @@ def test_train_and_eval_accept_every_public_flag_given_at_once(tmp_path):
         args.dataset_name,
         args.seed,
     ) == (8, "sgd", 8, [112, 112], [1, 5], 20, 10.0, "msls", -1)
-    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser
+    for script in ("train.py", "eval.py"):  # both scripts parse with exactly this parser (and their disk-full note)
         with open(os.path.join(ROOT, script)) as f:
-            assert f.read().rstrip().endswith("commons.run_main(main, parser.parse_arguments())"), script
+            assert (
+                f.read()
+                .rstrip()
+                .endswith(
+                    "commons.run_main(main, parser.parse_arguments(), torchrun=True, disk_full_note=DISK_FULL_NOTE)"
+                )
+            ), script
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,74 @@ def tiny_net():
 # ------------------------------------------------------------------------------------------------
 
 
+class Poisoned(torch.nn.Module):
+    """Wraps a model: the features of the images whose first pixel value is in `bad` become NaN / Inf
+    (finite weights that overflow for some images, e.g. a diverged run or bf16's range)."""
+
+    def __init__(self, model, *, local=False):
+        super().__init__()
+        self.model, self.local = model, local
+
+    def _poison(self, images, features):
+        rows = images.flatten(1)[:, 0] > 1.5  # the bright images of the fixture below
+        features = features.clone()
+        features[rows] = float("nan") if self.local else float("inf")
+        return features
+
+    def forward(self, images):
+        local, glob = self.model(images)
+        return (self._poison(images, local), glob) if self.local else (local, self._poison(images, glob))
+
+    def global_descriptors(self, images):
+        return self._poison(images, self.model.global_descriptors(images))
+
+
+class Images:
+    """Six images of which #2 and #4 are bright (first pixel 2.0): dataset.load(i, method) for extraction."""
+
+    images_paths = [f"/data/img{i}.jpg" for i in range(6)]
+
+    def load(self, index, method):
+        image = torch.zeros(3, 56, 56)
+        image[0, 0, 0] = 2.0 if index in (2, 4) else 0.0
+        return image
+
+    def __len__(self):
+        return len(self.images_paths)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+@pytest.mark.parametrize("method", ["hard_resize", "five_crops"])
+def test_non_finite_features_are_refused_naming_the_images(tiny_net, local, method):
+    """NaN descriptors used to reach faiss (no candidate, -1) and NaN dense features gave every candidate the
+    same score; now the batch is refused, naming its images."""
+    if local and method == "five_crops":
+        pytest.skip("the crop methods extract global descriptors only")
+    store = retrieval.DenseStore() if local else None
+    loaded = Images()
+    if method == "five_crops":
+        loaded.load = lambda index, m: (
+            torch.stack([Images.load(loaded, index, m)] * 5) if m == "five_crops" else Images.load(loaded, index, m)
+        )
+    what = "dense local features" if local else "global descriptors"
+    expected = rf"non-finite \(NaN or Inf\) {what} for 2 image\(s\): /data/img2\.jpg, /data/img4\.jpg\."
+    with pytest.raises(ValueError, match=expected):
+        retrieval.extract_features(
+            Poisoned(tiny_net, local=local),
+            loaded,
+            range(6),
+            method=method,
+            batch_size=8,  # one batch: the message names every bad image of the batch
+            num_workers=0,
+            device="cpu",
+            local_store=store,
+        )
+    # The unpoisoned model passes.
+    assert retrieval.extract_features(
+        tiny_net, loaded, range(6), method="hard_resize", batch_size=4, num_workers=0, device="cpu"
+    ).shape == (6, tiny_net.backbone.embed_dim)
+
+
 def test_single_query_reranks_with_features_at_the_query_size(synthetic_root, tiny_net, tmp_path):
     """A query of another aspect ratio keeps its own grid: mutual NN between grids of different sizes."""
     folder, name = synthetic_root
@@ -159,6 +227,45 @@ def test_ram_and_disk_stores_give_the_same_ranking_and_the_disk_files_go(test_sp
     assert all(sorted(p) == sorted(f) for p, f in zip(ranking.predictions, ranking.first_predictions))
 
 
+@pytest.mark.parametrize("method", ["hard_resize", "single_query", "five_crops", "maj_voting"])
+def test_shards_are_cut_at_the_batches_extraction_forms(test_split, tiny_net, monkeypatch, method):
+    """Under torchrun each rank's share starts at a batch boundary of the batches extract_features forms:
+    --infer_batch_size images, one for single_query (the five-crop methods: batches of queries)."""
+    import distributed
+
+    ds, sharded, loaders = test_split, [], []
+    real_sharded, real_loader = distributed.extract_sharded, retrieval.DataLoader
+
+    def recording_sharded(ctx, extract, indexes, **kwargs):
+        sharded.append(kwargs["batch_size"])
+        return real_sharded(ctx, extract, indexes, **kwargs)
+
+    def recording_loader(*args, **kwargs):
+        loaders.append(kwargs["batch_size"])
+        return real_loader(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "extract_sharded", recording_sharded)
+    monkeypatch.setattr(retrieval, "DataLoader", recording_loader)
+    with _engine(tiny_net) as engine:
+        engine.build_database(ds, range(3))
+        engine.extract_queries(ds, [ds.database_num, ds.database_num + 1], method=method)
+    expected = 1 if method == "single_query" else 8
+    assert sharded == loaders and sharded[0] == 8 and set(sharded[1:]) == {expected}
+
+
+def test_mining_shards_are_cut_at_its_extraction_batches(monkeypatch):
+    import distributed
+    import train
+
+    calls = []
+    monkeypatch.setattr(distributed, "extract_sharded", lambda ctx, extract, indexes, **kwargs: calls.append(kwargs))
+    descriptors_fn = train.mining_descriptors(
+        distributed.Context(device="cpu"), None, None, batch_size=8, num_workers=0, precision="fp32"
+    )
+    descriptors_fn([3, 1, 2])
+    assert calls == [{"batch_size": 8}]
+
+
 def test_a_failing_rank_still_removes_the_store_files(test_split, tiny_net, tmp_path, monkeypatch):
     ds, folder = test_split, tmp_path / "dense_features"
 
@@ -190,3 +297,30 @@ def test_a_saved_database_ranks_as_the_one_it_was_saved_from(test_split, tiny_ne
     assert sorted(os.listdir(tmp_path / "db")) == ["dense", "global_descriptors.npy", "manifest.json"]  # kept
     with pytest.raises(ValueError, match="images but descriptors"):
         retrieval.Database.load(str(tmp_path / "db"), paths=ds.database_paths[:-1])
+
+
+def test_a_saved_database_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """The folder is renamed into place only with its files on disk, and its parent is synced after the
+    rename, so that a power loss cannot leave a published database with missing data."""
+    import stat
+
+    database = retrieval.Database(global_descriptors=np.ones((2, 4), dtype=np.float32), dense=retrieval.DenseStore())
+    database.dense.append(np.ones((2, 3, 3, 8), dtype=np.float32))
+    database.dense.finish()
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "folder" if stat.S_ISDIR(st.st_mode) else "file"))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    database.save(str(tmp_path / "db"), manifest={})
+    assert events[-3:] == [("fsync", "folder"), ("rename", "db"), ("fsync", "folder")]
+    assert events.count(("fsync", "file")) >= 4  # global descriptors, dense features and shapes, manifest

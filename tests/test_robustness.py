@@ -163,6 +163,20 @@ def world(tmp_path_factory, synthetic_root):
     )
     w["evil_foundation"] = os.path.join(folder, "evil_dinov2.pth")
     torch.save({**backbone_state, "x": Evil(w["marker"])}, w["evil_foundation"])
+    # Weights with NaN in the local head (the issue's case), in an adapter and in GeM's p, and finite weights
+    # so large that the local head's output overflows (the features, not the file, are then non-finite).
+    for name, key, value in (
+        ("nan_local", "LocalAdapt.upconv2.bias", float("nan")),
+        ("nan_adapter", "backbone.blocks.0.adapter1.D_fc1.weight", float("nan")),
+        ("nan_gem", "aggregation.1.p", float("nan")),
+        ("overflow", "LocalAdapt.upconv2.weight", 1e37),
+    ):
+        poisoned = network.GeoLocalizationNet(**TINY)
+        poisoned.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            dict(poisoned.named_parameters())[key].fill_(value)
+        w[name] = os.path.join(folder, f"{name}.pth")
+        checkpoints.save_checkpoint(w[name], model=poisoned)
     w["weights_dir"] = os.path.join(folder, "a_folder.pth")
     os.makedirs(w["weights_dir"])
     images = os.path.join(folder, "images")
@@ -256,6 +270,16 @@ def _empty_database_image(data):
 def _pre_create(root, save_dir):
     def prepare(w, case_dir):
         timestamp_folders(os.path.join(case_dir, root, save_dir))
+        return None
+
+    return prepare
+
+
+def _file_named(name):
+    """prepare(): a file where the run wants its output folder (as unwritable as a read-only folder)."""
+
+    def prepare(w, case_dir):
+        open(os.path.join(case_dir, name), "w").write("not a folder\n")
         return None
 
     return prepare
@@ -449,6 +473,96 @@ CASES = [
         ],
         [r"Cannot read image '.*test/database/@.*\.jpg'", r"empty, truncated or not an image"],
         prepare=on_copy(_empty_database_image),
+    ),
+    # ---- eval.py / train.py / localize.py / reproduce.py: weights with NaN or Inf, outputs blocked ------
+    Case(
+        "eval_nan_in_the_local_head",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["nan_local"])],
+        [
+            r"--resume .*nan_local\.pth holds non-finite values \(NaN or Inf\) in LocalAdapt\.upconv2\.bias \(NaN\)",
+            r"Use an earlier or another checkpoint",
+        ],
+    ),
+    Case(
+        "eval_nan_in_gem_p",  # used to end in "candidate_indices contains the negative index -1"
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["nan_gem"], "--efficient_ram_testing")],
+        [r"--resume .*nan_gem\.pth holds non-finite values \(NaN or Inf\) in aggregation\.1\.p \(NaN\)"],
+    ),
+    Case(
+        "eval_weights_whose_features_overflow",
+        lambda w, d: ["eval.py", *Dw(w, "--resume", w["overflow"])],
+        [r"non-finite \(NaN or Inf\) dense local features for \d+ image\(s\): .*/database/@.*\.jpg", r"--precision"],
+    ),
+    Case(
+        "train_load_weights_nan_in_an_adapter",  # used to say "try a lower --lr" before any update
+        lambda w, d: ["train.py", *Dw(w, "--load_weights", w["nan_adapter"])],
+        [r"--load_weights .*nan_adapter\.pth holds non-finite .*backbone\.blocks\.0\.adapter1\.D_fc1\.weight \(NaN\)"],
+    ),
+    Case(
+        "localize_nan_in_the_local_head",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--resume",
+            w["nan_local"],
+            "--queries_folder",
+            os.path.dirname(w["image"]),
+            "--database_folder",
+            os.path.join(w["ds"], "synthetic", "images", "test", "database"),
+        ],
+        [r"--resume .*nan_local\.pth holds non-finite values .*LocalAdapt\.upconv2\.bias \(NaN\)"],
+    ),
+    Case(
+        "reproduce_nan_checkpoint",
+        lambda w, d: [
+            "reproduce.py",
+            *R(w),
+            "--msls_checkpoint",
+            w["nan_local"],
+            "--dataset_folders",
+            "st_lucia=synthetic",
+            "--only",
+            "st_lucia",
+            "--output",
+            "rep",
+        ],
+        [r"1 evaluation\(s\) failed \(St Lucia\)"],
+        also=[r"Cannot load --msls_checkpoint .*nan_local\.pth: .*holds non-finite values"],
+        allowed=[r"^rep/results\.md$", r"^rep/logs/[^/]+/(info|debug)\.log$"],
+    ),
+    Case(
+        "eval_output_folder_cannot_be_created",
+        lambda w, d: ["eval.py", *D(w)],
+        [
+            r"cannot create the output folder .*/test/default/[\d_-]+: .*/test is a file, not a folder",
+            r"--save_dir an absolute path",
+        ],
+        prepare=_file_named("test"),
+    ),
+    Case(
+        "train_output_folder_cannot_be_created",
+        lambda w, d: ["train.py", *D(w)],
+        [r"cannot create the output folder .*/logs/default/[\d_-]+: .*/logs is a file", r"--save_dir"],
+        prepare=_file_named("logs"),
+    ),
+    Case(
+        "reproduce_output_is_a_file",
+        lambda w, d: ["reproduce.py", *R(w), "--output", "rep"],
+        [r"cannot create the output folder .*/rep: .*rep is a file, not a folder", r"--output"],
+        prepare=_file_named("rep"),
+    ),
+    Case(
+        "localize_queries_folder_is_a_file",
+        lambda w, d: [
+            "localize.py",
+            *TINY_FLAGS,
+            "--allow_random_weights",
+            "--queries_folder",
+            w["image"],
+            "--database_folder",
+            os.path.dirname(w["image"]),
+        ],
+        [r"--queries_folder .*photo\.jpg: this is a file, not a folder", r"give the folder that holds"],
     ),
     # ---- localize.py ---------------------------------------------------------------------------
     Case(
@@ -769,6 +883,10 @@ def test_the_matrix_has_at_least_20_cases_over_every_script():
                 **{
                     k: "x"
                     for k in (
+                        "nan_local",
+                        "nan_adapter",
+                        "nan_gem",
+                        "overflow",
                         "good",
                         "other",
                         "other_public",
@@ -1129,7 +1247,8 @@ def test_crafted_pickle_is_refused_through_torch_hub(world, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert re.search(r"checkpoint .*evil\.pth refused: it would run code .*posix\.system", lines[0])
-    assert re.search(r"--foundation_model_path .*evil_dinov2\.pth refused: it would run code .*posix\.system", lines[1])
+    # The hub names its own argument (foundation_model_path=...), not the scripts' --foundation_model_path.
+    assert re.search(r"^foundation_model_path .*evil_dinov2\.pth refused: it would run code .*posix\.system", lines[1])
     assert not os.path.exists(world["marker"])
 
 
@@ -1234,3 +1353,127 @@ def test_atomic_writes_honour_the_umask(tmp_path):
             os.umask(old)
         for path in paths:
             assert os.stat(path).st_mode & 0o777 == expected, (path, oct(os.stat(path).st_mode))
+
+
+# ------------------------------------------------------------------------------------------------
+# Space before work, a read-only working folder, and the disk-full message of each command
+# ------------------------------------------------------------------------------------------------
+
+# Runs a script with the file system faked: shutil.disk_usage reports FREE bytes free, and os.makedirs of
+# a folder whose path starts with READ_ONLY fails as on a read-only file system.
+FAKE_FS = """
+import errno, os, runpy, shutil, sys
+sys.path.insert(0, {root!r})
+free, read_only = {free!r}, {read_only!r}
+if free is not None:
+    real_usage = shutil.disk_usage
+    def disk_usage(path):
+        usage = real_usage(path)
+        return type(usage)(usage.total, usage.total - free, free)
+    shutil.disk_usage = disk_usage
+if read_only is not None:
+    real_makedirs = os.makedirs
+    def makedirs(name, *args, **kwargs):
+        if str(name).startswith(read_only):
+            raise OSError(errno.EROFS, "Read-only file system", read_only)
+        return real_makedirs(name, *args, **kwargs)
+    os.makedirs = makedirs
+sys.argv = [{script!r}] + {argv!r}
+runpy.run_path(os.path.join({root!r}, {script!r}), run_name="__main__")
+"""
+
+
+def _faked(script, argv, cwd, *, free=None, read_only=None):
+    code = FAKE_FS.format(root=ROOT, script=script, argv=list(argv), free=free, read_only=read_only)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=str(cwd), env=_env(), capture_output=True, text=True, timeout=600
+    )
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if ERROR_LINE.search(line)]
+    return result, output, errors
+
+
+@pytest.mark.parametrize("script", ["eval.py", "train.py", "localize.py"])
+def test_a_run_that_cannot_fit_on_the_disk_is_refused_before_any_work(synthetic_root, tmp_path, script):
+    """eval.py --efficient_ram_testing and train.py used to find out that the disk was full when they wrote
+    (train.py after a whole epoch and a validation): the estimate is compared with the free space first."""
+    flags = tiny_eval_flags(synthetic_root, *FAST, "--efficient_ram_testing")
+    if script == "train.py":
+        flags += TRAIN_FLAGS
+    if script == "localize.py":
+        split = os.path.join(synthetic_root[0], synthetic_root[1], "images", "test")
+        flags = [
+            *TINY_FLAGS,
+            "--resize",
+            "112",
+            "112",
+            "--allow_random_weights",
+            *FAST,
+            "--efficient_ram_testing",
+            "--database_folder",
+            os.path.join(split, "database"),
+            "--queries_folder",
+            os.path.join(split, "queries"),
+            "--output_folder",
+            "out",
+        ]
+    result, output, errors = _faked(script, flags, tmp_path, free=2**20)  # 1 MiB free
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert len(errors) == 1, errors
+    line = errors[0]
+    flag = "--output_folder" if script == "localize.py" else "--save_dir an absolute path"
+    expected = r"not enough free space for this run: it will write about [\d.]+ (MiB|GiB) below .* and 1 MiB is free"
+    assert re.search(expected, line) and flag in line, line
+    assert "dense features of" in line and ("checkpoints" in line) == (script == "train.py")
+    assert "Start training epoch" not in output and "Extracting" not in output
+    written = [os.path.relpath(os.path.join(r, f), tmp_path) for r, _, files in os.walk(tmp_path) for f in files]
+    assert all(os.path.basename(p) in LOG_FILES for p in written), written  # only the logs (with the error)
+    # With room, the same command runs (the estimate is not absurdly high).
+    if script == "eval.py":
+        result, output, _ = _faked(script, flags, tmp_path, free=2**40)
+        assert result.returncode == 0, output[-3000:]
+
+
+def test_a_read_only_working_folder_is_named_with_the_flag_that_moves_the_outputs(synthetic_root, tmp_path):
+    """It used to be "error: [Errno 30] Read-only file system: 'test'"."""
+    result, output, errors = _faked("eval.py", tiny_eval_flags(synthetic_root, *FAST), tmp_path, read_only="test")
+    assert result.returncode == 2 and "Traceback" not in output and len(errors) == 1, output[-3000:]
+    assert re.search(
+        rf"cannot create the output folder {re.escape(str(tmp_path))}/test/default/[\d_-]+: .* is on a read-only "
+        r"file system\. Run eval\.py from a folder you can write to .* or give --save_dir an absolute path",
+        errors[0],
+    ), errors[0]
+
+
+EVAL_DISK_FULL = """
+import builtins, os, runpy, sys
+sys.path.insert(0, {root!r})
+real_open = builtins.open
+def full_disk_open(file, mode="r", *args, **kwargs):
+    # predictions.jsonl's temp file gets /dev/full: its writes fail with ENOSPC, as on a full disk.
+    if "w" in mode and isinstance(file, str) and os.path.basename(file).startswith(".predictions.jsonl."):
+        return real_open("/dev/full", mode, *args, **kwargs)
+    return real_open(file, mode, *args, **kwargs)
+builtins.open = full_disk_open
+sys.argv = ["eval.py"] + {argv!r}
+runpy.run_path(os.path.join({root!r}, "eval.py"), run_name="__main__")
+"""
+
+
+def test_evals_disk_full_message_fits_eval(synthetic_root, tmp_path):
+    """eval.py has no checkpoint to --resume from: its message says what is true of its outputs."""
+    argv = tiny_eval_flags(synthetic_root, *FAST, "--save_dir", "full")
+    result = subprocess.run(
+        [sys.executable, "-c", EVAL_DISK_FULL.format(root=ROOT, argv=argv)],
+        cwd=str(tmp_path),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if ERROR_LINE.search(line)]
+    assert result.returncode == 2 and len(errors) == 1, output[-3000:]
+    assert "the disk is full" in errors[0] and "predictions.jsonl" in errors[0]
+    assert "--resume" not in errors[0] and "checkpoint" not in errors[0]
+    assert "eval.py writes every file to a temp name and renames it" in errors[0]

@@ -46,13 +46,14 @@ def test_an_evaluation_result_is_a_ranking_that_the_records_read():
     )
     assert isinstance(result, retrieval.Ranking) and result.summary([1]) == "R@1: 100.0"
     (record,) = predictions_io.prediction_records(
-        queries_paths=["q.jpg"], database_paths=["a.jpg", "b.jpg"], ranking=result, positives=result.positives
+        queries_paths=["/d/q.jpg"], database_paths=["/d/a.jpg", "/d/b.jpg"], ranking=result, positives=result.positives
     )
     assert record["first_stage"] == [
-        {"path": "b.jpg", "index": 1, "correct": False, "l2_distance": 2.0},
-        {"path": "a.jpg", "index": 0, "correct": True, "l2_distance": 3.0},
+        {"path": "/d/b.jpg", "index": 1, "correct": False, "l2_distance": 2.0},
+        {"path": "/d/a.jpg", "index": 0, "correct": True, "l2_distance": 3.0},
     ]
+    # One schema for every command: the re-ranked entries carry their first-stage distance too.
     assert record["reranked"] == [
-        {"path": "a.jpg", "index": 0, "mutual_nn": 7.0, "correct": True},
-        {"path": "b.jpg", "index": 1, "mutual_nn": 2.0, "correct": False},
+        {"path": "/d/a.jpg", "index": 0, "mutual_nn": 7.0, "correct": True, "l2_distance": 3.0},
+        {"path": "/d/b.jpg", "index": 1, "mutual_nn": 2.0, "correct": False, "l2_distance": 2.0},
     ]

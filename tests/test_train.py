@@ -85,6 +85,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(synthetic_root, tmp_pa
     first_losses, first_val, _, _ = _epoch_lines(first)
     res_losses, res_val, res_final, res_log = _epoch_lines(resumed)
     assert "took epoch_num=0" in res_log and "optimizer state" in res_log and "random states" in res_log
+    assert "not an exact continuation" not in res_log  # the same flags: an exact continuation, said by nothing
     assert full_losses[0] == first_losses[0] and full_val[0] == first_val[0]
     assert [l for l in res_losses] == [full_losses[1]]  # only epoch 1 ran, with the same losses
     assert res_val == [full_val[1]]
@@ -137,6 +138,18 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint(synthetic_root, tmp
     assert ckpt["epoch_num"] == 0  # the first epoch's checkpoint, intact
     model = network.GeoLocalizationNet(**TINY)
     checkpoints.load_model_weights(model, os.path.join(folder, "last_model.pth"))
+
+    # The kill left the half-written temp file; resuming from that folder removes it (once no writer holds
+    # it and it is older than a minute: made so here), and nothing else.
+    (stale,) = [n for n in os.listdir(folder) if n.startswith(".last_model.pth.") and n.endswith(".tmp")]
+    old = os.stat(os.path.join(folder, stale)).st_mtime - 3600
+    os.utime(os.path.join(folder, stale), (old, old))
+    before = set(os.listdir(folder))
+    _, stdout = _train(
+        synthetic_root, tmp_path, "after_kill", "--epochs_num", "1", "--resume", os.path.join(folder, "last_model.pth")
+    )
+    assert set(os.listdir(folder)) == before - {stale}
+    assert f"Removed 1 temporary file(s) left in {folder} by a run killed while saving: {stale}" in stdout
 
 
 def test_non_finite_loss_stops_with_a_clear_message(synthetic_root, tmp_path):
@@ -233,6 +246,7 @@ def test_resume_of_a_public_train_py_file_starts_a_fresh_optimizer(synthetic_roo
     # The resumed run's checkpoint is ours again: its optimizer state resumes exactly.
     ckpt = checkpoints.load_weights_file(os.path.join(folder, "last_model.pth"), what="test")
     assert ckpt["epoch_num"] == 3 and ckpt["model_settings"]["backbone"] == "vit_tiny"
+    assert ckpt["training_flags"]["processes"] == 1
 
 
 def test_resume_refuses_an_optimizer_state_that_fits_neither_layout(tmp_path, tiny_model):
@@ -293,3 +307,43 @@ def test_final_test_keeps_the_query_keys_protocol_and_best_model_rules(synthetic
     copied = checkpoints.load_weights_file(os.path.join(again, "best_model.pth"), what="test")["model_state_dict"]
     original = checkpoints.load_weights_file(os.path.join(run, "best_model.pth"), what="test")["model_state_dict"]
     assert all(torch.equal(copied[k], original[k]) for k in original)
+
+
+def test_a_resume_with_other_training_flags_says_it_is_no_exact_continuation(tmp_path, tiny_model, caplog):
+    import logging
+
+    import mining
+    import parser
+    import train
+
+    argv = ["--datasets_folder", str(tmp_path), "--backbone", "vit_tiny", "--backbone_depth", "2", "--device", "cpu"]
+    saved = train.training_flags(parser.parse_arguments(argv + ["--mining", "full"]), world_size=1)
+    path = str(tmp_path / "last_model.pth")
+    tiny_model.freeze()
+    optimizer = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=1e-5)
+    checkpoints.save_checkpoint(path, model=tiny_model, optimizer=optimizer, extra={train.FLAGS_KEY: saved})
+    assert checkpoints.load_weights_file(path, what="test")[train.FLAGS_KEY] == saved  # plain types: weights_only
+
+    def resume(*flags, world_size=1):
+        current = train.training_flags(parser.parse_arguments(argv + list(flags)), world_size=world_size)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            train.resume_from(
+                path, model=tiny_model, optimizer=optimizer, miner_state=mining.MiningState(4), flags=current
+            )
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    assert resume("--mining", "full") == []
+    (warning,) = resume("--train_batch_size", "8", "--lr", "0.001", world_size=2)
+    assert warning.startswith(f"This run is not an exact continuation of the run that wrote --resume {path}")
+    assert "--mining full -> partial" in warning and "--train_batch_size 4 -> 8" in warning
+    assert "--lr 1e-05 -> 0.001" in warning and "processes (torchrun) 1 -> 2" in warning
+    # A released file records no flags: nothing to compare, and it says so.
+    released = str(tmp_path / "released.pth")
+    checkpoints.save_checkpoint(released, model=tiny_model)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        train.resume_from(
+            released, model=tiny_model, optimizer=optimizer, miner_state=mining.MiningState(4), flags=saved
+        )
+    assert "records no training flags" in caplog.text and "not an exact continuation" not in caplog.text

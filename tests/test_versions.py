@@ -45,20 +45,22 @@ def test_a_pre_release_of_the_minimum_or_newer_is_accepted(monkeypatch):
 
 
 def _floors(path):
-    """{package: (major, minor)} of the lower bounds (>=) or pins (==) of a requirements file."""
+    """{package: full version tuple} of the lower bounds (>=) or pins (==) of a requirements file."""
     found = {}
     for line in open(os.path.join(ROOT, path)):
-        m = re.match(r"^([A-Za-z][\w-]*)\s*(?:>=|==)\s*(\d+)\.(\d+)", line.split("#")[0].strip())
+        m = re.match(r"^([A-Za-z][\w-]*)\s*(?:>=|==)\s*(\d+(?:\.\d+)*)", line.split("#")[0].strip())
         if m:
-            found[m.group(1).lower()] = (int(m.group(2)), int(m.group(3)))
+            found[m.group(1).lower()] = tuple(int(v) for v in m.group(2).split("."))
     return found
 
 
 def test_declared_floors_are_the_tested_ones():
-    """requirements.txt's lower bounds are exactly the versions CI's floors environment installs, and the
-    start-up check refuses below them."""
+    """requirements.txt's lower bounds are exactly, to the patch release, the versions CI's floors environment
+    installs (torch>=2.0.1, not >=2.0: 2.0.0 was never tested), and the start-up check refuses below their
+    minor release."""
     declared, tested = _floors("requirements.txt"), _floors("requirements-floors.txt")
     assert set(declared) <= set(tested) and declared, (declared, tested)
     assert {k: tested[k] for k in declared} == declared
+    assert declared["torch"] == (2, 0, 1)
     for name in ("torch", "torchvision", "numpy"):
-        assert commons.MIN_VERSIONS[name] == declared[name]
+        assert commons.MIN_VERSIONS[name] == declared[name][:2]

@@ -34,6 +34,7 @@ from PIL import Image
 import commons
 import datasets_ws
 import network
+import numerics
 import parser as flags
 import visualizations as vis
 from local_matching import mutual_nn_pairs
@@ -113,6 +114,7 @@ def main(args: argparse.Namespace) -> Path:
     vis.image_format_for(args.output)  # fail before the model runs
     if not args.no_ransac:
         vis.opencv()  # likewise a missing OpenCV
+    numerics.set_precision("fp32", device=args.device).log()  # IEEE float32, also where torch would use TF32
     commons.make_deterministic(args.seed)  # same picture for the same flags
     image_a, input_a = load_input(args.image_a, args.resize, args.device)
     image_b, input_b = load_input(args.image_b, args.resize, args.device)

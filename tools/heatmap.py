@@ -27,6 +27,7 @@ import torch
 import commons
 import datasets_ws
 import network
+import numerics
 import parser as flags
 import visualizations as vis
 
@@ -64,6 +65,7 @@ def main(args: argparse.Namespace) -> Path:
     """Compute, colour, blend and save; returns the written path. Bad input raises
     ValueError / FileNotFoundError with a message naming the file or flag."""
     vis.image_format_for(args.output)  # fail before the model runs
+    numerics.set_precision("fp32", device=args.device).log()  # IEEE float32, also where torch would use TF32
     commons.make_deterministic(args.seed)  # same picture for the same flags
     image = datasets_ws.open_image(args.image, min_side=datasets_ws.draft_min_side(args.resize))
     inputs = datasets_ws.hard_resize(datasets_ws.base_transform(image), args.resize)
