@@ -1,8 +1,8 @@
 """The paper's ablations in miniature, on the demo's data set and foundation model (minutes, not CI).
 
-    python3 benchmarks/ablation.py [--datasets_folder datasets] [--epochs_num 4] [--output ablation.md]
+    python3 benchmarks/ablation.py [--datasets_folder datasets] [--epochs_num 2] [--output ablation.md]
 
-Rows, each trained with the demo's settings (demo.py: 4-block ViT, 112x112, 4 epochs of 300 mined
+Rows, each trained with the demo's settings (demo.py: 4-block ViT, 112x112, 2 epochs of 300 mined
 queries, best epoch by validation R@5) and tested on the test split of the synthetic data set:
 
 * frozen foundation: no training; GeM of the patch tokens retrieves, mutual nearest neighbours of the
@@ -88,8 +88,8 @@ def load(*, foundation: bool = False, checkpoint: str = None) -> network.GeoLoca
 
 
 def count(*, train_backbone: bool, global_only: bool = False) -> str:
-    """Trained parameters of a row, as "N (share %)"; global_only: adapters alone (the local head and GeM
-    p take no gradient from the global loss... GeM p does: it stays in)."""
+    """Trained parameters of a row, as "N (share %)". global_only: without LocalAdapt, which the global loss
+    alone gives no gradient (GeM's p, which it does reach, stays counted)."""
     model = network.GeoLocalizationNet(backbone=demo.BACKBONE, backbone_depth=demo.DEPTH)
     params = dict(model.named_parameters())
     names = model.trainable_parameter_names(train_backbone=train_backbone)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets_folder", default=os.path.join(ROOT, "datasets"))
     p.add_argument("--dataset_name", default="synthetic")
-    p.add_argument("--epochs_num", type=int, default=4)
+    p.add_argument("--epochs_num", type=int, default=2)
     p.add_argument("--output", default=None, help="also write the table (Markdown) to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
