@@ -33,6 +33,7 @@ RESULT_FLAGS = (
     "precision",
     "device",
     "seed",
+    "rerank_features",
     "pca_dim",
     "pca_dataset_folder",
     "infer_batch_size",
@@ -118,7 +119,7 @@ def main(args):
         ctx.wait_for_main()
 
         result = test.evaluate(
-            model,
+            network.ranking_model(model, rerank_features=args.rerank_features),
             test_ds,
             test.EvalSettings(
                 test_method=args.test_method,

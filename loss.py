@@ -1,5 +1,6 @@
 """Training losses: the global triplet loss and the local mutual-nearest-neighbour loss."""
 
+from dataclasses import dataclass
 from typing import Tuple
 
 import torch
@@ -41,6 +42,19 @@ def triplet_losses(
     )
     local_loss = local_triplet_loss(local_features[q], local_features[p], local_features[n])
     return global_loss / normaliser, local_loss / normaliser
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The training loss: total = global triplet loss (margin `margin`) + local_weight * local loss.
+    The paper adds the two (local_weight 1); 0 trains the global adaptation alone."""
+
+    margin: float = 0.1
+    local_weight: float = 1.0
+
+    def total(self, global_loss: torch.Tensor, local_loss: torch.Tensor) -> torch.Tensor:
+        # x * 1.0 is exact in floating point, so the paper's weight gives the plain sum bit for bit.
+        return global_loss + self.local_weight * local_loss
 
 
 def forward_features(

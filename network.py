@@ -121,6 +121,37 @@ class GeoLocalizationNet(nn.Module):
             param.requires_grad_(name in trainable)
 
 
+class PatchTokenFeatures(nn.Module):
+    """A model's view whose dense features are the backbone's L2-normalised patch tokens (B, h, w, D)
+    instead of the local head's (B, 4h-3, 4w-3, 128); the global descriptors are the model's own.
+
+    Mutual nearest neighbours of the patch tokens re-rank with the foundation model alone: how a frozen,
+    unadapted backbone re-ranks (the paper's frozen-DINOv2 baseline, and the matches that
+    tools/draw_matches.py --features patch draws), without a LocalAdapt head that was never trained.
+    """
+
+    def __init__(self, model: GeoLocalizationNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.model.patch_tokens(images)  # (B, h, w, D)
+        return F.normalize(tokens, p=2.0, dim=-1), self.model._global_head(tokens.permute(0, 3, 1, 2))
+
+    def global_descriptors(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.global_descriptors(images)
+
+
+def ranking_model(model: GeoLocalizationNet, *, rerank_features: str = "local") -> nn.Module:
+    """The model that evaluation extracts features with: `model` itself (re-ranking with its local head),
+    or PatchTokenFeatures(model) for --rerank_features patch."""
+    if rerank_features == "local":
+        return model
+    if rerank_features == "patch":
+        return PatchTokenFeatures(model)
+    raise ValueError(f"--rerank_features must be local or patch, got {rerank_features!r}")
+
+
 def load_model(
     *,
     backbone: str = "vit_large",

@@ -298,6 +298,22 @@ def _add_rerank(g: argparse._ArgumentGroup) -> None:
 RERANK = Group("re-ranking", _add_rerank)
 
 
+def _add_rerank_features(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--rerank_features",
+        type=str,
+        default="local",
+        choices=["local", "patch"],
+        help="(ours) dense features that re-rank: local = the local head's (LocalAdapt, the paper's); patch = "
+        "the backbone's L2-normalised patch tokens, which need no trained head (a frozen foundation model's "
+        "own re-ranking)",
+    )
+
+
+# train.py and eval.py only: localize.py's saved databases hold the local head's features.
+RERANK_FEATURES = Group("re-ranking features", _add_rerank_features)
+
+
 def _add_outputs(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--save_dir", type=str, default="default", help="name of the output sub-folder")
     g.add_argument(
@@ -416,8 +432,15 @@ def _add_training(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--train_backbone",
         action="store_true",
-        help="(ours) also train the whole backbone, not only adapters and heads: for the demo "
-        "from random weights; the paper's recipe keeps it frozen",
+        help="(ours) also train the whole backbone, not only adapters and heads (full fine-tuning, or "
+        "training from random weights); the paper's recipe keeps it frozen",
+    )
+    g.add_argument(
+        "--local_loss_weight",
+        type=float,
+        default=1.0,
+        help="(ours) weight of the local mutual-NN loss beside the global triplet loss (the paper: 1); "
+        "0 trains the global adaptation alone",
     )
     g.add_argument(
         "--deterministic",
@@ -433,6 +456,8 @@ def _finish_training(p: argparse.ArgumentParser, values: Values) -> None:
             f"--criterion {values['criterion']} is not implemented (the public release accepts it but has no "
             "SARE loss either); use --criterion triplet"
         )
+    if not values["local_loss_weight"] >= 0:  # also refuses nan
+        p.error(f"--local_loss_weight must be >= 0, got {values['local_loss_weight']}")
     if values["deterministic"] and values["seed"] == -1:
         p.error("--deterministic needs a seeded run: drop --seed -1 (or --deterministic)")
     if values["deterministic"] and values["train_backbone"] and values["device"] == "cuda":
@@ -509,6 +534,7 @@ ALL_GROUPS = (
     EXTRACTION,
     EVALUATION,
     RERANK,
+    RERANK_FEATURES,
     OUTPUTS,
     DESCRIPTORS,
     DATASETS_FOLDER,

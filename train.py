@@ -139,7 +139,7 @@ def main(args):
         batch_size=args.train_batch_size,
         compute=numerics.Compute(precision=args.precision, deterministic=args.deterministic),
         horizontal_flip=args.horizontal_flip,
-        margin=args.margin,
+        loss_settings=loss.LossSettings(margin=args.margin, local_weight=args.local_loss_weight),
         seed=args.seed,
     )
 
@@ -157,7 +157,9 @@ def main(args):
             num_workers=args.num_workers,
         )
         epochs_trained += 1
-        recalls = validate(model, val_ds, ctx=ctx, settings=val_settings)
+        # --rerank_features patch: the validation and the test re-rank with the backbone's patch tokens.
+        ranking = network.ranking_model(model, rerank_features=args.rerank_features)
+        recalls = validate(ranking, val_ds, ctx=ctx, settings=val_settings)
         is_best = best.record(recalls, patience=args.patience)
         # Saved after updating the best R@5 and the patience counter, so a resume continues exactly from here.
         save_epoch(
@@ -188,6 +190,7 @@ def main(args):
         ctx=ctx,
         best_path=best_path,
         settings=test_settings,
+        rerank_features=args.rerank_features,
     )
     commons.finish(ctx)
 
@@ -435,13 +438,14 @@ class Trainee:
 @dataclass(frozen=True)
 class StepSettings:
     """How each training step runs: global batches of batch_size triplets, `compute` (--precision, and
-    --deterministic for the steps), a flip of the whole batch or none (--horizontal_flip), the triplet
-    margin, and the run's seed (each mining loop's augmentations are drawn from it)."""
+    --deterministic for the steps), a flip of the whole batch or none (--horizontal_flip), the loss (its
+    triplet margin and the local loss's weight), and the run's seed (each mining loop's augmentations are
+    drawn from it)."""
 
     batch_size: int
     compute: numerics.Compute
     horizontal_flip: bool
-    margin: float
+    loss_settings: loss.LossSettings
     seed: int
 
 
@@ -544,9 +548,13 @@ def train_batches(
                 train_model, images.to(ctx.device, non_blocking=True), precision=compute.precision
             )
             global_loss, local_loss = loss.triplet_losses(
-                local_features, global_features, triplets_local_indexes, margin=step.margin, normaliser=normaliser
+                local_features,
+                global_features,
+                triplets_local_indexes,
+                margin=step.loss_settings.margin,
+                normaliser=normaliser,
             )
-            total = global_loss + local_loss
+            total = step.loss_settings.total(global_loss, local_loss)
             # The global batch's losses on every rank: all stop together on a bad one.
             global_value, local_value, total_value = ctx.sum_over_ranks(
                 [global_loss.item(), local_loss.item(), total.item()]
@@ -637,9 +645,11 @@ def final_test(
     ctx: distributed.Context,
     best_path: str,
     settings: test.EvalSettings,
+    rerank_features: str = "local",
 ) -> None:
     """Test the best model (this run's, or the resumed run's copied at the start); without one (no epoch
-    improved on the best R@5 taken from the --resume file), the weights as they are."""
+    improved on the best R@5 taken from the --resume file), the weights as they are. rerank_features:
+    network.ranking_model's."""
     if ctx.broadcast_object(os.path.exists(best_path) if ctx.is_main else None):
         logging.info(f"Testing the weights of {best_path}")
         if ctx.is_main:
@@ -647,7 +657,8 @@ def final_test(
     else:
         logging.info("Testing the current weights: no best_model.pth (no epoch improved on the best R@5 so far)")
     ctx.broadcast_module(model)  # the other ranks may run on machines that do not see rank 0's files
-    result = test.evaluate(model, test_ds, settings, dist_ctx=ctx)
+    ranking = network.ranking_model(model, rerank_features=rerank_features)
+    result = test.evaluate(ranking, test_ds, settings, dist_ctx=ctx)
     if result is not None:  # rank 0
         logging.info(f"Recalls on {test_ds}: {result.summary(settings.recall_values)}")
 

@@ -119,6 +119,45 @@ def test_rerank_num_larger_than_database_warns(synthetic_root, tiny_net, caplog)
     assert result.recalls[-1] == 100.0  # the whole database is in every list
 
 
+def test_rerank_features_patch_counts_mutual_neighbours_of_the_patch_tokens(synthetic_root, tmp_path, tiny_model):
+    import checkpoints
+    from local_matching import mutual_nn_pairs
+
+    path = str(tmp_path / "tiny.pth")
+    checkpoints.save_checkpoint(path, model=tiny_model)
+    records = {}
+    for features in ("local", "patch"):
+        result = run_script(
+            [
+                "eval.py",
+                *tiny_eval_flags(synthetic_root, "--resume", path, "--rerank_num", "5", "--save_dir", features),
+                "--rerank_features",
+                features,
+            ],
+            cwd=str(tmp_path),
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        records[features] = _read_predictions(_output_folder(str(tmp_path), features))
+    # The same global descriptors retrieve the same candidates; only the re-ranking features differ.
+    assert [r["first_stage"] for r in records["local"]] == [r["first_stage"] for r in records["patch"]]
+    folder, name = synthetic_root
+    ds = datasets_ws.BaseDataset(folder, name, "test", resize=[112, 112])
+    with torch.inference_mode():
+        tokens = {}
+        for i in range(ds.database_num + ds.queries_num):
+            grid = tiny_model.patch_tokens(ds.load(i, "hard_resize").unsqueeze(0))[0]  # (8, 8, 192)
+            tokens[i] = torch.nn.functional.normalize(grid, dim=-1)
+    patch_scores, local_scores = [], []
+    for q, (rp, rl) in enumerate(zip(records["patch"], records["local"])):
+        query = tokens[ds.database_num + q]
+        for cand in rp["reranked"]:
+            expected = len(mutual_nn_pairs(query, tokens[cand["index"]])[0])
+            assert cand["mutual_nn"] == expected
+        patch_scores += [c["mutual_nn"] for c in rp["reranked"]]
+        local_scores += [c["mutual_nn"] for c in rl["reranked"]]
+    assert max(patch_scores) <= 64 < max(local_scores)  # 8x8 patch grids, 29x29 local maps at 112x112
+
+
 def test_a_first_stage_capped_by_rerank_num_says_so(synthetic_root, tiny_net, caplog):
     """--rerank_num 1 gives R@1 = R@5 = R@10 = R@20 (the public code counts only the candidates searched):
     the line says it is capped and at which N, instead of looking like a broken search."""

@@ -129,3 +129,33 @@ def test_fp32_training_forward_is_the_plain_call():
     assert torch.equal(local, ref_local) and torch.equal(glob, ref_glob)
     with pytest.raises(ValueError, match="--precision"):
         loss.forward_features(model, images, precision="fp16")
+
+
+def test_local_loss_weight_scales_the_local_term_only():
+    g = torch.tensor(0.3, requires_grad=True)
+    l = torch.tensor(0.07, requires_grad=True)
+    # The paper's weight (1) is the plain sum, bit for bit.
+    assert loss.LossSettings().total(g, l).item() == (g + l).item()
+    total = loss.LossSettings(local_weight=0.25).total(g, l)
+    total.backward()
+    assert g.grad.item() == 1.0 and l.grad.item() == 0.25
+
+
+def test_global_adaptation_alone_leaves_the_local_head_untouched(tiny_model):
+    # --local_loss_weight 0: LocalAdapt gets no gradient, so Adam does not move it; the adapters do move.
+    tiny_model.freeze()
+    trainable = [p for p in tiny_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 56, 56)
+    local, glob = tiny_model(images)
+    g, l = loss.triplet_losses(local, glob, torch.tensor([[0, 1, 2], [0, 1, 3]]), margin=0.5, normaliser=2)
+    optimizer.zero_grad()
+    loss.LossSettings(margin=0.5, local_weight=0.0).total(g, l).backward()
+    optimizer.step()
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("LocalAdapt."))
+    assert not torch.equal(
+        before["backbone.blocks.0.adapter1.D_fc2.weight"], after["backbone.blocks.0.adapter1.D_fc2.weight"]
+    )
