@@ -338,6 +338,8 @@ def test_a_resume_with_other_training_flags_says_it_is_no_exact_continuation(tmp
     assert warning.startswith(f"This run is not an exact continuation of the run that wrote --resume {path}")
     assert "--mining full -> partial" in warning and "--train_batch_size 4 -> 8" in warning
     assert "--lr 1e-05 -> 0.001" in warning and "processes (torchrun) 1 -> 2" in warning
+    (warning,) = resume("--mining", "full", "--local_loss_weight", "0.5", "--deterministic")
+    assert "--local_loss_weight 1.0 -> 0.5" in warning and "--deterministic False -> True" in warning
     # A released file records no flags: nothing to compare, and it says so.
     released = str(tmp_path / "released.pth")
     checkpoints.save_checkpoint(released, model=tiny_model)
