@@ -42,6 +42,15 @@ def _env(**extra):
     return env
 
 
+def _stop_signals_as_a_terminal_sends_them():
+    """Run in the child before it starts: a test session started in the background of a shell (`cmd &`,
+    no job control) passes SIGINT on ignored, and one under nohup SIGHUP; the runs under test must meet
+    these signals as a terminal delivers them."""
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
+
+
 class _Watched:
     """A subprocess whose combined output is collected line by line while it runs."""
 
@@ -54,6 +63,7 @@ class _Watched:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,  # its own process group: the test can end everything it started
+            preexec_fn=_stop_signals_as_a_terminal_sends_them,
         )
         self.lines = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -200,6 +210,8 @@ def test_rendezvous_errors_name_the_real_cause():
 
 
 def test_ctrl_c_ends_the_wait_to_join_at_once(caplog):
+    # Ctrl-C as Python delivers it, also in a session started with SIGINT ignored (`pytest &`).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     blocked = threading.Event()
     ctrl_c = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     ctrl_c.start()
@@ -210,6 +222,7 @@ def test_ctrl_c_ends_the_wait_to_join_at_once(caplog):
     finally:
         ctrl_c.cancel()  # should the call fail at once, the Ctrl-C must not hit the rest of the session
         blocked.set()
+        signal.signal(signal.SIGINT, previous)
     assert time.monotonic() - start < 5  # not the 60 s that join() would block, nor the 10 s poll
     assert "Stopped while waiting for the other processes of the torchrun job" in caplog.text
 

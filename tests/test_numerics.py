@@ -392,7 +392,7 @@ def test_train_batches_runs_each_step_in_the_deterministic_context(tiny_model, m
             batch_size=2,
             compute=numerics.Compute(precision="fp32", deterministic=True),
             horizontal_flip=False,
-            margin=0.1,
+            loss_settings=loss.LossSettings(margin=0.1),
             seed=0,
         ),
         normaliser=2,
