@@ -6,6 +6,11 @@ On the CPU, candidates go through, in row tiles (peak memory: one tile per worke
 1. the bfloat16 screen (screening.py), where the CPU has bf16 matrix hardware: most decisions are
    proven by an error bound on the screen; what is not proven is recomputed exactly;
 2. otherwise, the exact float32 tiled arg-maxes (exact.nn_tiled_exact).
+Both give the same numbers, but which one is faster depends on the features: where many rows are
+near-ties (e.g. the near-duplicate features of an untrained model) the screen proves few decisions
+and its recomputations cost more than the float32 product it saves. So with fast_path=None on a
+CPU with bf16 hardware, the first candidates of each shape alternate between the two paths, timed,
+and the faster one then serves the rest of the process (_PathRace); the choice is logged.
 The exact float32 products on parts of S (exact.py) equal the whole product bit for bit on the
 CPU's BLAS; that is checked at run time on the real shapes, once per process, device and shape
 (self_check.tile_self_check). Where it fails, and elsewhere (queries or candidates with fewer than
@@ -21,6 +26,7 @@ engine_paths() tells which path served each shape.
 """
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Deque, Iterable, List, Optional, Tuple
@@ -62,26 +68,98 @@ def _query_is_safe(query: torch.Tensor) -> bool:
     return device_engine._flag(query.abs().amax() <= MAX_SAFE_ABS)
 
 
+class _PathRace:
+    """Which CPU path (the bfloat16 screen or the plain float32 tiles) is faster for one candidate
+    shape in this process, decided by timing: until each path has served RACE_CANDIDATES timed
+    candidates, chunks alternate between them (the workers run side by side, so both are timed
+    under the same load; each path's first chunk, which pays its one-time checks, is not counted);
+    then the one with the lower time per candidate serves every later chunk. Both paths return the
+    same numbers, so the choice changes the speed only. Thread-safe."""
+
+    RACE_CANDIDATES = 32
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.issued = {True: 0, False: 0}
+        self.warm = {True: False, False: False}
+        self.seconds = {True: 0.0, False: 0.0}
+        self.candidates = {True: 0, False: 0}
+        self.winner: Optional[bool] = None
+        self.how = ""
+
+    def pick(self, candidates: int) -> bool:
+        """True: screen the next chunk of this many candidates."""
+        with self.lock:
+            if self.winner is not None:
+                return self.winner
+            screen = self.issued[True] <= self.issued[False]
+            self.issued[screen] += candidates
+            return screen
+
+    def withdraw(self, screen: bool) -> None:
+        """That path cannot serve this shape (its tile self-check failed): the other one wins."""
+        with self.lock:
+            if self.winner is None:
+                self.winner = not screen
+                self.how = "tile self-check passed; the other path's tile self-check failed"
+
+    def record(self, screen: bool, seconds: float, candidates: int) -> bool:
+        """Add a timed chunk; True the moment the decision is made (self.winner, self.how)."""
+        with self.lock:
+            if self.winner is not None:
+                return False
+            if not self.warm[screen]:
+                self.warm[screen] = True
+                return False
+            self.seconds[screen] += seconds
+            self.candidates[screen] += candidates
+            if min(self.candidates.values()) < self.RACE_CANDIDATES:
+                return False
+            per = {path: self.seconds[path] / self.candidates[path] for path in (True, False)}
+            self.how = (
+                f"tile self-check passed; chosen by timing {self.candidates[True] + self.candidates[False]} "
+                f"candidates: {PATH_SCREENED} {per[True] * 1e3:.1f} ms, {PATH_TILED} {per[False] * 1e3:.1f} ms "
+                f"per candidate"
+            )
+            self.winner = per[True] < per[False]
+            return True
+
+
+_RACES: dict = {}  # (device, Lc, Lq, C, row_tile) -> _PathRace
+_RACES_LOCK = threading.Lock()
+
+
+def _race(key: tuple) -> _PathRace:
+    with _RACES_LOCK:
+        return _RACES.setdefault(key, _PathRace())
+
+
 class QueryPlan:
     """Everything derived from the query once and reused for all its candidates: q (Lq, C), the
-    screen's query side (None without the screen) and qp (Lqp, C), q padded (repeats of the last
-    row) to a multiple of the screen's column-block width, else of BLOCK."""
+    screen's query side (None without the screen), qp (Lqp, C) = q padded (repeats of the last row)
+    to a multiple of BLOCK for the float32 tiles, and `race`: whether the two paths are timed
+    against each other (fast_path=None with the screen available) or the screen is used whenever
+    it exists (fast_path=True)."""
 
-    def __init__(self, q: torch.Tensor, use_screen: bool):
+    def __init__(self, q: torch.Tensor, use_screen: bool, race: bool = False):
         self.q = q
         self.lq, self.c = q.shape
         self.screen = ScreenQuery(q) if use_screen else None
-        self.qp = self.screen.qp if use_screen else pad_rows(q, BLOCK)
+        self.qp = pad_rows(q, BLOCK)
+        self.race = race and use_screen
 
 
 @torch.no_grad()
-def _nn_tiled(xs: List[torch.Tensor], plan: QueryPlan, row_tile: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Candidates of one shape on the CPU: [(nn12 (Lc,), mutual (Lc,) bool)], exact."""
+def _nn_tiled(
+    xs: List[torch.Tensor], plan: QueryPlan, row_tile: int, *, screen: bool, how: str = "tile self-check passed"
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Candidates of one shape on the CPU: [(nn12 (Lc,), mutual (Lc,) bool)], exact. screen: through
+    the bfloat16 screen (plan.screen), else the float32 tiles; `how` is logged with the path."""
     lc, c = xs[0].shape
-    if plan.screen is not None:
+    if screen:
         out = nn_screened(xs, plan.screen, row_tile)
         if out is not None:
-            note_path(xs[0].device, lc, plan.lq, c, f"{PATH_SCREENED} (tile self-check passed)")
+            note_path(xs[0].device, lc, plan.lq, c, f"{PATH_SCREENED} ({how})")
             return out
         note_path(
             xs[0].device,
@@ -91,13 +169,47 @@ def _nn_tiled(xs: List[torch.Tensor], plan: QueryPlan, row_tile: int) -> List[Tu
             f"{PATH_TILED} (tile self-check passed; the bfloat16 kernel failed its soundness check)",
         )
     else:
-        note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} (tile self-check passed)")
+        note_path(xs[0].device, lc, plan.lq, c, f"{PATH_TILED} ({how})")
     res = []
     for x in xs:
-        nn12, nn21 = nn_tiled_exact(pad_rows(x, BLOCK), plan.qp, row_tile)
+        # The screen's padding when its kernel failed: the tile self-check ran with its width.
+        qp = plan.screen.qp if screen else plan.qp
+        nn12, nn21 = nn_tiled_exact(pad_rows(x, BLOCK), qp, row_tile)
         nn12, nn21 = nn12[:lc], nn21[: plan.lq]
         res.append((nn12, mutual_rows(nn12, nn21)))
     return res
+
+
+def _tiles(
+    query: torch.Tensor, plan: QueryPlan, group: List[torch.Tensor], row_tile: int
+) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """A group of candidates of one shape through the screen or the float32 tiles (raced when the
+    plan says so), or None when the tile self-check for that path fails on this shape."""
+    lc = group[0].shape[0]
+    race = _race((str(query.device), lc, plan.lq, plan.c, row_tile)) if plan.race else None
+    screen = plan.screen is not None and (race is None or race.pick(len(group)))
+    exact_tiles, _ = tile_self_check(
+        candidate_positions=lc,
+        query_positions=plan.lq,
+        channels=plan.c,
+        device=query.device,
+        row_tile=row_tile,
+        screen=screen,
+    )
+    if not exact_tiles:
+        if race is not None:  # that path is out of the race for this shape: the other one serves
+            race.withdraw(screen)
+        return None
+    if race is None:
+        return _nn_tiled(group, plan, row_tile, screen=screen)
+    if race.winner is not None:
+        return _nn_tiled(group, plan, row_tile, screen=screen, how=race.how)
+    start = time.perf_counter()
+    out = _nn_tiled(group, plan, row_tile, screen=screen, how="tile self-check passed; timing both paths")
+    if race.record(screen, time.perf_counter() - start, len(group)):
+        winner = PATH_SCREENED if race.winner else PATH_TILED
+        note_path(query.device, lc, plan.lq, plan.c, f"{winner} ({race.how})")
+    return out
 
 
 def _process_chunk(
@@ -116,16 +228,9 @@ def _process_chunk(
         group = chunk[start:end]
         lc = group[0].shape[0]
         if paths[start]:
-            exact_tiles, _ = tile_self_check(
-                candidate_positions=lc,
-                query_positions=plan.lq,
-                channels=plan.c,
-                device=query.device,
-                row_tile=row_tile,
-                screen=plan.screen is not None,
-            )
-            if exact_tiles:
-                out.extend(_nn_tiled(group, plan, row_tile))
+            found = _tiles(query, plan, group, row_tile)
+            if found is not None:
+                out.extend(found)
                 start = end
                 continue
             reason = "tile self-check failed"
@@ -215,7 +320,7 @@ def matches(
     def make_plan() -> Optional[QueryPlan]:
         if device.type == "cpu" and query.shape[0] >= MIN_TILED_SIDE and is_safe(query):
             use_screen = bf16_available(device) if fast_path is None else bool(fast_path)
-            return QueryPlan(query, use_screen)
+            return QueryPlan(query, use_screen, race=fast_path is None)
         return None
 
     job_size = min(chunk_size, CPU_BATCH) if device.type == "cpu" else chunk_size
