@@ -77,9 +77,10 @@ def mutual_nn_scores(
     the plain path and on the GPU engine; on the CPU engine, batches of at most 4); a few such chunks are
     in memory at once, so peak memory does not grow with K. row_tile: rows of S per tile on the CPU
     engine, per exact recomputation on the GPU engine (a multiple of 32). fast_path: None uses the
-    bfloat16 screen where it pays (a CPU with bf16 matrix hardware; a GPU with torch's bfloat16 ->
-    float32 matmul); True / False forces it on / off; results are identical either way, only the speed
-    differs. gpu_engine: None runs the GPU engine (engine.py) on any device but the CPU; True runs it on
+    bfloat16 screen where it pays (a GPU with torch's bfloat16 -> float32 matmul; on a CPU with bf16
+    matrix hardware, if it was faster than the float32 tiles on the first candidates of this shape,
+    timed side by side); True / False forces it on / off; results are identical either way, only the
+    speed differs. gpu_engine: None runs the GPU engine (engine.py) on any device but the CPU; True runs it on
     the CPU too (tests), False never.
     """
     check_sizes(chunk_size, row_tile)

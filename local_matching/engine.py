@@ -206,7 +206,8 @@ def _tiles(
         return _nn_tiled(group, plan, row_tile, screen=screen, how=race.how)
     start = time.perf_counter()
     out = _nn_tiled(group, plan, row_tile, screen=screen, how="tile self-check passed; timing both paths")
-    if race.record(screen, time.perf_counter() - start, len(group)):
+    race.record(screen, time.perf_counter() - start, len(group))
+    if race.winner is not None:  # decided by this chunk or by one that finished beside it
         winner = PATH_SCREENED if race.winner else PATH_TILED
         note_path(query.device, lc, plan.lq, plan.c, f"{winner} ({race.how})")
     return out

@@ -433,6 +433,56 @@ def test_self_check_sees_a_one_ulp_difference(fresh_self_check, monkeypatch):
     assert lm.tile_self_check(candidate_positions=301, query_positions=250, channels=C)[0]
 
 
+def test_path_race_alternates_skips_warm_up_and_keeps_the_faster():
+    """The timing race between the screen and the float32 tiles: chunks alternate, each path's
+    first chunk (one-time checks) is not counted, the lower time per candidate wins, and after
+    the decision every chunk takes the winner."""
+    race = engine._PathRace()
+    race.RACE_CANDIDATES = 8
+    order = []
+    for _ in range(6):
+        screen = race.pick(4)
+        order.append(screen)
+        # Warm-up chunks are slow on both sides; then the screen takes 3 s, the tiles 1 s a chunk.
+        seconds = 100.0 if order.count(screen) == 1 else (3.0 if screen else 1.0)
+        decided = race.record(screen, seconds, 4)
+    assert order == [True, False, True, False, True, False]
+    assert decided and race.winner is False
+    assert "timing 16 candidates" in race.how and "750.0 ms" in race.how and "250.0 ms" in race.how
+    assert [race.pick(4) for _ in range(3)] == [False, False, False]
+    assert not race.record(True, 0.001, 4)  # decided once: later timings change nothing
+    assert race.winner is False
+    # The other way round, and a withdrawn path hands the race to the other one.
+    fast_screen = engine._PathRace()
+    fast_screen.RACE_CANDIDATES = 4
+    for seconds in (9.0, 9.0, 1.0, 2.0):
+        fast_screen.record(fast_screen.pick(4), seconds, 4)
+    assert fast_screen.winner is True
+    withdrawn = engine._PathRace()
+    withdrawn.withdraw(True)
+    assert withdrawn.winner is False and withdrawn.pick(4) is False
+
+
+def test_raced_paths_give_the_reference_scores_and_the_log_names_the_choice(fresh_self_check, monkeypatch, caplog):
+    """fast_path=None where the screen is available (forced here, so that the race runs on any
+    CPU): candidates go through both paths while they are timed, then through the winner; every
+    score equals the full-matrix reference, near-ties included, and the log states the choice."""
+    monkeypatch.setattr(engine, "bf16_available", lambda device: True)
+    monkeypatch.setattr(engine, "_RACES", {})
+    monkeypatch.setattr(engine._PathRace, "RACE_CANDIDATES", 4)
+    q, x = scene_and_candidates(31, 20, 20, 20, 20, 24)
+    q, x = q.clone(), x.clone()
+    x[1, 50:60] = torch.nextafter(x[1, 0:10], torch.full_like(x[1, 0:10], 2.0))  # one-ulp near-ties
+    x[2, 100:110] = x[2, 0:10]  # exact ties
+    with caplog.at_level("INFO"):
+        got = lm.mutual_nn_scores(q, x, np.arange(24), chunk_size=4)
+    assert torch.equal(got, ref_scores(q, x))
+    race = engine._RACES[("cpu", 400, 400, C, 512)]
+    assert race.winner is not None and "chosen by timing" in race.how
+    assert f"timing {race.candidates[True] + race.candidates[False]} candidates" in caplog.text
+    assert lm.engine_paths()["cpu 400x128 vs 400x128"].endswith(f"({race.how})")
+
+
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_failed_self_check_falls_back_to_the_full_product(fresh_self_check, monkeypatch, caplog, fast_path):
     """The check is forced to fail (a one-ulp disagreement between tile and whole products); the
