@@ -385,6 +385,10 @@ def _put_weights(module: nn.Module, state: Dict[str, torch.Tensor], *, strict: b
     if in_place:
         module.load_state_dict(state, strict=strict, assign=True)
     else:
+        if any(t.is_meta for t in module.state_dict().values()):
+            # Built without memory (network.load_model) but the file's tensors cannot become the model's
+            # (another dtype, shared storage): allocate, then copy every one of them in (strict).
+            module.to_empty(device="cpu")
         module.load_state_dict(state, strict=strict)
     return in_place
 

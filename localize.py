@@ -191,7 +191,7 @@ def utm_positives(
 # ------------------------------------------------------------------------------------------------
 
 
-def save_pictures(folder: str, records: List[Dict], *, num_preds: int, only_wrong: bool = False) -> int:
+def save_pictures(folder: str, records: Sequence[Dict], *, num_preds: int, only_wrong: bool = False) -> int:
     """Picture rows (query, then its top `num_preds` re-ranked matches with their scores); returns how many.
 
     With ground truth: predictions_io's rows, framed green/red. Without: no frames (nothing is known to

@@ -5,6 +5,7 @@ load_model(...) is the one place that turns model settings and weight files into
 themselves are checkpoints.py's); build_model(args) calls it with the command line's flags.
 """
 
+import contextlib
 import logging
 from typing import Optional, Sequence, Tuple
 
@@ -34,7 +35,9 @@ class GeM(nn.Module):
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
         super().__init__()
-        self.p = nn.Parameter(torch.ones(1) * p)
+        # ones(1) * p, written as a fill: the same float32 value, and on the meta device (a model built to
+        # receive a checkpoint) a scalar product would import torch's compiler stack (sympy: 150 MB).
+        self.p = nn.Parameter(torch.full((1,), float(p)))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,6 +165,7 @@ def load_model(
     checkpoint_flag: str = "--resume",
     allow_random_weights: bool = False,
     train_backbone: bool = False,
+    keep_random_stream: bool = False,
     device: str = "cpu",
     names: checkpoints.ArgNames = checkpoints.FLAGS,
 ) -> GeoLocalizationNet:
@@ -172,8 +176,17 @@ def load_model(
     refused unless allow_random_weights (then a loud warning). The backbone is frozen except its adapters
     (everything trains with train_backbone); the model is moved to `device`. names: how error messages
     name the settings (the scripts' flags, or the hub entry's Python arguments).
+
+    With a checkpoint, every weight comes from it, so the model is built on the meta device (no memory,
+    no random initialisation) and the file's memory-mapped tensors become its weights: the process then
+    never holds the initial weights beside the file's (the C allocator keeps freed pages, so a random
+    initialisation of ViT-L would add 1.1 GiB to the peak). keep_random_stream (train.py) initialises
+    anyway, so that the random numbers drawn after the model is built (shuffling, mining, augmentation)
+    are those of the public code, which initialises before loading.
     """
-    model = GeoLocalizationNet(backbone=backbone, registers=registers, backbone_depth=backbone_depth)
+    skeleton = bool(checkpoint) and not keep_random_stream and checkpoints.torch_can_map_files()
+    with torch.device("meta") if skeleton else contextlib.nullcontext():
+        model = GeoLocalizationNet(backbone=backbone, registers=registers, backbone_depth=backbone_depth)
     # in_place: the weights files are memory-mapped and their tensors become the model's where this torch
     # can (checkpoints.torch_can_map_files): one copy of the weights in memory, not two while loading.
     if foundation_model_path:
@@ -190,14 +203,19 @@ def load_model(
         logging.warning("!" * 80)
         logging.warning("RUNNING WITH RANDOM WEIGHTS (--allow_random_weights): results mean nothing for real data.")
         logging.warning("!" * 80)
+    if skeleton and any(t.is_meta for t in model.state_dict().values()):  # a strict load leaves none
+        raise RuntimeError(f"{checkpoint} left weights of the model unset; please report this")
     model.freeze(train_backbone=train_backbone)
     return model.to(device)
 
 
-def build_model(args, *, device: Optional[str] = None, train_backbone: bool = False) -> GeoLocalizationNet:
+def build_model(
+    args, *, device: Optional[str] = None, train_backbone: bool = False, keep_random_stream: bool = False
+) -> GeoLocalizationNet:
     """load_model with the command line's model, weights and runtime flags (--resume or --load_weights
     as the checkpoint), on `device` (default --device; under torchrun each process's own device).
-    train_backbone: train.py's --train_backbone (the other commands have no training flags)."""
+    train_backbone: train.py's --train_backbone (the other commands have no training flags);
+    keep_random_stream: see load_model (train.py)."""
     flag = "--resume" if args.resume else "--load_weights"
     return load_model(
         backbone=args.backbone,
@@ -208,5 +226,6 @@ def build_model(args, *, device: Optional[str] = None, train_backbone: bool = Fa
         checkpoint_flag=flag,
         allow_random_weights=args.allow_random_weights,
         train_backbone=train_backbone,
+        keep_random_stream=keep_random_stream,
         device=device or args.device,
     )

@@ -3,7 +3,8 @@
 import json
 import math
 import os
-from typing import Optional, Sequence
+from collections import abc
+from typing import Iterable, List, Optional, Sequence
 
 import atomic_files
 import visualizations
@@ -21,9 +22,10 @@ def prediction_records(
     database_paths: Sequence[str],
     ranking,
     positives: Optional[Sequence[Sequence[int]]] = None,
-) -> list:
+) -> "PredictionRecords":
     """One dict per query of a retrieval.Ranking: its path, positives, first-stage and re-ranked lists
-    (paths, scores, correct). The one schema of every command's predictions.jsonl:
+    (paths, scores, correct), as a sequence that builds each record when it is read. The one schema of
+    every command's predictions.jsonl:
 
     - `query`, every entry's `path`: absolute paths (os.path.abspath of the paths the command read, so
       they resolve from any working folder, the output folder included); `query_index`, `index`: the
@@ -37,10 +39,33 @@ def prediction_records(
     - With ground truth: `positives` (the query's database indexes) and each entry's `correct`. Without
       (positives None) both are left out rather than filled with guesses.
     """
-    database_abs = [os.path.abspath(p) for p in database_paths]
-    records = []
-    for q, query_path in enumerate(queries_paths):
-        truth = None if positives is None else set(int(p) for p in positives[q])
+    return PredictionRecords(queries_paths, [os.path.abspath(p) for p in database_paths], ranking, positives)
+
+
+class PredictionRecords(abc.Sequence):
+    """prediction_records' records, each built when it is read (indexing or iterating), never all at once:
+    as dicts, the records of a benchmark-size evaluation would take gigabytes (6,816 queries x 100
+    candidates x 2 lists took 1.2 GB; Nordland's 27,592 queries four times that)."""
+
+    def __init__(self, queries_paths: Sequence[str], database_abs: List[str], ranking, positives) -> None:
+        self.queries_paths = queries_paths
+        self.database_abs = database_abs
+        self.ranking = ranking
+        self.positives = positives
+
+    def __len__(self) -> int:
+        return len(self.queries_paths)
+
+    def __getitem__(self, q):
+        if isinstance(q, slice):
+            return [self[i] for i in range(*q.indices(len(self)))]
+        if not -len(self) <= q < len(self):
+            raise IndexError(f"query index {q} out of range for {len(self)} queries")
+        return self._record(q % len(self))
+
+    def _record(self, q: int) -> dict:
+        ranking, database_abs = self.ranking, self.database_abs
+        truth = None if self.positives is None else set(int(p) for p in self.positives[q])
         distances = {}
         first = []
         for rank, db in enumerate(ranking.first_predictions[q]):
@@ -54,21 +79,28 @@ def prediction_records(
             if int(db) in distances:
                 entry["l2_distance"] = distances[int(db)]
             reranked.append(entry)
-        record = {"query": os.path.abspath(query_path), "query_index": q, "first_stage": first, "reranked": reranked}
+        path = os.path.abspath(self.queries_paths[q])
+        record = {"query": path, "query_index": q, "first_stage": first, "reranked": reranked}
         if truth is not None:
             record["positives"] = sorted(truth)
             for entry in first + reranked:
                 entry["correct"] = entry["index"] in truth
-        records.append(record)
-    return records
+        return record
 
 
-def write_predictions(path: str, records: list) -> None:
-    """JSON lines, one query per line, written atomically."""
-    atomic_files.atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+def write_predictions(path: str, records: Iterable[dict]) -> None:
+    """JSON lines, one query per line, written atomically, one record at a time (records may be a
+    PredictionRecords: nothing of the whole file is held in memory)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    atomic_files.atomic_write(path, write)
 
 
-def save_prediction_pictures(folder: str, records: list, *, num_preds: int, only_wrong: bool = False) -> int:
+def save_prediction_pictures(folder: str, records: Sequence[dict], *, num_preds: int, only_wrong: bool = False) -> int:
     """A picture row per query (query, then its top `num_preds` re-ranked predictions framed green or red);
     returns how many were written."""
     os.makedirs(folder, exist_ok=True)

@@ -82,7 +82,7 @@ def main(args):
             random_rotation=args.random_rotation,
         ),
     )
-    model = network.build_model(args, device=ctx.device, train_backbone=args.train_backbone)
+    model = network.build_model(args, device=ctx.device, train_backbone=args.train_backbone, keep_random_stream=True)
     optimizer = build_optimizer(model, optim=args.optim, lr=args.lr)
     if ctx.is_main:  # the checkpoints (and a dense store) must fit on the disk, checked before any epoch
         commons.check_free_space(

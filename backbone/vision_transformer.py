@@ -67,6 +67,10 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
+        if self.pos_embed.is_meta:
+            # Built on the meta device, to receive a checkpoint's tensors: there are no values to draw
+            # (and the meta kernels of the normal initialisers would import sympy: 150 MB resident).
+            return
         _trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.num_register_tokens:

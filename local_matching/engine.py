@@ -321,7 +321,22 @@ def matches(
     def make_plan() -> Optional[QueryPlan]:
         if device.type == "cpu" and query.shape[0] >= MIN_TILED_SIDE and is_safe(query):
             use_screen = bf16_available(device) if fast_path is None else bool(fast_path)
-            return QueryPlan(query, use_screen, race=fast_path is None)
+            plan = QueryPlan(query, use_screen, race=fast_path is None)
+            if plan.race:
+                # Both paths' self-checks (one for each column-block width; cached) for candidates of the
+                # query's shape, the usual case, here, before any candidate is in flight: run from the
+                # workers, the second would overlap the first path's work (the checks are the largest
+                # allocations of a re-ranking: 0.17 GiB each at ViT-L's 3721 x 3721).
+                for screen in (True, False):
+                    tile_self_check(
+                        candidate_positions=plan.lq,
+                        query_positions=plan.lq,
+                        channels=plan.c,
+                        device=device,
+                        row_tile=row_tile,
+                        screen=screen,
+                    )
+            return plan
         return None
 
     job_size = min(chunk_size, CPU_BATCH) if device.type == "cpu" else chunk_size

@@ -419,6 +419,31 @@ def test_the_copy_path_where_torch_cannot_map(tmp_path, tiny_model, monkeypatch)
     assert torch.equal(model.LocalAdapt.upconv1.weight, tiny_model.LocalAdapt.upconv1.weight.half().float())
 
 
+def test_a_checkpoint_model_is_built_without_initial_weights_unless_training(tmp_path, tiny_model):
+    """With a checkpoint, evaluation builds the model on the meta device: no initial weights are made
+    (torch's random stream is left where it was), every weight is the file's. train.py asks for the
+    random initialisation anyway (keep_random_stream): the random numbers it draws afterwards are then
+    those of the public code, which initialises the model before loading the checkpoint."""
+    _perturbed(tiny_model)
+    path = str(tmp_path / "ckpt.pth")
+    checkpoints.save_checkpoint(path, model=tiny_model)
+    torch.manual_seed(7)
+    GeoLocalizationNet = network.GeoLocalizationNet
+    GeoLocalizationNet(**TINY)
+    after_init = torch.rand(3)
+    for keep in (False, True):
+        torch.manual_seed(7)
+        model = network.load_model(**TINY, checkpoint=path, keep_random_stream=keep)
+        drawn = torch.rand(3)
+        assert not any(t.is_meta for t in model.state_dict().values())
+        assert all(torch.equal(v, tiny_model.state_dict()[k]) for k, v in model.state_dict().items())
+        if keep or not checkpoints.torch_can_map_files():
+            assert torch.equal(drawn, after_init)  # initialised first, as the public code
+        else:
+            torch.manual_seed(7)
+            assert torch.equal(drawn, torch.rand(3))  # nothing drawn: no initialisation
+
+
 def test_torch_can_map_files_asks_torch_itself(monkeypatch):
     """The feature test reads torch's signatures (not its version) and refuses shared maps."""
     import inspect
