@@ -249,3 +249,10 @@ def test_scale_projection_and_twin_folder(tmp_path):
     assert sorted(os.listdir(b / "progress")) == ["search.npz"]  # nothing of A's re-ranking
     assert os.path.samefile(a / "dense_features" / "database.dense", b / "dense_features" / "database.dense")
     assert (b / "run.json").read_text() == "run.json" and not os.path.samefile(a / "run.json", b / "run.json")
+
+
+def test_predictions_ram_benchmark_writes_the_same_file_both_ways(capsys):
+    bench = _load("predictions_ram")
+    assert bench.main(["--queries", "40", "--database", "300", "--k", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "files byte-identical: yes" in out and "every record first" in out
