@@ -356,3 +356,30 @@ def test_a_float16_store_reranks_the_rounded_features_in_float32(test_split, tin
         assert np.array_equal(ranking.predictions[q], ranking.first_predictions[q][order])
         assert np.array_equal(ranking.scores[q], expected[order])
     assert np.array_equal(half[0].first_predictions, full[0].first_predictions)  # the global search is unchanged
+
+
+def test_freed_memory_is_released_between_search_and_reranking(test_split, tiny_net, monkeypatch):
+    """The extraction's freed heap pages go back to the OS before the re-ranking allocates (glibc's
+    malloc_trim): called once per rank, after the search and before the first re-rank product."""
+    events = []
+    monkeypatch.setattr(retrieval, "release_freed_memory", lambda: events.append("release"))
+    real_search, real_rerank = retrieval.search, retrieval.rerank_predictions
+    monkeypatch.setattr(retrieval, "search", lambda *a, **k: events.append("search") or real_search(*a, **k))
+    monkeypatch.setattr(
+        retrieval, "rerank_predictions", lambda *a, **k: events.append("rerank") or real_rerank(*a, **k)
+    )
+    ds = test_split
+    with _engine(tiny_net) as engine:
+        database = engine.build_database(ds, range(ds.database_num))
+        queries = engine.extract_queries(ds, range(ds.database_num, ds.database_num + 2), method="hard_resize")
+        engine.rank(database, queries, rerank_num=3)
+    assert events == ["search", "release", "rerank"]
+
+
+def test_releasing_freed_memory_is_safe_to_call_anywhere():
+    import torch
+
+    kept = [torch.ones(1000) for _ in range(100)]
+    del kept[::2]
+    retrieval.release_freed_memory()  # a no-op off glibc; never touches memory in use
+    assert all(float(t.sum()) == 1000.0 for t in kept)
