@@ -1,6 +1,6 @@
 """Benchmark scale, run for real: eval.py on a Pitts30k-size synthetic split, killed and continued.
 
-    nice python3 benchmarks/scale.py                     # 10,000 database images, 6,816 queries (40 min on 2 cores)
+    nice python3 benchmarks/scale.py                     # 10,000 database images, 6,816 queries (35-40 min on 2 cores)
     python3 benchmarks/scale.py --database_num 200 --queries_num 40 --rerank_num 20    # a few minutes
 
 1. The built-in synthetic data set with a test split of --database_num / --queries_num images (Pitts30k's
