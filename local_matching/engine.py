@@ -148,6 +148,19 @@ class QueryPlan:
         self.qp = pad_rows(q, BLOCK)
         self.race = race and use_screen
 
+    def tiles_are_exact(self, candidate_positions: int, *, row_tile: int, screen: bool) -> bool:
+        """The (cached) tile self-check for candidates of that many positions against this query, on the
+        path given (the screen's column-block width, or BLOCK for the float32 tiles)."""
+        exact, _ = tile_self_check(
+            candidate_positions=candidate_positions,
+            query_positions=self.lq,
+            channels=self.c,
+            device=self.q.device,
+            row_tile=row_tile,
+            screen=screen,
+        )
+        return exact
+
 
 @torch.no_grad()
 def _nn_tiled(
@@ -188,15 +201,7 @@ def _tiles(
     lc = group[0].shape[0]
     race = _race((str(query.device), lc, plan.lq, plan.c, row_tile)) if plan.race else None
     screen = plan.screen is not None and (race is None or race.pick(len(group)))
-    exact_tiles, _ = tile_self_check(
-        candidate_positions=lc,
-        query_positions=plan.lq,
-        channels=plan.c,
-        device=query.device,
-        row_tile=row_tile,
-        screen=screen,
-    )
-    if not exact_tiles:
+    if not plan.tiles_are_exact(lc, row_tile=row_tile, screen=screen):
         if race is not None:  # that path is out of the race for this shape: the other one serves
             race.withdraw(screen)
         return None
@@ -328,14 +333,7 @@ def matches(
                 # workers, the second would overlap the first path's work (the checks are the largest
                 # allocations of a re-ranking: 0.17 GiB each at ViT-L's 3721 x 3721).
                 for screen in (True, False):
-                    tile_self_check(
-                        candidate_positions=plan.lq,
-                        query_positions=plan.lq,
-                        channels=plan.c,
-                        device=device,
-                        row_tile=row_tile,
-                        screen=screen,
-                    )
+                    plan.tiles_are_exact(plan.lq, row_tile=row_tile, screen=screen)
             return plan
         return None
 
